@@ -1,0 +1,93 @@
+"""ONNX Runtime sessions and feeds, from one place."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnx_prune.errors import UserError
+from onnx_prune.passes.graph import MAX_IR_VERSION
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _bytes(model) -> bytes:
+    if isinstance(model, (bytes, str)):
+        return model
+    if model.ir_version > MAX_IR_VERSION:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        m.ir_version = MAX_IR_VERSION
+        model = m
+    return model.SerializeToString()
+
+
+def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True):
+    """An InferenceSession on `provider`; asking for CUDA where it is missing is an error."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown provider '{provider}' (choose: {', '.join(PROVIDERS)})")
+    ep = PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        raise UserError(f"provider '{provider}' is not available in this onnxruntime ({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if denormal_as_zero:
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return ort.InferenceSession(_bytes(model), so, providers=[ep])
+
+
+_NP = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0, int_high=None) -> dict:
+    """Random inputs: normal floats; integer inputs in [0, int_high) (token ids) and masks of ones."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        shape = shapes[inp.name]
+        dtype = _NP.get(inp.type.tensor_type.elem_type, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[inp.name] = np.ones(shape, dtype=bool)
+        elif "mask" in inp.name.lower():
+            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        else:
+            feeds[inp.name] = rng.integers(0, int_high or 100, size=shape).astype(dtype)
+    return feeds
+
+
+def run(model, feeds: dict, provider="cpu", optimize=True) -> list:
+    sess = make_session(model, provider=provider, optimize=optimize)
+    return sess.run(None, feeds)
+
+
+def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:
+    """Values of intermediate tensors `names`, computed without graph optimizations."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in existing:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    if feeds is None:
+        from onnx_prune.passes.graph import dims_of
+
+        feeds = random_feeds(m, {i.name: dims_of(i.type) for i in m.graph.input})
+    sess = make_session(m, optimize=False)
+    outs = sess.run(names, feeds)
+    return dict(zip(names, outs))

@@ -1,0 +1,24 @@
+"""onnx-prune: structured pruning of ONNX graphs, verified by masked-reference equivalence."""
+
+__version__ = "0.1.0"
+
+
+def from_torch(module, example_inputs, **kwargs):
+    """Export a torch.nn.Module to an ONNX ModelProto (needs the `torch` extra)."""
+    from onnx_prune.models.torch_export import from_torch as _from_torch
+
+    return _from_torch(module, example_inputs, **kwargs)
+
+
+def analyze(model, input_shapes=None):
+    """Channel dependency groups of a model (path or ModelProto)."""
+    from onnx_prune.passes.analysis import analyze_model
+
+    return analyze_model(model, input_shapes=input_shapes)
+
+
+def prune(model, ratio, importance="l2", input_shapes=None, verify=True, seed=0):
+    """Uniform structured pruning baseline; returns a PruneResult with .model and .report."""
+    from onnx_prune.compiler.prune import prune_uniform
+
+    return prune_uniform(model, ratio, importance=importance, input_shapes=input_shapes, verify=verify, seed=seed)

@@ -1,0 +1,13 @@
+"""Errors a user can act on: the CLI prints them as one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input or usage; the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class TargetNotMet(Exception):
+    """A verified build that misses the requested speedup or accuracy budget (exit code 1)."""
+
+    exit_code = 1

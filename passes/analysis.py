@@ -1,0 +1,259 @@
+"""Channel dependency analysis: run the op rule table over a canonical graph and collect groups.
+
+The result (`Analysis`) knows, for every tensor axis, which channels it carries; for every
+initializer axis, which channels slice it; and the few non-weight edits pruning needs (Reshape
+targets, Split sizes, Slice bounds, Conv group counts). Surgery and the masked reference both
+evaluate these against a plan, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnx_prune.passes.graph import GraphIndex
+from onnx_prune.passes.spaces import Free, Fx, SpaceTable, Unsupported
+
+
+@dataclass
+class Group:
+    """A prunable set of channels: pruning index i removes it from every tensor of the group."""
+
+    sid: int
+    name: str
+    size: int
+    producers: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FrozenGroup:
+    name: str
+    size: int
+    reason: str
+
+
+@dataclass
+class ValueEdit:
+    """Set element `pos` of constant `init` to the kept count of `exprs` (summed) plus `offset`."""
+
+    init: str
+    pos: int
+    exprs: list
+    offset: int = 0
+
+
+@dataclass
+class AttrEdit:
+    node: str
+    attr: str
+    expr: object
+
+
+@dataclass
+class SplitEdit:
+    """Rewrite a Split's sizes as the kept counts of its pieces (adds a `split` input if needed)."""
+
+    node: str
+    pieces: list
+
+
+class Context:
+    """What a rule sees: axis expressions of tensors, the space table, and edit recorders."""
+
+    def __init__(self, index: GraphIndex):
+        self.index = index
+        self.table = SpaceTable()
+        self.axes: dict[str, list | None] = {}
+        self.roles: dict[str, list[tuple[int, str, str]]] = {}  # init -> (axis, role, node)
+        self.value_edits: list[ValueEdit] = []
+        self.attr_edits: list[AttrEdit] = []
+        self.split_edits: list[SplitEdit] = []
+
+    # -- tensors ---------------------------------------------------------------------------
+    def ax(self, name: str):
+        """Axis expressions of a tensor; None when its shape is unknown."""
+        if name not in self.axes:
+            shape = self.index.shapes.get(name)
+            if name in self.index.inits:
+                self.axes[name] = [Free(d) for d in shape]
+            elif shape is not None and all(d is not None for d in shape):
+                self.axes[name] = [Fx(d) for d in shape]  # graph inputs: nothing to prune
+            else:
+                self.axes[name] = None
+        return self.axes[name]
+
+    def set(self, name: str, exprs):
+        if name:
+            self.axes[name] = list(exprs) if exprs is not None else None
+
+    def shape(self, name):
+        return self.index.shape(name)
+
+    def const(self, name):
+        return self.index.const(name) if name else None
+
+    def is_const(self, name) -> bool:
+        return bool(name) and name in self.index.inits
+
+    # -- channels --------------------------------------------------------------------------
+    def new(self, size: int, node):
+        return self.table.new(size, node.name)
+
+    def produce(self, e, node):
+        """A weight axis that becomes an activation's channels: give it a fresh space."""
+        n = self.table.norm(e)
+        if isinstance(n, Free):
+            n.bound = self.table.new(n.n, node.name)
+        return e
+
+    def unify(self, a, b, reason: str):
+        try:
+            self.table.unify(a, b)
+        except Unsupported:
+            self.freeze(a, reason)
+            self.freeze(b, reason)
+
+    def freeze(self, e, reason: str):
+        self.table.freeze(e, reason)
+
+    def freeze_tensor(self, name: str, reason: str):
+        axes = self.ax(name) if name else None
+        for e in axes or ():
+            self.freeze(e, reason)
+
+    def bind(self, init: str, axis: int, e, role: str, node):
+        """Tie initializer axis to channels `e`; `role` is producer, consumer or param."""
+        self.unify(self.ax(init)[axis], e, f"weight '{init}' is shared with different channels")
+        self.roles.setdefault(init, []).append((axis, role, node.name))
+
+    def size(self, e) -> int:
+        return self.table.size(e)
+
+    def has_channels(self, e) -> bool:
+        return bool(self.table.spaces_in(e))
+
+
+@dataclass
+class Analysis:
+    model: onnx.ModelProto  # the canonical model the analysis ran on (static shapes)
+    ctx: Context
+    groups: list[Group]
+    frozen: list[FrozenGroup]
+
+    @property
+    def table(self) -> SpaceTable:
+        return self.ctx.table
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def keep_arrays(self, plan) -> dict[int, np.ndarray]:
+        """Plan (group name -> kept indices) as space id -> boolean keep mask."""
+        keep = {}
+        for g in self.groups:
+            kept = plan.get(g.name)
+            if kept is None:
+                continue
+            mask = np.zeros(g.size, dtype=bool)
+            mask[np.asarray(kept, dtype=np.int64)] = True
+            keep[g.sid] = mask
+        return keep
+
+    def coverage(self) -> dict:
+        """Share of conv/linear output channels that belong to a prunable group."""
+        total = prunable = 0
+        layers = prunable_layers = 0
+        for init, uses in self.ctx.roles.items():
+            for axis, role, _node in uses:
+                if role != "producer":
+                    continue
+                e = self.ctx.ax(init)[axis]
+                n = self.table.size(e)
+                k = int(_positions_with_groups(self.table, e).sum())
+                total += n
+                prunable += k
+                layers += 1
+                prunable_layers += k > 0
+        return {
+            "layers": layers,
+            "prunable_layers": prunable_layers,
+            "channels": total,
+            "prunable_channels": prunable,
+        }
+
+
+def _positions_with_groups(table, e) -> np.ndarray:
+    mask = np.zeros(table.size(e), dtype=bool)
+    for _g, c in table.coords(e):
+        mask |= c >= 0
+    return mask
+
+
+def run_rules(index: GraphIndex) -> Context:
+    from onnx_prune.passes.rules import apply_rule
+
+    ctx = Context(index)
+    for node in index.model.graph.node:
+        apply_rule(ctx, node)
+    for out in index.graph_outputs:
+        ctx.freeze_tensor(out, f"reaches graph output '{out}'")
+    return ctx
+
+
+def collect_groups(ctx: Context) -> tuple[list[Group], list[FrozenGroup]]:
+    table = ctx.table
+    by_space: dict[int, Group] = {}
+    frozen: dict[int, FrozenGroup] = {}
+
+    def visit(e, tensor=None, init=None, role=None, node=None):
+        for sid in table.spaces_in(e):
+            sp = table.spaces[sid]
+            if sp.frozen:
+                frozen.setdefault(sid, FrozenGroup(sp.origin, sp.size, sp.frozen))
+                continue
+            g = by_space.setdefault(sid, Group(sid, sp.origin, sp.size))
+            if tensor and tensor not in g.tensors:
+                g.tensors.append(tensor)
+            if role == "producer" and node not in g.producers:
+                g.producers.append(node)
+            if role == "consumer" and node not in g.consumers:
+                g.consumers.append(node)
+
+    for init, uses in ctx.roles.items():
+        for axis, role, node in uses:
+            visit(ctx.ax(init)[axis], init=init, role=role, node=node)
+    for name, axes in ctx.axes.items():
+        if name in ctx.index.inits or axes is None:
+            continue
+        for e in axes:
+            visit(e, tensor=name)
+    groups = [g for g in by_space.values() if g.producers]
+    names = {}
+    for g in sorted(groups, key=lambda g: g.sid):  # stable, readable, unique names
+        base = g.name
+        names[base] = names.get(base, 0) + 1
+        if names[base] > 1:
+            g.name = f"{base}#{names[base]}"
+    return sorted(groups, key=lambda g: g.sid), sorted(frozen.values(), key=lambda f: f.name)
+
+
+def analyze_model(model, input_shapes=None) -> Analysis:
+    """Canonicalize a model (path or proto) and find its channel groups."""
+    from onnx_prune.passes.canonicalize import canonicalize
+
+    canon = canonicalize(model, input_shapes=input_shapes)
+    return analyze_canonical(canon.static)
+
+
+def analyze_canonical(static_model: onnx.ModelProto) -> Analysis:
+    index = GraphIndex(static_model)
+    ctx = run_rules(index)
+    groups, frozen = collect_groups(ctx)
+    return Analysis(static_model, ctx, groups, frozen)

@@ -1,0 +1,315 @@
+"""Canonicalize an imported model into the one form the analysis reads.
+
+- initializers are not graph inputs (IR < 4 style), Constant nodes become initializers;
+- old opsets are upgraded with onnx's version converter;
+- constant subgraphs are folded (old zoo graphs build weights with ConstantOfShape), static parts
+  of shape computations too (onnx-graphsurgeon with ONNX Runtime);
+- Identity and Dropout are removed; every node has a unique name;
+- small initializers used by several nodes are un-shared, so editing one use leaves the others.
+
+Two models come out: `model` keeps the dynamic axes and is what gets pruned and emitted;
+`static` is the same graph with the input dims fixed and every shape inferred, for the analysis.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_prune.errors import UserError
+from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, load_model, opset_of
+
+MIN_OPSET = 7
+MAX_OPSET = 25  # newest default-domain opset ONNX Runtime 1.31 implements
+UPGRADE_BELOW = 13
+UPGRADE_TO = 17
+UNSHARE_MAX_ELEMENTS = 1 << 16
+
+
+@dataclass
+class Canonical:
+    model: onnx.ModelProto
+    static: onnx.ModelProto
+    input_shapes: dict
+    notes: list = field(default_factory=list)
+
+
+def canonicalize(model_or_path, input_shapes=None) -> Canonical:
+    model = load_model(model_or_path)
+    notes = []
+    opset = opset_of(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET}); convert the model with onnx.version_converter")
+    _drop_initializer_inputs(model)
+    if opset < UPGRADE_BELOW:
+        model = _upgrade(model, opset)
+        notes.append(f"upgraded opset {opset} -> {UPGRADE_TO}")
+    _name_nodes(model)
+    model = _fold_constants(model)
+    _remove_identities(model)
+    _unshare_small_initializers(model)
+    _name_nodes(model)
+    shapes = resolve_input_shapes(model, input_shapes or {}, notes)
+    static = make_static(model, shapes)
+    if _fold_static_shape_reads(model, static, shapes):
+        model = _fold_constants(model)
+        _remove_identities(model)
+        _name_nodes(model)
+        static = make_static(model, shapes)
+    return Canonical(model, static, shapes, notes)
+
+
+def _drop_initializer_inputs(model):
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    if model.ir_version < 4:
+        model.ir_version = 4
+
+
+def _upgrade(model, opset):
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, UPGRADE_TO)
+    except Exception as exc:
+        raise UserError(f"cannot upgrade opset {opset} to {UPGRADE_TO} ({str(exc).splitlines()[0][:200]}); re-export the model with opset >= {UPGRADE_BELOW}") from None
+
+
+def _name_nodes(model):
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def _fold_constants(model):
+    """Fold constant subgraphs (and static shape reads) with onnx-graphsurgeon."""
+    import onnx_graphsurgeon as gs
+
+    meta = [(p.key, p.value) for p in model.metadata_props]
+    header = (model.ir_version, model.producer_name, model.producer_version, model.doc_string, model.model_version, model.domain)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = gs.import_onnx(inferred)
+        graph.fold_constants(fold_shapes=True, error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        folded = gs.export_onnx(graph, do_type_check=False)
+    del folded.graph.value_info[:]
+    folded.ir_version = min(max(header[0], 7), MAX_IR_VERSION)
+    folded.producer_name, folded.producer_version, folded.doc_string, folded.model_version, folded.domain = header[1:]
+    del folded.metadata_props[:]
+    for k, v in meta:
+        folded.metadata_props.add(key=k, value=v)
+    _constants_to_initializers(folded)
+    return folded
+
+
+def _constants_to_initializers(model):
+    """Remaining Constant nodes (e.g. feeding graph outputs) become initializers."""
+    keep = []
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            value = onnx.numpy_helper.to_array(_constant_value(node))
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _constant_value(node):
+    a = node.attribute[0]
+    if a.name == "value":
+        return a.t
+    v = onnx.helper.get_attribute_value(a)
+    return numpy_helper.from_array(np.asarray(v, dtype=np.float32 if a.name.startswith("value_float") else np.int64))
+
+
+def _remove_identities(model):
+    """Identity, and Dropout at inference, pass their input through; rewire their consumers."""
+    outputs = {o.name for o in model.graph.output}
+    rename = {}
+    keep = []
+    for node in model.graph.node:
+        is_passthrough = node.op_type == "Identity" or (
+            node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1]))
+        if is_passthrough and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            src = node.input[0]
+            rename[node.output[0]] = rename.get(src, src)
+        else:
+            keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _unshare_small_initializers(model):
+    uses = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, i))
+    by_name = {t.name: t for t in model.graph.initializer}
+    for name, refs in uses.items():
+        t = by_name.get(name)
+        if t is None or len(refs) < 2 or int(np.prod(t.dims)) > UNSHARE_MAX_ELEMENTS:
+            continue
+        for k, (node, i) in enumerate(refs[1:], start=1):
+            copy = onnx.TensorProto()
+            copy.CopyFrom(t)
+            copy.name = f"{name}__use{k}"
+            model.graph.initializer.append(copy)
+            node.input[i] = copy.name
+
+
+def _fold_static_shape_reads(model, static, shapes) -> bool:
+    """Replace run-time shape computations that do not depend on dynamic dims by constants.
+
+    Exporters compute e.g. an attention scale from the head dim at run time; as a constant it
+    keeps its dense value after pruning, exactly like the masked reference. A value is static
+    when it is the same for two different sizes of every dynamic input dim."""
+    dynamic = _dynamic_dims(model)
+    derived = _shape_derived(model)
+    if not dynamic or not derived:
+        return False
+    from onnx_prune.backends.ort import random_feeds, run_all_outputs
+
+    first = run_all_outputs(model, derived, random_feeds(model, shapes))
+    static = set(derived)
+    for name, axes in dynamic.items():
+        for axis in axes:  # vary one dynamic dim at a time; a dim that cannot vary is static
+            for scale in (2, 0.5):
+                alt = dict(shapes)
+                alt[name] = tuple(max(1, int(v * scale)) if k == axis else v for k, v in enumerate(shapes[name]))
+                try:
+                    other = run_all_outputs(model, derived, random_feeds(model, alt))
+                except Exception:
+                    continue
+                static = {n for n in static if first[n].shape == other[n].shape and np.array_equal(first[n], other[n])}
+                break
+    folded = {n: first[n] for n in derived if n in static}
+    if not folded:
+        return False
+    for name, value in folded.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    keep = [n for n in model.graph.node if not any(o in folded for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return True
+
+
+def _shape_derived(model) -> list:
+    """Outputs of nodes computed only from Shape/Size reads and constants."""
+    inits = {t.name for t in model.graph.initializer}
+    derived = set()
+    out = []
+    for node in model.graph.node:
+        ins = [i for i in node.input if i and i not in inits]
+        if node.op_type in ("Shape", "Size") or (ins and all(i in derived for i in ins)):
+            derived.update(o for o in node.output if o)
+            out.extend(o for o in node.output if o)
+    graph_outputs = {o.name for o in model.graph.output}
+    return [o for o in out if o not in graph_outputs]
+
+
+def _dynamic_dims(model) -> dict:
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        dims = dims_of(inp.type)
+        if inp.name not in inits and dims is not None:
+            dyn = [k for k, d in enumerate(dims) if d is None]
+            if dyn:
+                out[inp.name] = dyn
+    return out
+
+
+def resolve_input_shapes(model, given: dict, notes: list) -> dict:
+    """Static shapes for the analysis: the model's own dims, `given` for dynamic ones."""
+    inits = {t.name for t in model.graph.initializer}
+    real = [i for i in model.graph.input if i.name not in inits]
+    names = {i.name for i in real}
+    for name in given:
+        if name not in names:
+            raise UserError(f"--input-shape names '{name}', but the model's inputs are: {', '.join(sorted(names))}")
+    shapes = {}
+    for inp in real:
+        dims = dims_of(inp.type)
+        want = given.get(inp.name)
+        if dims is None:
+            if want is None:
+                raise UserError(f"input '{inp.name}' has no declared shape; pass --input-shape {inp.name}=1x3x224x224 (for example)")
+            shapes[inp.name] = tuple(want)
+            continue
+        if want is not None:
+            if len(want) != len(dims):
+                raise UserError(f"--input-shape {inp.name} has rank {len(want)}, the model's input has rank {len(dims)}")
+            for k, (d, w) in enumerate(zip(dims, want)):
+                if d is not None and d != w:
+                    raise UserError(f"--input-shape {inp.name} sets dim {k} to {w}, but the model fixes it at {d}")
+            shapes[inp.name] = tuple(int(w) for w in want)
+            continue
+        missing = [k for k, d in enumerate(dims) if d is None]
+        if any(k != 0 for k in missing):
+            sym = [inp.type.tensor_type.shape.dim[k].dim_param or "?" for k in missing]
+            raise UserError(f"input '{inp.name}' has dynamic dims {sym}; pass --input-shape {inp.name}=" + "x".join(str(d or 1) for d in dims))
+        if missing:
+            notes.append(f"input '{inp.name}': dynamic batch analysed at 1")
+        shapes[inp.name] = tuple(d if d is not None else 1 for d in dims)
+    return shapes
+
+
+def make_static(model, shapes: dict) -> onnx.ModelProto:
+    """A copy with fixed input dims and every tensor's shape inferred."""
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for inp in static.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) == 0:
+                for _ in shapes[inp.name]:
+                    dims.add()
+            for d, v in zip(dims, shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    try:
+        static = onnx.shape_inference.infer_shapes(static, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise UserError(f"shape inference failed ({str(exc).splitlines()[0][:200]}); check --input-shape") from None
+    _fill_shapes_with_ort(static)
+    return static
+
+
+def _fill_shapes_with_ort(static):
+    """Shape inference leaves gaps around some ops; run the graph once to read the rest."""
+    known = {vi.name for vi in list(static.graph.value_info) + list(static.graph.output) + list(static.graph.input)}
+    known |= {t.name for t in static.graph.initializer}
+    missing = [o for n in static.graph.node for o in n.output if o and o not in known]
+    if not missing:
+        return
+    from onnx_prune.backends.ort import run_all_outputs
+
+    try:
+        values = run_all_outputs(static, missing)
+    except Exception:
+        return  # the analysis freezes channels around tensors whose shape stays unknown
+    for name, arr in values.items():
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        static.graph.value_info.append(onnx.helper.make_tensor_value_info(name, dtype, arr.shape))

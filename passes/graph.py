@@ -1,0 +1,146 @@
+"""Loading, indexing and atomically saving ONNX models."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_prune.errors import UserError
+
+# ONNX Runtime 1.31 refuses IR version 14; emit the newest it accepts.
+MAX_IR_VERSION = 10
+
+
+def load_model(path_or_model) -> onnx.ModelProto:
+    """Load a model from a path (with external data) or copy a ModelProto; never modifies the input."""
+    if isinstance(path_or_model, onnx.ModelProto):
+        m = onnx.ModelProto()
+        m.CopyFrom(path_or_model)
+        return m
+    path = os.fspath(path_or_model)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for garbage input
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); check the file is complete") from None
+    if not model.graph.node:
+        raise UserError(f"{path}: not an ONNX model (no graph nodes); check the file is complete")
+    _load_external_data(model, os.path.dirname(os.path.abspath(path)), path)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: str, path: str):
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not tensors:
+        return
+    base_real = os.path.realpath(base_dir)
+    for t in tensors:
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = os.path.realpath(os.path.join(base_dir, location))
+        if os.path.isabs(location) or os.path.commonpath([base_real, target]) != base_real:
+            raise UserError(f"{path}: external data '{location}' of tensor '{t.name}' lies outside the model's folder; move it beside the model")
+        if not os.path.isfile(target):
+            raise UserError(f"{path}: external data file '{location}' for tensor '{t.name}' is missing; copy it beside the model")
+    try:
+        load_external_data_for_model(model, base_dir)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read external data ({exc}); check the data files are complete") from None
+
+
+def _all_tensors(model):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+
+
+def save_model(model: onnx.ModelProto, path: str):
+    """Write atomically: a temp file beside the target, then rename. Large models use external data."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    large = model.ByteSize() > 1_900_000_000
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if large:
+            data_name = os.path.basename(path) + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, location=data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def dims_of(type_proto):
+    """Static dims of a tensor type, None for unknown; None if the rank is unknown."""
+    tt = type_proto.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+
+class GraphIndex:
+    """Read-only index of a model: producers, consumers, constants, static shapes and dtypes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self._arrays: dict[str, np.ndarray] = {}
+        self.producer = {}
+        self.consumers = defaultdict(list)
+        for node in g.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((node, i))
+        self.shapes: dict[str, tuple | None] = {}
+        self.dtypes: dict[str, int] = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            self.shapes[vi.name] = dims_of(vi.type)
+            self.dtypes[vi.name] = vi.type.tensor_type.elem_type
+        for t in g.initializer:
+            self.shapes[t.name] = tuple(t.dims)
+            self.dtypes[t.name] = t.data_type
+        self.graph_inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.graph_outputs = [o.name for o in g.output]
+
+    def const(self, name):
+        """The value of an initializer, or None if `name` is computed at run time."""
+        if name not in self.inits:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self._arrays[name]
+
+    def shape(self, name):
+        s = self.shapes.get(name)
+        if s is None or any(d is None for d in s):
+            return None
+        return s

@@ -1,0 +1,689 @@
+"""The op rule table: how each ONNX op moves, couples, creates or blocks channels.
+
+One rule per op type. A rule reads its inputs' axis expressions, sets its outputs', ties weight
+axes to channels (`ctx.bind`) and records the non-weight edits pruning will need. Anything it
+cannot express raises `Unsupported` (or freezes locally); ops without a rule freeze what they
+touch. Nothing here edits the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_prune.passes.graph import attr
+from onnx_prune.passes.spaces import Cat, Free, Fx, Prod, Unsupported
+
+RULES = {}
+
+INT_BIG = 2**31 - 1
+
+
+def rule(*op_types):
+    def register(fn):
+        for op in op_types:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def apply_rule(ctx, node):
+    """Run the rule for `node`; on anything unexpected, freeze its channels instead."""
+    fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if fn is None:
+        return unknown(ctx, node, f"unsupported op {_desc(node)}")
+    ins = [i for i in node.input if i]
+    if any(ctx.ax(i) is None for i in ins) or any(ctx.shape(o) is None for o in node.output if o):
+        return unknown(ctx, node, f"shape unknown around {_desc(node)}")
+    try:
+        fn(ctx, node)
+    except Unsupported as exc:
+        unknown(ctx, node, f"{_desc(node)}: {exc}")
+
+
+def _desc(node):
+    return f"{node.op_type} '{node.name}'"
+
+
+def unknown(ctx, node, reason):
+    """Freeze every channel the node reads (subgraph captures too); outputs carry none."""
+    for name in list(node.input) + _subgraph_captures(node):
+        if name:
+            ctx.freeze_tensor(name, reason)
+    for o in node.output:
+        shape = ctx.shape(o) if o else None
+        ctx.set(o, [Fx(d) for d in shape] if shape is not None else None)
+
+
+def _subgraph_captures(node):
+    names = []
+    for a in node.attribute:
+        graphs = [a.g] if a.type == a.GRAPH else list(a.graphs) if a.type == a.GRAPHS else []
+        for g in graphs:
+            for n in g.node:
+                names.extend(n.input)
+                names.extend(_subgraph_captures(n))
+    return names
+
+
+def _out_fx(ctx, name, axis):
+    return Fx(ctx.shape(name)[axis])
+
+
+# -- pass-through ops ----------------------------------------------------------------------------
+
+UNARY = (
+    "Relu Sigmoid Tanh HardSigmoid HardSwish LeakyRelu Elu Selu Celu Softplus Softsign Gelu Erf "
+    "Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Mish ThresholdedRelu Not "
+    "IsNaN IsInf Identity Dropout Cast CastLike Clip Shrink Relu6 Swish"
+).split()
+
+
+@rule(*UNARY)
+def unary(ctx, node):
+    """Elementwise on the first input; extra inputs (Clip bounds, CastLike target) are scalars."""
+    x = ctx.ax(node.input[0])
+    for extra in node.input[1:]:
+        if extra and any(ctx.size(e) > 1 for e in ctx.ax(extra)):
+            raise Unsupported("non-scalar extra input")
+    ctx.set(node.output[0], x)
+    for o in node.output[1:]:  # Dropout's mask
+        if o:
+            ctx.set(o, x)
+
+
+@rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less",
+      "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "BitShift")
+def elementwise(ctx, node):
+    """Numpy broadcasting: axes of size > 1 that line up carry the same channels."""
+    ins = [i for i in node.input if i]
+    out_shape = ctx.shape(node.output[0])
+    rank = len(out_shape)
+    out = []
+    for k in range(rank):
+        cands = []
+        for name in ins:
+            axes = ctx.ax(name)
+            j = k - (rank - len(axes))
+            if j >= 0 and ctx.size(axes[j]) == out_shape[k] and out_shape[k] > 1:
+                cands.append(axes[j])
+        for c in cands[1:]:
+            ctx.unify(cands[0], c, f"{_desc(node)} mixes channel layouts")
+        out.append(cands[0] if cands else Fx(out_shape[k]))
+    ctx.set(node.output[0], out)
+
+
+# -- weight layers: producers and consumers ---------------------------------------------------
+
+
+@rule("Conv")
+def conv(ctx, node):
+    """W is (M, C/g, k...): output channels are new, grouped by the input's channel groups."""
+    x, w = node.input[0], node.input[1]
+    if not ctx.is_const(w):
+        raise Unsupported("weight computed at run time")
+    X = ctx.ax(x)
+    g = attr(node, "group", 1)
+    M, Cg = ctx.shape(w)[0], ctx.shape(w)[1]
+    gs, within = ctx.table.split(X[1], [g, Cg]) if g > 1 else (Fx(1), X[1])
+    out_c = Prod((gs, ctx.new(M // g, node)))
+    ctx.bind(w, 0, out_c, "producer", node)
+    ctx.bind(w, 1, within, "consumer", node)
+    if len(node.input) > 2 and node.input[2]:
+        ctx.bind(node.input[2], 0, out_c, "param", node)
+    if g > 1:
+        ctx.attr_edits.append(_attr_edit(node, "group", gs))
+    out = node.output[0]
+    ctx.set(out, [X[0], out_c] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx, node):
+    """W is (C, M/g, k...): the input side is axis 0, the output side axis 1."""
+    x, w = node.input[0], node.input[1]
+    if not ctx.is_const(w):
+        raise Unsupported("weight computed at run time")
+    X = ctx.ax(x)
+    g = attr(node, "group", 1)
+    C, Mg = ctx.shape(w)[0], ctx.shape(w)[1]
+    gs, within = ctx.table.split(X[1], [g, C // g]) if g > 1 else (Fx(1), X[1])
+    out_within = ctx.new(Mg, node)
+    out_c = Prod((gs, out_within))
+    ctx.bind(w, 0, Prod((gs, within)), "consumer", node)
+    ctx.bind(w, 1, out_within, "producer", node)
+    if len(node.input) > 2 and node.input[2]:
+        ctx.bind(node.input[2], 0, out_c, "param", node)
+    if g > 1:
+        ctx.attr_edits.append(_attr_edit(node, "group", gs))
+    out = node.output[0]
+    ctx.set(out, [X[0], out_c] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
+
+
+def _attr_edit(node, name, e):
+    from onnx_prune.passes.analysis import AttrEdit
+
+    return AttrEdit(node.name, name, e)
+
+
+def _contract(ctx, node, a_name, b_name, A, B):
+    """Shared MatMul/Gemm logic on 2-D-or-more axis lists (already transposed)."""
+    ctx.unify(A[-1], B[-2], f"{_desc(node)} contracts differently laid out channels")
+    if ctx.is_const(b_name):
+        ctx.produce(B[-1], node)
+        _roles(ctx, node, b_name, B, {len(B) - 2: "consumer", len(B) - 1: "producer"})
+    if ctx.is_const(a_name):
+        ctx.produce(A[-2], node)
+        _roles(ctx, node, a_name, A, {len(A) - 1: "consumer", len(A) - 2: "producer"})
+
+
+def _roles(ctx, node, init, axes_view, roles):
+    """Record roles of a weight's axes; `axes_view` may be a transposed view of ctx.ax(init)."""
+    stored = ctx.ax(init)
+    for k, role in roles.items():
+        idx = next(i for i, e in enumerate(stored) if e is axes_view[k])
+        ctx.roles.setdefault(init, []).append((idx, role, node.name))
+
+
+@rule("MatMul")
+def matmul(ctx, node):
+    a, b = node.input[0], node.input[1]
+    A, B = ctx.ax(a), ctx.ax(b)
+    out = node.output[0]
+    if len(A) == 1 or len(B) == 1:
+        if len(A) == 1:
+            ctx.unify(A[0], B[-2], f"{_desc(node)} contracts differently laid out channels")
+            ctx.set(out, list(B[:-2]) + [B[-1]])
+        else:
+            ctx.unify(A[-1], B[0], f"{_desc(node)} contracts differently laid out channels")
+            ctx.set(out, list(A[:-1]))
+        return
+    _contract(ctx, node, a, b, A, B)
+    batch = _broadcast_batch(ctx, node, A[:-2], B[:-2], ctx.shape(out)[:-2])
+    ctx.set(out, batch + [A[-2], B[-1]])
+
+
+def _broadcast_batch(ctx, node, A, B, out_shape):
+    out = []
+    for k, n in enumerate(out_shape):
+        cands = []
+        for axes in (A, B):
+            j = k - (len(out_shape) - len(axes))
+            if j >= 0 and ctx.size(axes[j]) == n and n > 1:
+                cands.append(axes[j])
+        for c in cands[1:]:
+            ctx.unify(cands[0], c, f"{_desc(node)} batches differently laid out channels")
+        out.append(cands[0] if cands else Fx(n))
+    return out
+
+
+@rule("Gemm")
+def gemm(ctx, node):
+    a, b = node.input[0], node.input[1]
+    A, B = list(ctx.ax(a)), list(ctx.ax(b))
+    if attr(node, "transA", 0):
+        A = A[::-1]
+    if attr(node, "transB", 0):
+        B = B[::-1]
+    _contract(ctx, node, a, b, A, B)
+    out = [A[0], B[1]]
+    if len(node.input) > 2 and node.input[2]:
+        c = node.input[2]
+        C = ctx.ax(c)
+        for k in range(len(C)):
+            j = k + 2 - len(C)
+            if ctx.size(C[k]) > 1:
+                ctx.unify(out[j], C[k], f"{_desc(node)} bias layout")
+        ctx.roles.setdefault(c, []).extend((k, "param", node.name) for k in range(len(C)) if ctx.size(C[k]) > 1)
+    ctx.set(node.output[0], out)
+
+
+@rule("Gather")
+def gather(ctx, node):
+    """Embedding lookup from a table creates channels; indexing a channel axis pins it."""
+    data, idx = node.input[0], node.input[1]
+    D = ctx.ax(data)
+    axis = attr(node, "axis", 0) % len(D)
+    I = ctx.ax(idx)
+    if ctx.is_const(data) and not ctx.is_const(idx):
+        for k, e in enumerate(D):
+            if k != axis:
+                ctx.produce(e, node)
+                ctx.roles.setdefault(data, []).append((k, "producer", node.name))
+    else:
+        ctx.freeze(D[axis], f"{_desc(node)} picks channels by index")
+    ctx.set(node.output[0], list(D[:axis]) + [Fx(ctx.size(e)) for e in I] + list(D[axis + 1:]))
+
+
+# -- normalization ----------------------------------------------------------------------------
+
+
+@rule("BatchNormalization")
+def batchnorm(ctx, node):
+    X = ctx.ax(node.input[0])
+    for p in node.input[1:5]:
+        if p:
+            _bind_or_couple(ctx, node, p, 0, X[1])
+    ctx.set(node.output[0], X)
+
+
+@rule("InstanceNormalization")
+def instancenorm(ctx, node):
+    X = ctx.ax(node.input[0])
+    for p in node.input[1:3]:
+        _bind_or_couple(ctx, node, p, 0, X[1])
+    ctx.set(node.output[0], X)
+
+
+def _bind_or_couple(ctx, node, name, axis, e):
+    """Per-channel parameters: slice them if constant, couple them if computed."""
+    if ctx.is_const(name):
+        ctx.bind(name, axis, e, "param", node)
+    else:
+        ctx.unify(ctx.ax(name)[axis], e, f"{_desc(node)} parameter layout")
+
+
+@rule("LayerNormalization")
+def layernorm(ctx, node):
+    """Statistics over the normalized axes mix their channels: those cannot be pruned."""
+    X = ctx.ax(node.input[0])
+    axis = attr(node, "axis", -1) % len(X)
+    for e in X[axis:]:
+        ctx.freeze(e, f"normalized over by {_desc(node)}")
+    for p in node.input[1:3]:
+        if p:
+            P = ctx.ax(p)
+            for k in range(len(P)):
+                j = len(X) - len(P) + k
+                if ctx.size(P[k]) > 1:
+                    _bind_or_couple(ctx, node, p, k, X[j])
+    ctx.set(node.output[0], X)
+    for o in node.output[1:]:
+        if o:
+            ctx.set(o, [Fx(d) for d in ctx.shape(o)])
+
+
+@rule("GroupNormalization", "LRN", "MeanVarianceNormalization")
+def channel_mixing_norm(ctx, node):
+    X = ctx.ax(node.input[0])
+    ctx.freeze(X[1], f"{_desc(node)} mixes neighbouring channels")
+    for p in node.input[1:]:
+        if p:
+            ctx.freeze_tensor(p, f"{_desc(node)} parameters")
+    ctx.set(node.output[0], X)
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(ctx, node):
+    X = ctx.ax(node.input[0])
+    axis = attr(node, "axis", -1) % len(X)
+    ctx.freeze(X[axis], f"{_desc(node)} normalizes over these channels")
+    ctx.set(node.output[0], X)
+
+
+REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare".split()
+
+
+@rule(*REDUCE)
+def reduce(ctx, node):
+    X = ctx.ax(node.input[0])
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = ctx.const(node.input[1])
+        if axes is None:
+            raise Unsupported("reduction axes computed at run time")
+    axes = list(range(len(X))) if axes is None or len(axes) == 0 else [int(a) % len(X) for a in np.ravel(axes)]
+    if attr(node, "noop_with_empty_axes", 0) and axes == list(range(len(X))) and attr(node, "axes") is None and len(node.input) < 2:
+        ctx.set(node.output[0], X)
+        return
+    for a in axes:
+        ctx.freeze(X[a], f"{_desc(node)} reduces over these channels")
+    keep = attr(node, "keepdims", 1)
+    out = [Fx(1) if k in axes else e for k, e in enumerate(X) if keep or k not in axes]
+    ctx.set(node.output[0], out)
+
+
+@rule("ArgMax", "ArgMin")
+def argreduce(ctx, node):
+    X = ctx.ax(node.input[0])
+    axis = attr(node, "axis", 0) % len(X)
+    ctx.freeze(X[axis], f"{_desc(node)} reduces over these channels")
+    keep = attr(node, "keepdims", 1)
+    ctx.set(node.output[0], [Fx(1) if k == axis else e for k, e in enumerate(X) if keep or k != axis])
+
+
+# -- spatial ops: channels pass, spatial axes are fixed --------------------------------------
+
+
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+      "MaxRoiPool", "SpaceToDepth", "DepthToSpace")
+def pooling(ctx, node):
+    if node.op_type in ("SpaceToDepth", "DepthToSpace", "MaxRoiPool"):
+        raise Unsupported("rearranges channels")
+    X = ctx.ax(node.input[0])
+    out = node.output[0]
+    ctx.set(out, [X[0], X[1]] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
+    if len(node.output) > 1 and node.output[1]:
+        ctx.freeze(X[1], f"{_desc(node)} returns indices")
+        ctx.set(node.output[1], [Fx(d) for d in ctx.shape(node.output[1])])
+
+
+@rule("Resize", "Upsample", "Pad", "Expand", "Tile")
+def resize_like(ctx, node):
+    """Axes keep their channels where the size is unchanged; changed axes must not carry any."""
+    X = ctx.ax(node.input[0])
+    out = node.output[0]
+    shape = ctx.shape(out)
+    if len(shape) != len(X):
+        if node.op_type != "Expand":
+            raise Unsupported("rank change")
+        X = [Fx(1)] * (len(shape) - len(X)) + list(X)
+    res = []
+    for k, e in enumerate(X):
+        if ctx.size(e) == shape[k]:
+            res.append(e)
+        elif ctx.size(e) == 1:
+            res.append(Fx(shape[k]))
+        else:
+            ctx.freeze(e, f"{_desc(node)} changes the size of this axis")
+            res.append(Fx(shape[k]))
+    if node.op_type == "Pad":
+        _pad_check(ctx, node, X)
+    if node.op_type == "Expand":
+        _shape_target(ctx, node, node.input[1], res, list(X))
+    ctx.set(out, res)
+
+
+def _pad_check(ctx, node, X):
+    pads = attr(node, "pads")
+    if pads is None:
+        pads = ctx.const(node.input[1]) if len(node.input) > 1 else None
+    if pads is None:
+        raise Unsupported("pads computed at run time")
+    pads = np.ravel(pads)
+    axes = list(range(len(X)))
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(a) % len(X) for a in np.ravel(ctx.const(node.input[3]))]
+    n = len(axes)
+    for i, a in enumerate(axes):
+        if pads[i] or pads[i + n]:
+            ctx.freeze(X[a], f"{_desc(node)} pads this axis")
+
+
+# -- layout ops -------------------------------------------------------------------------------
+
+
+@rule("Transpose")
+def transpose(ctx, node):
+    X = ctx.ax(node.input[0])
+    perm = attr(node, "perm") or list(range(len(X)))[::-1]
+    ctx.set(node.output[0], [X[p] for p in perm])
+
+
+@rule("Squeeze", "Unsqueeze", "Flatten", "Reshape")
+def reshape(ctx, node):
+    """Match input and output dims in blocks of equal product; merge, then factor each block."""
+    X = ctx.ax(node.input[0])
+    in_shape = [ctx.size(e) for e in X]
+    out = node.output[0]
+    out_shape = list(ctx.shape(out))
+    exprs = [e for e, d in zip(X, in_shape) if d != 1]
+    big_out = [d for d in out_shape if d != 1]
+    res_big = []
+    i = 0
+    for blk in _blocks([ctx.size(e) for e in exprs], big_out):
+        ins, outs = blk
+        merged = Prod(tuple(exprs[i:i + ins]))
+        i += ins
+        try:
+            res_big.extend(ctx.table.split(merged, outs))
+        except Unsupported:
+            ctx.freeze(merged, f"{_desc(node)} reshapes channels in a way that cannot be pruned")
+            res_big.extend(Fx(d) for d in outs)
+    it = iter(res_big)
+    res = [Fx(1) if d == 1 else next(it) for d in out_shape]
+    if node.op_type == "Reshape":
+        _shape_target(ctx, node, node.input[1], res, X)
+    ctx.set(out, res)
+
+
+def _blocks(a, b):
+    """Pair runs of `a` and `b` with equal products: [(len_a_run, b_run_sizes), ...]."""
+    blocks, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if i >= len(a) or j >= len(b):
+            raise Unsupported("reshape sizes do not match")
+        pa, pb, si, sj = a[i], b[j], i, j
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a):
+                    raise Unsupported("reshape sizes do not match")
+                pa *= a[i]
+                i += 1
+            else:
+                if j >= len(b):
+                    raise Unsupported("reshape sizes do not match")
+                pb *= b[j]
+                j += 1
+        blocks.append((i - si, b[sj:j]))
+    return blocks
+
+
+def _shape_target(ctx, node, shape_name, out_exprs, in_exprs):
+    """A shape vector (Reshape/Expand) must give pruned axes their kept size."""
+    from onnx_prune.passes.analysis import ValueEdit
+
+    sources = shape_sources(ctx, shape_name)
+    for k, e in enumerate(out_exprs):
+        if not ctx.has_channels(e):
+            continue
+        src = sources[k] if sources is not None and k < len(sources) else ("unknown",)
+        if src[0] == "const":
+            _, init, pos, value = src
+            if value == -1 or (value == 1 and node.op_type == "Expand"):
+                continue
+            if value == 0 and node.op_type == "Reshape" and k < len(in_exprs):
+                ctx.unify(in_exprs[k], e, f"{_desc(node)} copies this dim from its input")
+            ctx.value_edits.append(ValueEdit(init, pos, [e]))
+        elif src[0] == "dim":
+            ctx.unify(ctx.ax(src[1])[src[2]], e, f"{_desc(node)} target shape read at run time")
+        elif src[0] == "mul" and _dim_times_const(ctx, node, e, src):
+            continue
+        else:
+            ctx.freeze(e, f"{_desc(node)} target shape computed at run time")
+
+
+def _dim_times_const(ctx, node, e, src):
+    """A target dim computed as (dim read at run time) x (constant), e.g. batch x heads:
+    the constant must give the channel part's kept size."""
+    from onnx_prune.passes.analysis import ValueEdit
+
+    _, dim, const = src
+    lead = ctx.ax(dim[1])[dim[2]]
+    n = ctx.table.norm(e)
+    if ctx.has_channels(lead):
+        return False
+    if ctx.size(lead) == 1:
+        rest = n
+    elif isinstance(n, Prod) and n.items[0] == Fx(ctx.size(lead)):
+        rest = Prod(tuple(n.items[1:]))
+    else:
+        return False
+    if ctx.size(rest) != const[3]:
+        return False
+    ctx.value_edits.append(ValueEdit(const[1], const[2], [rest]))
+    return True
+
+
+def shape_sources(ctx, name):
+    """Trace a 1-D shape tensor element by element: ('const', init, pos, value), ('dim', t, axis)
+    or ('unknown',). Covers the Shape/Gather/Concat/Unsqueeze chains exporters emit."""
+    if ctx.is_const(name):
+        v = np.ravel(ctx.const(name))
+        return [("const", name, i, int(x)) for i, x in enumerate(v)]
+    node = ctx.index.producer.get(name)
+    shape = ctx.shape(name)
+    n = int(np.prod(shape)) if shape is not None else 0
+    unknown_ = [("unknown",)] * n
+    if node is None:
+        return unknown_
+    op = node.op_type
+    if op == "Shape":
+        rank = len(ctx.ax(node.input[0]) or [])
+        start = attr(node, "start", 0)
+        end = attr(node, "end", rank)
+        start, end = [min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end)]
+        return [("dim", node.input[0], a) for a in range(start, end)]
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Flatten"):
+        return shape_sources(ctx, node.input[0])
+    if op == "Mul" and len(node.input) == 2:
+        a, b = (shape_sources(ctx, i) for i in node.input)
+        if a and b and len(a) == len(b):
+            out = []
+            for x, y in zip(a, b):
+                x, y = (x, y) if x[0] == "dim" else (y, x)
+                out.append(("mul", x, y) if x[0] == "dim" and y[0] == "const" else ("unknown",))
+            return out
+        return unknown_
+    if op == "Concat":
+        srcs = [shape_sources(ctx, i) for i in node.input]
+        return None if any(s is None for s in srcs) else [x for s in srcs for x in s]
+    if op in ("Gather", "Slice"):
+        base = shape_sources(ctx, node.input[0])
+        if base is None:
+            return unknown_
+        if op == "Gather":
+            idx = ctx.const(node.input[1])
+            if idx is None:
+                return unknown_
+            return [base[int(i)] for i in np.ravel(idx)]
+        params = [ctx.const(i) if i else None for i in node.input[1:]]
+        if any(p is None for p in params[:2]) or (len(params) > 2 and params[2] is not None and int(np.ravel(params[2])[0]) != 0):
+            return unknown_
+        step = int(np.ravel(params[3])[0]) if len(params) > 3 and params[3] is not None else 1
+        return base[slice(int(np.ravel(params[0])[0]), int(np.ravel(params[1])[0]), step)]
+    return unknown_
+
+
+@rule("Concat")
+def concat(ctx, node):
+    ins = [i for i in node.input if i]
+    axes = [ctx.ax(i) for i in ins]
+    axis = attr(node, "axis") % len(axes[0])
+    out = list(axes[0])
+    for other in axes[1:]:
+        for k in range(len(out)):
+            if k != axis:
+                ctx.unify(out[k], other[k], f"{_desc(node)} joins differently laid out channels")
+    out[axis] = Cat(tuple(a[axis] for a in axes))
+    ctx.set(node.output[0], out)
+
+
+@rule("Split")
+def split(ctx, node):
+    from onnx_prune.passes.analysis import SplitEdit
+
+    X = ctx.ax(node.input[0])
+    axis = attr(node, "axis", 0) % len(X)
+    sizes = [ctx.shape(o)[axis] for o in node.output]
+    pieces = ctx.table.cut(X[axis], np.cumsum([0] + sizes))
+    for o, p in zip(node.output, pieces):
+        ctx.set(o, X[:axis] + [p] + X[axis + 1:])
+    if ctx.has_channels(X[axis]):
+        ctx.split_edits.append(SplitEdit(node.name, pieces))
+
+
+@rule("Slice")
+def slice_(ctx, node):
+    from onnx_prune.passes.analysis import ValueEdit
+
+    X = ctx.ax(node.input[0])
+    params = [ctx.const(i) if i else None for i in list(node.input[1:5]) + [""] * 4][:4]
+    if params[0] is None or params[1] is None or (len(node.input) > 3 and node.input[3] and params[2] is None) \
+            or (len(node.input) > 4 and node.input[4] and params[3] is None):
+        for e in X:
+            ctx.freeze(e, f"{_desc(node)} bounds computed at run time")
+        ctx.set(node.output[0], [Fx(d) for d in ctx.shape(node.output[0])])
+        return
+    starts, ends = np.ravel(params[0]), np.ravel(params[1])
+    axes = np.ravel(params[2]) if params[2] is not None else np.arange(len(starts))
+    steps = np.ravel(params[3]) if params[3] is not None else np.ones(len(starts), dtype=np.int64)
+    out = list(X)
+    for i, a in enumerate(axes):
+        a = int(a) % len(X)
+        e, n = X[a], ctx.size(X[a])
+        s, t, step = int(starts[i]), int(ends[i]), int(steps[i])
+        s0 = min(max(s + n if s < 0 else s, 0), n)
+        t0 = min(max(t + n if t < 0 else t, 0), n)
+        if not ctx.has_channels(e):
+            out[a] = Fx(ctx.shape(node.output[0])[a])
+            continue
+        if step != 1:
+            ctx.freeze(e, f"{_desc(node)} takes strided channels")
+            out[a] = Fx(ctx.shape(node.output[0])[a])
+            continue
+        before, mid, _after = _cut3(ctx, e, s0, max(t0, s0), n)
+        out[a] = mid
+        if s0 > 0:
+            ctx.value_edits.append(ValueEdit(node.input[1], i, [before]))
+        if t0 < n:
+            ctx.value_edits.append(ValueEdit(node.input[2], i, [before, mid]))
+    ctx.set(node.output[0], out)
+
+
+def _cut3(ctx, e, s, t, n):
+    """Cut into (before, middle, after), any of which may be empty."""
+    pts = sorted({0, s, t, n})
+    pieces = ctx.table.cut(e, pts)
+    named = dict(zip(pts, pieces))
+    before = named.get(0) if s > 0 else Fx(0)
+    mid = named.get(s) if t > s else Fx(0)
+    after = named.get(t) if t < n else Fx(0)
+    return before, mid, after
+
+
+@rule("Shape", "Size")
+def shape_op(ctx, node):
+    """Reading a channel axis's size at run time would change after pruning: pin it."""
+    X = ctx.ax(node.input[0])
+    if node.op_type == "Size":
+        read = range(len(X))
+    else:
+        rank = len(X)
+        start, end = [min(max(v + rank if v < 0 else v, 0), rank) for v in (attr(node, "start", 0), attr(node, "end", rank))]
+        read = range(start, end)
+        picked = _picked_dims(ctx, node, start, end)
+        if picked is not None:
+            read = picked
+    for a in read:
+        ctx.freeze(X[a], f"its size is read at run time by {_desc(node)}")
+    ctx.set(node.output[0], [Fx(d) for d in ctx.shape(node.output[0])])
+
+
+def _picked_dims(ctx, node, start, end):
+    """If every consumer of a Shape only picks constant dims (Gather/Slice), the dims it reads."""
+    picked = set()
+    dims = np.arange(start, end)
+    for user, slot in ctx.index.consumers.get(node.output[0], []):
+        params = [ctx.const(i) for i in user.input[1:]]
+        if slot != 0 or any(p is None for p in params):
+            return None
+        if user.op_type == "Gather":
+            picked.update(int(dims[int(i)]) for i in np.ravel(params[0]))
+        elif user.op_type == "Slice":
+            s, e = int(np.ravel(params[0])[0]), int(np.ravel(params[1])[0])
+            step = int(np.ravel(params[3])[0]) if len(params) > 3 else 1
+            picked.update(int(d) for d in dims[s:e:step])
+        else:
+            return None
+    return sorted(picked)
+
+
+@rule("ConstantOfShape", "Range", "NonZero", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+def value_source(ctx, node):
+    """Outputs built from values, not from channels; inputs that carry channels are pinned."""
+    unknown(ctx, node, f"{_desc(node)} reads values")
+
+
+def supported_ops():
+    return sorted(RULES)

@@ -1,0 +1,100 @@
+"""Apply a plan (kept channel indices per group) to the canonical graph.
+
+Slices weights, per-channel parameters and constants along the axes the analysis tied to
+channels, and rewrites the few non-weight numbers that depend on widths (Reshape/Expand targets,
+Split sizes, Slice bounds, Conv groups). It adds no node, so no activation copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_prune.passes.analysis import Analysis
+from onnx_prune.passes.graph import opset_of
+
+
+def check_plan(analysis: Analysis, plan: dict):
+    """Every planned group must exist and keep at least one valid, distinct channel."""
+    names = {g.name: g for g in analysis.groups}
+    for name, kept in plan.items():
+        if name not in names:
+            raise KeyError(f"plan names unknown group '{name}'")
+        kept = np.asarray(kept)
+        n = names[name].size
+        if kept.size == 0:
+            raise ValueError(f"plan removes every channel of group '{name}'")
+        if kept.min() < 0 or kept.max() >= n or len(np.unique(kept)) != kept.size:
+            raise ValueError(f"plan for group '{name}' has invalid indices")
+
+
+def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.ModelProto:
+    check_plan(analysis, plan)
+    keep = analysis.keep_arrays(plan)
+    table, ctx = analysis.table, analysis.ctx
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    arrays = {}
+
+    def array(name):
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
+    for name, axes in ctx.axes.items():
+        if name not in inits or axes is None:
+            continue
+        for k, e in enumerate(axes):
+            mask = table.keep_mask(e, keep)
+            if not mask.all():
+                arrays[name] = np.compress(mask, array(name), axis=k)
+    for edit in ctx.value_edits:
+        value = sum(int(table.keep_mask(e, keep).sum()) for e in edit.exprs) + edit.offset
+        full = sum(table.size(e) for e in edit.exprs) + edit.offset
+        if value != full:
+            arr = array(edit.init).copy()
+            arr.flat[edit.pos] = value
+            arrays[edit.init] = arr
+    nodes = {n.name: n for n in out.graph.node}
+    for edit in ctx.attr_edits:
+        value = int(table.keep_mask(edit.expr, keep).sum())
+        for a in nodes[edit.node].attribute:
+            if a.name == edit.attr:
+                a.i = value
+    for edit in ctx.split_edits:
+        _rewrite_split(out, nodes[edit.node], [int(table.keep_mask(p, keep).sum()) for p in edit.pieces],
+                       [table.size(p) for p in edit.pieces], arrays, inits)
+    for name, arr in arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(np.array(arr, order="C"), name))
+    del out.graph.value_info[:]
+    return out
+
+
+def _rewrite_split(model, node, sizes, full_sizes, arrays, inits):
+    if sizes == full_sizes:
+        return
+    value = np.asarray(sizes, dtype=np.int64)
+    if opset_of(model) < 13:
+        for a in node.attribute:
+            if a.name == "split":
+                del a.ints[:]
+                a.ints.extend(sizes)
+                return
+        node.attribute.append(onnx.helper.make_attribute("split", sizes))
+        return
+    if len(node.input) > 1 and node.input[1]:
+        arrays[node.input[1]] = value
+        return
+    # equal split or num_outputs: give it explicit sizes
+    name = f"{node.name}__split"
+    t = numpy_helper.from_array(value, name)
+    model.graph.initializer.append(t)
+    inits[name] = t
+    while len(node.input) < 2:
+        node.input.append("")
+    node.input[1] = name
+    kept = [a for a in node.attribute if a.name != "num_outputs"]
+    del node.attribute[:]
+    node.attribute.extend(kept)

@@ -1,0 +1,133 @@
+"""Verification of an emitted model against the invariants in DESIGN.md.
+
+Masked-reference equivalence: the pruned model's outputs equal the dense model's when every
+tensor of a pruned group has its removed channels set to zero. The masked reference is built
+from the same analysis (one `Where` per tensor), so a wrong coupling in the dependency graph
+shows up as a mismatch here, on any model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_prune.backends.ort import make_session
+from onnx_prune.passes.analysis import Analysis
+from onnx_prune.passes.graph import MAX_IR_VERSION
+
+COPY_OPS = ("Gather", "Slice", "Concat", "Pad", "GatherElements", "GatherND", "Tile", "Expand")
+TOLERANCE = 1e-4
+
+
+class VerificationError(Exception):
+    pass
+
+
+@dataclass
+class Verification:
+    max_abs_error: float
+    output_scale: float
+    checks: list = field(default_factory=list)
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_abs_error / self.output_scale
+
+
+def masked_reference(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.ModelProto:
+    """The dense model with removed channels zeroed on every tensor that carries them."""
+    keep = analysis.keep_arrays(plan)
+    table, ctx = analysis.table, analysis.ctx
+    index = ctx.index
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    g = ref.graph
+    renames = {}
+    new_nodes = {}
+    for name, axes in ctx.axes.items():
+        if axes is None or name in index.inits or name in index.graph_inputs:
+            continue
+        shape = [1] * len(axes)
+        mask = np.ones([1] * len(axes), dtype=bool)
+        for k, e in enumerate(axes):
+            m = table.keep_mask(e, keep)
+            if not m.all():
+                shape[k] = len(m)
+                mask = mask & m.reshape([len(m) if j == k else 1 for j in range(len(axes))])
+        if mask.all():
+            continue
+        masked = f"{name}__masked"
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(index.dtypes.get(name, onnx.TensorProto.FLOAT))
+        g.initializer.append(numpy_helper.from_array(mask, f"{name}__keep"))
+        g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), f"{name}__zero"))
+        new_nodes[name] = onnx.helper.make_node("Where", [f"{name}__keep", name, f"{name}__zero"], [masked], name=f"{name}__mask")
+        renames[name] = masked
+    nodes = []
+    for node in g.node:
+        for i, inp in enumerate(node.input):
+            if inp in renames:
+                node.input[i] = renames[inp]
+        nodes.append(node)
+        for o in node.output:
+            if o in new_nodes:
+                nodes.append(new_nodes[o])
+    del g.node[:]
+    g.node.extend(nodes)
+    return ref
+
+
+def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict) -> tuple[float, float]:
+    """Max abs difference between two models' outputs, and the reference output scale."""
+    out_a = make_session(a).run(None, feeds)
+    out_b = make_session(b).run(None, feeds)
+    err, scale = 0.0, 0.0
+    for x, y in zip(out_a, out_b):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if x.shape != y.shape:
+            raise VerificationError(f"output shape changed: {x.shape} -> {y.shape}")
+        if x.size:
+            err = max(err, float(np.max(np.abs(x - y))))
+            scale = max(scale, float(np.max(np.abs(x))))
+    return err, max(scale, 1e-12)
+
+
+def check_valid(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]:
+    """Checker, ORT load, drop-in interface and metadata, no copies inserted."""
+    done = []
+    if pruned.ir_version > MAX_IR_VERSION:
+        raise VerificationError(f"IR version {pruned.ir_version} is newer than ONNX Runtime accepts")
+    onnx.checker.check_model(pruned, full_check=True)
+    done.append("onnx.checker (full)")
+    make_session(pruned)
+    done.append("onnxruntime loads it")
+    for kind in ("input", "output"):
+        a = [(v.name, v.type.SerializeToString()) for v in getattr(original.graph, kind)]
+        b = [(v.name, v.type.SerializeToString()) for v in getattr(pruned.graph, kind)]
+        if a != b:
+            raise VerificationError(f"graph {kind}s changed (names, dtypes or dynamic axes)")
+    done.append("same inputs/outputs, dtypes and dynamic axes")
+    if [(p.key, p.value) for p in original.metadata_props] != [(p.key, p.value) for p in pruned.metadata_props]:
+        raise VerificationError("metadata_props changed")
+    done.append("metadata kept")
+    before = Counter(n.op_type for n in original.graph.node)
+    after = Counter(n.op_type for n in pruned.graph.node)
+    added = {op: after[op] - before[op] for op in COPY_OPS if after[op] > before[op]}
+    if added:
+        raise VerificationError(f"pruning inserted copies: {added}")
+    done.append("no activation copies inserted")
+    return done
+
+
+def verify(canonical: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis, plan: dict,
+           feeds: dict) -> Verification:
+    checks = check_valid(canonical, pruned)
+    ref = masked_reference(canonical, analysis, plan)
+    err, scale = compare_outputs(ref, pruned, feeds)
+    if err > TOLERANCE * scale:
+        raise VerificationError(f"pruned model differs from the masked reference: max abs error {err:.3g} (output scale {scale:.3g})")
+    checks.append(f"masked-reference equivalence (max abs error {err:.2e}, scale {scale:.2e})")
+    return Verification(err, scale, checks)
