@@ -22,7 +22,7 @@ def _bytes(model) -> bytes:
     return model.SerializeToString()
 
 
-def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True):
+def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True, quiet=False):
     """An InferenceSession on `provider`; asking for CUDA where it is missing is an error."""
     import onnxruntime as ort
 
@@ -32,7 +32,7 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
     if ep not in ort.get_available_providers():
         raise UserError(f"provider '{provider}' is not available in this onnxruntime ({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA")
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 3
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -88,6 +88,6 @@ def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:
         from onnx_prune.passes.graph import dims_of
 
         feeds = random_feeds(m, {i.name: dims_of(i.type) for i in m.graph.input})
-    sess = make_session(m, optimize=False)
+    sess = make_session(m, optimize=False, quiet=True)
     outs = sess.run(names, feeds)
     return dict(zip(names, outs))

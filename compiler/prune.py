@@ -12,9 +12,9 @@ from onnx_prune.backends.ort import random_feeds
 from onnx_prune.errors import UserError
 from onnx_prune.passes.analysis import Analysis, analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
-from onnx_prune.passes.importance import group_scores, keep_top
+from onnx_prune.compiler.plans import uniform_plan
 from onnx_prune.passes.surgery import apply_plan
-from onnx_prune.passes.verify import verify
+from onnx_prune.passes.verify import verify as verify_model
 
 
 @dataclass
@@ -23,15 +23,6 @@ class PruneResult:
     report: dict
     plan: dict
     analysis: Analysis
-
-
-def uniform_plan(analysis: Analysis, ratio: float, importance="l2") -> dict:
-    scores = group_scores(analysis, importance)
-    plan = {}
-    for g in analysis.groups:
-        n_keep = max(1, int(round(g.size * (1.0 - ratio))))
-        plan[g.name] = keep_top(scores[g.name], n_keep)
-    return plan
 
 
 def check_ratio(ratio: float):
@@ -49,16 +40,12 @@ def prune_uniform(model, ratio, importance="l2", input_shapes=None, verify=True,
     report.update(method="uniform", ratio=ratio, importance=importance)
     if verify:
         feeds = random_feeds(canon.model, canon.input_shapes, seed)
-        v = _verify(canon.model, pruned, analysis, plan, feeds)
+        v = verify_model(canon.model, pruned, analysis, plan, feeds)
         report["max_abs_error_vs_masked_reference"] = v.max_abs_error
         report["verification"] = v.checks
     else:
         report["max_abs_error_vs_masked_reference"] = None
     return PruneResult(pruned, report, plan, analysis)
-
-
-def _verify(canonical, pruned, analysis, plan, feeds):
-    return verify(canonical, pruned, analysis, plan, feeds)
 
 
 def build_report(analysis: Analysis, plan: dict, notes=()) -> dict:

@@ -143,11 +143,12 @@ def _constant_value(node):
 def _remove_identities(model):
     """Identity, and Dropout at inference, pass their input through; rewire their consumers."""
     outputs = {o.name for o in model.graph.output}
+    used = {i for n in model.graph.node for i in n.input} | outputs
     rename = {}
     keep = []
     for node in model.graph.node:
         is_passthrough = node.op_type == "Identity" or (
-            node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1]))
+            node.op_type == "Dropout" and (len(node.output) < 2 or node.output[1] not in used))
         if is_passthrough and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
             src = node.input[0]
             rename[node.output[0]] = rename.get(src, src)
@@ -299,8 +300,12 @@ def make_static(model, shapes: dict) -> onnx.ModelProto:
 
 def _fill_shapes_with_ort(static):
     """Shape inference leaves gaps around some ops; run the graph once to read the rest."""
-    known = {vi.name for vi in list(static.graph.value_info) + list(static.graph.output) + list(static.graph.input)}
-    known |= {t.name for t in static.graph.initializer}
+    known = {}
+    for vi in list(static.graph.value_info) + list(static.graph.output) + list(static.graph.input):
+        dims = dims_of(vi.type)
+        if dims is not None and all(d is not None for d in dims):
+            known[vi.name] = dims
+    known.update({t.name: tuple(t.dims) for t in static.graph.initializer})
     missing = [o for n in static.graph.node for o in n.output if o and o not in known]
     if not missing:
         return
@@ -310,6 +315,9 @@ def _fill_shapes_with_ort(static):
         values = run_all_outputs(static, missing)
     except Exception:
         return  # the analysis freezes channels around tensors whose shape stays unknown
+    kept = [vi for vi in static.graph.value_info if vi.name not in values]
+    del static.graph.value_info[:]
+    static.graph.value_info.extend(kept)
     for name, arr in values.items():
         dtype = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
         static.graph.value_info.append(onnx.helper.make_tensor_value_info(name, dtype, arr.shape))

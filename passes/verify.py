@@ -58,10 +58,10 @@ def masked_reference(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> 
             if not m.all():
                 shape[k] = len(m)
                 mask = mask & m.reshape([len(m) if j == k else 1 for j in range(len(axes))])
-        if mask.all():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(index.dtypes.get(name) or onnx.TensorProto.FLOAT)
+        if mask.all() or not np.issubdtype(dtype, np.number):
             continue
         masked = f"{name}__masked"
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(index.dtypes.get(name, onnx.TensorProto.FLOAT))
         g.initializer.append(numpy_helper.from_array(mask, f"{name}__keep"))
         g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), f"{name}__zero"))
         new_nodes[name] = onnx.helper.make_node("Where", [f"{name}__keep", name, f"{name}__zero"], [masked], name=f"{name}__mask")

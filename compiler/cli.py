@@ -1,0 +1,170 @@
+"""The `onnx-prune` command line. Bad input: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from onnx_prune.errors import TargetNotMet, UserError
+
+ZOO_PREFIX = "zoo:"
+
+
+def parse_input_shapes(values) -> dict:
+    """`name=1x3x224x224` (repeatable) -> {name: (1, 3, 224, 224)}."""
+    shapes = {}
+    for v in values:
+        name, sep, dims = v.rpartition("=")
+        try:
+            parsed = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            parsed = ()
+        if not sep or not name or not parsed or any(d <= 0 for d in parsed):
+            raise UserError(f"--input-shape '{v}' is not NAME=DxDx...; e.g. --input-shape input=1x3x224x224")
+        shapes[name] = parsed
+    return shapes
+
+
+def load_source(model: str):
+    """A path, or `zoo:NAME` for a model of the built-in zoo; returns (model, default shapes)."""
+    if model.startswith(ZOO_PREFIX):
+        from onnx_prune.models.registry import load, names
+
+        name = model[len(ZOO_PREFIX):]
+        if name not in names():
+            raise UserError(f"unknown zoo model '{name}' (available: {', '.join(names())})")
+        entry = load(name)
+        return entry.model, dict(entry.input_shapes)
+    return model, {}
+
+
+def _fail(exc: Exception, code: int):
+    click.echo(f"onnx-prune: error: {exc}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns expected failures into one line and an exit code instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            _fail(exc, UserError.exit_code)
+        except TargetNotMet as exc:
+            _fail(exc, TargetNotMet.exit_code)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException as exc:
+            _fail(exc.format_message(), 2)
+        except (KeyboardInterrupt, BrokenPipeError):
+            sys.exit(130)
+        except Exception as exc:  # a bug of ours: still one line, but say it is one
+            if os.environ.get("ONNX_PRUNE_DEBUG"):
+                raise
+            _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with ONNX_PRUNE_DEBUG=1 for details", 3)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnx-prune")
+def main():
+    """Structured pruning of ONNX models, verified by masked-reference equivalence."""
+
+
+input_shape_opt = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DxD...",
+                               help="Static shape for a dynamic input, for the analysis (repeatable).")
+
+
+@main.command()
+@click.argument("model")
+@input_shape_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def analyze(model, input_shape, as_json):
+    """Show channel groups: what is coupled, what is prunable, why the rest is frozen."""
+    from onnx_prune.passes.analysis import analyze_model
+
+    src, shapes = load_source(model)
+    shapes.update(parse_input_shapes(input_shape))
+    a = analyze_model(src, input_shapes=shapes)
+    data = {
+        "groups": [{"name": g.name, "channels": g.size, "producers": g.producers, "consumers": g.consumers}
+                   for g in a.groups],
+        "frozen": [{"name": f.name, "channels": f.size, "reason": f.reason} for f in a.frozen],
+        "coverage": a.coverage(),
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    cov = data["coverage"]
+    click.echo(f"{len(a.groups)} prunable groups, {len(a.frozen)} frozen; "
+               f"{cov['prunable_layers']}/{cov['layers']} weight layers and "
+               f"{cov['prunable_channels']}/{cov['channels']} output channels prunable")
+    click.echo("\nprunable groups:")
+    for g in data["groups"]:
+        click.echo(f"  {g['name']}  [{g['channels']}]  producers: {', '.join(g['producers'])}"
+                   + (f"  consumers: {', '.join(g['consumers'])}" if g["consumers"] else ""))
+    if data["frozen"]:
+        click.echo("\nfrozen:")
+        for f in data["frozen"]:
+            click.echo(f"  {f['name']}  [{f['channels']}]  {f['reason']}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model.")
+@click.option("--ratio", required=True, type=float, help="Share of each group's channels to remove, in (0, 1).")
+@click.option("--importance", type=click.Choice(["l1", "l2"]), default="l2", show_default=True)
+@input_shape_opt
+@click.option("--no-verify", is_flag=True, help="Skip the equivalence check (not recommended).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write a JSON report here.")
+def prune(model, output, ratio, importance, input_shape, no_verify, report):
+    """Uniform baseline: every prunable group loses the same share of channels."""
+    from onnx_prune.compiler.prune import check_ratio, prune_uniform
+    from onnx_prune.passes.graph import save_model
+
+    check_ratio(ratio)
+    _check_output(model, output)
+    src, shapes = load_source(model)
+    shapes.update(parse_input_shapes(input_shape))
+    result = prune_uniform(src, ratio, importance=importance, input_shapes=shapes, verify=not no_verify)
+    save_model(result.model, output)
+    if report:
+        _write_json(report, result.report)
+    r = result.report
+    err = r["max_abs_error_vs_masked_reference"]
+    click.echo(f"wrote {output}: {r['channels_kept']}/{r['channels_total']} channels kept in "
+               f"{len(r['groups'])} groups" + (f"; verified (max abs error {err:.2e})" if err is not None else "; not verified"))
+
+
+def _check_output(model, output):
+    if not model.startswith(ZOO_PREFIX) and os.path.exists(output) and os.path.exists(model) \
+            and os.path.samefile(model, output):
+        raise UserError("the output path is the input model; choose another -o (the input is never modified)")
+
+
+def _write_json(path, data):
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from onnx_prune.compiler.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""Property: on random multi-branch graphs of supported ops, any plan is masked-equivalent."""
+
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from graphgen import build_random_graph
+from onnx_prune.backends.ort import random_feeds
+from onnx_prune.compiler.plans import full_plan, random_plan
+from onnx_prune.passes.analysis import analyze_canonical
+from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.surgery import apply_plan
+from onnx_prune.passes.verify import compare_outputs, verify
+
+EXAMPLES = int(os.environ.get("ONNX_PRUNE_HYPOTHESIS_EXAMPLES", "300"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data(), st.integers(0, 2**31 - 1), st.integers(1, 12), st.sampled_from(["mixed", "keep1", "random"]))
+def test_random_graph_masked_equivalence(data, seed, n_ops, mode):
+    def draw(kind, n):
+        return data.draw(st.integers(0, n - 1), label=kind) if n > 1 else 0
+
+    model, shapes = build_random_graph(draw, seed, n_ops)
+    canon = canonicalize(model, input_shapes=shapes)
+    feeds = random_feeds(canon.model, shapes, seed)
+    err, scale = compare_outputs(model, canon.model, feeds)
+    assert err <= 1e-5 * scale, "canonicalization changed outputs"
+    analysis = analyze_canonical(canon.static)
+    plan = random_plan(analysis, np.random.default_rng(seed), mode)
+    pruned = apply_plan(canon.model, analysis, plan)
+    result = verify(canon.model, pruned, analysis, plan, feeds)  # raises on any mismatch
+    assert result.max_abs_error <= 1e-4 * result.output_scale
+
+
+@settings(max_examples=max(20, EXAMPLES // 10), deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data(), st.integers(0, 2**31 - 1))
+def test_random_graph_identity_plan_is_exact(data, seed):
+    def draw(kind, n):
+        return data.draw(st.integers(0, n - 1), label=kind) if n > 1 else 0
+
+    model, shapes = build_random_graph(draw, seed, 8)
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon.static)
+    pruned = apply_plan(canon.model, analysis, full_plan(analysis))
+    assert pruned.graph.SerializeToString() == canon.model.graph.SerializeToString()
