@@ -180,6 +180,11 @@ def _cached_model(name: str) -> onnx.ModelProto:
     return build_model(name)
 
 
+def clear_cache() -> None:
+    """Drop the in-memory exports (all of them together hold about 1.5 GB, mostly light_vgg19)."""
+    _cached_model.cache_clear()
+
+
 def load(name: str) -> ZooModel:
     """The zoo model `name`; its ModelProto is a private copy the caller may modify."""
     if name not in _catalogue():

@@ -41,13 +41,31 @@ def _init_norm(module: nn.Module) -> None:
         module.running_var.uniform_(0.5, 1.5)
 
 
+def _init_fused_attention(module: nn.MultiheadAttention) -> None:
+    nn.init.normal_(module.in_proj_weight, 0.0, 1.0 / math.sqrt(module.embed_dim))
+    nn.init.normal_(module.in_proj_bias, 0.0, 0.05)
+
+
+def _is_layer_scale(name: str) -> bool:
+    return name.endswith("gamma") or "layer_scale" in name
+
+
 def init_weights(model: nn.Module) -> nn.Module:
-    """Re-initialise every conv, linear and norm layer (uses the global torch RNG)."""
+    """Re-initialise conv, linear, norm, fused-attention and layer-scale parameters
+    (uses the global torch RNG)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             _init_conv_or_linear(module)
         elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)) and module.weight is not None:
             _init_norm(module)
+        elif isinstance(module, nn.MultiheadAttention):
+            _init_fused_attention(module)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if _is_layer_scale(name):
+                # Real layer scales start at 1e-6, which would hide the residual
+                # branch from any pruning check.
+                param.uniform_(0.1, 1.0)
     return model
 
 
@@ -500,8 +518,7 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        # Real init is 1e-6, which would make the branch invisible to pruning checks.
-        self.gamma = nn.Parameter(torch.empty(dim).uniform_(0.1, 1.0))
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))  # layer scale
 
     def forward(self, x):
         y = self.dwconv(x).permute(0, 2, 3, 1)

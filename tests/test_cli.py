@@ -1,0 +1,201 @@
+"""The command line: real runs in a subprocess; bad input gives exit 2, one line, nothing written."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_prune.passes.graph import load_model, save_model
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnx_prune", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def small_cnn(dynamic_batch=True, opset=17, hw=8):
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 16, 1, 1)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["a"], ["b"], name="relu"),
+        helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2"),
+    ]
+    batch = "N" if dynamic_batch else 1
+    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, hw, hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, hw, hw])], [w1, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    m.metadata_props.add(key="labels", value="a,b,c")
+    return m
+
+
+@pytest.fixture()
+def model_path(tmp_path):
+    p = tmp_path / "model.onnx"
+    save_model(small_cnn(), str(p))
+    return p
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_clean_failure(result, out_path, *, code=2, words=()):
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not os.path.exists(out_path)
+    leftovers = [f for f in os.listdir(os.path.dirname(out_path)) if f.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_prune_writes_verified_model_and_report(model_path, tmp_path):
+    out, report = tmp_path / "small.onnx", tmp_path / "r.json"
+    before = digest(model_path)
+    r = run_cli("prune", model_path, "-o", out, "--ratio", "0.5", "--report", report)
+    assert r.returncode == 0, r.stderr
+    assert "verified" in r.stdout
+    assert digest(model_path) == before, "input modified"
+    pruned = onnx.load(str(out))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "w1")).shape[0] == 8
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert [(p.key, p.value) for p in pruned.metadata_props] == [("labels", "a,b,c")]
+    data = json.loads(report.read_text())
+    assert data["groups"][0]["channels"] == 16 and data["groups"][0]["kept"] == 8
+    assert data["max_abs_error_vs_masked_reference"] < 1e-4
+
+
+def test_analyze_text_and_json(model_path):
+    r = run_cli("analyze", model_path)
+    assert r.returncode == 0, r.stderr
+    assert "1 prunable groups" in r.stdout and "reaches graph output 'y'" in r.stdout
+    r = run_cli("analyze", model_path, "--json")
+    data = json.loads(r.stdout)
+    assert data["groups"][0]["producers"] == ["conv1"] and data["groups"][0]["consumers"] == ["conv2"]
+
+
+def test_not_onnx(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model\n" * 10)
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", bad, "-o", out, "--ratio", "0.5"), out, words=("not",))
+
+
+def test_truncated_file(model_path, tmp_path):
+    data = open(model_path, "rb").read()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", cut, "-o", out, "--ratio", "0.5"), out)
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", tmp_path / "nope.onnx", "-o", out, "--ratio", "0.5"), out, words=("no such file",))
+
+
+def _external(tmp_path, location):
+    m = small_cnn()
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    path = folder / "m.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save_model(model, str(path))
+    return path
+
+
+def test_external_data_is_loaded(tmp_path):
+    path = _external(tmp_path, "weights.bin")
+    out = tmp_path / "o.onnx"
+    r = run_cli("prune", path, "-o", out, "--ratio", "0.5")
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_external_data(tmp_path):
+    path = _external(tmp_path, "weights.bin")
+    os.remove(path.parent / "weights.bin")
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", path, "-o", out, "--ratio", "0.5"), out, words=("missing",))
+
+
+def test_external_data_escaping_folder(tmp_path):
+    path = _external(tmp_path, "weights.bin")
+    os.replace(path.parent / "weights.bin", tmp_path / "weights.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../weights.bin"
+    onnx.save_model(model, str(path))
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", path, "-o", out, "--ratio", "0.5"), out, words=("outside",))
+
+
+def test_unsupported_opset(tmp_path):
+    p = tmp_path / "future.onnx"
+    m = small_cnn()
+    m.opset_import[0].version = 40
+    onnx.save_model(m, str(p))
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("opset 40",))
+
+
+def test_dynamic_dims_need_input_shape(tmp_path):
+    m = small_cnn()
+    for d in m.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.Clear()
+        d.dim_param = "H"
+    p = tmp_path / "dyn.onnx"
+    onnx.save_model(m, str(p))
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("--input-shape",))
+    r = run_cli("prune", p, "-o", out, "--ratio", "0.5", "--input-shape", "x=1x3x8x8")
+    assert r.returncode == 0, r.stderr
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[2].dim_param == "H"
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
+def test_ratio_out_of_range(model_path, tmp_path, ratio):
+    out = tmp_path / "o.onnx"
+    before = digest(model_path)
+    assert_clean_failure(run_cli("prune", model_path, "-o", out, "--ratio", ratio), out, words=("--ratio",))
+    assert digest(model_path) == before
+
+
+def test_bad_input_shape_syntax(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", model_path, "-o", out, "--ratio", "0.5", "--input-shape", "x=1xAx8"), out)
+    assert_clean_failure(run_cli("prune", model_path, "-o", out, "--ratio", "0.5", "--input-shape", "nope=1x3x8x8"), out,
+                         words=("nope",))
+
+
+def test_output_is_input(model_path):
+    before = digest(model_path)
+    r = run_cli("prune", model_path, "-o", model_path, "--ratio", "0.5")
+    assert r.returncode == 2 and "input" in r.stderr
+    assert digest(model_path) == before
+
+
+def test_old_opset_light_model_is_upgraded(tmp_path):
+    out = tmp_path / "sq.onnx"
+    r = run_cli("prune", "zoo:light_squeezenet", "-o", out, "--ratio", "0.5")
+    assert r.returncode == 0, r.stderr
+    m = load_model(str(out))
+    assert m.opset_import[0].version == 17

@@ -1,0 +1,162 @@
+"""One small graph per op rule: what becomes prunable or frozen, and equivalence under random plans."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_prune.backends.ort import random_feeds
+from onnx_prune.compiler.plans import random_plan
+from onnx_prune.passes.analysis import analyze_canonical
+from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.rules import supported_ops
+from onnx_prune.passes.surgery import apply_plan
+from onnx_prune.passes.verify import verify
+
+RNG = np.random.default_rng(0)
+
+
+def W(*shape):
+    return (RNG.standard_normal(shape) / np.sqrt(np.prod(shape[1:]) or 1)).astype(np.float32)
+
+
+def model(nodes, inits, x_shape, out_shape, opset=17, domains=()):
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains])
+    m.ir_version = 8
+    return m
+
+
+def conv(name, x, w, out, **kw):
+    return helper.make_node("Conv", [x, w], [out], name=name, **kw)
+
+
+def head(x, c):
+    """GAP + Flatten + Gemm so the graph output is frozen but the body is not."""
+    return ([helper.make_node("GlobalAveragePool", [x], ["gp"], name="gap"),
+             helper.make_node("Flatten", ["gp"], ["fl"], name="flat"),
+             helper.make_node("Gemm", ["fl", "wh"], ["y"], transB=1, name="fc")], {"wh": W(3, c)})
+
+
+def body(nodes, inits, c, **kw):
+    h_nodes, h_inits = head(nodes[-1].output[0], c)
+    return model(nodes + h_nodes, {**inits, **h_inits}, [1, 3, 8, 8], [1, 3], **kw)
+
+
+CASES = {
+    "conv_transpose": lambda: body([conv("c1", "x", "w1", "a", pads=[1] * 4),
+                                    helper.make_node("ConvTranspose", ["a", "wt", "bt"], ["b"], name="ct", strides=[1, 1])],
+                                   {"w1": W(8, 3, 3, 3), "wt": W(8, 6, 1, 1), "bt": W(6)}, 6),
+    "instance_norm": lambda: body([conv("c1", "x", "w1", "a", pads=[1] * 4),
+                                   helper.make_node("InstanceNormalization", ["a", "s", "b"], ["n"], name="in"),
+                                   conv("c2", "n", "w2", "o")],
+                                  {"w1": W(8, 3, 3, 3), "s": W(8) + 1, "b": W(8), "w2": W(4, 8, 1, 1)}, 4),
+    "depthwise_multiplier": lambda: body([conv("c1", "x", "w1", "a", pads=[1] * 4),
+                                          conv("dw", "a", "wd", "d", pads=[1] * 4, group=8),
+                                          conv("c2", "d", "w2", "o")],
+                                         {"w1": W(8, 3, 3, 3), "wd": W(16, 1, 3, 3), "w2": W(4, 16, 1, 1)}, 4),
+    "pad_spatial": lambda: body([conv("c1", "x", "w1", "a"),
+                                 helper.make_node("Pad", ["a", "pads"], ["p"], name="pad"),
+                                 conv("c2", "p", "w2", "o")],
+                                {"w1": W(8, 3, 1, 1), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+                                 "w2": W(4, 8, 3, 3)}, 4),
+    "squeeze_unsqueeze": lambda: body([conv("c1", "x", "w1", "a"),
+                                       helper.make_node("Unsqueeze", ["a", "ax"], ["u"], name="unsq"),
+                                       helper.make_node("Squeeze", ["u", "ax2"], ["s"], name="sq"),
+                                       conv("c2", "s", "w2", "o")],
+                                      {"w1": W(8, 3, 1, 1), "ax": np.array([2], np.int64), "ax2": np.array([2], np.int64),
+                                       "w2": W(4, 8, 1, 1)}, 4),
+    "where_expand": lambda: body([conv("c1", "x", "w1", "a"),
+                                  helper.make_node("Greater", ["a", "zero"], ["m"], name="gt"),
+                                  helper.make_node("Expand", ["bias", "shape"], ["e"], name="exp"),
+                                  helper.make_node("Where", ["m", "a", "e"], ["w"], name="where"),
+                                  conv("c2", "w", "w2", "o")],
+                                 {"w1": W(8, 3, 1, 1), "zero": np.float32(0), "bias": W(1, 8, 1, 1),
+                                  "shape": np.array([1, 8, 8, 8], np.int64), "w2": W(4, 8, 1, 1)}, 4),
+}
+
+FROZEN = {
+    "layernorm_channels": (lambda: model(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1], name="tr"),
+         helper.make_node("MatMul", ["t", "w1"], ["a"], name="fc1"),
+         helper.make_node("LayerNormalization", ["a", "g", "b"], ["n"], axis=-1, name="ln"),
+         helper.make_node("MatMul", ["n", "w2"], ["y"], name="fc2")],
+        {"w1": W(3, 8), "g": W(8) + 1, "b": W(8), "w2": W(8, 5)}, [1, 3, 4, 4], [1, 4, 4, 5]),
+        "normalized over by LayerNormalization"),
+    "softmax_channels": (lambda: body([conv("c1", "x", "w1", "a"),
+                                       helper.make_node("Softmax", ["a"], ["s"], axis=1, name="sm"),
+                                       conv("c2", "s", "w2", "o")],
+                                      {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, 4), "normalizes over"),
+    "pad_channels": (lambda: body([conv("c1", "x", "w1", "a"),
+                                   helper.make_node("Pad", ["a", "pads"], ["p"], name="pad"),
+                                   conv("c2", "p", "w2", "o")],
+                                  {"w1": W(8, 3, 1, 1), "pads": np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64),
+                                   "w2": W(4, 10, 1, 1)}, 4), "Pad 'pad'"),
+    "reduce_channels": (lambda: body([conv("c1", "x", "w1", "a"),
+                                      helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
+                                      helper.make_node("Sub", ["a", "m"], ["s"], name="sub"),
+                                      conv("c2", "s", "w2", "o")],
+                                     {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, 4), "reduces over"),
+}
+
+
+def _prune_and_verify(m, seeds=3):
+    canon = canonicalize(m)
+    analysis = analyze_canonical(canon.static)
+    feeds = random_feeds(canon.model, canon.input_shapes)
+    for seed in range(seeds):
+        plan = random_plan(analysis, np.random.default_rng(seed))
+        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+    return analysis
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rule_prunes_and_stays_equivalent(case):
+    analysis = _prune_and_verify(CASES[case]())
+    assert analysis.groups, "expected prunable channels"
+
+
+@pytest.mark.parametrize("case", sorted(FROZEN))
+def test_rule_freezes_with_reason(case):
+    build, reason = FROZEN[case]
+    analysis = _prune_and_verify(build())  # partial freezing must not break what stays prunable
+    assert any(reason in f.reason for f in analysis.frozen), [f.reason for f in analysis.frozen]
+
+
+def test_unknown_op_freezes_what_it_touches_without_crashing():
+    m = body([conv("c1", "x", "w1", "a"),
+              helper.make_node("Relu", ["a"], ["r"], name="relu"),
+              helper.make_node("MyOp", ["r"], ["q"], domain="my.domain", name="mine"),
+              helper.make_node("Add", ["r", "q"], ["s"], name="add"),
+              conv("c2", "s", "w2", "o")],
+             {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, 4, domains=("my.domain",))
+    analysis = analyze_canonical(canonicalize(m).static)
+    reasons = {f.name: f.reason for f in analysis.frozen}
+    assert "unsupported op MyOp 'mine'" in reasons["c1"]
+
+
+def test_subgraph_captures_are_frozen():
+    then_g = helper.make_graph([helper.make_node("Relu", ["a"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Neg", ["a"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    m = body([conv("c1", "x", "w1", "a"),
+              helper.make_node("ReduceSum", ["x"], ["sum"], keepdims=0, name="sum"),
+              helper.make_node("Greater", ["sum", "zero"], ["cond"], name="gt"),
+              helper.make_node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g, name="if"),
+              conv("c2", "i", "w2", "o")],
+             {"w1": W(8, 3, 1, 1), "zero": np.float32(0), "w2": W(4, 8, 1, 1)}, 4)
+    analysis = analyze_canonical(canonicalize(m).static)
+    frozen_names = {f.name for f in analysis.frozen}
+    assert "c1" in frozen_names
+
+
+def test_rule_table_covers_the_issue_ops():
+    ops = set(supported_ops())
+    for op in ["Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+               "LayerNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Tanh",
+               "LeakyRelu", "PRelu", "Add", "Sub", "Mul", "Div", "MaxPool", "AveragePool", "GlobalAveragePool",
+               "Resize", "Upsample", "Pad", "Concat", "Split", "Slice", "Reshape", "Flatten", "Transpose",
+               "Squeeze", "Unsqueeze", "Cast", "ReduceMean", "Softmax", "Gather", "Shape"]:
+        assert op in ops, op
