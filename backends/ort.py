@@ -50,25 +50,37 @@ _NP = {
 }
 
 
-def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0, int_high=None) -> dict:
-    """Random inputs: normal floats; integer inputs in [0, int_high) (token ids) and masks of ones."""
+def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0) -> dict:
+    """Random inputs: normal floats; integer ids below the size of the table they index
+    (found from the Gather that reads them), masks of ones, segment ids of zeros."""
     rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     feeds = {}
     for inp in model.graph.input:
         if inp.name in inits:
             continue
         shape = shapes[inp.name]
         dtype = _NP.get(inp.type.tensor_type.elem_type, np.float32)
+        lname = inp.name.lower()
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[inp.name] = np.ones(shape, dtype=bool)
-        elif "mask" in inp.name.lower():
+        elif dtype == np.bool_ or "mask" in lname:
             feeds[inp.name] = np.ones(shape, dtype=dtype)
+        elif "type" in lname or "segment" in lname:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
         else:
-            feeds[inp.name] = rng.integers(0, int_high or 100, size=shape).astype(dtype)
+            feeds[inp.name] = rng.integers(0, _index_bound(model, inp.name, inits), size=shape).astype(dtype)
     return feeds
+
+
+def _index_bound(model, name, inits) -> int:
+    """Smallest table size among constant Gathers indexed by `name` (2 if none)."""
+    bounds = []
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            bounds.append(inits[node.input[0]].dims[axis])
+    return min(bounds) if bounds else 2
 
 
 def run(model, feeds: dict, provider="cpu", optimize=True) -> list:

@@ -17,8 +17,8 @@ def row(name):
     cov = r["coverage"]
     return {
         "name": name, "family": entry.family, "groups": len(r["groups"]),
-        "layers": f"{cov['prunable_layers']}/{cov['layers']}",
-        "layer_share": cov["prunable_layers"] / max(cov["layers"], 1),
+        "layers": f"{cov['prunable_layers']}/{cov['layers']} ({cov['output_layers']} output)",
+        "layer_share": cov["prunable_layers"] / max(cov["layers"] - cov["output_layers"], 1),
         "channel_share": cov["prunable_channels"] / max(cov["channels"], 1),
         "err": r["max_abs_error_vs_masked_reference"], "seconds": time.time() - t,
     }
@@ -28,7 +28,7 @@ def main(argv):
     md = "--markdown" in argv
     chosen = [a for a in argv if not a.startswith("--")] or names()
     if md:
-        print("| model | family | groups | prunable layers | share of layers | share of output channels | max abs err (ratio 0.5) |")
+        print("| model | family | groups | prunable weight layers | share (output layers excluded) | share of output channels | max abs error, ratio 0.5 |")
         print("|---|---|---|---|---|---|---|")
     for name in chosen:
         try:

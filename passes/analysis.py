@@ -72,6 +72,7 @@ class Context:
         self.value_edits: list[ValueEdit] = []
         self.attr_edits: list[AttrEdit] = []
         self.split_edits: list[SplitEdit] = []
+        self.where = ""  # the node being analysed, for freeze reasons
 
     # -- tensors ---------------------------------------------------------------------------
     def ax(self, name: str):
@@ -112,7 +113,7 @@ class Context:
 
     def unify(self, a, b, reason: str):
         try:
-            self.table.unify(a, b)
+            self.table.unify(a, b, f"{self.where} ties them to channels that cannot be pruned (a graph input, a fixed layout or a frozen group)")
         except Unsupported:
             self.freeze(a, reason)
             self.freeze(b, reason)
@@ -167,26 +168,24 @@ class Analysis:
         return keep
 
     def coverage(self) -> dict:
-        """Share of conv/linear output channels that belong to a prunable group."""
-        total = prunable = 0
-        layers = prunable_layers = 0
+        """How much of the model can be pruned: weight layers (producers) whose output channels
+        belong to a prunable group, and their channels. Layers whose channels are graph outputs
+        can never be pruned; they are counted apart."""
+        total = prunable = layers = prunable_layers = output_layers = 0
         for init, uses in self.ctx.roles.items():
             for axis, role, _node in uses:
                 if role != "producer":
                     continue
                 e = self.ctx.ax(init)[axis]
-                n = self.table.size(e)
                 k = int(_positions_with_groups(self.table, e).sum())
-                total += n
+                total += self.table.size(e)
                 prunable += k
                 layers += 1
                 prunable_layers += k > 0
-        return {
-            "layers": layers,
-            "prunable_layers": prunable_layers,
-            "channels": total,
-            "prunable_channels": prunable,
-        }
+                reasons = [self.table.spaces[s].frozen or "" for s in self.table.spaces_in(e)]
+                output_layers += bool(reasons) and all(r.startswith("reaches graph output") for r in reasons)
+        return {"layers": layers, "prunable_layers": prunable_layers, "output_layers": output_layers,
+                "channels": total, "prunable_channels": prunable}
 
 
 def _positions_with_groups(table, e) -> np.ndarray:

@@ -30,6 +30,7 @@ def rule(*op_types):
 def apply_rule(ctx, node):
     """Run the rule for `node`; on anything unexpected, freeze its channels instead."""
     fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    ctx.where = _desc(node)
     if fn is None:
         return unknown(ctx, node, f"unsupported op {_desc(node)}")
     ins = [i for i in node.input if i]
@@ -390,6 +391,8 @@ def resize_like(ctx, node):
         _pad_check(ctx, node, X)
     if node.op_type == "Expand":
         _shape_target(ctx, node, node.input[1], res, list(X))
+    if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+        _shape_target(ctx, node, node.input[3], res, list(X))
     ctx.set(out, res)
 
 
@@ -475,9 +478,13 @@ def _shape_target(ctx, node, shape_name, out_exprs, in_exprs):
 
     sources = shape_sources(ctx, shape_name)
     for k, e in enumerate(out_exprs):
-        if not ctx.has_channels(e):
-            continue
         src = sources[k] if sources is not None and k < len(sources) else ("unknown",)
+        if not ctx.has_channels(e):
+            # a channel count read at run time must not size an axis that keeps its size
+            dim = src if src[0] == "dim" else src[1] if src[0] == "mul" else None
+            if dim is not None:
+                ctx.freeze(ctx.ax(dim[1])[dim[2]], f"its size is read at run time into {_desc(node)}")
+            continue
         if src[0] == "const":
             _, init, pos, value = src
             if value == -1 or (value == 1 and node.op_type == "Expand"):
@@ -653,11 +660,32 @@ def shape_op(ctx, node):
         start, end = [min(max(v + rank if v < 0 else v, 0), rank) for v in (attr(node, "start", 0), attr(node, "end", rank))]
         read = range(start, end)
         picked = _picked_dims(ctx, node, start, end)
-        if picked is not None:
+        if _only_feeds_shape_targets(ctx, node.output[0]):
+            read = []  # Reshape/Expand/Resize check their targets against the channels
+        elif picked is not None:
             read = picked
     for a in read:
         ctx.freeze(X[a], f"its size is read at run time by {_desc(node)}")
     ctx.set(node.output[0], [Fx(d) for d in ctx.shape(node.output[0])])
+
+
+SHAPE_PLUMBING = ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity")
+SHAPE_TARGETS = {("Reshape", 1), ("Expand", 1), ("Resize", 3)}
+
+
+def _only_feeds_shape_targets(ctx, name, depth=0):
+    """True if a shape value only reaches target-shape inputs, through plain shape plumbing."""
+    users = ctx.index.consumers.get(name, [])
+    if not users or depth > 16 or name in ctx.index.graph_outputs:
+        return not users and name not in ctx.index.graph_outputs
+    for user, slot in users:
+        if (user.op_type, slot) in SHAPE_TARGETS:
+            continue
+        if user.op_type in SHAPE_PLUMBING and (slot == 0 or user.op_type == "Concat"):
+            if all(_only_feeds_shape_targets(ctx, o, depth + 1) for o in user.output if o):
+                continue
+        return False
+    return True
 
 
 def _picked_dims(ctx, node, start, end):

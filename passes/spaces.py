@@ -222,8 +222,8 @@ class SpaceTable:
         return [s for s in self.spaces_in(e) if not self.spaces[s].frozen]
 
     # -- unification ------------------------------------------------------------------------
-    def unify(self, a, b):
-        """Make `a` and `b` the same channels, position by position."""
+    def unify(self, a, b, why="coupled to channels that cannot be pruned"):
+        """Make `a` and `b` the same channels, position by position; `why` explains a freeze."""
         a, b = self.norm(a), self.norm(b)
         if a == b:
             return
@@ -235,7 +235,7 @@ class SpaceTable:
             return
         if isinstance(a, Fx) or isinstance(b, Fx):
             fixed, other = (a, b) if isinstance(a, Fx) else (b, a)
-            self.freeze(other, "coupled to channels that cannot be pruned")
+            self.freeze(other, why)
             return
         if isinstance(a, Sp) and isinstance(b, Sp):
             self._union(a.sid, b.sid)
@@ -246,17 +246,17 @@ class SpaceTable:
             kind = "cat" if isinstance(b, Cat) else "prod"
             children = self._refine(a.sid, kind, [self.size(i) for i in b.items])
             for c, it in zip(children, b.items):
-                self.unify(c, it)
+                self.unify(c, it, why)
             return
         if isinstance(a, Cat) or isinstance(b, Cat):
             cuts = sorted(set(_bounds(self, a)) | set(_bounds(self, b)))
             for pa, pb in zip(self.cut(a, cuts), self.cut(b, cuts)):
-                self.unify(pa, pb)
+                self.unify(pa, pb, why)
             return
         # Prod vs Prod: factor a to b's factor sizes
         parts = self.split(a, [self.size(i) for i in b.items])
         for pa, pb in zip(parts, b.items):
-            self.unify(pa, pb)
+            self.unify(pa, pb, why)
 
     # -- cutting and factoring ---------------------------------------------------------------
     def cut(self, e, points) -> list:
