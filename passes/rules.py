@@ -15,7 +15,7 @@ from onnx_prune.passes.spaces import Cat, Free, Fx, Prod, Unsupported
 
 RULES = {}
 
-INT_BIG = 2**31 - 1
+RULE_FAILED = "analysis rule failed"
 
 
 def rule(*op_types):
@@ -40,6 +40,8 @@ def apply_rule(ctx, node):
         fn(ctx, node)
     except Unsupported as exc:
         unknown(ctx, node, f"{_desc(node)}: {exc}")
+    except Exception as exc:  # a rule bug must not stop the analysis: freeze, and say so
+        unknown(ctx, node, f"{RULE_FAILED} on {_desc(node)} ({type(exc).__name__}: {exc})")
 
 
 def _desc(node):

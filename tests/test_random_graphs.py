@@ -11,6 +11,7 @@ from onnx_prune.backends.ort import random_feeds
 from onnx_prune.compiler.plans import full_plan, random_plan
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.rules import RULE_FAILED
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import compare_outputs, verify
 
@@ -29,6 +30,7 @@ def test_random_graph_masked_equivalence(data, seed, n_ops, mode):
     err, scale = compare_outputs(model, canon.model, feeds)
     assert err <= 1e-5 * scale, "canonicalization changed outputs"
     analysis = analyze_canonical(canon.static)
+    assert not [f.reason for f in analysis.frozen if RULE_FAILED in f.reason]
     plan = random_plan(analysis, np.random.default_rng(seed), mode)
     pruned = apply_plan(canon.model, analysis, plan)
     result = verify(canon.model, pruned, analysis, plan, feeds)  # raises on any mismatch

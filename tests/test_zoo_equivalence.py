@@ -8,6 +8,7 @@ from onnx_prune.compiler.plans import full_plan, random_plan, uniform_plan
 from onnx_prune.models.registry import load, names
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.rules import RULE_FAILED
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import compare_outputs, verify
 
@@ -40,6 +41,7 @@ def test_model_prunes_and_verifies(name):
     err, scale = compare_outputs(entry.model, canon.model, feeds)
     assert err <= 1e-5 * scale, f"canonicalization changed outputs by {err}"
     assert analysis.groups, "nothing prunable"
+    assert not [f.reason for f in analysis.frozen if RULE_FAILED in f.reason]
 
     identity = apply_plan(canon.model, analysis, full_plan(analysis))
     assert identity.graph.SerializeToString() == canon.model.graph.SerializeToString()
