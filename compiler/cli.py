@@ -139,6 +139,48 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
                f"{len(r['groups'])} groups" + (f"; verified (max abs error {err:.2e})" if err is not None else "; not verified"))
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Batch size for inputs with a dynamic first dim.")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice).")
+@input_shape_opt
+@click.option("--blocks", type=int, default=12, show_default=True, help="Interleaved measurement blocks.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
+    """Median latency of one or two models; with two, their ratio measured side by side."""
+    from onnx_prune.backends.measure import measure
+    from onnx_prune.backends.ort import feeds_for
+
+    if len(models) > 2:
+        raise UserError("bench takes one or two models")
+    if batch_size is not None and batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if threads is not None and threads <= 0:
+        raise UserError(f"--threads must be positive, got {threads}")
+    loaded, feeds = [], []
+    for m in models:
+        src, shapes = load_source(m)
+        shapes.update(parse_input_shapes(input_shape))
+        model, f = feeds_for(src, shapes, batch_size)
+        loaded.append(model)
+        feeds.append(f)
+    result = measure(loaded, feeds, provider=provider, threads=threads, blocks=blocks)
+    data = {"provider": provider, "threads": threads, "batch_size": batch_size,
+            "models": [{"model": m, **lat.to_dict()} for m, lat in zip(models, result.latencies)]}
+    if result.ratio is not None:
+        data["ratio"] = result.ratio
+        data["ratio_p10_p90"] = list(result.ratio_spread)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for m, lat in zip(models, result.latencies):
+        click.echo(f"{m}: {lat.median_ms:.3f} ms median (p10 {lat.p10_ms:.3f}, p90 {lat.p90_ms:.3f}, {lat.runs} runs)")
+    if result.ratio is not None:
+        lo, hi = result.ratio_spread
+        click.echo(f"ratio {models[0]} / {models[1]}: {result.ratio:.3f}x (p10 {lo:.3f}, p90 {hi:.3f}, interleaved)")
+
+
 def _check_output(model, output):
     if not model.startswith(ZOO_PREFIX) and os.path.exists(output) and os.path.exists(model) \
             and os.path.samefile(model, output):
