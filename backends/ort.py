@@ -22,7 +22,8 @@ def _bytes(model) -> bytes:
     return model.SerializeToString()
 
 
-def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True, quiet=False):
+def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True, quiet=False,
+                 profile_prefix=None):
     """An InferenceSession on `provider`; asking for CUDA where it is missing is an error."""
     import onnxruntime as ort
 
@@ -40,6 +41,9 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if denormal_as_zero:
         so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return ort.InferenceSession(_bytes(model), so, providers=[ep])
 
 

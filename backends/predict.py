@@ -1,0 +1,173 @@
+"""Predict a plan's whole-model latency from a profile of the dense model and the timing database.
+
+The dense model is profiled once on the target provider (ORT's own profiler): each kernel's time
+is anchored to what it really costs inside this graph (fusions, layouts, caches). A plan scales
+each kernel by how its node changes:
+
+- weight layers (Conv, Gemm, MatMul with weights): t(cin', cout') / t(cin, cout) from the
+  timing database, measured on the same provider;
+- attention MatMuls without weights: by their multiply-adds;
+- everything else: by the share of its output elements that the plan keeps.
+
+Kernels that ORT created without a source node (layout reorders) keep their time, and so does
+the part of the end-to-end time no kernel accounts for (session overhead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_prune.backends.profile import profile_model
+from onnx_prune.backends.timing import TimingDB, fast_widths, layer_sig, width_grid
+from onnx_prune.passes.analysis import Analysis
+from onnx_prune.passes.spaces import Sp
+
+
+@dataclass
+class WeightLayer:
+    node: str
+    sig: object
+    cin: object  # expression of the input channels
+    cout: object  # expression of the output channels
+    grid_in: list
+    grid_out: list
+
+
+class CostModel:
+    def __init__(self, model, analysis: Analysis, feeds, provider="cpu", threads=None, db: TimingDB | None = None,
+                 profile=None):
+        self.analysis = analysis
+        self.db = db or TimingDB(provider, threads)
+        self.profile = profile or profile_model(model, feeds, provider, threads)
+        ctx = analysis.ctx
+        self.nodes = {n.name: n for n in ctx.index.model.graph.node}
+        self.layers = {}
+        points = []
+        for node in ctx.index.model.graph.node:
+            sig = layer_sig(node, ctx.index)
+            if sig is None:
+                continue
+            cin, cout = _weight_exprs(node, ctx)
+            layer = WeightLayer(node.name, sig, cin, cout, width_grid(sig.cin), width_grid(sig.cout))
+            self.layers[node.name] = layer
+            points += [(sig, w, sig.cout) for w in layer.grid_in] + [(sig, sig.cin, w) for w in layer.grid_out]
+        self.db.ensure(points)
+        by_output = {o: n.name for n in self.nodes.values() for o in n.output}
+        self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
+                             for k, kern in self.profile.kernels.items()}
+        self.overhead_ms = self.profile.e2e_ms - self.profile.kernel_ms
+
+    @property
+    def dense_ms(self) -> float:
+        return self.profile.e2e_ms
+
+    def node_ratio(self, name: str, keep: dict) -> float:
+        table, ctx = self.analysis.table, self.analysis.ctx
+        layer = self.layers.get(name)
+        if layer is not None:
+            ci = int(table.keep_mask(layer.cin, keep).sum())
+            co = int(table.keep_mask(layer.cout, keep).sum())
+            db, sig = self.db, layer.sig
+            full = db.estimate(sig, sig.cin, sig.cout, layer.grid_in, layer.grid_out)
+            return db.estimate(sig, ci, co, layer.grid_in, layer.grid_out) / full if full else 1.0
+        node = self.nodes[name]
+        if node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
+            a, b = ctx.ax(node.input[0]), ctx.ax(node.input[1])
+            if a is None or b is None:
+                return 1.0
+            return _kept_fraction(table, a, keep) * _kept_fraction(table, b[-1:], keep)
+        out = ctx.ax(node.output[0]) if node.output else None
+        return _kept_fraction(table, out, keep) if out else 1.0
+
+    def predict_ms(self, plan: dict) -> float:
+        keep = self.analysis.keep_arrays(plan)
+        ratios = {}
+        total = self.overhead_ms
+        for kname, kernel in self.profile.kernels.items():
+            src = self.kernel_nodes[kname]
+            if src is None:
+                total += kernel.time_us / 1e3
+                continue
+            if src not in ratios:
+                ratios[src] = self.node_ratio(src, keep)
+            total += kernel.time_us / 1e3 * ratios[src]
+        return total
+
+    def predicted_speedup(self, plan: dict) -> float:
+        return self.dense_ms / self.predict_ms(plan)
+
+    def candidate_widths(self) -> dict:
+        """Per group, the widths worth choosing: measured cost of the group's own layers is
+        lower than at any larger width (the hardware's fast grid, not an assumed one)."""
+        table = self.analysis.table
+        out = {}
+        for g in self.analysis.groups:
+            grid = width_grid(g.size)
+            cost = np.zeros(len(grid))
+            used = False
+            for layer in self.layers.values():
+                for side, e, other in (("out", layer.cout, layer.sig.cin), ("in", layer.cin, layer.sig.cout)):
+                    n = table.norm(e)
+                    if isinstance(n, Sp) and n.sid == g.sid:
+                        widths = layer.grid_out if side == "out" else layer.grid_in
+                        cost += np.interp(grid, widths, self.db.curve(layer.sig, side, widths))
+                        used = True
+            out[g.name] = fast_widths(grid, cost) if used else grid
+        return out
+
+
+def _weight_exprs(node, ctx):
+    w = ctx.ax(node.input[1])
+    from onnx_prune.passes.graph import attr
+
+    if node.op_type == "Conv":
+        return w[1], w[0]
+    if node.op_type == "ConvTranspose":
+        return w[0], w[1]
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        return w[1], w[0]
+    return w[0], w[1]
+
+
+def _kept_fraction(table, axes, keep) -> float:
+    frac = 1.0
+    for e in axes:
+        n = table.size(e)
+        if n and table.coords(e):
+            frac *= table.keep_mask(e, keep).sum() / n
+    return float(frac)
+
+
+def _fused_head(name, op, nodes, by_output, depth=3):
+    """A fused kernel (Conv+Add+Relu) carries the name of its last node; its cost is the
+    node of the kernel's own op type a few steps upstream."""
+    if name is None or nodes[name].op_type == op or op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+        return name
+    frontier = [name]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for i in nodes[n].input:
+                src = by_output.get(i)
+                if src is not None:
+                    if nodes[src].op_type == op:
+                        return src
+                    nxt.append(src)
+        frontier = nxt
+    return name
+
+
+def _source_node(kernel_name: str, nodes: dict, by_output: dict):
+    """The graph node a kernel came from: ORT keeps its name or its output's name, sometimes
+    with a suffix (`_nchwc`)."""
+    name = kernel_name
+    while True:
+        if name in nodes:
+            return name
+        if name in by_output:
+            return by_output[name]
+        if "_" not in name:
+            return None
+        name = name.rsplit("_", 1)[0]

@@ -1,0 +1,87 @@
+"""Per-kernel times from ONNX Runtime's own profiler."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_prune.backends.ort import make_session
+
+
+@dataclass
+class Kernel:
+    name: str  # node name in ORT's optimized graph
+    op: str
+    time_us: float  # mean over profiled runs
+    inputs: list  # shapes
+    outputs: list
+
+
+@dataclass
+class Profile:
+    kernels: dict  # name -> Kernel
+    e2e_ms: float  # median wall time of a run without profiling
+
+    @property
+    def kernel_ms(self) -> float:
+        return sum(k.time_us for k in self.kernels.values()) / 1e3
+
+
+def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, warmup=3) -> dict:
+    """Mean kernel time per node over `runs` profiled runs (warm-up runs are dropped)."""
+    folder = tempfile.mkdtemp(prefix="onnx-prune-prof-")
+    try:
+        sess = make_session(model, provider=provider, threads=threads,
+                            profile_prefix=os.path.join(folder, "p"))
+        for _ in range(warmup + runs):
+            sess.run(None, feeds)
+        path = sess.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+    finally:
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+    per_run = defaultdict(list)
+    info = {}
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev["name"].endswith("_kernel_time"):
+            continue
+        name = ev["name"][: -len("_kernel_time")]
+        per_run[name].append(float(ev["dur"]))
+        args = ev.get("args", {})
+        info[name] = (args.get("op_name", ""), _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape")))
+    kernels = {}
+    for name, durs in per_run.items():
+        durs = durs[warmup * len(durs) // (warmup + runs):]  # drop the warm-up calls
+        op, ins, outs = info[name]
+        kernels[name] = Kernel(name, op, float(np.mean(durs)), ins, outs)
+    return kernels
+
+
+def _shapes(entries):
+    out = []
+    for e in entries or []:
+        out.extend(tuple(v) for v in e.values())
+    return out
+
+
+def profile_model(model, feeds, provider="cpu", threads=None, runs=10) -> Profile:
+    """Kernel times and the end-to-end median (measured without the profiler's overhead)."""
+    kernels = profile_session_runs(model, feeds, provider, threads, runs)
+    sess = make_session(model, provider=provider, threads=threads)
+    for _ in range(3):
+        sess.run(None, feeds)
+    ts = []
+    deadline = time.perf_counter() + 2.0
+    while len(ts) < 10 or (len(ts) < 200 and time.perf_counter() < deadline):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        ts.append((time.perf_counter() - t) * 1e3)
+    return Profile(kernels, float(np.median(ts)))

@@ -1,0 +1,95 @@
+"""Predicted vs measured speedup of uniform and random plans between 1.25x and 3x (issue 3).
+
+    python benchmarks/predictor.py [--batch N] [--threads 2] [NAME ...]
+
+For each model: profile the dense model, build the timing database, then draw plans on the
+measured fast widths: uniform plans whose predicted speedup is 1.25x, 1.5x, 2x, 2.5x and 3x, and
+random plans in the same range. Each pruned model is measured against the dense one side by side.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from onnx_prune.backends.measure import measure
+from onnx_prune.backends.ort import feeds_for
+from onnx_prune.backends.predict import CostModel
+from onnx_prune.compiler.plans import random_plan, uniform_plan
+from onnx_prune.models.registry import load
+from onnx_prune.passes.analysis import analyze_canonical
+from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.surgery import apply_plan
+
+TARGETS = [1.25, 1.5, 2.0, 2.5, 3.0]
+DEFAULT = ["resnet_bottleneck", "mobilenetv2", "densenet", "regnety", "yolo_c2f", "light_resnet50", "vit", "minilm"]
+
+
+def uniform_for(cm, analysis, widths, target):
+    """Bisect the uniform ratio until the predicted speedup reaches the target."""
+    lo, hi = 0.0, 0.97
+    best = None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        plan = uniform_plan(analysis, mid, widths=widths)
+        s = cm.predicted_speedup(plan)
+        if s >= target:
+            best, hi = plan, mid
+        else:
+            lo = mid
+    return best
+
+
+def run(name, batch, threads, n_random, rng):
+    entry = load(name)
+    shapes = dict(entry.input_shapes)
+    model, feeds = feeds_for(entry.model, shapes, batch)
+    shapes = {k: v.shape for k, v in feeds.items()}
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon.static)
+    t = time.time()
+    cm = CostModel(canon.model, analysis, feeds, threads=threads)
+    build_s = time.time() - t
+    widths = cm.candidate_widths()
+    plans = [("uniform", uniform_for(cm, analysis, widths, tg)) for tg in TARGETS]
+    tries = 0
+    while sum(p[0] == "random" for p in plans) < n_random and tries < 200:
+        tries += 1
+        plan = random_plan(analysis, rng, widths=widths, low=rng.uniform(0.1, 0.9))
+        s = cm.predicted_speedup(plan)
+        if 1.25 <= s <= 3.0:
+            plans.append(("random", plan))
+    rows = []
+    for kind, plan in plans:
+        if plan is None:
+            continue
+        pruned = apply_plan(canon.model, analysis, plan)
+        m = measure([canon.model, pruned], feeds, threads=threads, blocks=8)
+        pred = cm.predicted_speedup(plan)
+        rows.append((kind, pred, m.ratio, abs(pred - m.ratio) / m.ratio))
+    return cm, build_s, rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("names", nargs="*", default=DEFAULT)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--random", type=int, default=5)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    all_err = []
+    print("| model | batch | dense ms | DB build s | plans | median abs err | worst abs err | (predicted, measured) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.names:
+        cm, build_s, rows = run(name, args.batch, args.threads, args.random, rng)
+        errs = [r[3] for r in rows]
+        all_err += errs
+        pairs = ", ".join(f"{r[1]:.2f}/{r[2]:.2f}" for r in rows)
+        print(f"| {name} | {args.batch or 'zoo'} | {cm.dense_ms:.2f} | {build_s:.1f} | {len(rows)} | "
+              f"{np.median(errs):.1%} | {max(errs):.1%} | {pairs} |", flush=True)
+    print(f"\nall plans: median {np.median(all_err):.1%}, worst {max(all_err):.1%} over {len(all_err)} plans")
+
+
+if __name__ == "__main__":
+    main()
