@@ -52,12 +52,18 @@ class CostModel:
             cin, cout = _weight_exprs(node, ctx)
             layer = WeightLayer(node.name, sig, cin, cout, width_grid(sig.cin), width_grid(sig.cout))
             self.layers[node.name] = layer
-            points += [(sig, w, sig.cout) for w in layer.grid_in] + [(sig, sig.cin, w) for w in layer.grid_out]
+            if sig.op == "ConvDW":
+                points += [(sig, w, w) for w in layer.grid_in]
+            else:
+                points += [(sig, w, sig.cout) for w in layer.grid_in] + [(sig, sig.cin, w) for w in layer.grid_out]
         self.db.ensure(points)
         by_output = {o: n.name for n in self.nodes.values() for o in n.output}
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
         self.overhead_ms = self.profile.e2e_ms - self.profile.kernel_ms
+        # every kernel launch has a fixed cost that pruning does not remove: the cheapest kernel's
+        times = sorted(k.time_us for k in self.profile.kernels.values())
+        self.fixed_us = times[0] if times else 0.0
 
     @property
     def dense_ms(self) -> float:
@@ -92,7 +98,11 @@ class CostModel:
                 continue
             if src not in ratios:
                 ratios[src] = self.node_ratio(src, keep)
-            total += kernel.time_us / 1e3 * ratios[src]
+            if src in self.layers:  # measured kernels already include their launch cost
+                total += kernel.time_us / 1e3 * ratios[src]
+            else:
+                fixed = min(self.fixed_us, kernel.time_us)
+                total += (fixed + (kernel.time_us - fixed) * ratios[src]) / 1e3
         return total
 
     def predicted_speedup(self, plan: dict) -> float:
@@ -122,6 +132,8 @@ def _weight_exprs(node, ctx):
     w = ctx.ax(node.input[1])
     from onnx_prune.passes.graph import attr
 
+    if node.op_type == "Conv" and attr(node, "group", 1) > 1:  # depthwise: one side
+        return w[0], w[0]
     if node.op_type == "Conv":
         return w[1], w[0]
     if node.op_type == "ConvTranspose":
@@ -168,6 +180,7 @@ def _source_node(kernel_name: str, nodes: dict, by_output: dict):
             return name
         if name in by_output:
             return by_output[name]
-        if "_" not in name:
+        cut = max(name.rfind("_"), name.rstrip("/").rfind("/"))
+        if cut <= 0:
             return None
-        name = name.rsplit("_", 1)[0]
+        name = name[:cut]

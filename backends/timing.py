@@ -29,7 +29,7 @@ from onnx_prune.passes.graph import attr
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
-SCHEMA = 2  # bump when what a stored time means changes
+SCHEMA = 3  # bump when what a stored time means changes
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,16 @@ def layer_sig(node, index) -> LayerSig | None:
     if op in ("Conv", "ConvTranspose"):
         w = index.shape(node.input[1])
         x = index.shape(node.input[0])
-        if w is None or x is None or attr(node, "group", 1) != 1 or len(x) != 4:
+        if w is None or x is None or len(x) != 4:
             return None
-        cin, cout = (w[1], w[0]) if op == "Conv" else (w[0], w[1])
         attrs = (tuple(w[2:]), tuple(attr(node, "strides", [1, 1])), tuple(attr(node, "pads", [0, 0, 0, 0])),
                  tuple(attr(node, "dilations", [1, 1])), tuple(attr(node, "output_padding", []) or ()))
+        group = attr(node, "group", 1)
+        if op == "Conv" and group == x[1] == w[0] and w[1] == 1:  # depthwise: one width
+            return LayerSig("ConvDW", x[1], x[1], (x[0],) + tuple(x[2:]), attrs)
+        if group != 1:
+            return None
+        cin, cout = (w[1], w[0]) if op == "Conv" else (w[0], w[1])
         return LayerSig(op, cin, cout, (x[0],) + tuple(x[2:]), attrs)
     if op in ("MatMul", "Gemm") and node.input[1] in index.inits:
         a, b = index.shape(node.input[0]), index.shape(node.input[1])
@@ -159,12 +164,16 @@ class TimingDB:
     # -- estimates -------------------------------------------------------------------------
     def curve(self, sig: LayerSig, side: str, widths):
         """Measured times along one side ('in' or 'out') with the other side full."""
+        if sig.op == "ConvDW":
+            return np.array([self.get(sig, w, w) for w in widths], dtype=float)
         if side == "in":
             return np.array([self.get(sig, w, sig.cout) for w in widths], dtype=float)
         return np.array([self.get(sig, sig.cin, w) for w in widths], dtype=float)
 
     def estimate(self, sig: LayerSig, cin: int, cout: int, grid_in, grid_out) -> float:
         """t(cin, cout) from the two measured curves (separable model), interpolated between points."""
+        if sig.op == "ConvDW":
+            return float(np.interp(cin, grid_in, self.curve(sig, "in", grid_in)))
         full = self.get(sig, sig.cin, sig.cout)
         t_in = float(np.interp(cin, grid_in, self.curve(sig, "in", grid_in)))
         t_out = float(np.interp(cout, grid_out, self.curve(sig, "out", grid_out)))
@@ -172,9 +181,11 @@ class TimingDB:
 
 
 def width_grid(n: int, max_points=MAX_GRID) -> list[int]:
-    """Widths to measure for n channels: every width when few, else multiples of 8 (16 past 256)
-    thinned to at most `max_points`, always with n itself."""
-    if n <= max_points:
+    """Widths to measure for n channels: every width up to 8, then multiples of 8 (ORT's CPU
+    kernels work in 8/16-channel blocks; a width off the block breaks the blocked layout of the
+    whole chain, which a lone-layer measurement cannot see), thinned to at most `max_points`,
+    always with n itself."""
+    if n <= 8:
         return list(range(1, n + 1))
     grid = sorted({w for w in range(8, n, 8)} | {n})
     if len(grid) > max_points:
@@ -195,7 +206,7 @@ def fast_widths(widths, times) -> list[int]:
 
 
 def _input_shape(sig: LayerSig, cin: int):
-    if sig.op in ("Conv", "ConvTranspose"):
+    if sig.op in ("Conv", "ConvTranspose", "ConvDW"):
         n, h, w = sig.lead
         return (n, cin, h, w)
     return tuple(sig.lead) + (cin,)
@@ -223,15 +234,18 @@ def _bench_model(points):
         x, name = f"x{i}", f"pt{i}"
         y = name  # ORT names fused kernels after the node or its output: keep them equal
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, _input_shape(s, ci)))
-        if s.op in ("Conv", "ConvTranspose"):
+        if s.op in ("Conv", "ConvTranspose", "ConvDW"):
             k, strides, pads, dil, outpad = s.attrs
-            wshape = (co, ci) + k if s.op == "Conv" else (ci, co) + k
+            wshape = {"Conv": (co, ci), "ConvTranspose": (ci, co), "ConvDW": (co, 1)}[s.op] + k
             inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.05).astype(np.float32), f"w{i}"))
             inits.append(numpy_helper.from_array(np.zeros(co, np.float32), f"b{i}"))
             kw = {"kernel_shape": list(k), "strides": list(strides), "pads": list(pads), "dilations": list(dil)}
             if outpad:
                 kw["output_padding"] = list(outpad)
-            nodes.append(helper.make_node(s.op, [x, f"w{i}", f"b{i}"], [y], name=name, **kw))
+            if s.op == "ConvDW":
+                kw["group"] = ci
+            nodes.append(helper.make_node("Conv" if s.op == "ConvDW" else s.op, [x, f"w{i}", f"b{i}"], [y],
+                                          name=name, **kw))
         elif s.op == "Gemm":
             inits.append(numpy_helper.from_array((rng.standard_normal((co, ci)) * 0.05).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("Gemm", [x, f"w{i}"], [y], name=name, transB=1))

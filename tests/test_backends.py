@@ -1,0 +1,137 @@
+"""ONNX Runtime backends: sessions, measurement plumbing, timing database cache and the predictor's
+bookkeeping. No timed assertions: timing accuracy is measured in benchmarks/predictor.py."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_prune.backends.measure import measure
+from onnx_prune.backends.ort import make_session, random_feeds
+from onnx_prune.backends.predict import CostModel, _source_node
+from onnx_prune.backends.profile import Kernel, Profile
+from onnx_prune.backends.timing import LayerSig, TimingDB, fast_widths, layer_sig, width_grid
+from onnx_prune.compiler.plans import full_plan, uniform_plan
+from onnx_prune.errors import UserError
+from onnx_prune.passes.analysis import analyze_canonical
+from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.graph import save_model
+
+
+def two_convs(c=32):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, c, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4, name="c1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_cuda_where_missing_is_a_clear_error():
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here; the CUDA path is exercised on the device instead")
+    with pytest.raises(UserError, match="not available"):
+        make_session(two_convs(), provider="cuda")
+
+
+def test_bench_cuda_cli_error(tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    p = tmp_path / "m.onnx"
+    save_model(two_convs(), str(p))
+    r = subprocess.run([sys.executable, "-m", "onnx_prune", "bench", str(p), "--provider", "cuda"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_measure_compares_side_by_side():
+    m = two_convs()
+    feeds = random_feeds(m, {"x": (1, 3, 16, 16)})
+    result = measure([m, m], feeds, blocks=2, min_block_s=0.01)
+    assert len(result.latencies) == 2 and result.ratio > 0
+    assert all(lat.runs >= 6 and lat.p10_ms <= lat.median_ms <= lat.p90_ms for lat in result.latencies)
+
+
+def test_bench_cli_json(tmp_path):
+    p = tmp_path / "m.onnx"
+    save_model(two_convs(), str(p))
+    r = subprocess.run([sys.executable, "-m", "onnx_prune", "bench", str(p), str(p), "--blocks", "2", "--json",
+                        "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert len(data["models"]) == 2 and data["ratio"] > 0 and data["threads"] == 1
+
+
+def test_width_grid_and_fast_widths():
+    assert width_grid(6) == [1, 2, 3, 4, 5, 6]
+    g = width_grid(2048)
+    assert g[-1] == 2048 and len(g) <= 25 and all(w % 8 == 0 for w in g)
+    # 24 is slower than 32: it is never worth choosing
+    assert fast_widths([8, 16, 24, 32], [1.0, 2.0, 4.0, 3.0]) == [8, 16, 32]
+
+
+def test_timing_cache_is_keyed_by_environment_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+    sig = LayerSig("Conv", 16, 16, (1, 8, 8), ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), ()))
+    db = TimingDB("cpu", threads=1)
+    db.ensure([(sig, 8, 16), (sig, 16, 16), (sig, 8, 16)])
+    assert db.measured == 2 and db.get(sig, 8, 16) > 0
+    again = TimingDB("cpu", threads=1)
+    again.ensure([(sig, 8, 16), (sig, 16, 16)])
+    assert again.measured == 0 and again.get(sig, 16, 16) == db.get(sig, 16, 16)
+    other_threads = TimingDB("cpu", threads=2)
+    assert other_threads.path != db.path and other_threads.get(sig, 16, 16) is None
+
+
+def test_layer_signature_ignores_widths_but_not_shapes():
+    canon = canonicalize(two_convs())
+    analysis = analyze_canonical(canon.static)
+    nodes = {n.name: n for n in canon.static.graph.node}
+    s1 = layer_sig(nodes["c1"], analysis.ctx.index)
+    assert (s1.op, s1.cin, s1.cout, s1.lead) == ("Conv", 3, 32, (1, 16, 16))
+    assert layer_sig(nodes["relu"], analysis.ctx.index) is None
+
+
+class FakeDB:
+    """Times proportional to cin x cout: lets the bookkeeping be checked exactly."""
+
+    def ensure(self, points):
+        pass
+
+    def curve(self, sig, side, widths):
+        return np.array([w * (sig.cout if side == "in" else sig.cin) for w in widths], dtype=float)
+
+    def estimate(self, sig, cin, cout, grid_in, grid_out):
+        return float(cin * cout)
+
+
+def test_predictor_scales_kernels_by_plan():
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon.static)
+    kernels = {"a_nchwc": Kernel("a_nchwc", "Conv", 100.0, [], []),  # named after c1's output
+               "c2": Kernel("c2", "Conv", 50.0, [], []),
+               "ReorderOutput": Kernel("ReorderOutput", "ReorderOutput", 10.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.2))
+    assert cm.kernel_nodes == {"a_nchwc": "c1", "c2": "c2", "ReorderOutput": None}
+    assert cm.predict_ms(full_plan(analysis)) == pytest.approx(0.2)
+    half = uniform_plan(analysis, 0.5)  # c1 and c2 both lose half of the 32 channels
+    # overhead 0.04 ms + c1 0.1/2 + c2 0.05/2 + reorder 0.01 unchanged
+    assert cm.predict_ms(half) == pytest.approx(0.04 + 0.05 + 0.025 + 0.01)
+    assert cm.predicted_speedup(half) == pytest.approx(0.2 / 0.125)
+
+
+def test_source_node_strips_ort_suffixes():
+    nodes = {"/blk/Conv": None, "/blk/Mul": None}
+    by_output = {"/blk/Conv_output_0": "/blk/Conv"}
+    assert _source_node("/blk/Conv_output_0_nchwc", nodes, by_output) == "/blk/Conv"
+    assert _source_node("/blk/Mul/QuickGeluFusion/", nodes, by_output) == "/blk/Mul"
+    assert _source_node("ReorderInput_token_3", nodes, by_output) is None
