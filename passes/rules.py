@@ -119,41 +119,27 @@ def elementwise(ctx, node):
 # -- weight layers: producers and consumers ---------------------------------------------------
 
 
-@rule("Conv")
+@rule("Conv", "ConvTranspose")
 def conv(ctx, node):
-    """W is (M, C/g, k...): output channels are new, grouped by the input's channel groups."""
+    """Conv W is (M, C/g, k...), ConvTranspose W is (C, M/g, k...): output channels are new,
+    grouped like the input's channel groups (depthwise: the output follows the input)."""
     x, w = node.input[0], node.input[1]
     if not ctx.is_const(w):
         raise Unsupported("weight computed at run time")
     X = ctx.ax(x)
     g = attr(node, "group", 1)
-    M, Cg = ctx.shape(w)[0], ctx.shape(w)[1]
-    gs, within = ctx.table.split(X[1], [g, Cg]) if g > 1 else (Fx(1), X[1])
-    out_c = Prod((gs, ctx.new(M // g, node)))
-    ctx.bind(w, 0, out_c, "producer", node)
-    ctx.bind(w, 1, within, "consumer", node)
-    if len(node.input) > 2 and node.input[2]:
-        ctx.bind(node.input[2], 0, out_c, "param", node)
-    if g > 1:
-        ctx.attr_edits.append(_attr_edit(node, "group", gs))
-    out = node.output[0]
-    ctx.set(out, [X[0], out_c] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
-
-
-@rule("ConvTranspose")
-def conv_transpose(ctx, node):
-    """W is (C, M/g, k...): the input side is axis 0, the output side axis 1."""
-    x, w = node.input[0], node.input[1]
-    if not ctx.is_const(w):
-        raise Unsupported("weight computed at run time")
-    X = ctx.ax(x)
-    g = attr(node, "group", 1)
-    C, Mg = ctx.shape(w)[0], ctx.shape(w)[1]
-    gs, within = ctx.table.split(X[1], [g, C // g]) if g > 1 else (Fx(1), X[1])
-    out_within = ctx.new(Mg, node)
+    W = ctx.shape(w)
+    transposed = node.op_type == "ConvTranspose"
+    in_per_group, out_per_group = (W[0] // g, W[1]) if transposed else (W[1], W[0] // g)
+    gs, within = ctx.table.split(X[1], [g, in_per_group]) if g > 1 else (Fx(1), X[1])
+    out_within = ctx.new(out_per_group, node)
     out_c = Prod((gs, out_within))
-    ctx.bind(w, 0, Prod((gs, within)), "consumer", node)
-    ctx.bind(w, 1, out_within, "producer", node)
+    if transposed:
+        ctx.bind(w, 0, Prod((gs, within)), "consumer", node)
+        ctx.bind(w, 1, out_within, "producer", node)
+    else:
+        ctx.bind(w, 0, out_c, "producer", node)
+        ctx.bind(w, 1, within, "consumer", node)
     if len(node.input) > 2 and node.input[2]:
         ctx.bind(node.input[2], 0, out_c, "param", node)
     if g > 1:
