@@ -1,0 +1,47 @@
+"""Graphs from torch's newer (dynamo) exporter: opset 20, IR 10, different op patterns."""
+
+import contextlib
+import io
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_prune.backends.ort import random_feeds
+from onnx_prune.compiler.plans import random_plan, uniform_plan
+from onnx_prune.passes.analysis import analyze_canonical
+from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.surgery import apply_plan
+from onnx_prune.passes.verify import verify
+
+
+def dynamo_export(name):
+    import torch
+
+    from onnx_prune.models.zoo import ENTRIES
+
+    entry = ENTRIES[name]
+    module, example = entry.build().eval(), entry.example_inputs()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
+            contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, buf, dynamo=True, input_names=list(entry.input_names),
+                          output_names=list(entry.output_names))
+    model = onnx.load_from_string(buf.getvalue())
+    return model, {n: tuple(t.shape) for n, t in zip(entry.input_names, example)}
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "shufflenetv2", "bert_encoder"])
+def test_dynamo_exported_models_prune_and_verify(name):
+    model, shapes = dynamo_export(name)
+    assert model.opset_import[0].version >= 18
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon.static)
+    assert len(analysis.groups) >= 8
+    feeds = random_feeds(canon.model, shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1), "keep1")):
+        result = verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+        assert result.max_abs_error <= 1e-4 * result.output_scale
