@@ -4,8 +4,8 @@ The dense model is profiled once on the target provider (ORT's own profiler): ea
 is anchored to what it really costs inside this graph (fusions, layouts, caches). A plan scales
 each kernel by how its node changes:
 
-- weight layers (Conv, Gemm, MatMul with weights): t(cin', cout') / t(cin, cout) from the
-  timing database, measured on the same provider;
+- weight layers (Conv, depthwise and grouped Conv, Gemm, MatMul with weights): by the timing
+  database's t(widths') / t(widths), measured on the same provider;
 - attention MatMuls without weights: by their multiply-adds;
 - everything else: by the share of its output elements that the plan keeps.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_prune.backends.profile import profile_model
-from onnx_prune.backends.timing import TimingDB, fast_widths, layer_sig, width_grid
+from onnx_prune.backends.timing import TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.passes.analysis import Analysis
 from onnx_prune.passes.spaces import Sp
 
@@ -29,10 +29,8 @@ from onnx_prune.passes.spaces import Sp
 class WeightLayer:
     node: str
     sig: object
-    cin: object  # expression of the input channels
-    cout: object  # expression of the output channels
-    grid_in: list
-    grid_out: list
+    axes: tuple  # channel expressions of the widths, in the timing database's order
+    grids: list  # measured widths per axis
 
 
 class CostModel:
@@ -47,37 +45,38 @@ class CostModel:
         points = []
         for node in ctx.index.model.graph.node:
             sig = layer_sig(node, ctx.index)
-            if sig is None:
+            axes = ctx.layer_axes.get(node.name)
+            if sig is None or axes is None or len(axes) != len(sig.full):
                 continue
-            cin, cout = _weight_exprs(node, ctx)
-            layer = WeightLayer(node.name, sig, cin, cout, width_grid(sig.cin), width_grid(sig.cout))
+            layer = WeightLayer(node.name, sig, axes, [width_grid(n) for n in sig.full])
             self.layers[node.name] = layer
-            if sig.op == "ConvDW":
-                points += [(sig, w, w) for w in layer.grid_in]
-            else:
-                points += [(sig, w, sig.cout) for w in layer.grid_in] + [(sig, sig.cin, w) for w in layer.grid_out]
+            points += axis_points(sig, layer.grids)
         self.db.ensure(points)
         by_output = {o: n.name for n in self.nodes.values() for o in n.output}
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
-        self.overhead_ms = self.profile.e2e_ms - self.profile.kernel_ms
+        # The profiler adds a little to every kernel; when kernels sum to more than a plain run,
+        # that excess is spread over the kernels and removed. What a plain run has on top of the
+        # kernels (session overhead) is kept as a constant.
+        n_kernels = max(len(self.profile.kernels), 1)
+        excess_ms = self.profile.kernel_ms - self.profile.e2e_ms
+        self.profiler_us = max(excess_ms, 0.0) * 1e3 / n_kernels
+        self.overhead_ms = max(-excess_ms, 0.0)
         # every kernel launch has a fixed cost that pruning does not remove: the cheapest kernel's
-        times = sorted(k.time_us for k in self.profile.kernels.values())
-        self.fixed_us = times[0] if times else 0.0
+        times = sorted(k.time_us - self.profiler_us for k in self.profile.kernels.values())
+        self.fixed_us = max(times[0], 0.0) if times else 0.0
 
     @property
     def dense_ms(self) -> float:
-        return self.profile.e2e_ms
+        return self.predict_ms({})
 
     def node_ratio(self, name: str, keep: dict) -> float:
         table, ctx = self.analysis.table, self.analysis.ctx
         layer = self.layers.get(name)
         if layer is not None:
-            ci = int(table.keep_mask(layer.cin, keep).sum())
-            co = int(table.keep_mask(layer.cout, keep).sum())
-            db, sig = self.db, layer.sig
-            full = db.estimate(sig, sig.cin, sig.cout, layer.grid_in, layer.grid_out)
-            return db.estimate(sig, ci, co, layer.grid_in, layer.grid_out) / full if full else 1.0
+            widths = [int(table.keep_mask(e, keep).sum()) for e in layer.axes]
+            full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
+            return self.db.estimate(layer.sig, widths, layer.grids) / full if full else 1.0
         node = self.nodes[name]
         if node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
             a, b = ctx.ax(node.input[0]), ctx.ax(node.input[1])
@@ -92,17 +91,18 @@ class CostModel:
         ratios = {}
         total = self.overhead_ms
         for kname, kernel in self.profile.kernels.items():
+            t = max(kernel.time_us - self.profiler_us, 0.0)
             src = self.kernel_nodes[kname]
             if src is None:
-                total += kernel.time_us / 1e3
+                total += t / 1e3
                 continue
             if src not in ratios:
                 ratios[src] = self.node_ratio(src, keep)
             if src in self.layers:  # measured kernels already include their launch cost
-                total += kernel.time_us / 1e3 * ratios[src]
+                total += t / 1e3 * ratios[src]
             else:
-                fixed = min(self.fixed_us, kernel.time_us)
-                total += (fixed + (kernel.time_us - fixed) * ratios[src]) / 1e3
+                fixed = min(self.fixed_us, t)
+                total += (fixed + (t - fixed) * ratios[src]) / 1e3
         return total
 
     def predicted_speedup(self, plan: dict) -> float:
@@ -118,29 +118,14 @@ class CostModel:
             cost = np.zeros(len(grid))
             used = False
             for layer in self.layers.values():
-                for side, e, other in (("out", layer.cout, layer.sig.cin), ("in", layer.cin, layer.sig.cout)):
+                for axis, e in enumerate(layer.axes):
                     n = table.norm(e)
                     if isinstance(n, Sp) and n.sid == g.sid:
-                        widths = layer.grid_out if side == "out" else layer.grid_in
-                        cost += np.interp(grid, widths, self.db.curve(layer.sig, side, widths))
+                        grid_a = layer.grids[axis]
+                        cost += np.interp(grid, grid_a, self.db.curve(layer.sig, axis, grid_a))
                         used = True
             out[g.name] = fast_widths(grid, cost) if used else grid
         return out
-
-
-def _weight_exprs(node, ctx):
-    w = ctx.ax(node.input[1])
-    from onnx_prune.passes.graph import attr
-
-    if node.op_type == "Conv" and attr(node, "group", 1) > 1:  # depthwise: one side
-        return w[0], w[0]
-    if node.op_type == "Conv":
-        return w[1], w[0]
-    if node.op_type == "ConvTranspose":
-        return w[0], w[1]
-    if node.op_type == "Gemm" and attr(node, "transB", 0):
-        return w[1], w[0]
-    return w[0], w[1]
 
 
 def _kept_fraction(table, axes, keep) -> float:

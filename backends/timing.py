@@ -1,9 +1,10 @@
 """Timing database: measured kernel times of weight layers at candidate widths.
 
 A weight layer's time depends on its input and output widths, which usually belong to two
-different groups. For each layer signature (op, kernel, strides, spatial size, batch...) the
-database holds t(cin, cout_full) over a grid of input widths and t(cin_full, cout) over a grid of
-output widths, and estimates t(cin, cout) = t(cin, full) * t(full, cout) / t(full, full).
+different groups (a grouped conv has three: groups, and input and output channels per group).
+For each layer signature (op, kernel, strides, spatial size, batch...) the database holds the
+time along each axis over a grid of widths, the other axes full, and estimates the time at any
+widths as the product of the per-axis ratios, e.g. t(cin, cout) = t(cin, full) t(full, cout) / t(full, full).
 
 Points are measured in bulk: one ONNX model holds every (signature, width) point as an
 independent node, ORT's profiler times each kernel (so the layout reorders ORT inserts around a
@@ -29,40 +30,45 @@ from onnx_prune.passes.graph import attr
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
-SCHEMA = 3  # bump when what a stored time means changes
+SCHEMA = 4  # bump when what a stored time means changes
+CONVS = ("Conv", "ConvTranspose", "ConvDW", "ConvG")
 
 
 @dataclass(frozen=True)
 class LayerSig:
-    """What determines a weight layer's time, apart from its two widths."""
+    """What determines a weight layer's time, apart from its widths.
 
-    op: str  # Conv | ConvTranspose | MatMul | Gemm
-    cin: int
-    cout: int
-    lead: tuple  # Conv: (N, H, W) of the input; MatMul/Gemm: leading dims of the input
-    attrs: tuple = ()  # Conv: kernel, strides, pads, dilations
+    `full` holds the dense widths along each axis pruning can shrink:
+    Conv, ConvTranspose, Gemm, MatMul: (cin, cout); ConvDW (depthwise): (channels,);
+    ConvG (grouped): (groups, cin per group, cout per group)."""
+
+    op: str
+    full: tuple
+    lead: tuple  # convs: (N, H, W) of the input; MatMul/Gemm: leading dims of the input
+    attrs: tuple = ()  # convs: kernel, strides, pads, dilations, output padding
 
     def key(self) -> str:
         return f"{self.op}|{self.lead}|{self.attrs}"
 
 
 def layer_sig(node, index) -> LayerSig | None:
-    """Signature of a dense (group 1) weight layer with a constant weight; None otherwise."""
+    """Signature of a weight layer with a constant weight; None for what is not measured."""
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
-        w = index.shape(node.input[1])
-        x = index.shape(node.input[0])
+        w, x = index.shape(node.input[1]), index.shape(node.input[0])
         if w is None or x is None or len(x) != 4:
             return None
         attrs = (tuple(w[2:]), tuple(attr(node, "strides", [1, 1])), tuple(attr(node, "pads", [0, 0, 0, 0])),
                  tuple(attr(node, "dilations", [1, 1])), tuple(attr(node, "output_padding", []) or ()))
-        group = attr(node, "group", 1)
-        if op == "Conv" and group == x[1] == w[0] and w[1] == 1:  # depthwise: one width
-            return LayerSig("ConvDW", x[1], x[1], (x[0],) + tuple(x[2:]), attrs)
-        if group != 1:
+        lead = (x[0],) + tuple(x[2:])
+        g = attr(node, "group", 1)
+        if g == 1:
+            return LayerSig(op, (w[1], w[0]) if op == "Conv" else (w[0], w[1]), lead, attrs)
+        if op == "ConvTranspose":
             return None
-        cin, cout = (w[1], w[0]) if op == "Conv" else (w[0], w[1])
-        return LayerSig(op, cin, cout, (x[0],) + tuple(x[2:]), attrs)
+        if w[1] == 1 and w[0] == g:
+            return LayerSig("ConvDW", (g,), lead, attrs)
+        return LayerSig("ConvG", (g, w[1], w[0] // g), lead, attrs)
     if op in ("MatMul", "Gemm") and node.input[1] in index.inits:
         a, b = index.shape(node.input[0]), index.shape(node.input[1])
         if a is None or b is None or len(b) != 2:
@@ -70,10 +76,20 @@ def layer_sig(node, index) -> LayerSig | None:
         if op == "Gemm":
             if attr(node, "transA", 0):
                 return None
-            cin, cout = (b[1], b[0]) if attr(node, "transB", 0) else b
-            return LayerSig("Gemm", cin, cout, (a[0],))
-        return LayerSig("MatMul", b[0], b[1], tuple(a[:-1]))
+            return LayerSig("Gemm", (b[1], b[0]) if attr(node, "transB", 0) else tuple(b), (a[0],))
+        return LayerSig("MatMul", tuple(b), tuple(a[:-1]))
     return None
+
+
+def axis_points(sig: LayerSig, grids) -> list:
+    """The points a layer needs: each axis over its grid, the other axes full."""
+    pts = []
+    for a, grid in enumerate(grids):
+        for w in grid:
+            widths = list(sig.full)
+            widths[a] = w
+            pts.append((sig, tuple(widths)))
+    return pts
 
 
 def environment(provider: str, threads) -> dict:
@@ -107,7 +123,7 @@ def cache_dir() -> str:
 
 
 class TimingDB:
-    """Kernel time (µs) per (signature, cin, cout), on one provider/device/thread count."""
+    """Kernel time (µs) per (signature, widths), on one provider/device/thread count."""
 
     def __init__(self, provider="cpu", threads=None, path=None, use_cache=True):
         self.provider, self.threads = provider, threads
@@ -127,28 +143,27 @@ class TimingDB:
                 self.times = {}
 
     @staticmethod
-    def point_key(sig: LayerSig, cin: int, cout: int) -> str:
-        return f"{sig.key()}|{cin}|{cout}"
+    def point_key(sig: LayerSig, widths) -> str:
+        return f"{sig.key()}|{','.join(str(int(w)) for w in widths)}"
 
-    def get(self, sig, cin, cout):
-        return self.times.get(self.point_key(sig, cin, cout))
+    def get(self, sig, widths):
+        return self.times.get(self.point_key(sig, widths))
 
     def ensure(self, points):
-        """Measure the (sig, cin, cout) points not yet known, in bulk, and save."""
-        todo = sorted({(s, ci, co) for s, ci, co in points if self.get(s, ci, co) is None},
-                      key=lambda p: (p[0].key(), p[1], p[2]))
+        """Measure the (sig, widths) points not yet known, in bulk, and save."""
+        todo = sorted({(s, tuple(w)) for s, w in points if self.get(s, w) is None}, key=lambda p: (p[0].key(), p[1]))
         if not todo:
             return
         for chunk in _chunks(todo):
             model, names = _bench_model(chunk)
-            feeds = {f"x{i}": np.random.default_rng(i).standard_normal(_input_shape(s, ci)).astype(np.float32)
-                     for i, (s, ci, _co) in enumerate(chunk)}
+            feeds = {f"x{i}": np.random.default_rng(i).standard_normal(_input_shape(s, w)).astype(np.float32)
+                     for i, (s, w) in enumerate(chunk)}
             kernels = profile_session_runs(model, feeds, self.provider, self.threads, runs=5, warmup=2)
-            for (s, ci, co), name in zip(chunk, names):
+            for (s, w), name in zip(chunk, names):
                 t = _kernel_for(kernels, name)
                 if t <= 0:
-                    raise RuntimeError(f"the profiler reported no kernel for {s.op} {ci}->{co}")
-                self.times[self.point_key(s, ci, co)] = t
+                    raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
+                self.times[self.point_key(s, w)] = t
             self.measured += len(chunk)
         self.save()
 
@@ -162,22 +177,24 @@ class TimingDB:
         os.replace(tmp, self.path)
 
     # -- estimates -------------------------------------------------------------------------
-    def curve(self, sig: LayerSig, side: str, widths):
-        """Measured times along one side ('in' or 'out') with the other side full."""
-        if sig.op == "ConvDW":
-            return np.array([self.get(sig, w, w) for w in widths], dtype=float)
-        if side == "in":
-            return np.array([self.get(sig, w, sig.cout) for w in widths], dtype=float)
-        return np.array([self.get(sig, sig.cin, w) for w in widths], dtype=float)
+    def curve(self, sig: LayerSig, axis: int, grid):
+        """Measured times along one axis, the others full."""
+        out = []
+        for w in grid:
+            widths = list(sig.full)
+            widths[axis] = w
+            out.append(self.get(sig, widths))
+        return np.array(out, dtype=float)
 
-    def estimate(self, sig: LayerSig, cin: int, cout: int, grid_in, grid_out) -> float:
-        """t(cin, cout) from the two measured curves (separable model), interpolated between points."""
-        if sig.op == "ConvDW":
-            return float(np.interp(cin, grid_in, self.curve(sig, "in", grid_in)))
-        full = self.get(sig, sig.cin, sig.cout)
-        t_in = float(np.interp(cin, grid_in, self.curve(sig, "in", grid_in)))
-        t_out = float(np.interp(cout, grid_out, self.curve(sig, "out", grid_out)))
-        return t_in * t_out / full if full else 0.0
+    def estimate(self, sig: LayerSig, widths, grids) -> float:
+        """t(widths) from the per-axis curves (a separable model), interpolated between points."""
+        full = self.get(sig, sig.full)
+        if not full:
+            return 0.0
+        t = full
+        for a, (w, grid) in enumerate(zip(widths, grids)):
+            t *= float(np.interp(w, grid, self.curve(sig, a, grid))) / full
+        return t
 
 
 def width_grid(n: int, max_points=MAX_GRID) -> list[int]:
@@ -205,18 +222,34 @@ def fast_widths(widths, times) -> list[int]:
     return sorted(keep)
 
 
-def _input_shape(sig: LayerSig, cin: int):
-    if sig.op in ("Conv", "ConvTranspose", "ConvDW"):
+def _input_shape(sig: LayerSig, widths):
+    if sig.op in CONVS:
         n, h, w = sig.lead
-        return (n, cin, h, w)
-    return tuple(sig.lead) + (cin,)
+        c = widths[0] * widths[1] if sig.op == "ConvG" else widths[0]
+        return (n, c, h, w)
+    return tuple(sig.lead) + (widths[0],)
+
+
+def _weight_shape(sig: LayerSig, widths):
+    k = sig.attrs[0] if sig.attrs else ()
+    if sig.op == "Conv":
+        return (widths[1], widths[0]) + k
+    if sig.op == "ConvTranspose":
+        return (widths[0], widths[1]) + k
+    if sig.op == "ConvDW":
+        return (widths[0], 1) + k
+    if sig.op == "ConvG":
+        g, ci, co = widths
+        return (g * co, ci) + k
+    if sig.op == "Gemm":
+        return (widths[1], widths[0])
+    return (widths[0], widths[1])
 
 
 def _chunks(points):
     chunk, size = [], 0
     for p in points:
-        s, ci, co = p
-        b = 4 * ci * co * (int(np.prod(s.attrs[0])) if s.attrs else 1)
+        b = 4 * int(np.prod(_weight_shape(*p)))
         if chunk and size + b > CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
@@ -230,27 +263,26 @@ def _bench_model(points):
     """One graph, one independent node per point."""
     rng = np.random.default_rng(0)
     nodes, inits, inputs, outputs, names = [], [], [], [], []
-    for i, (s, ci, co) in enumerate(points):
+    for i, (s, widths) in enumerate(points):
         x, name = f"x{i}", f"pt{i}"
         y = name  # ORT names fused kernels after the node or its output: keep them equal
-        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, _input_shape(s, ci)))
-        if s.op in ("Conv", "ConvTranspose", "ConvDW"):
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, _input_shape(s, widths)))
+        wshape = _weight_shape(s, widths)
+        inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.05).astype(np.float32), f"w{i}"))
+        if s.op in CONVS:
             k, strides, pads, dil, outpad = s.attrs
-            wshape = {"Conv": (co, ci), "ConvTranspose": (ci, co), "ConvDW": (co, 1)}[s.op] + k
-            inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.05).astype(np.float32), f"w{i}"))
-            inits.append(numpy_helper.from_array(np.zeros(co, np.float32), f"b{i}"))
             kw = {"kernel_shape": list(k), "strides": list(strides), "pads": list(pads), "dilations": list(dil)}
             if outpad:
                 kw["output_padding"] = list(outpad)
-            if s.op == "ConvDW":
-                kw["group"] = ci
-            nodes.append(helper.make_node("Conv" if s.op == "ConvDW" else s.op, [x, f"w{i}", f"b{i}"], [y],
-                                          name=name, **kw))
+            if s.op in ("ConvDW", "ConvG"):
+                kw["group"] = widths[0]
+            inits.append(numpy_helper.from_array(np.zeros(wshape[1] if s.op == "ConvTranspose" else wshape[0],
+                                                          np.float32), f"b{i}"))
+            op = "ConvTranspose" if s.op == "ConvTranspose" else "Conv"
+            nodes.append(helper.make_node(op, [x, f"w{i}", f"b{i}"], [y], name=name, **kw))
         elif s.op == "Gemm":
-            inits.append(numpy_helper.from_array((rng.standard_normal((co, ci)) * 0.05).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("Gemm", [x, f"w{i}"], [y], name=name, transB=1))
         else:
-            inits.append(numpy_helper.from_array((rng.standard_normal((ci, co)) * 0.05).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y], name=name))
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
         names.append(name)

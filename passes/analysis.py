@@ -73,6 +73,9 @@ class Context:
         self.attr_edits: list[AttrEdit] = []
         self.split_edits: list[SplitEdit] = []
         self.where = ""  # the node being analysed, for freeze reasons
+        # weight layer -> the channel expressions of the widths its time depends on, in the
+        # timing database's order: (cin, cout); depthwise (channels,); grouped (groups, cin/g, cout/g)
+        self.layer_axes: dict[str, tuple] = {}
 
     # -- tensors ---------------------------------------------------------------------------
     def ax(self, name: str):

@@ -13,6 +13,7 @@ Two models come out: `model` keeps the dynamic axes and is what gets pruned and 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,7 +25,6 @@ from onnx_prune.errors import UserError
 from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, load_model, opset_of
 
 MIN_OPSET = 7
-MAX_OPSET = 25  # newest default-domain opset ONNX Runtime 1.31 implements
 UPGRADE_BELOW = 13
 UPGRADE_TO = 17
 UNSHARE_MAX_ELEMENTS = 1 << 16
@@ -42,8 +42,10 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
     model = load_model(model_or_path)
     notes = []
     opset = opset_of(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UserError(f"opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET}); convert the model with onnx.version_converter")
+    newest = max_ort_opset()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"opset {opset} is not supported (supported: {MIN_OPSET} to {newest}, what this onnxruntime "
+                        f"accepts); convert the model with onnx.version_converter")
     _drop_initializer_inputs(model)
     if opset < UPGRADE_BELOW:
         model = _upgrade(model, opset)
@@ -61,6 +63,25 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
         _name_nodes(model)
         static = make_static(model, shapes)
     return Canonical(model, static, shapes, notes)
+
+
+@functools.lru_cache(maxsize=1)
+def max_ort_opset() -> int:
+    """The newest default-domain opset the installed onnxruntime loads (probed once)."""
+    import onnxruntime as ort
+
+    for opset in range(onnx.defs.onnx_opset_version(), UPGRADE_BELOW, -1):
+        g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        m.ir_version = MAX_IR_VERSION
+        try:
+            ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:
+            continue
+    return UPGRADE_TO
 
 
 def _drop_initializer_inputs(model):

@@ -144,6 +144,11 @@ def conv(ctx, node):
         ctx.bind(node.input[2], 0, out_c, "param", node)
     if g > 1:
         ctx.attr_edits.append(_attr_edit(node, "group", gs))
+    if g == 1:
+        ctx.layer_axes[node.name] = (within, out_within)
+    elif not transposed:
+        depthwise = in_per_group == 1 and W[0] == g
+        ctx.layer_axes[node.name] = (gs,) if depthwise else (gs, within, out_within)
     out = node.output[0]
     ctx.set(out, [X[0], out_c] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
 
@@ -160,6 +165,7 @@ def _contract(ctx, node, a_name, b_name, A, B):
     if ctx.is_const(b_name):
         ctx.produce(B[-1], node)
         _roles(ctx, node, b_name, B, {len(B) - 2: "consumer", len(B) - 1: "producer"})
+        ctx.layer_axes[node.name] = (A[-1], B[-1])
     if ctx.is_const(a_name):
         ctx.produce(A[-2], node)
         _roles(ctx, node, a_name, A, {len(A) - 1: "consumer", len(A) - 2: "producer"})

@@ -14,7 +14,7 @@ from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import make_session, random_feeds
 from onnx_prune.backends.predict import CostModel, _source_node
 from onnx_prune.backends.profile import Kernel, Profile
-from onnx_prune.backends.timing import LayerSig, TimingDB, fast_widths, layer_sig, width_grid
+from onnx_prune.backends.timing import LayerSig, TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.compiler.plans import full_plan, uniform_plan
 from onnx_prune.errors import UserError
 from onnx_prune.passes.analysis import analyze_canonical
@@ -81,15 +81,26 @@ def test_width_grid_and_fast_widths():
 
 def test_timing_cache_is_keyed_by_environment_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
-    sig = LayerSig("Conv", 16, 16, (1, 8, 8), ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), ()))
+    sig = LayerSig("Conv", (16, 16), (1, 8, 8), ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), ()))
     db = TimingDB("cpu", threads=1)
-    db.ensure([(sig, 8, 16), (sig, 16, 16), (sig, 8, 16)])
-    assert db.measured == 2 and db.get(sig, 8, 16) > 0
+    db.ensure([(sig, (8, 16)), (sig, (16, 16)), (sig, (8, 16))])
+    assert db.measured == 2 and db.get(sig, (8, 16)) > 0
     again = TimingDB("cpu", threads=1)
-    again.ensure([(sig, 8, 16), (sig, 16, 16)])
-    assert again.measured == 0 and again.get(sig, 16, 16) == db.get(sig, 16, 16)
+    again.ensure([(sig, (8, 16)), (sig, (16, 16))])
+    assert again.measured == 0 and again.get(sig, (16, 16)) == db.get(sig, (16, 16))
     other_threads = TimingDB("cpu", threads=2)
-    assert other_threads.path != db.path and other_threads.get(sig, 16, 16) is None
+    assert other_threads.path != db.path and other_threads.get(sig, (16, 16)) is None
+
+
+def test_grouped_and_depthwise_points_are_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+    attrs = ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), ())
+    grouped = LayerSig("ConvG", (4, 8, 8), (1, 8, 8), attrs)
+    depthwise = LayerSig("ConvDW", (16,), (1, 8, 8), attrs)
+    db = TimingDB("cpu", threads=1)
+    db.ensure(axis_points(grouped, [[2, 4], [8], [8]]) + axis_points(depthwise, [[8, 16]]))
+    assert db.measured == 2 + 2  # (4, 8, 8) is shared by the three grouped axes
+    assert db.estimate(grouped, (2, 8, 8), [[2, 4], [8], [8]]) == pytest.approx(db.get(grouped, (2, 8, 8)))
 
 
 def test_layer_signature_ignores_widths_but_not_shapes():
@@ -97,7 +108,8 @@ def test_layer_signature_ignores_widths_but_not_shapes():
     analysis = analyze_canonical(canon.static)
     nodes = {n.name: n for n in canon.static.graph.node}
     s1 = layer_sig(nodes["c1"], analysis.ctx.index)
-    assert (s1.op, s1.cin, s1.cout, s1.lead) == ("Conv", 3, 32, (1, 16, 16))
+    assert (s1.op, s1.full, s1.lead) == ("Conv", (3, 32), (1, 16, 16))
+    assert len(analysis.ctx.layer_axes["c1"]) == 2
     assert layer_sig(nodes["relu"], analysis.ctx.index) is None
 
 
@@ -107,11 +119,11 @@ class FakeDB:
     def ensure(self, points):
         pass
 
-    def curve(self, sig, side, widths):
-        return np.array([w * (sig.cout if side == "in" else sig.cin) for w in widths], dtype=float)
+    def curve(self, sig, axis, widths):
+        return np.array([w * sig.full[1 - axis] for w in widths], dtype=float)
 
-    def estimate(self, sig, cin, cout, grid_in, grid_out):
-        return float(cin * cout)
+    def estimate(self, sig, widths, grids):
+        return float(np.prod(widths))
 
 
 def test_predictor_scales_kernels_by_plan():
@@ -127,6 +139,17 @@ def test_predictor_scales_kernels_by_plan():
     # overhead 0.04 ms + c1 0.1/2 + c2 0.05/2 + reorder 0.01 unchanged
     assert cm.predict_ms(half) == pytest.approx(0.04 + 0.05 + 0.025 + 0.01)
     assert cm.predicted_speedup(half) == pytest.approx(0.2 / 0.125)
+
+
+def test_predictor_removes_profiler_inflation():
+    """Kernels that sum to more than a plain run: the excess is a per-kernel profiler cost."""
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon.static)
+    kernels = {"c1": Kernel("c1", "Conv", 110.0, [], []), "c2": Kernel("c2", "Conv", 60.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.15))
+    assert cm.profiler_us == pytest.approx(10.0) and cm.overhead_ms == 0
+    assert cm.predict_ms({}) == pytest.approx(0.15)
+    assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx((100 / 2 + 50 / 2) / 1e3)
 
 
 def test_source_node_strips_ort_suffixes():
