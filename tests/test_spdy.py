@@ -1,0 +1,61 @@
+"""SPDY's dynamic program against brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from onnx_prune.compiler.spdy import dp_solve, sensitivity_errors
+
+
+def brute_force(costs, errors, budget):
+    best, pick = np.inf, None
+    for combo in itertools.product(*[range(len(c)) for c in costs]):
+        cost = sum(c[k] for c, k in zip(costs, combo))
+        err = sum(e[k] for e, k in zip(errors, combo))
+        if cost <= budget + 1e-9 and err < best:
+            best, pick = err, combo
+    return best, pick
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_integer_costs_match_brute_force_exactly(seed):
+    rng = np.random.default_rng(seed)
+    n_layers, n_opts = rng.integers(1, 5), rng.integers(1, 5)
+    costs = [sorted(rng.integers(1, 20, n_opts), reverse=True) for _ in range(n_layers)]
+    errors = [sorted(rng.uniform(0, 1, n_opts)) for _ in range(n_layers)]
+    budget = int(rng.integers(n_layers, 20 * n_layers))
+    best, _ = brute_force(costs, errors, budget)
+    picks = dp_solve(costs, errors, budget, buckets=budget)  # one bucket per unit: no rounding
+    if not np.isfinite(best):
+        assert picks is None
+        return
+    assert sum(e[k] for e, k in zip(errors, picks)) == pytest.approx(best)
+    assert sum(c[k] for c, k in zip(costs, picks)) <= budget
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_real_costs_never_exceed_budget_and_are_near_optimal(seed):
+    rng = np.random.default_rng(100 + seed)
+    costs = [sorted(rng.uniform(0.1, 5, 4), reverse=True) for _ in range(4)]
+    errors = [sorted(rng.uniform(0, 1, 4)) for _ in range(4)]
+    budget = float(rng.uniform(2, 12))
+    best, _ = brute_force(costs, errors, budget)
+    picks = dp_solve(costs, errors, budget)
+    slack = len(costs) * budget / 10_000  # rounding each cost up to a bucket costs at most this
+    if picks is None:
+        assert not np.isfinite(brute_force(costs, errors, budget - slack)[0])
+        return
+    assert sum(c[k] for c, k in zip(costs, picks)) <= budget
+    assert sum(e[k] for e, k in zip(errors, picks)) >= best - 1e-12
+    relaxed, _ = brute_force(costs, errors, budget - slack)
+    assert sum(e[k] for e, k in zip(errors, picks)) <= relaxed + 1e-12
+
+
+def test_infeasible_budget():
+    assert dp_solve([[5, 3]], [[0, 1]], 2) is None
+
+
+def test_sensitivity_errors_grow_quadratically_from_dense():
+    e = sensitivity_errors([2.0], [5])[0]
+    assert e[0] == 0 and e[-1] == pytest.approx(2.0) and e[2] == pytest.approx(0.5)
