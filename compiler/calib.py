@@ -1,0 +1,174 @@
+"""Calibration data: what the compiler feeds the model to score channels and refit weights.
+
+Three sources, all checked against the model's inputs before anything runs:
+
+- an `.npz` file keyed by input name, first axis = samples;
+- a folder of images with a declared preprocessing (`--preprocess`), for single-image-input models;
+- a Python callable `pkg.module:fn` returning a dict of arrays, or an iterable of such dicts (batches).
+
+Anything wrong is a UserError naming what does not match and how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import onnx
+
+from onnx_prune.errors import UserError
+from onnx_prune.passes.graph import dims_of
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+DEFAULT_PREPROCESS = "resize=224,scale=255,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW"
+
+
+def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None):
+    """Samples as {input name: array with the samples on axis 0}, validated against `model`."""
+    inputs = _real_inputs(model)
+    if callable(spec):
+        data = _from_callable(spec, getattr(spec, "__name__", "callable"))
+    elif isinstance(spec, str) and spec.endswith(".npz"):
+        data = _from_npz(spec)
+    elif isinstance(spec, str) and os.path.isdir(spec):
+        if len(inputs) != 1:
+            raise UserError(f"an image folder feeds one input, the model has {len(inputs)}; use an .npz or a callable")
+        data = {inputs[0].name: _from_images(spec, preprocess or DEFAULT_PREPROCESS)}
+    elif isinstance(spec, str) and ":" in spec:
+        data = _from_callable(_import(spec), spec)
+    else:
+        raise UserError(f"calibration data '{spec}' is not an .npz file, an image folder or a pkg.module:fn callable")
+    return _validate(data, inputs, max_samples)
+
+
+def batches(samples: dict, batch_size: int):
+    """Consecutive feed dicts of at most `batch_size` samples."""
+    n = len(next(iter(samples.values())))
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in samples.items()}
+
+
+def _real_inputs(model):
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _from_npz(path):
+    if not os.path.isfile(path):
+        raise UserError(f"calibration file {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as exc:
+        raise UserError(f"calibration file {path} is not a readable .npz ({type(exc).__name__})") from None
+
+
+def _import(spec):
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UserError(f"cannot import calibration module '{module_name}' ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"calibration callable '{spec}': '{fn_name}' is not a function of {module_name}")
+    return fn
+
+
+def _from_callable(fn, name):
+    try:
+        out = fn()
+        if isinstance(out, dict):
+            return {k: np.asarray(v) for k, v in out.items()}
+        parts = [{k: np.asarray(v) for k, v in batch.items()} for batch in out]
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"calibration callable '{name}' raised {type(exc).__name__}: {exc}") from None
+    if not parts:
+        raise UserError(f"calibration callable '{name}' returned no batches")
+    if any(not isinstance(p, dict) for p in parts):
+        raise UserError(f"calibration callable '{name}' must return a dict of arrays or an iterable of such dicts")
+    keys = set(parts[0])
+    if any(set(p) != keys for p in parts):
+        raise UserError(f"calibration callable '{name}' returned batches with different input names")
+    try:
+        return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    except ValueError as exc:
+        raise UserError(f"calibration callable '{name}' returned batches whose shapes differ ({exc})") from None
+
+
+def parse_preprocess(text: str) -> dict:
+    """`resize=224,scale=255,mean=a/b/c,std=a/b/c,layout=NCHW` -> settings."""
+    out = {"resize": 224, "scale": 255.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "layout": "NCHW"}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in out:
+            raise UserError(f"--preprocess '{part}' is not one of resize=, scale=, mean=, std=, layout=")
+        try:
+            if key == "resize":
+                out[key] = int(value)
+            elif key == "scale":
+                out[key] = float(value)
+            elif key in ("mean", "std"):
+                out[key] = tuple(float(v) for v in value.split("/"))
+            else:
+                if value not in ("NCHW", "NHWC"):
+                    raise ValueError(value)
+                out[key] = value
+        except ValueError:
+            raise UserError(f"--preprocess '{part}': bad value") from None
+    return out
+
+
+def _from_images(folder, preprocess):
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UserError("reading an image folder needs Pillow (pip install pillow)") from None
+    cfg = parse_preprocess(preprocess)
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXT))
+    if not files:
+        raise UserError(f"calibration folder {folder} has no images ({', '.join(IMAGE_EXT)})")
+    arrays = []
+    for name in files:
+        try:
+            with Image.open(os.path.join(folder, name)) as im:
+                im = im.convert("RGB").resize((cfg["resize"], cfg["resize"]))
+                arrays.append(np.asarray(im, dtype=np.float32))
+        except Exception as exc:
+            raise UserError(f"cannot read image {name} in {folder} ({type(exc).__name__})") from None
+    x = np.stack(arrays) / cfg["scale"]
+    x = (x - np.array(cfg["mean"], dtype=np.float32)) / np.array(cfg["std"], dtype=np.float32)
+    return x.transpose(0, 3, 1, 2).astype(np.float32) if cfg["layout"] == "NCHW" else x.astype(np.float32)
+
+
+def _validate(data: dict, inputs, max_samples):
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in data]
+    extra = [k for k in data if k not in names]
+    if missing or extra:
+        raise UserError(f"calibration arrays {sorted(data)} do not match the model's inputs {names}"
+                        + (f" (missing: {', '.join(missing)})" if missing else "")
+                        + (f" (unknown: {', '.join(extra)})" if extra else ""))
+    counts = {len(data[n]) for n in names}
+    if len(counts) != 1 or 0 in counts:
+        raise UserError(f"calibration arrays must hold the same, non-zero number of samples (got {sorted(counts)})")
+    out = {}
+    for inp in inputs:
+        arr = data[inp.name]
+        dims = dims_of(inp.type) or ()
+        if arr.ndim != len(dims):
+            raise UserError(f"calibration input '{inp.name}' has rank {arr.ndim}, the model expects {len(dims)} "
+                            f"(samples on axis 0)")
+        for k, (d, a) in enumerate(zip(dims, arr.shape)):
+            if k > 0 and d is not None and d != a:
+                raise UserError(f"calibration input '{inp.name}' has shape {arr.shape}, the model expects dim {k} = {d}")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        if arr.dtype != dtype:
+            if np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(dtype, np.floating):
+                raise UserError(f"calibration input '{inp.name}' is {arr.dtype}, the model expects {dtype}")
+            arr = arr.astype(dtype)
+        out[inp.name] = arr[:max_samples] if max_samples else arr
+    return out

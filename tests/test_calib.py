@@ -1,0 +1,66 @@
+"""Calibration data sources and their errors."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_prune.compiler.calib import batches, load_calibration, parse_preprocess
+from onnx_prune.errors import UserError
+
+
+def model(h=8):
+    node = helper.make_node("Relu", ["x"], ["y"])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, h, h])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, h, h])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_npz_and_batches(tmp_path):
+    p = tmp_path / "c.npz"
+    np.savez(p, x=np.ones((5, 3, 8, 8), np.float64))
+    data = load_calibration(str(p), model())
+    assert data["x"].dtype == np.float32 and data["x"].shape == (5, 3, 8, 8)
+    assert [b["x"].shape[0] for b in batches(data, 2)] == [2, 2, 1]
+
+
+def test_npz_wrong_key_and_shape(tmp_path):
+    p = tmp_path / "c.npz"
+    np.savez(p, image=np.ones((5, 3, 8, 8), np.float32))
+    with pytest.raises(UserError, match="missing: x"):
+        load_calibration(str(p), model())
+    np.savez(p, x=np.ones((5, 3, 9, 9), np.float32))
+    with pytest.raises(UserError, match="dim 2 = 8"):
+        load_calibration(str(p), model())
+
+
+def test_callable_batches_and_errors():
+    data = load_calibration("calib_fixtures:good_batches", model())
+    assert data["x"].shape == (6, 3, 8, 8)
+    with pytest.raises(UserError, match="raised RuntimeError: dataset server unreachable"):
+        load_calibration("calib_fixtures:raises", model())
+    with pytest.raises(UserError, match="no batches"):
+        load_calibration("calib_fixtures:empty", model())
+    with pytest.raises(UserError, match="dim 2 = 8"):
+        load_calibration("calib_fixtures:wrong_shape", model())
+    with pytest.raises(UserError, match="cannot import"):
+        load_calibration("no_such_module_xyz:fn", model())
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    data = load_calibration(str(tmp_path), model(16), preprocess="resize=16,scale=255,mean=0.5/0.5/0.5,std=0.5/0.5/0.5")
+    assert data["x"].shape == (3, 3, 16, 16)
+    assert data["x"][0].min() == pytest.approx(-1.0)
+    with pytest.raises(UserError, match="no images"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        load_calibration(str(empty), model())
+
+
+def test_preprocess_syntax():
+    assert parse_preprocess("resize=32,layout=NHWC")["layout"] == "NHWC"
+    with pytest.raises(UserError):
+        parse_preprocess("blur=3")
