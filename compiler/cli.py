@@ -139,6 +139,49 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
                f"{len(r['groups'])} groups" + (f"; verified (max abs error {err:.2e})" if err is not None else "; not verified"))
 
 
+@main.command("compile")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--target-speedup", required=True, help="Measured speedup to reach, e.g. 2x.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--calib", default=None, help="Calibration data: file.npz, an image folder, or pkg.module:fn.")
+@click.option("--preprocess", default=None, help="For an image folder, e.g. resize=224,scale=255,mean=.485/.456/.406,std=.229/.224/.225.")
+@input_shape_opt
+@click.option("--batch-size", type=int, default=None, help="Batch size to time at (dynamic batch only).")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads to time with.")
+@click.option("--method", type=click.Choice(["spdy", "uniform", "global"]), default="spdy", show_default=True)
+@click.option("--search", type=click.Choice(["fast"]), default="fast", show_default=True,
+              help="fast: SPDY's DP on raw errors.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+def compile_cmd(model, output, target_speedup, provider, calib, preprocess, input_shape, batch_size, threads,
+                method, search, report):
+    """Prune until the speedup measured on ONNX Runtime meets the target; fail loudly otherwise."""
+    from onnx_prune.compiler.compile import compile_model, parse_speedup
+    from onnx_prune.passes.graph import save_model
+
+    parse_speedup(target_speedup)
+    _check_output(model, output)
+    if batch_size is not None and batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    src, shapes = load_source(model)
+    shapes.update(parse_input_shapes(input_shape))
+    try:
+        result = compile_model(src, target_speedup, provider=provider, threads=threads, calib=calib,
+                               preprocess=preprocess, input_shapes=shapes, method=method, search=search,
+                               batch_size=batch_size, log=lambda m: click.echo(m, err=True))
+    except TargetNotMet as exc:
+        if report and exc.report is not None:
+            _write_json(report, exc.report)
+        raise
+    save_model(result.model, output)
+    if report:
+        _write_json(report, result.report)
+    r = result.report
+    click.echo(f"wrote {output}: measured {r['measured_speedup']:.2f}x (target {r['target_speedup']:g}x, predicted "
+               f"{r['predicted_speedup']:.2f}x), {r['dense_latency_ms']:.2f} -> {r['pruned_latency_ms']:.2f} ms on "
+               f"{r['provider']}, verified (max abs error {r['max_abs_error_vs_masked_reference']:.1e})")
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

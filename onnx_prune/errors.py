@@ -8,6 +8,11 @@ class UserError(Exception):
 
 
 class TargetNotMet(Exception):
-    """A verified build that misses the requested speedup or accuracy budget (exit code 1)."""
+    """A verified build that misses the requested speedup or accuracy budget (exit code 1).
+    `report` holds what was reached, for the caller to write."""
 
     exit_code = 1
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report

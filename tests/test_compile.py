@@ -1,0 +1,96 @@
+"""The compile loop: it reports only measured speedups, tightens when measurement falls short,
+and fails loudly. Timers here are fakes (no timed assertions); profiling runs for real."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from onnx_prune.compiler.compile import compile_model, parse_speedup
+from onnx_prune.errors import TargetNotMet, UserError
+from onnx_prune.models.registry import load
+
+
+@pytest.fixture(scope="module")
+def model():
+    entry = load("resnet_bottleneck")
+    return entry.model, dict(entry.input_shapes)
+
+
+class LyingTimer:
+    """Reports the scripted speedups first (short of the target: a machine having a bad day),
+    then the truth as told by the size of the pruned weights (stands in for a measurement)."""
+
+    def __init__(self, *script):
+        self.script, self.calls = list(script), []
+
+    def __call__(self, dense, pruned, feeds):
+        speed = self.script[len(self.calls)] if len(self.calls) < len(self.script) else dense.ByteSize() / pruned.ByteSize()
+        self.calls.append(speed)
+        return speed, 10.0, 10.0 / speed
+
+
+@pytest.mark.parametrize("method", ["spdy", "uniform", "global"])
+def test_loop_tightens_until_measured_target_is_met(model, method):
+    m, shapes = model
+    timer = LyingTimer(1.2)
+    result = compile_model(m, "1.5x", input_shapes=shapes, method=method, timer=timer, batch_size=16)
+    r = result.report
+    assert len(r["rounds"]) >= 2, "a short first measurement must trigger another round"
+    assert r["rounds"][1]["goal"] > r["rounds"][0]["goal"]
+    assert r["measured_speedup"] == timer.calls[-1] >= 1.5
+    for key in ("target_speedup", "measured_speedup", "predicted_speedup", "dense_latency_ms", "pruned_latency_ms",
+                "provider", "batch_size", "threads", "method", "groups", "max_abs_error_vs_masked_reference"):
+        assert key in r
+    assert r["max_abs_error_vs_masked_reference"] < 1e-3
+
+
+def test_never_met_fails_with_largest_measured(model):
+    m, shapes = model
+    timer = LyingTimer(*[1.1 + 0.01 * i for i in range(10)])
+    with pytest.raises(TargetNotMet) as exc:
+        compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16)
+    assert f"{max(timer.calls):.2f}x" in str(exc.value)
+    assert exc.value.report["measured_speedup"] == max(timer.calls)
+
+
+def test_infeasible_target_is_a_usage_error(model):
+    m, shapes = model
+    with pytest.raises(UserError, match="out of reach"):
+        compile_model(m, "50x", input_shapes=shapes, timer=LyingTimer())
+
+
+def test_calibration_mismatch_and_failing_callable(model, tmp_path):
+    m, shapes = model
+    p = tmp_path / "c.npz"
+    np.savez(p, wrong=np.zeros((4, 3, 64, 64), np.float32))
+    with pytest.raises(UserError, match="do not match the model's inputs"):
+        compile_model(m, "1.5x", input_shapes=shapes, calib=str(p), timer=LyingTimer())
+    with pytest.raises(UserError, match="raised RuntimeError"):
+        compile_model(m, "1.5x", input_shapes=shapes, calib="calib_fixtures:raises", timer=LyingTimer())
+
+
+def test_calibration_data_gives_output_fidelity(model, tmp_path):
+    m, shapes = model
+    p = tmp_path / "c.npz"
+    np.savez(p, input=np.random.default_rng(0).standard_normal((4,) + shapes["input"][1:]).astype(np.float32))
+    r = compile_model(m, "1.3x", input_shapes=shapes, calib=str(p), timer=LyingTimer(), batch_size=4).report
+    fid = r["output_fidelity"]
+    assert fid["samples"] == 4 and -1 <= fid["mean_cosine_similarity"] <= 1
+
+
+def test_speedup_syntax():
+    assert parse_speedup("2x") == 2.0 and parse_speedup("1.5X") == 1.5
+    for bad in ("fast", "1x", "0.5"):
+        with pytest.raises(UserError):
+            parse_speedup(bad)
+
+
+def test_cli_infeasible_target_exits_2_without_output(tmp_path):
+    out = tmp_path / "o.onnx"
+    r = subprocess.run([sys.executable, "-m", "onnx_prune", "compile", "zoo:resnet_basic", "-o", str(out),
+                        "--target-speedup", "50x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "out of reach" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    assert not out.exists()
