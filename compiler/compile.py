@@ -32,6 +32,7 @@ from onnx_prune.passes.verify import verify
 METHODS = {"uniform": search_uniform, "global": search_global, "spdy": search_spdy}
 MAX_ROUNDS = 6
 OVERSHOOT_MARGIN = 1.02  # aim a little above the target: measurements scatter by about 2%
+MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
 
 
 @dataclass
@@ -90,7 +91,8 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
                         f"predicts {reachable:.2f}x on {provider}")
     timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     goal = target * OVERSHOOT_MARGIN
-    rounds, best = [], None
+    rounds, tried = [], []
+    short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
     for r in range(MAX_ROUNDS):
         plan = METHODS[method](cm, analysis, widths, cm.dense_ms / goal, scores)
         predicted = cm.predicted_speedup(plan)
@@ -98,13 +100,19 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
         check = verify(canon.model, pruned, analysis, plan, feeds)
         speedup, dense_ms, pruned_ms = timer(canon.model, pruned, feeds)
         rounds.append({"goal": goal, "predicted_speedup": predicted, "measured_speedup": speedup})
+        tried.append((speedup, plan, pruned, check, dense_ms, pruned_ms, predicted))
         log(f"round {r + 1}: goal {goal:.2f}x, predicted {predicted:.2f}x, measured {speedup:.2f}x")
-        if best is None or speedup > best[0]:
-            best = (speedup, plan, pruned, check, dense_ms, pruned_ms, predicted)
         if speedup >= target:
-            break
-        goal *= max(target / speedup, 1.02)  # tighten by the measured shortfall
-    speedup, plan, pruned, check, dense_ms, pruned_ms, predicted = best
+            long_goal = goal if long_goal is None else min(long_goal, goal)
+            if speedup <= MAX_OVERSHOOT * target:
+                break
+        else:
+            short_goal = goal if short_goal is None else max(short_goal, goal)
+        goal = _next_goal(goal, speedup, target, short_goal, long_goal)
+    met = [t for t in tried if t[0] >= target]
+    # least pruning that meets the target (every extra channel removed costs accuracy)
+    speedup, plan, pruned, check, dense_ms, pruned_ms, predicted = min(met, key=lambda t: t[0]) if met else \
+        max(tried, key=lambda t: t[0])
     report = build_report(analysis, plan, canon.notes + notes)
     report.update({
         "target_speedup": target, "measured_speedup": speedup, "predicted_speedup": predicted,
@@ -120,6 +128,15 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
                            f"(the largest speedup reached); try a lower target or another --method",
                            report=report)
     return CompileResult(pruned, report, plan)
+
+
+def _next_goal(goal, speedup, target, short_goal, long_goal):
+    """Tighten by the measured shortfall, relax by the overshoot; bisect once both are known."""
+    if short_goal is not None and long_goal is not None:
+        return (short_goal + long_goal) / 2
+    if speedup < target:
+        return goal * max(target / speedup, 1.02)
+    return goal * max(target * OVERSHOOT_MARGIN / speedup, 0.9)
 
 
 def _rebatch(canon, batch_size):

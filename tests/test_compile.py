@@ -94,3 +94,11 @@ def test_cli_infeasible_target_exits_2_without_output(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "out of reach" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_overshoot_is_relaxed_and_least_pruning_that_meets_target_wins(model):
+    m, shapes = model
+    timer = LyingTimer(3.0, 1.6)  # 2x over the target, then just above it
+    r = compile_model(m, "1.5x", input_shapes=shapes, timer=timer, batch_size=16).report
+    assert r["rounds"][1]["goal"] < r["rounds"][0]["goal"]
+    assert r["measured_speedup"] == 1.6
