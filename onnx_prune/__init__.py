@@ -22,3 +22,14 @@ def prune(model, ratio, importance="l2", input_shapes=None, verify=True, seed=0)
     from onnx_prune.compiler.prune import prune_uniform
 
     return prune_uniform(model, ratio, importance=importance, input_shapes=input_shapes, verify=verify, seed=seed)
+
+
+def compile(model, target_speedup, **kwargs):  # noqa: A001  (the tool's verb)
+    """Prune until the speedup measured on ONNX Runtime meets `target_speedup` (e.g. 2.0 or "2x").
+
+    Returns a CompileResult with .model (ONNX) and .report (dict); raises TargetNotMet (with
+    .report) when the measured speedup stays below the target. Keyword arguments: provider,
+    threads, calib, preprocess, input_shapes, method, batch_size."""
+    from onnx_prune.compiler.compile import compile_model
+
+    return compile_model(model, target_speedup, **kwargs)
