@@ -177,9 +177,14 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
     if report:
         _write_json(report, result.report)
     r = result.report
+    err = r["max_abs_error_vs_masked_reference"]
+    check = f"verified (max abs error {err:.1e})" if err is not None else \
+        f"verified before recovery (max abs error {r['max_abs_error_before_recovery']:.1e}), then refitted"
+    fid = r.get("output_fidelity")
     click.echo(f"wrote {output}: measured {r['measured_speedup']:.2f}x (target {r['target_speedup']:g}x, predicted "
                f"{r['predicted_speedup']:.2f}x), {r['dense_latency_ms']:.2f} -> {r['pruned_latency_ms']:.2f} ms on "
-               f"{r['provider']}, verified (max abs error {r['max_abs_error_vs_masked_reference']:.1e})")
+               f"{r['provider']}, {check}"
+               + (f", output cosine {fid['mean_cosine_similarity']:.3f}" if fid else ""))
 
 
 @main.command()
