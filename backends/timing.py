@@ -211,14 +211,15 @@ def width_grid(n: int, max_points=MAX_GRID) -> list[int]:
     return grid
 
 
-def fast_widths(widths, times) -> list[int]:
-    """Widths no wider width beats: more channels for less or equal time makes a width useless."""
+def fast_widths(widths, times, tolerance=0.03) -> list[int]:
+    """Widths no wider width clearly beats: a width is dropped when a wider one is more than
+    `tolerance` faster (measurement noise must not throw away a genuinely fast width)."""
     keep = []
     best = np.inf
     for w, t in sorted(zip(widths, times), key=lambda p: -p[0]):
-        if t < best:
+        if t * (1 - tolerance) < best:
             keep.append(w)
-            best = t
+        best = min(best, t)
     return sorted(keep)
 
 

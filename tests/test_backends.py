@@ -77,6 +77,7 @@ def test_width_grid_and_fast_widths():
     assert g[-1] == 2048 and len(g) <= 25 and all(w % 8 == 0 for w in g)
     # 24 is slower than 32: it is never worth choosing
     assert fast_widths([8, 16, 24, 32], [1.0, 2.0, 4.0, 3.0]) == [8, 16, 32]
+    assert fast_widths([8, 16], [1.0, 0.99]) == [8, 16]  # within noise of the wider one: kept
 
 
 def test_timing_cache_is_keyed_by_environment_and_reused(tmp_path, monkeypatch):
