@@ -136,10 +136,7 @@ def _recover(dense, pruned, analysis, plan, samples, provider, report, log):
     (a fifth of them). It changes weights, not shapes: the measured latency still holds."""
     from onnx_prune.passes.reconstruct import refit
 
-    n = len(next(iter(samples.values())))
-    cut = n - max(n // 5, 1) if n >= 10 else n
-    fit = {k: v[:cut] for k, v in samples.items()}
-    held = {k: v[cut:] for k, v in samples.items()} if cut < n else samples
+    fit, held = _split_held_out(samples)
     refitted, errors = refit(pruned, dense, analysis, plan, fit)
     before = output_fidelity(dense, pruned, held, provider)["mean_cosine_similarity"]
     after = output_fidelity(dense, refitted, held, provider)["mean_cosine_similarity"]
@@ -154,6 +151,20 @@ def _recover(dense, pruned, analysis, plan, samples, provider, report, log):
     report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
     report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
     return refitted
+
+
+def _split_held_out(samples, share=5):
+    """Fit on about 4/5 of the distinct samples, hold out the rest: a repeated sample must not
+    sit on both sides, or the check would approve a refit that only memorised it."""
+    names = sorted(samples)
+    n = len(samples[names[0]])
+    keys = [b"".join(np.ascontiguousarray(samples[k][i]).tobytes() for k in names) for i in range(n)]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) < 5:
+        return samples, samples
+    held_keys = set(distinct[len(distinct) - max(len(distinct) // share, 1):])
+    held = np.array([k in held_keys for k in keys])
+    return ({k: v[~held] for k, v in samples.items()}, {k: v[held] for k, v in samples.items()})
 
 
 def _next_goal(goal, speedup, target, short_goal, long_goal):

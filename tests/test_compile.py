@@ -127,3 +127,13 @@ def test_overshoot_is_relaxed_and_least_pruning_that_meets_target_wins(model):
     r = compile_model(m, "1.5x", input_shapes=shapes, timer=timer, batch_size=16).report
     assert r["rounds"][1]["goal"] < r["rounds"][0]["goal"]
     assert r["measured_speedup"] == 1.6
+
+
+def test_held_out_split_keeps_repeated_samples_on_one_side():
+    from onnx_prune.compiler.compile import _split_held_out
+
+    base = np.arange(10, dtype=np.float32).reshape(10, 1)
+    samples = {"x": np.concatenate([base, base, base])}  # every sample three times
+    fit, held = _split_held_out(samples)
+    assert not set(fit["x"].ravel()) & set(held["x"].ravel())
+    assert len(held["x"]) == 6 and len(fit["x"]) == 24
