@@ -15,6 +15,7 @@ the part of the end-to-end time no kernel accounts for (session overhead).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ class CostModel:
             self.layers[node.name] = layer
             points += axis_points(sig, layer.grids)
         self.db.ensure(points)
-        by_output = {o: n.name for n in self.nodes.values() for o in n.output}
+        by_output = {o: n.name for o, n in ctx.index.producer.items()}
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
         # The profiler adds a little to every kernel; when kernels sum to more than a plain run,
@@ -66,8 +67,9 @@ class CostModel:
         times = sorted(k.time_us - self.profiler_us for k in self.profile.kernels.values())
         self.fixed_us = max(times[0], 0.0) if times else 0.0
 
-    @property
+    @functools.cached_property
     def dense_ms(self) -> float:
+        """The dense model as the predictor sees it (constant: every speedup divides by it)."""
         return self.predict_ms({})
 
     def node_ratio(self, name: str, keep: dict) -> float:

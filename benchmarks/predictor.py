@@ -19,6 +19,7 @@ from onnx_prune.compiler.plans import random_plan, uniform_plan
 from onnx_prune.models.registry import load
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.importance import group_scores
 from onnx_prune.passes.surgery import apply_plan
 
 TARGETS = [1.25, 1.5, 2.0, 2.5, 3.0]
@@ -29,9 +30,10 @@ def uniform_for(cm, analysis, widths, target):
     """Bisect the uniform ratio until the predicted speedup reaches the target."""
     lo, hi = 0.0, 0.97
     best = None
+    scores = group_scores(analysis)
     for _ in range(14):
         mid = (lo + hi) / 2
-        plan = uniform_plan(analysis, mid, widths=widths)
+        plan = uniform_plan(analysis, mid, widths=widths, scores=scores)
         s = cm.predicted_speedup(plan)
         if s >= target:
             best, hi = plan, mid

@@ -13,10 +13,11 @@ def full_plan(analysis: Analysis) -> dict:
     return {g.name: np.arange(g.size) for g in analysis.groups}
 
 
-def uniform_plan(analysis: Analysis, ratio: float, importance="l2", widths=None) -> dict:
+def uniform_plan(analysis: Analysis, ratio: float, importance="l2", widths=None, scores=None) -> dict:
     """Every group loses the same share of channels, lowest importance first. With `widths`
-    (group -> allowed widths, e.g. the timing database's fast ones) the count snaps to the nearest."""
-    scores = group_scores(analysis, importance)
+    (group -> allowed widths, e.g. the timing database's fast ones) the count snaps to the nearest.
+    `scores` (from group_scores) saves recomputing them when called in a loop."""
+    scores = scores if scores is not None else group_scores(analysis, importance)
     plan = {}
     for g in analysis.groups:
         n = max(1, int(round(g.size * (1.0 - ratio))))

@@ -27,12 +27,12 @@ def search_uniform(cm, analysis, widths, goal_ms, scores):
     lo, hi, best = 0.0, 0.99, None
     for _ in range(BISECT_STEPS):
         mid = (lo + hi) / 2
-        plan = uniform_plan(analysis, mid, widths=widths)
+        plan = uniform_plan(analysis, mid, widths=widths, scores=scores)
         if cm.predict_ms(plan) <= goal_ms:
             best, hi = plan, mid
         else:
             lo = mid
-    return best or uniform_plan(analysis, 0.99, widths=widths)
+    return best or uniform_plan(analysis, 0.99, widths=widths, scores=scores)
 
 
 def global_plan(analysis, widths, scores, threshold):
