@@ -89,25 +89,14 @@ def _index_bound(model, name, inits) -> int:
 
 def feeds_for(model, input_shapes: dict, batch_size=None, seed=0):
     """Load a model (path or proto) and random feeds for it; a batch size replaces dynamic dim 0."""
-    from onnx_prune.passes.canonicalize import resolve_input_shapes
-    from onnx_prune.passes.graph import dims_of, load_model
+    from onnx_prune.passes.canonicalize import resolve_input_shapes, with_batch
+    from onnx_prune.passes.graph import load_model
 
     model = load_model(model)
     shapes = resolve_input_shapes(model, dict(input_shapes), [])
     if batch_size is not None:
-        for inp in model.graph.input:
-            if inp.name not in shapes:
-                continue
-            dims = dims_of(inp.type) or ()
-            if dims and dims[0] is not None and dims[0] != batch_size:
-                raise UserError(f"input '{inp.name}' has a fixed batch of {dims[0]}; --batch-size {batch_size} does not apply")
-            shapes[inp.name] = (batch_size,) + tuple(shapes[inp.name][1:])
+        shapes = with_batch(model, shapes, batch_size)
     return model, random_feeds(model, shapes, seed)
-
-
-def run(model, feeds: dict, provider="cpu", optimize=True) -> list:
-    sess = make_session(model, provider=provider, optimize=optimize)
-    return sess.run(None, feeds)
 
 
 def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:

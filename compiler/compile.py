@@ -178,14 +178,9 @@ def _next_goal(goal, speedup, target, short_goal, long_goal):
 
 def _rebatch(canon, batch_size):
     """Analyse and time at `batch_size` (layer times depend on it); only a dynamic batch can change."""
-    from onnx_prune.passes.canonicalize import make_static
-    from onnx_prune.passes.graph import dims_of
+    from onnx_prune.passes.canonicalize import make_static, with_batch
 
-    for inp in canon.model.graph.input:
-        dims = dims_of(inp.type) or ()
-        if inp.name in canon.input_shapes and dims and dims[0] is not None and dims[0] != batch_size:
-            raise UserError(f"input '{inp.name}' has a fixed batch of {dims[0]}; --batch-size {batch_size} does not apply")
-    canon.input_shapes = {k: (batch_size,) + tuple(v[1:]) for k, v in canon.input_shapes.items()}
+    canon.input_shapes = with_batch(canon.model, canon.input_shapes, batch_size)
     canon.static = make_static(canon.model, canon.input_shapes)
 
 

@@ -70,10 +70,10 @@ def max_ort_opset() -> int:
     """The newest default-domain opset the installed onnxruntime loads (probed once)."""
     import onnxruntime as ort
 
+    g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
     for opset in range(onnx.defs.onnx_opset_version(), UPGRADE_BELOW, -1):
-        g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
-                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
         m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
         m.ir_version = MAX_IR_VERSION
         try:
@@ -296,6 +296,15 @@ def resolve_input_shapes(model, given: dict, notes: list) -> dict:
             notes.append(f"input '{inp.name}': dynamic batch analysed at 1")
         shapes[inp.name] = tuple(d if d is not None else 1 for d in dims)
     return shapes
+
+
+def with_batch(model, shapes: dict, batch_size: int) -> dict:
+    """`shapes` with dim 0 set to `batch_size`; only an input whose batch is dynamic can change."""
+    for inp in model.graph.input:
+        dims = dims_of(inp.type) or ()
+        if inp.name in shapes and dims and dims[0] is not None and dims[0] != batch_size:
+            raise UserError(f"input '{inp.name}' has a fixed batch of {dims[0]}; --batch-size {batch_size} does not apply")
+    return {k: (batch_size,) + tuple(v[1:]) for k, v in shapes.items()}
 
 
 def make_static(model, shapes: dict) -> onnx.ModelProto:
