@@ -147,8 +147,8 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
 @click.option("--calib", default=None, help="Calibration data: file.npz, an image folder, or pkg.module:fn.")
 @click.option("--preprocess", default=None, help="For an image folder, e.g. resize=224,scale=255,mean=.485/.456/.406,std=.229/.224/.225.")
 @input_shape_opt
-@click.option("--batch-size", type=int, default=None, help="Batch size to time at (dynamic batch only).")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads to time with.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size to time at (dynamic batch only).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ORT intra-op threads to time with.")
 @click.option("--method", type=click.Choice(["spdy", "uniform", "global"]), default="spdy", show_default=True)
 @click.option("--search", type=click.Choice(["fast"]), default="fast", show_default=True,
               help="fast: SPDY's DP on raw errors.")
@@ -161,8 +161,6 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
 
     parse_speedup(target_speedup)
     _check_output(model, output)
-    if batch_size is not None and batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
     src, shapes = load_source(model)
     shapes.update(parse_input_shapes(input_shape))
     try:
@@ -190,8 +188,8 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Batch size for inputs with a dynamic first dim.")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size for inputs with a dynamic first dim.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ORT intra-op threads (default: ORT's choice).")
 @input_shape_opt
 @click.option("--blocks", type=int, default=12, show_default=True, help="Interleaved measurement blocks.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -202,10 +200,6 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
 
     if len(models) > 2:
         raise UserError("bench takes one or two models")
-    if batch_size is not None and batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    if threads is not None and threads <= 0:
-        raise UserError(f"--threads must be positive, got {threads}")
     loaded, feeds = [], []
     for m in models:
         src, shapes = load_source(m)

@@ -653,11 +653,11 @@ def shape_op(ctx, node):
         rank = len(X)
         start, end = [min(max(v + rank if v < 0 else v, 0), rank) for v in (attr(node, "start", 0), attr(node, "end", rank))]
         read = range(start, end)
-        picked = _picked_dims(ctx, node, start, end)
         if _only_feeds_shape_targets(ctx, node.output[0]):
             read = []  # Reshape/Expand/Resize check their targets against the channels
-        elif picked is not None:
-            read = picked
+        else:
+            picked = _picked_dims(ctx, node, start, end)
+            read = read if picked is None else picked
     for a in read:
         ctx.freeze(X[a], f"its size is read at run time by {_desc(node)}")
     ctx.set(node.output[0], [Fx(d) for d in ctx.shape(node.output[0])])

@@ -51,12 +51,10 @@ def masked_reference(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> 
     for name, axes in ctx.axes.items():
         if axes is None or name in index.inits or name in index.graph_inputs:
             continue
-        shape = [1] * len(axes)
         mask = np.ones([1] * len(axes), dtype=bool)
         for k, e in enumerate(axes):
             m = table.keep_mask(e, keep)
             if not m.all():
-                shape[k] = len(m)
                 mask = mask & m.reshape([len(m) if j == k else 1 for j in range(len(axes))])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(index.dtypes.get(name) or onnx.TensorProto.FLOAT)
         if mask.all() or not np.issubdtype(dtype, np.number):
