@@ -1,0 +1,401 @@
+"""The torch training bridge: `TorchGraph` executes an ONNX graph with torch ops, so it can be trained.
+
+It is an interpreter of the graph, not a converter: its parameters *are* the graph's initializers,
+and `export()` writes their current values back 1:1 into a copy of the same graph.
+
+    tg = TorchGraph(model)                      # ModelProto or path
+    loss = tg(x).square().mean(); loss.backward()
+    opt.step(); trained = tg.export()           # same graph, new initializer values
+
+Float initializers that act as weights become `nn.Parameter`s; integer/bool initializers, those read
+as shapes/axes/indices/bounds, BatchNorm running statistics and scalar constants of elementwise ops
+(epsilons, scales) become buffers. `value_hooks` ({value name: fn(tensor) -> tensor}) run right after
+the node producing the value; `weight_hooks` ({initializer name: fn}) run when the weight is read.
+Both are plain dicts that may be changed between calls.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from onnx_prune.errors import UserError
+
+from .torch_ops import DTYPES, ELEMENTWISE, FLOAT_TYPES, OPS, host, parse_attributes
+
+_NONE, _TRASH = 0, 1  # slots: an omitted optional input (always None); an output nobody reads
+
+
+class TorchGraph(nn.Module):
+    def __init__(self, model, value_hooks: dict | None = None, weight_hooks: dict | None = None):
+        super().__init__()
+        model = _as_model(model)
+        self.value_hooks = dict(value_hooks or {})
+        self.weight_hooks = dict(weight_hooks or {})
+        self._ctx = {"training": self.training, "device": torch.device("cpu")}
+        graph = _inlined(model).graph
+        inits = {t.name: t for t in model.graph.initializer}
+        self.input_names = [v.name for v in graph.input if v.name not in inits]
+        self.output_names = [v.name for v in graph.output]
+        nodes = _live_nodes(graph, inits, self.input_names)
+        opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+        attrs = [self._attributes(node, opsets) for node in nodes]
+        _check_supported(nodes, attrs, inits)
+        self._slots = {"": _NONE}
+        self._template = [None, None]
+        self.param_names, self.buffer_names = {}, {}
+        self._consts = []  # (slot, attribute name, is parameter), filled at every forward
+        self._const_of = {}  # slot -> (attribute name, is parameter)
+        self._register_initializers(model.graph.initializer, nodes)
+        self._input_slots = [self._slot(name) for name in self.input_names]
+        self._steps = self._compile(nodes, attrs)
+        self._output_slots = [self._slots[name] for name in self.output_names]
+        self._skeleton = _without_initializer_data(model)
+
+    # ------------------------------------------------------------ public API
+
+    def forward(self, *inputs, **named_inputs):
+        env = self._template.copy()
+        for slot, value in zip(self._input_slots, self._bind(inputs, named_inputs)):
+            env[slot] = value
+        params, buffers = self._parameters, self._buffers
+        for slot, key, is_param in self._consts:
+            env[slot] = params[key] if is_param else buffers[key]
+        hooks = self._apply_read_hooks(env)
+        for fn, a, ins, outs, free in self._steps:
+            results = fn(a, [env[i] for i in ins])
+            for slot, value in zip(outs, results):
+                env[slot] = value
+            if hooks:
+                for slot in outs:
+                    if slot in hooks:
+                        env[slot] = hooks[slot](env[slot])
+            for slot in free:  # the last reader has run: let the tensor go
+                env[slot] = None
+        outputs = tuple(env[slot] for slot in self._output_slots)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def export(self) -> onnx.ModelProto:
+        """A copy of the graph with every initializer set to the current parameter/buffer value."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self._skeleton)
+        names = {**self.param_names, **self.buffer_names}
+        with torch.no_grad():
+            for t in model.graph.initializer:
+                if t.name in names:
+                    _write(t, self.tensor(t.name))
+        return model
+
+    def parameters_by_initializer(self) -> dict[str, nn.Parameter]:
+        """{initializer name: its trainable parameter}."""
+        return {name: self._parameters[attr] for name, attr in self.param_names.items()}
+
+    def tensor(self, initializer: str) -> torch.Tensor:
+        """The current value (parameter or buffer) of an initializer."""
+        if initializer in self.param_names:
+            return self._parameters[self.param_names[initializer]]
+        if initializer in self.buffer_names:
+            return self._buffers[self.buffer_names[initializer]]
+        raise KeyError(f"no initializer named {initializer!r}")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._ctx["training"] = mode  # read by BatchNormalization and Dropout
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{len(self._steps)} nodes, inputs={self.input_names}, outputs={self.output_names}"
+
+    # ------------------------------------------------------------ construction
+
+    def _attributes(self, node, opsets) -> dict:
+        a = parse_attributes(node)
+        a["_opset"] = opsets.get(node.domain or "ai.onnx", 0)
+        a["_nout"] = len(node.output)
+        a["_ctx"] = self._ctx
+        return a
+
+    def _slot(self, name: str) -> int:
+        if name not in self._slots:
+            self._slots[name] = len(self._template)
+            self._template.append(None)
+        return self._slots[name]
+
+    def _register_initializers(self, initializers, nodes):
+        uses = {}
+        for node in nodes:
+            for pos, name in enumerate(node.input):
+                uses.setdefault(name, []).append((node.op_type, pos))
+        taken = set()
+        for t in initializers:
+            if t.data_type not in DTYPES:
+                continue  # kept verbatim (only unused ones reach here, see _check_supported)
+            value = _to_torch(t)
+            if _trainable(t, uses.get(t.name, [])):
+                attr = _attribute_name("p_", t.name, taken, self)
+                self.register_parameter(attr, nn.Parameter(value))
+                self.param_names[t.name] = attr
+            else:
+                attr = _attribute_name("b_", t.name, taken, self)
+                self.register_buffer(attr, value)
+                self.buffer_names[t.name] = attr
+            self._add_const(t.name, attr, t.name in self.param_names)
+        self._taken = taken
+
+    def _compile(self, nodes, attrs) -> list:
+        """Steps (fn, attrs, input slots, output slots, slots to free), in execution order."""
+        host_slots = {}
+        steps = []
+        for node, a in zip(nodes, attrs):
+            fn = OPS[node.op_type]
+            if node.op_type == "Constant":
+                self._constant(node, fn, a)
+                continue
+            ins = []
+            for pos, name in enumerate(node.input):
+                if pos in getattr(fn, "host", ()) and self._is_const(name):
+                    if name not in host_slots:  # read once, here, not at every forward
+                        host_slots[name] = self._slot("\0host:" + name)
+                        self._template[host_slots[name]] = host(self._const_value(name))
+                    ins.append(host_slots[name])
+                else:
+                    ins.append(self._slots[name])
+            outs = [self._slot(name) if name else _TRASH for name in node.output]
+            steps.append((fn, a, ins, outs))
+        return self._with_frees(steps)
+
+    def _constant(self, node, fn, a):
+        value = fn(a, [])[0]
+        attr = _attribute_name("c_", node.output[0], self._taken, self)
+        self.register_buffer(attr, value, persistent=False)
+        self._add_const(node.output[0], attr, False)
+
+    def _add_const(self, name: str, attr: str, is_param: bool):
+        slot = self._slot(name)
+        self._consts.append((slot, attr, is_param))
+        self._const_of[slot] = (attr, is_param)
+
+    def _is_const(self, name: str) -> bool:
+        return self._slots.get(name) in self._const_of
+
+    def _const_value(self, name: str) -> torch.Tensor:
+        key, is_param = self._const_of[self._slots[name]]
+        return self._parameters[key] if is_param else self._buffers[key]
+
+    def _with_frees(self, steps) -> list:
+        activations = set(self._input_slots)
+        for _, _, _, outs in steps:
+            activations.update(outs)
+        keep = {self._slots[name] for name in self.output_names} | {_NONE, _TRASH}
+        last = {}
+        for i, (_, _, ins, outs) in enumerate(steps):
+            for slot in outs:
+                last.setdefault(slot, i)  # an output nobody reads is freed right away
+            for slot in ins:
+                last[slot] = i
+        frees = [[] for _ in steps]
+        for slot, i in last.items():
+            if slot in activations and slot not in keep:
+                frees[i].append(slot)
+        return [(fn, a, ins, outs, frees[i]) for i, (fn, a, ins, outs) in enumerate(steps)]
+
+    # ------------------------------------------------------------ forward helpers
+
+    def _bind(self, inputs, named) -> list:
+        n = len(self.input_names)
+        if len(inputs) > n:
+            raise TypeError(f"graph takes {n} input(s) ({', '.join(self.input_names)}), got {len(inputs)}")
+        values = list(inputs) + [None] * (n - len(inputs))
+        for name, value in named.items():
+            if name not in self.input_names:
+                raise TypeError(f"unknown graph input {name!r} (inputs: {', '.join(self.input_names)})")
+            i = self.input_names.index(name)
+            if values[i] is not None:
+                raise TypeError(f"graph input {name!r} given twice")
+            values[i] = value
+        missing = [name for name, v in zip(self.input_names, values) if v is None]
+        if missing:
+            raise TypeError(f"missing graph input(s): {', '.join(missing)}")
+        device = self._device()
+        values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=device) for v in values]
+        self._ctx["device"] = values[0].device if values else device
+        return values
+
+    def _device(self) -> torch.device:
+        for t in self._buffers.values():
+            return t.device
+        for t in self._parameters.values():
+            return t.device
+        return torch.device("cpu")
+
+    def _apply_read_hooks(self, env) -> dict | None:
+        """Weight hooks and hooks on graph inputs now; returns {slot: hook} for node outputs."""
+        for name, fn in self.weight_hooks.items():
+            if name not in self.param_names and name not in self.buffer_names:
+                raise UserError(f"weight hook on {name!r}, which is not an initializer of the graph")
+            slot = self._slots[name]
+            env[slot] = fn(env[slot])
+        if not self.value_hooks:
+            return None
+        hooks = {}
+        for name, fn in self.value_hooks.items():
+            slot = self._slots.get(name)
+            if slot is None or name == "":
+                raise UserError(f"value hook on {name!r}, which is not a value the graph computes")
+            if env[slot] is not None:  # an input or a constant: already there
+                env[slot] = fn(env[slot])
+            else:
+                hooks[slot] = fn
+        return hooks
+
+
+# ---------------------------------------------------------------- module-level helpers
+
+
+def _as_model(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, Path)):
+        try:
+            return onnx.load(str(model))
+        except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
+            raise UserError(f"cannot load ONNX model {model}: {exc}") from exc
+    raise UserError(f"TorchGraph needs an onnx.ModelProto or a path, got {type(model).__name__}")
+
+
+def _inlined(model) -> onnx.ModelProto:
+    """Local functions inlined for execution (export keeps the original graph)."""
+    if not len(model.functions):
+        return model
+    from onnx import inliner
+
+    return inliner.inline_local_functions(model)
+
+
+def _live_nodes(graph, inits, inputs) -> list:
+    """The nodes the outputs depend on, in an order where every value is produced before use."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    live, stack = set(), [v.name for v in graph.output]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in live:
+            live.add(i)
+            stack.extend(name for name in graph.node[i].input if name)
+    known = set(inits) | set(inputs)
+    order, pending = [], [graph.node[i] for i in sorted(live)]
+    while pending:  # graph order is topological in valid models: one pass; more only to repair others
+        waiting = []
+        for node in pending:
+            if all(not name or name in known for name in node.input):
+                order.append(node)
+                known.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            missing = sorted({name for n in waiting for name in n.input if name and name not in producer
+                              and name not in known})
+            raise UserError(f"graph uses value(s) nothing produces: {', '.join(missing[:5]) or 'a cycle'}")
+        pending = waiting
+    for name in (v.name for v in graph.output):
+        if name not in known:
+            raise UserError(f"graph output {name!r} is never produced")
+    return order
+
+
+def _check_supported(nodes, attrs, inits):
+    """UserError naming every op (and node) the bridge cannot run, before anything runs."""
+    problems = {}
+    for node, a in zip(nodes, attrs):
+        fn = OPS.get(node.op_type) if (node.domain or "ai.onnx") == "ai.onnx" else None
+        label = node.op_type if fn is not None or not node.domain else f"{node.domain}::{node.op_type}"
+        reason = None
+        if fn is not None:
+            reason = fn.check(a) if getattr(fn, "check", None) else None
+            nout = getattr(fn, "nout", 1)
+            used = [i for i, name in enumerate(node.output) if name]
+            if reason is None and nout is not None and used and max(used) >= nout:
+                reason = f"output {max(used)}"
+        for name in node.input:
+            if name in inits and inits[name].data_type not in DTYPES:
+                reason = f"initializer {name} of type {onnx.TensorProto.DataType.Name(inits[name].data_type)}"
+        if fn is None or reason:
+            where = node.name or node.output[0]
+            problems.setdefault(label, []).append(f"{where}: {reason}" if reason else where)
+    if problems:
+        items = [f"{op} (node{'s' if len(ns) > 1 else ''} {', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''})"
+                 for op, ns in problems.items()]
+        raise UserError(f"torch bridge cannot run op(s) {'; '.join(items)}; "
+                        "add them to onnx_prune.backends.torch_ops.OPS or remove them from the graph")
+
+
+def _trainable(t: onnx.TensorProto, uses) -> bool:
+    if t.data_type not in FLOAT_TYPES or not uses:
+        return False
+    for op, pos in uses:
+        fn = OPS[op]
+        if pos in getattr(fn, "host", ()) or pos in getattr(fn, "frozen", ()):
+            return False
+    # a scalar operand of elementwise math is a constant (epsilon, scale), not a weight
+    return not (math.prod(t.dims) <= 1 and all(op in ELEMENTWISE for op, _ in uses))
+
+
+def _attribute_name(prefix: str, name: str, taken: set, module: nn.Module) -> str:
+    attr = prefix + re.sub(r"\W", "_", name)
+    while attr in taken or hasattr(module, attr):
+        attr += "_"
+    taken.add(attr)
+    return attr
+
+
+def _to_torch(t: onnx.TensorProto) -> torch.Tensor:
+    array = numpy_helper.to_array(t)
+    if t.data_type == onnx.TensorProto.BFLOAT16:
+        return torch.from_numpy(np.array(array.view(np.uint16))).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array, dtype=array.dtype))  # a writable copy
+
+
+def _write(t: onnx.TensorProto, value: torch.Tensor):
+    dtype = DTYPES[t.data_type]
+    value = value.detach().to("cpu", dtype)
+    if tuple(value.shape) != tuple(t.dims):
+        raise ValueError(f"initializer {t.name}: shape changed from {tuple(t.dims)} to {tuple(value.shape)}")
+    if dtype == torch.bfloat16:
+        value = value.view(torch.int16)
+    t.raw_data = value.contiguous().numpy().tobytes()
+
+
+def _copy_fields(dst, src, skip: str):
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _without_initializer_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer reduced to its header (name, type, dims), to refill on export;
+    initializers torch cannot hold are kept whole. Avoids holding a second copy of the weights."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(skeleton, model, "graph")
+    _copy_fields(skeleton.graph, model.graph, "initializer")
+    for t in model.graph.initializer:
+        out = skeleton.graph.initializer.add()
+        if t.data_type not in DTYPES:
+            out.CopyFrom(t)
+            continue
+        out.name, out.data_type, out.doc_string = t.name, t.data_type, t.doc_string
+        out.dims.extend(t.dims)
+        if hasattr(t, "metadata_props"):
+            out.metadata_props.extend(t.metadata_props)
+    return skeleton

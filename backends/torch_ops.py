@@ -1,0 +1,891 @@
+"""Torch implementations of ONNX ops for the training bridge (`torch_graph.TorchGraph`).
+
+One function per op type, all listed in one table, `OPS`. Each takes `(a, x)`: `a` the node's
+attributes (parsed once at construction, plus `_opset`, `_nout` and `_ctx`, the graph's shared
+{"training", "device"} state) and `x` the list of inputs (None for an omitted optional input),
+and returns the list of outputs.
+
+`@_op(...)` tags a function with what the graph needs to know before running it:
+- host: input positions read as Python numbers (shapes, axes, pads, scales, bounds). They are
+  never trainable; when the input is a constant it is converted once, at construction, so
+  forward does no device-to-host copies for it. At run time the op accepts a tensor there too.
+- frozen: other input positions that never get a gradient (indices, running statistics, exponents).
+- nout: how many outputs the function returns (None: as many as the node has).
+- check: attrs -> reason string when the function cannot honour the attributes (raised at
+  construction, never in the middle of forward).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto
+
+DTYPES = {
+    TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16, TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32,
+    TensorProto.INT16: torch.int16, TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
+    TensorProto.BOOL: torch.bool,
+}
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+# Ops whose scalar constant operands (epsilons, attention scales, exponents) are graph constants, not weights.
+ELEMENTWISE = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater",
+    "LessOrEqual", "GreaterOrEqual", "Clip", "Mod",
+})
+
+
+def _op(host=(), frozen=(), nout=1, check=None):
+    def tag(fn):
+        fn.host, fn.frozen, fn.nout, fn.check = tuple(host), tuple(frozen), nout, check
+        return fn
+    return tag
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def host(v):
+    """A host-side value: tensors become Python numbers or lists."""
+    return v.tolist() if isinstance(v, torch.Tensor) else v
+
+
+def _list(v):
+    v = host(v)
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _opt(x, i):
+    return x[i] if len(x) > i else None
+
+
+def _axis(axis, rank):
+    return axis + rank if axis < 0 else axis
+
+
+def _torch_pads(begin, end):
+    """ONNX (begins, ends) per axis, first axis first -> F.pad's order, last axis first."""
+    out = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        out += [b, e]
+    return out
+
+
+def _unary(f):
+    return _op()(lambda a, x: [f(x[0])])
+
+
+def _binary(f):
+    return _op()(lambda a, x: [f(x[0], x[1])])
+
+
+def _variadic(f):
+    return _op()(lambda a, x: [functools.reduce(f, x)])
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+def _div(a, x):
+    p, q = x
+    if p.is_floating_point() or q.is_floating_point():
+        return [p / q]
+    return [torch.div(p, q, rounding_mode="trunc")]  # ONNX integer division truncates
+
+
+@_op(frozen=(1,))
+def _pow(a, x):
+    y = torch.pow(x[0], x[1])
+    return [y if y.dtype == x[0].dtype else y.to(x[0].dtype)]  # ONNX: result has the base's type
+
+
+def _mod(a, x):
+    return [torch.fmod(x[0], x[1]) if a.get("fmod", 0) else torch.remainder(x[0], x[1])]
+
+
+def _mean(a, x):
+    return [functools.reduce(torch.add, x) / len(x)]
+
+
+@_op(frozen=(0,))
+def _where(a, x):
+    return [torch.where(x[0], x[1], x[2])]
+
+
+@_op(host=(1, 2))
+def _clip(a, x):
+    if a["_opset"] < 11:
+        lo, hi = a.get("min"), a.get("max")
+    else:
+        lo, hi = _opt(x, 1), _opt(x, 2)
+    if lo is None and hi is None:
+        return [x[0]]
+    return [torch.clamp(x[0], lo, hi)]
+
+
+def _hard_sigmoid(a, x):
+    return [torch.clamp(x[0] * a.get("alpha", 0.2) + a.get("beta", 0.5), 0.0, 1.0)]
+
+
+def _leaky_relu(a, x):
+    return [F.leaky_relu(x[0], a.get("alpha", 0.01))]
+
+
+def _elu(a, x):
+    return [F.elu(x[0], a.get("alpha", 1.0))]
+
+
+def _celu(a, x):
+    return [F.celu(x[0], a.get("alpha", 1.0))]
+
+
+def _selu(a, x):
+    alpha, gamma = a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)
+    v = x[0]
+    return [gamma * torch.where(v > 0, v, alpha * torch.expm1(v))]
+
+
+def _thresholded_relu(a, x):
+    v = x[0]
+    return [torch.where(v > a.get("alpha", 1.0), v, torch.zeros_like(v))]
+
+
+def _prelu(a, x):
+    v, slope = x
+    return [torch.where(v < 0, v * slope, v)]
+
+
+def _gelu(a, x):
+    return [F.gelu(x[0], approximate=a.get("approximate", "none"))]
+
+
+# ---------------------------------------------------------------- linear algebra
+
+
+def _matmul(a, x):
+    return [torch.matmul(x[0], x[1])]
+
+
+def _gemm(a, x):
+    A, B, C = x[0], x[1], _opt(x, 2)
+    if a.get("transA", 0):
+        A = A.t()
+    alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
+    if a.get("transB", 0):
+        if C is not None and alpha == 1.0 and beta == 1.0 and C.dim() == 1:
+            return [F.linear(A, B, C)]
+        B = B.t()
+    if C is None or beta == 0.0:
+        y = torch.mm(A, B)
+        return [y * alpha if alpha != 1.0 else y]
+    return [torch.addmm(C, A, B, beta=beta, alpha=alpha)]
+
+
+def _einsum(a, x):
+    return [torch.einsum(a["equation"], *x)]
+
+
+# ---------------------------------------------------------------- convolution and pooling
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVGPOOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _window_pads(a, size, kernel, strides, dilations):
+    """(begin, end) pads per spatial axis, from `pads` or `auto_pad`."""
+    r = len(kernel)
+    auto = a.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, k, s, d in zip(size, kernel, strides, dilations):
+            total = max(0, (math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n)
+            small, big = total // 2, total - total // 2
+            begin.append(small if auto == "SAME_UPPER" else big)
+            end.append(big if auto == "SAME_UPPER" else small)
+        return begin, end
+    if auto == "VALID":
+        return [0] * r, [0] * r
+    pads = a.get("pads") or [0] * (2 * r)
+    return list(pads[:r]), list(pads[r:])
+
+
+def _geometry(a, size, kernel):
+    r = len(kernel)
+    strides = list(a.get("strides") or [1] * r)
+    dilations = list(a.get("dilations") or [1] * r)
+    begin, end = _window_pads(a, size, kernel, strides, dilations)
+    return strides, dilations, begin, end
+
+
+def _check_rank(a):
+    k = a.get("kernel_shape")
+    if k is not None and len(k) not in _CONV:
+        return f"{len(k)}-d windows"
+    return None
+
+
+@_op(check=_check_rank)
+def _conv(a, x):
+    X, W, B = x[0], x[1], _opt(x, 2)
+    kernel = list(W.shape[2:])
+    strides, dilations, begin, end = _geometry(a, list(X.shape[2:]), kernel)
+    if begin != end:  # torch pads symmetrically only
+        X, begin = F.pad(X, _torch_pads(begin, end)), [0] * len(kernel)
+    return [_CONV[len(kernel)](X, W, B, strides, begin, dilations, a.get("group", 1))]
+
+
+def _conv_transpose_pads(a, size, kernel, strides, dilations, out_pad):
+    """(begin, end) crops of the full transposed output, as onnxruntime computes them."""
+    r = len(kernel)
+    auto = a.get("auto_pad", "NOTSET")
+    shape = a.get("output_shape")
+    if shape is None and auto not in ("SAME_UPPER", "SAME_LOWER"):
+        if auto == "VALID":
+            return [0] * r, [0] * r
+        pads = a.get("pads") or [0] * (2 * r)
+        return list(pads[:r]), list(pads[r:])
+    targets = list(shape[-r:]) if shape is not None else [n * s for n, s in zip(size, strides)]
+    begin, end = [], []
+    for n, k, s, d, o, t in zip(size, kernel, strides, dilations, out_pad, targets):
+        total = max(0, (n - 1) * s + o + (k - 1) * d + 1 - t)
+        if auto == "SAME_UPPER":
+            begin.append(total - total // 2), end.append(total // 2)
+        else:
+            begin.append(total // 2), end.append(total - total // 2)
+    return begin, end
+
+
+@_op(check=_check_rank)
+def _conv_transpose(a, x):
+    X, W, B = x[0], x[1], _opt(x, 2)
+    kernel = list(W.shape[2:])
+    r = len(kernel)
+    strides = list(a.get("strides") or [1] * r)
+    dilations = list(a.get("dilations") or [1] * r)
+    out_pad = list(a.get("output_padding") or [0] * r)
+    begin, end = _conv_transpose_pads(a, list(X.shape[2:]), kernel, strides, dilations, out_pad)
+    group = a.get("group", 1)
+    fn = _CONV_T[r]
+    if begin == end and all(o < max(s, d) for o, s, d in zip(out_pad, strides, dilations)):
+        return [fn(X, W, B, strides, begin, out_pad, group, dilations)]
+    # General case: full output, then crop (negative pad) the begin/end and extend by output_padding.
+    y = fn(X, W, None, strides, 0, 0, group, dilations)
+    y = F.pad(y, _torch_pads([-b for b in begin], [o - e for o, e in zip(out_pad, end)]))
+    return [y if B is None else y + B.reshape([1, -1] + [1] * r)]
+
+
+def _check_max_pool(a):
+    return "storage_order=1" if a.get("storage_order", 0) else _check_rank(a)
+
+
+def _check_avg_pool(a):
+    return "dilations" if any(d != 1 for d in a.get("dilations") or ()) else _check_rank(a)
+
+
+def _torch_pool_ok(begin, end, kernel, dilations):
+    return begin == end and all(p <= ((k - 1) * d + 1) // 2 for p, k, d in zip(begin, kernel, dilations))
+
+
+def _unravel_to(indices, padded, size, begin):
+    """Flat indices into the padded spatial plane -> flat indices into the unpadded one."""
+    out, rest = torch.zeros_like(indices), indices
+    coords = []
+    for n in reversed(padded):
+        coords.append(rest % n)
+        rest = rest // n
+    for c, n, b in zip(reversed(coords), size, begin):
+        out = out * n + (c - b)
+    return out
+
+
+@_op(nout=2, check=_check_max_pool)
+def _max_pool(a, x):
+    X = x[0]
+    kernel = list(a["kernel_shape"])
+    size = list(X.shape[2:])
+    strides, dilations, begin, end = _geometry(a, size, kernel)
+    ceil = bool(a.get("ceil_mode", 0))
+    fn, want_idx = _MAXPOOL[len(kernel)], a["_nout"] > 1
+    if _torch_pool_ok(begin, end, kernel, dilations):
+        pad = begin
+    else:
+        X, pad = F.pad(X, _torch_pads(begin, end), value=-math.inf), [0] * len(kernel)
+    if not want_idx:
+        return [fn(X, kernel, strides, pad, dilations, ceil_mode=ceil)]
+    y, idx = fn(X, kernel, strides, pad, dilations, ceil_mode=ceil, return_indices=True)
+    if pad != begin:
+        idx = _unravel_to(idx, list(X.shape[2:]), size, begin)
+    # ONNX indices count over the whole tensor (N, C, spatial), torch's within one plane.
+    plane = math.prod(size)
+    base = torch.arange(y.shape[0] * y.shape[1], device=y.device).reshape(y.shape[:2] + (1,) * len(kernel))
+    return [y, idx + base * plane]
+
+
+@_op(check=_check_avg_pool)
+def _avg_pool(a, x):
+    X = x[0]
+    kernel = list(a["kernel_shape"])
+    strides, dilations, begin, end = _geometry(a, list(X.shape[2:]), kernel)
+    ceil, include = bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))
+    fn = _AVGPOOL[len(kernel)]
+    if _torch_pool_ok(begin, end, kernel, dilations):
+        return [fn(X, kernel, strides, begin, ceil, include)]
+    pads = _torch_pads(begin, end)
+    y = fn(F.pad(X, pads), kernel, strides, 0, ceil, True)
+    if include:
+        return [y]
+    ones = F.pad(torch.ones((1, 1) + tuple(X.shape[2:]), dtype=X.dtype, device=X.device), pads)
+    return [y / fn(ones, kernel, strides, 0, ceil, True)]
+
+
+def _global_avg_pool(a, x):
+    X = x[0]
+    return [X.mean(dim=tuple(range(2, X.dim())), keepdim=True)]
+
+
+def _global_max_pool(a, x):
+    X = x[0]
+    return [X.amax(dim=tuple(range(2, X.dim())), keepdim=True)]
+
+
+# ---------------------------------------------------------------- normalization
+
+
+def _check_batch_norm(a):
+    return "spatial=0" if a.get("spatial", 1) == 0 else None
+
+
+@_op(frozen=(3, 4), nout=3, check=_check_batch_norm)
+def _batch_norm(a, x):
+    X, scale, bias, mean, var = x[:5]
+    # Train mode: batch statistics, running stats updated in place (ONNX momentum m <-> torch 1 - m).
+    y = F.batch_norm(X, mean, var, scale, bias, a["_ctx"]["training"], 1.0 - a.get("momentum", 0.9),
+                     a.get("epsilon", 1e-5))
+    return [y, mean, var]
+
+
+def _instance_norm(a, x):
+    return [F.instance_norm(x[0], weight=x[1], bias=x[2], eps=a.get("epsilon", 1e-5))]
+
+
+@_op(nout=3)
+def _layer_norm(a, x):
+    X, scale, bias = x[0], x[1], _opt(x, 2)
+    axis = _axis(a.get("axis", -1), X.dim())
+    shape, eps = tuple(X.shape[axis:]), a.get("epsilon", 1e-5)
+    if tuple(scale.shape) == shape and (bias is None or tuple(bias.shape) == shape):
+        y = F.layer_norm(X, shape, scale, bias, eps)
+    else:  # scale/bias only broadcastable to the normalized shape
+        y = F.layer_norm(X, shape, None, None, eps) * scale
+        y = y if bias is None else y + bias
+    if a["_nout"] == 1:
+        return [y]
+    dims = tuple(range(axis, X.dim()))
+    mean = X.mean(dim=dims, keepdim=True)
+    inv_std = torch.rsqrt(X.var(dim=dims, unbiased=False, keepdim=True) + eps)
+    return [y, mean, inv_std]
+
+
+def _group_norm(a, x):
+    X, scale, bias = x
+    groups, channels = a["num_groups"], X.shape[1]
+    if scale.numel() != channels:  # opset 18: one scale per group
+        scale = scale.repeat_interleave(channels // groups)
+        bias = bias.repeat_interleave(channels // groups)
+    return [F.group_norm(X, groups, scale, bias, a.get("epsilon", 1e-5))]
+
+
+def _lrn(a, x):
+    X = x[0]
+    size = a["size"]
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2  # ONNX window; torch's differs for even sizes
+    sq = (X * X).reshape(X.shape[0], 1, X.shape[1], -1)
+    mean = F.avg_pool2d(F.pad(sq, (0, 0, before, after)), (size, 1), stride=1).reshape(X.shape)
+    return [X / (a.get("bias", 1.0) + a.get("alpha", 1e-4) * mean) ** a.get("beta", 0.75)]
+
+
+def _softmax_like(f):
+    def run(a, x):
+        X = x[0]
+        if a["_opset"] >= 13:
+            return [f(X, a.get("axis", -1))]
+        axis = _axis(a.get("axis", 1), X.dim())  # before opset 13: coerced to 2-d at axis
+        return [f(X.reshape(math.prod(X.shape[:axis]), -1), 1).reshape(X.shape)]
+    return _op()(run)
+
+
+@_op(host=(1, 2), nout=2)
+def _dropout(a, x):
+    X = x[0]
+    ratio = a.get("ratio", 0.5) if a["_opset"] < 12 else (_opt(x, 1) if _opt(x, 1) is not None else 0.5)
+    ratio = float(host(ratio))
+    if not a["_ctx"]["training"] or ratio == 0.0:
+        return [X, torch.ones_like(X, dtype=torch.bool)] if a["_nout"] > 1 else [X]
+    if a["_nout"] == 1:
+        return [F.dropout(X, ratio, True)]
+    mask = torch.rand_like(X) >= ratio
+    return [X * mask / (1.0 - ratio), mask]
+
+
+# ---------------------------------------------------------------- shapes and data movement
+
+
+@_op(host=(1,))
+def _reshape(a, x):
+    X, shape = x[0], _list(x[1])
+    if not a.get("allowzero", 0):
+        shape = [X.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return [X.reshape(shape)]
+
+
+def _flatten(a, x):
+    X = x[0]
+    axis = _axis(a.get("axis", 1), X.dim())
+    return [X.reshape(math.prod(X.shape[:axis]), math.prod(X.shape[axis:]))]
+
+
+def _transpose(a, x):
+    X = x[0]
+    perm = a.get("perm") or list(range(X.dim() - 1, -1, -1))
+    return [X.permute(perm)]
+
+
+def _axes_arg(a, x, i):
+    if "axes" in a:
+        return list(a["axes"])
+    v = _opt(x, i)
+    return None if v is None else _list(v)
+
+
+@_op(host=(1,))
+def _squeeze(a, x):
+    X, axes = x[0], _axes_arg(a, x, 1)
+    if axes is None:
+        return [X.squeeze()]
+    return [X.squeeze(tuple(_axis(ax, X.dim()) for ax in axes))] if axes else [X]
+
+
+@_op(host=(1,))
+def _unsqueeze(a, x):
+    X, axes = x[0], _axes_arg(a, x, 1)
+    rank = X.dim() + len(axes)
+    for ax in sorted(_axis(ax, rank) for ax in axes):
+        X = X.unsqueeze(ax)
+    return [X]
+
+
+def _concat(a, x):
+    return [torch.cat(x, a["axis"])]
+
+
+@_op(host=(1,), nout=None)
+def _split(a, x):
+    X = x[0]
+    axis = _axis(a.get("axis", 0), X.dim())
+    split = a.get("split")
+    if split is None and _opt(x, 1) is not None:
+        split = _list(x[1])
+    if split:
+        return list(torch.split(X, list(split), axis))
+    parts = a.get("num_outputs", a["_nout"])
+    return list(torch.split(X, math.ceil(X.shape[axis] / parts), axis))  # last part may be smaller
+
+
+@_op(host=(1, 2, 3, 4))
+def _slice(a, x):
+    X = x[0]
+    if "starts" in a:  # before opset 10
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends = _list(x[1]), _list(x[2])
+        axes = _list(x[3]) if _opt(x, 3) is not None else None
+        steps = _list(x[4]) if _opt(x, 4) is not None else None
+    axes = axes if axes is not None else range(len(starts))
+    steps = steps if steps is not None else [1] * len(starts)
+    index, flips = [slice(None)] * X.dim(), []
+    for ax, start, end, step in zip(axes, starts, ends, steps):
+        ax = _axis(ax, X.dim())
+        n = X.shape[ax]
+        start, end = start + n if start < 0 else start, end + n if end < 0 else end
+        if step > 0:
+            index[ax] = slice(min(max(start, 0), n), min(max(end, 0), n), step)
+        else:  # torch has no negative steps: flip, then slice forward
+            start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
+            flips.append(ax)
+            index[ax] = slice(n - 1 - start, n - 1 - end, -step)
+    if flips:
+        X = X.flip(flips)
+    return [X[tuple(index)]]
+
+
+@_op(frozen=(1,))
+def _gather(a, x):
+    X, idx = x
+    axis = _axis(a.get("axis", 0), X.dim())
+    idx = torch.where(idx < 0, idx + X.shape[axis], idx)
+    y = X.index_select(axis, idx.reshape(-1))
+    return [y.reshape(X.shape[:axis] + idx.shape + X.shape[axis + 1:])]
+
+
+@_op(frozen=(1,))
+def _gather_elements(a, x):
+    X, idx = x
+    axis = _axis(a.get("axis", 0), X.dim())
+    return [torch.gather(X, axis, torch.where(idx < 0, idx + X.shape[axis], idx))]
+
+
+@_op(host=(1,))
+def _expand(a, x):
+    X = x[0]
+    return [X.expand(torch.broadcast_shapes(X.shape, tuple(_list(x[1]))))]
+
+
+@_op(host=(1,))
+def _tile(a, x):
+    return [x[0].repeat(_list(x[1]))]
+
+
+def _check_pad(a):
+    return f"mode '{a['mode']}'" if a.get("mode", "constant") not in ("constant", "reflect", "edge", "wrap") else None
+
+
+@_op(host=(1, 2, 3), check=_check_pad)
+def _pad(a, x):
+    X = x[0]
+    rank = X.dim()
+    if "pads" in a:  # before opset 11
+        pads, value, axes = list(a["pads"]), a.get("value", 0.0), list(range(rank))
+    else:
+        pads = _list(x[1])
+        value = host(x[2]) if _opt(x, 2) is not None else 0.0
+        axes = [_axis(ax, rank) for ax in _list(x[3])] if _opt(x, 3) is not None else list(range(rank))
+    begin, end = [0] * rank, [0] * rank
+    for i, ax in enumerate(axes):
+        begin[ax], end[ax] = pads[i], pads[i + len(axes)]
+    mode = a.get("mode", "constant")
+    if mode == "constant":
+        return [F.pad(X, _torch_pads(begin, end), value=float(value))]
+    first = next((i for i in range(rank) if begin[i] or end[i]), rank)
+    first = min(first, rank - 1)  # torch pads only trailing axes in these modes
+    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    return [F.pad(X, _torch_pads(begin[first:], end[first:]), mode=torch_mode)]
+
+
+def _shape(a, x):
+    dims = x[0].shape[a.get("start", 0):a.get("end")]
+    return [torch.tensor(dims, dtype=torch.int64, device=x[0].device)]
+
+
+def _size(a, x):
+    return [torch.tensor(x[0].numel(), dtype=torch.int64, device=x[0].device)]
+
+
+def _check_cast(a):
+    return None if a["to"] in DTYPES else f"cast to {TensorProto.DataType.Name(a['to'])}"
+
+
+@_op(check=_check_cast)
+def _cast(a, x):
+    return [x[0].to(DTYPES[a["to"]])]
+
+
+def _cast_like(a, x):
+    return [x[0].to(x[1].dtype)]
+
+
+def _check_constant_of_shape(a):
+    v = a.get("value")
+    return None if v is None or v.dtype.kind in "biuf" else "non-numeric value"
+
+
+@_op(host=(0,), check=_check_constant_of_shape)
+def _constant_of_shape(a, x):
+    v = a.get("value")
+    if v is None:
+        value, dtype = 0.0, torch.float32
+    else:
+        value, dtype = v.reshape(-1)[0].item(), torch.from_numpy(np.empty(0, v.dtype)).dtype
+    return [torch.full(_list(x[0]), value, dtype=dtype, device=a["_ctx"]["device"])]
+
+
+def _constant_value(a):
+    """The value of a Constant node as a numpy array, or None if it is not a tensor."""
+    for key, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in a:
+            v = np.asarray(a[key], dtype=dtype)
+            return v if v.dtype.kind in "biuf" else None  # not strings or sparse tensors
+    return None
+
+
+def _check_constant(a):
+    return None if _constant_value(a) is not None else "non-tensor value"
+
+
+@_op(check=_check_constant)
+def _constant(a, x):
+    # Evaluated once at construction; the graph keeps the result as a buffer.
+    return [torch.from_numpy(np.array(_constant_value(a)))]
+
+
+@_op(host=(0, 1, 2))
+def _range(a, x):
+    start, limit, delta = (host(v) for v in x)
+    return [torch.arange(start, limit, delta, device=a["_ctx"]["device"])]
+
+
+def _identity(a, x):
+    return [x[0]]
+
+
+@_op(host=(1,))
+def _cumsum(a, x):
+    X = x[0]
+    axis = _axis(int(host(x[1])), X.dim())
+    if a.get("reverse", 0):
+        X = X.flip(axis)
+    y = torch.cumsum(X, axis)
+    if a.get("exclusive", 0):
+        y = y - X
+    return [y.flip(axis) if a.get("reverse", 0) else y]
+
+
+@_op(host=(1,))
+def _trilu(a, x):
+    k = int(host(x[1])) if _opt(x, 1) is not None else 0
+    return [torch.triu(x[0], k) if a.get("upper", 1) else torch.tril(x[0], k)]
+
+
+def _nonzero(a, x):
+    return [torch.nonzero(x[0]).t()]
+
+
+@_op(host=(1,), nout=2)
+def _topk(a, x):
+    X = x[0]
+    k = int(_list(x[1])[0])
+    values, indices = torch.topk(X, k, dim=a.get("axis", -1), largest=bool(a.get("largest", 1)),
+                                 sorted=bool(a.get("sorted", 1)))
+    return [values, indices]
+
+
+def _depth_to_space(a, x):
+    X = x[0]
+    b = a["blocksize"]
+    n, c, h, w = X.shape
+    if a.get("mode", "DCR") == "DCR":
+        y = X.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = X.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return [y.reshape(n, c // (b * b), h * b, w * b)]
+
+
+def _space_to_depth(a, x):
+    X = x[0]
+    b = a["blocksize"]
+    n, c, h, w = X.shape
+    y = X.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return [y.reshape(n, c * b * b, h // b, w // b)]
+
+
+# ---------------------------------------------------------------- reductions
+
+
+def _reduce(f):
+    @_op(host=(1,))
+    def run(a, x):
+        X = x[0]
+        axes = _axes_arg(a, x, 1)
+        keep = bool(a.get("keepdims", 1))
+        if not axes:
+            if a.get("noop_with_empty_axes", 0) or X.dim() == 0:
+                return [X]
+            axes = range(X.dim())
+        return [f(X, tuple(sorted(_axis(ax, X.dim()) for ax in axes)), keep)]
+    return run
+
+
+def _prod(X, axes, keep):
+    for ax in reversed(axes):
+        X = torch.prod(X, ax, keepdim=keep)
+    return X
+
+
+_REDUCERS = {
+    "ReduceMean": lambda X, d, k: torch.mean(X, d, keepdim=k),
+    "ReduceSum": lambda X, d, k: torch.sum(X, d, keepdim=k),
+    "ReduceMax": lambda X, d, k: torch.amax(X, d, keepdim=k),
+    "ReduceMin": lambda X, d, k: torch.amin(X, d, keepdim=k),
+    "ReduceProd": _prod,
+    "ReduceL1": lambda X, d, k: torch.sum(X.abs(), d, keepdim=k),
+    "ReduceL2": lambda X, d, k: torch.linalg.vector_norm(X, 2, d, keepdim=k),
+    "ReduceSumSquare": lambda X, d, k: torch.sum(X * X, d, keepdim=k),
+    "ReduceLogSum": lambda X, d, k: torch.log(torch.sum(X, d, keepdim=k)),
+    "ReduceLogSumExp": lambda X, d, k: torch.logsumexp(X, d, keepdim=k),
+}
+
+
+def _arg(f):
+    def run(a, x):
+        X = x[0]
+        axis = _axis(a.get("axis", 0), X.dim())
+        keep = bool(a.get("keepdims", 1))
+        if not a.get("select_last_index", 0):
+            return [f(X, axis, keep)]
+        return [X.shape[axis] - 1 - f(X.flip(axis), axis, keep)]
+    return _op()(run)
+
+
+# ---------------------------------------------------------------- resize
+
+_COORDINATES = {
+    "half_pixel": lambda x, s, n, m: (x + 0.5) / s - 0.5,
+    "pytorch_half_pixel": lambda x, s, n, m: (x + 0.5) / s - 0.5 if m > 1 else np.zeros_like(x),
+    "align_corners": lambda x, s, n, m: x * np.float32((n - 1) / (m - 1)) if m > 1 else np.zeros_like(x),
+    "asymmetric": lambda x, s, n, m: x / s,
+    "tf_half_pixel_for_nn": lambda x, s, n, m: (x + 0.5) / s,
+    "half_pixel_symmetric": lambda x, s, n, m: (
+        np.float32(n / 2) * (1 - np.float32(m / (s * n))) + (x + 0.5) / s - 0.5),
+}
+_NEAREST = {
+    "round_prefer_floor": lambda v: np.ceil(v - 0.5),
+    "round_prefer_ceil": lambda v: np.floor(v + 0.5),
+    "floor": np.floor,
+    "ceil": np.ceil,
+    # Upsample (before opset 10) as onnxruntime runs it: truncate when enlarging, ceil when shrinking
+    "simple": None,
+}
+
+
+def _check_resize(a):
+    if a.get("mode", "nearest") not in ("nearest", "linear", "bilinear", "trilinear"):
+        return f"mode '{a['mode']}'"
+    if a.get("coordinate_transformation_mode", "half_pixel") not in _COORDINATES:
+        return f"coordinate_transformation_mode '{a['coordinate_transformation_mode']}'"
+    if a.get("antialias", 0):
+        return "antialias=1"
+    if a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        return f"keep_aspect_ratio_policy '{a['keep_aspect_ratio_policy']}'"
+    return None
+
+
+def _resize_axis(X, axis, out, scale, a):
+    """Resample one axis exactly as ONNX specifies (coordinates in float32, like onnxruntime)."""
+    n = X.shape[axis]
+    dst = np.arange(out, dtype=np.float32)
+    src = _COORDINATES[a.get("coordinate_transformation_mode", "half_pixel")](dst, np.float32(scale), n, out)
+    src = np.asarray(src, dtype=np.float32)
+    shape = [1] * X.dim()
+    shape[axis] = out
+    if a.get("mode", "nearest") == "nearest":
+        mode = a.get("nearest_mode", "round_prefer_floor")
+        if mode == "simple":
+            idx = np.ceil(src) if scale < 1 else np.trunc(src)
+        else:
+            idx = _NEAREST[mode](src)
+        idx = torch.from_numpy(np.clip(idx, 0, n - 1).astype(np.int64)).to(X.device)
+        return X.index_select(axis, idx)
+    src = np.clip(src, 0, n - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    w = torch.from_numpy((src - lo).astype(np.float32)).to(X.device, X.dtype).reshape(shape)
+    lo, hi = torch.from_numpy(lo).to(X.device), torch.from_numpy(hi).to(X.device)
+    return X.index_select(axis, lo) * (1 - w) + X.index_select(axis, hi) * w
+
+
+def _resample(X, scales, sizes, a):
+    rank = X.dim()
+    axes = [_axis(ax, rank) for ax in a.get("axes") or range(rank)]
+    full_scales, full_sizes = [1.0] * rank, list(X.shape)
+    if sizes:
+        for ax, m in zip(axes, sizes):
+            full_sizes[ax], full_scales[ax] = int(m), float(np.float32(m) / np.float32(X.shape[ax]))
+    else:
+        for ax, s in zip(axes, scales):
+            full_scales[ax] = float(np.float32(s))
+            full_sizes[ax] = int(math.floor(X.shape[ax] * np.float32(s)))
+    for ax in range(rank):
+        if full_sizes[ax] != X.shape[ax] or full_scales[ax] != 1.0:
+            X = _resize_axis(X, ax, full_sizes[ax], full_scales[ax], a)
+    return X
+
+
+@_op(host=(1, 2, 3), check=_check_resize)
+def _resize(a, x):
+    X = x[0]
+    if a["_opset"] < 11:  # Resize-10: (X, scales), asymmetric coordinates
+        a = dict(a, coordinate_transformation_mode="asymmetric", nearest_mode="simple")
+        return [_resample(X, _list(x[1]), None, a)]
+    scales = _list(x[2]) if _opt(x, 2) is not None else []
+    sizes = _list(x[3]) if _opt(x, 3) is not None else []
+    return [_resample(X, scales, sizes, a)]
+
+
+@_op(host=(1,), check=_check_resize)
+def _upsample(a, x):
+    scales = list(a["scales"]) if "scales" in a else _list(x[1])
+    a = dict(a, coordinate_transformation_mode="asymmetric", nearest_mode="simple")
+    return [_resample(x[0], scales, None, a)]
+
+
+# ---------------------------------------------------------------- the table
+
+OPS = {
+    # activations and elementwise math
+    "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
+    "Erf": _unary(torch.erf), "Sqrt": _unary(torch.sqrt), "Exp": _unary(torch.exp), "Log": _unary(torch.log),
+    "Neg": _unary(torch.neg), "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal),
+    "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Round": _unary(torch.round),
+    "Sign": _unary(torch.sign), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos),
+    "Not": _unary(torch.logical_not), "Softplus": _unary(F.softplus), "Softsign": _unary(F.softsign),
+    "Mish": _unary(F.mish), "HardSwish": _unary(F.hardswish), "HardSigmoid": _hard_sigmoid,
+    "LeakyRelu": _leaky_relu, "Elu": _elu, "Celu": _celu, "Selu": _selu, "ThresholdedRelu": _thresholded_relu,
+    "PRelu": _prelu, "Gelu": _gelu, "Identity": _identity,
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _div, "Pow": _pow,
+    "Mod": _mod, "Equal": _binary(torch.eq), "Greater": _binary(torch.gt), "Less": _binary(torch.lt),
+    "GreaterOrEqual": _binary(torch.ge), "LessOrEqual": _binary(torch.le), "And": _binary(torch.logical_and),
+    "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor), "Where": _where, "Clip": _clip,
+    "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add), "Mean": _mean,
+    # linear algebra, convolution, pooling
+    "MatMul": _matmul, "Gemm": _gemm, "Einsum": _einsum, "Conv": _conv, "ConvTranspose": _conv_transpose,
+    "MaxPool": _max_pool, "AveragePool": _avg_pool, "GlobalAveragePool": _global_avg_pool,
+    "GlobalMaxPool": _global_max_pool,
+    # normalization, softmax, dropout
+    "BatchNormalization": _batch_norm, "InstanceNormalization": _instance_norm, "LayerNormalization": _layer_norm,
+    "GroupNormalization": _group_norm, "LRN": _lrn, "Softmax": _softmax_like(torch.softmax),
+    "LogSoftmax": _softmax_like(torch.log_softmax), "Dropout": _dropout,
+    # shapes and data movement
+    "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
+    "GatherElements": _gather_elements, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
+    "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
+    "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Trilu": _trilu, "NonZero": _nonzero,
+    "TopK": _topk, "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
+    "Resize": _resize, "Upsample": _upsample,
+    # reductions
+    **{name: _reduce(f) for name, f in _REDUCERS.items()},
+    "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
+}
+
+
+def parse_attributes(node: onnx.NodeProto) -> dict:
+    """Attribute values as Python values: strings decoded, tensors as numpy arrays."""
+    out = {}
+    for attr in node.attribute:
+        v = onnx.helper.get_attribute_value(attr)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, onnx.TensorProto):
+            v = onnx.numpy_helper.to_array(v)
+        elif isinstance(v, (list, tuple)):
+            v = [s.decode() if isinstance(s, bytes) else s for s in v]
+        out[attr.name] = v
+    return out
