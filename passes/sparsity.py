@@ -305,7 +305,7 @@ class ChannelMap:
                 arr = ctx.index.const(init)
                 if arr is None or not np.issubdtype(arr.dtype, np.floating):
                     continue
-                w = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+                w = torch.from_numpy(np.array(arr, dtype=np.float32))
             for axis, role, _node in uses:
                 if role not in roles:
                     continue

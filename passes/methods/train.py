@@ -1,0 +1,110 @@
+"""One training loop for every method.
+
+run() installs the method's hooks on the executor (TorchGraph: weight_hooks give effective
+weights, value_hooks mask activations), then per batch: forward, loss + method.penalty(),
+backward, optimizer step, method.step(i). At the end method.finalize() hardens the masks and
+zeroes the pruned parameters, so the exported weights carry the exact pattern.
+
+Batches are `feeds` or `(feeds, labels)`; feeds is a dict (graph input name -> tensor) or one
+tensor. Without labels the loss distils to the dense model (a frozen copy taken before any
+hook is installed): mean squared error of every output, relative to the teacher output's mean
+square so the loss is scale-free. With labels it is the task loss (`loss_fn(outputs, labels)`;
+default cross-entropy on the first output for integer labels, MSE otherwise).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def install(net, method):
+    """Put the method's hooks on the executor (TorchGraph reads these dicts at every forward)."""
+    net.weight_hooks, net.value_hooks = method.weight_hooks(), method.value_hooks()
+
+
+def outputs(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return list(out.values())
+    return list(out)
+
+
+def call(net, feeds):
+    return net(**feeds) if isinstance(feeds, dict) else net(feeds)  # TorchGraph: by name or position
+
+
+def split(batch):
+    if isinstance(batch, tuple):
+        if len(batch) != 2:
+            raise ValueError("a batch is feeds or (feeds, labels); pass several inputs as a dict")
+        return batch
+    return batch, None
+
+
+def distill_loss(student: list, teacher: list) -> torch.Tensor:
+    loss = 0.0
+    for s, t in zip(student, teacher):
+        loss = loss + F.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12)
+    return loss
+
+
+def task_loss(out: list, labels) -> torch.Tensor:
+    if not labels.is_floating_point():
+        return F.cross_entropy(out[0], labels)
+    return F.mse_loss(out[0], labels)
+
+
+def run(net, method, batches, loss_fn=None, epochs=1, optimizer=None, lr=1e-3, teacher=None,
+        train_mode=False) -> list[float]:
+    """Train `net` (TorchGraph or any module with the same hooks) under `method` for `epochs`
+    passes over `batches`; returns the loss per step (without the penalty).
+
+    train_mode=False keeps the graph's inference semantics while training (BatchNormalization
+    uses its running statistics, Dropout is off): robust with the small batches of calibration
+    data; True uses batch statistics and updates them."""
+    batches = list(batches)
+    steps = epochs * len(batches)
+    if steps != method.total_steps:
+        warnings.warn(f"method scheduled for {method.total_steps} steps, training for {steps}", stacklevel=2)
+    labeled = any(split(b)[1] is not None for b in batches)
+    if teacher is None and not labeled:
+        teacher = copy.deepcopy(net)  # dense, before any hook
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    net.train(train_mode)
+    install(net, method)
+    if optimizer is None:
+        optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    targets = {}
+    losses = []
+    i = 0
+    for _epoch in range(epochs):
+        for b, batch in enumerate(batches):
+            feeds, labels = split(batch)
+            out = outputs(call(net, feeds))
+            if labels is not None:
+                loss = loss_fn(out, labels) if loss_fn else task_loss(out, labels)
+            else:
+                if b not in targets:  # the teacher is frozen: one forward per batch suffices
+                    with torch.no_grad():
+                        targets[b] = [t.detach() for t in outputs(call(teacher, feeds))]
+                loss = loss_fn(out, targets[b]) if loss_fn else distill_loss(out, targets[b])
+            total = loss + method.penalty()
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            method.step(i)
+            if method.optimizer_reset:  # P-GaP workers start from fresh optimizer state
+                optimizer.state.clear()
+                method.optimizer_reset = False
+            losses.append(float(loss.detach()))
+            i += 1
+    method.finalize()
+    return losses
