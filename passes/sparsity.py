@@ -75,6 +75,9 @@ def prunable_weights(model: onnx.ModelProto, skip_first=False, skip_last=False) 
     a mask reasons about. Conv (O, I/g, k..); ConvTranspose (I, O/g, k..); Gemm B (K, N), or
     (N, K) with transB; MatMul B (.., K, N). A weight used by several layers counts once."""
     inits = {t.name: t for t in model.graph.initializer}
+    for s in model.graph.sparse_initializer:  # headers only: name, type, dims
+        t = onnx.TensorProto(name=s.values.name, data_type=s.values.data_type, dims=s.dims)
+        inits[t.name] = t
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     out: dict[str, WeightInfo] = {}
     for node in model.graph.node:
@@ -278,7 +281,11 @@ class ChannelMap:
             shape = [-1 if j == axis else 1 for j in range(x.dim())]
             mult = mult.to(x.device)
             if x.is_floating_point():
-                x = x * mult.to(x.dtype).reshape(shape)
+                m = mult.to(x.dtype).reshape(shape)
+                y = x * m
+                # removed channels are exact zeros even where x is inf/nan (x / masked zero), as
+                # the reference's Where gives
+                x = torch.where(m == 0, torch.zeros((), dtype=x.dtype, device=x.device), y) if (m == 0).any() else y
             else:  # integer tensors: only hard masks make sense
                 x = torch.where(mult.reshape(shape) > 0.5, x, torch.zeros((), dtype=x.dtype))
         return x

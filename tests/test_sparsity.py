@@ -259,6 +259,12 @@ def test_sparsity_report_counts_and_nm():
     assert rep["total"]["sparsity"] == pytest.approx(0.5)
     for k in masks:
         assert rep["layers"][k]["kept"] == ws[k].numel() // 2
+    # 1:4 is sparse enough for sparse initializers; the report reads them too
+    masks = sp.nm_masks(ws, infos, 1, 4)
+    small = sp.write_sparse(model, masks, sparse_initializers=True)
+    assert len(small.graph.sparse_initializer) == len(masks)
+    rep = sp.sparsity_report(small, masks, nm=(1, 4))
+    assert rep["total"]["nm_ok"] and rep["total"]["sparsity"] == pytest.approx(0.75)
     # the unmasked model does not respect the masks nor N:M
     rep = sp.sparsity_report(model, masks, nm=(2, 4))
     assert not rep["total"]["mask_respected"] and not rep["total"]["nm_ok"]

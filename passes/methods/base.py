@@ -105,7 +105,7 @@ class Method:
         with torch.no_grad():
             for k, m in masks.items():
                 if names is None or k in names:
-                    self.params[k].mul_(m.to(self.params[k].dtype))
+                    self.params[k].masked_fill_(~m.to(self.params[k].device), 0.0)
 
     def _current_weight_masks(self):
         if self.channel:
@@ -161,4 +161,4 @@ class _HardMask:
         self.method, self.name = method, name
 
     def __call__(self, w):
-        return w * self.method.masks[self.name].to(w.dtype)
+        return w.masked_fill(~self.method.masks[self.name].to(w.device), 0.0)

@@ -104,7 +104,7 @@ class GaP(Method):
             masks = {n: self.masks[n] for n in names}
         with torch.no_grad():
             for n, m in masks.items():
-                self.params[n].mul_(m.to(self.params[n].dtype))
+                self.params[n].masked_fill_(~m.to(self.params[n].device), 0.0)
         for n in names:
             if self.channel:
                 self.group_masks[n] = torch.ones_like(self.group_masks[n])

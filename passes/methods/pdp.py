@@ -92,7 +92,7 @@ class PDP(Method):
 
     def effective(self, name: str, w: torch.Tensor) -> torch.Tensor:
         if self.hardened:
-            return w * self.masks[name].to(w.dtype)
+            return w.masked_fill(~self.masks[name].to(w.device), 0.0)
         p = self.progress()
         if p == 0.0 or self.budgets is None:
             return w

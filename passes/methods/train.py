@@ -59,6 +59,14 @@ def task_loss(out: list, labels) -> torch.Tensor:
     return F.mse_loss(out[0], labels)
 
 
+def _finite_grads(net):
+    """Removed channels are exact zeros; where one feeds a denominator (x / masked zero) its
+    upstream gradient is 0 * inf = nan. Those channels are constant, so their gradient is 0."""
+    for p in net.parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def run(net, method, batches, loss_fn=None, epochs=1, optimizer=None, lr=1e-3, teacher=None,
         train_mode=False) -> list[float]:
     """Train `net` (TorchGraph or any module with the same hooks) under `method` for `epochs`
@@ -97,8 +105,11 @@ def run(net, method, batches, loss_fn=None, epochs=1, optimizer=None, lr=1e-3, t
                         targets[b] = [t.detach() for t in outputs(call(teacher, feeds))]
                 loss = loss_fn(out, targets[b]) if loss_fn else distill_loss(out, targets[b])
             total = loss + method.penalty()
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss is {float(total)} at step {i}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            _finite_grads(net)
             optimizer.step()
             method.step(i)
             if method.optimizer_reset:  # P-GaP workers start from fresh optimizer state
