@@ -150,11 +150,14 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size to time at (dynamic batch only).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ORT intra-op threads to time with.")
 @click.option("--method", type=click.Choice(["spdy", "uniform", "global"]), default="spdy", show_default=True)
-@click.option("--search", type=click.Choice(["fast"]), default="fast", show_default=True,
-              help="fast: SPDY's DP on raw errors.")
+@click.option("--search", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
+              help="fast: SPDY's DP on the raw errors; full: also search per-group sensitivities, scored by "
+                   "the calibration loss.")
+@click.option("--search-seconds", type=click.FloatRange(min=1), default=90, show_default=True,
+              help="Time for --search full's sensitivity search.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 def compile_cmd(model, output, target_speedup, provider, calib, preprocess, input_shape, batch_size, threads,
-                method, search, report):
+                method, search, search_seconds, report):
     """Prune until the speedup measured on ONNX Runtime meets the target; fail loudly otherwise."""
     from onnx_prune.compiler.compile import compile_model, parse_speedup
     from onnx_prune.passes.graph import save_model
@@ -166,7 +169,8 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
     try:
         result = compile_model(src, target_speedup, provider=provider, threads=threads, calib=calib,
                                preprocess=preprocess, input_shapes=shapes, method=method, search=search,
-                               batch_size=batch_size, log=lambda m: click.echo(m, err=True))
+                               batch_size=batch_size, search_seconds=search_seconds, progress=True,
+                               log=_log_line)
     except TargetNotMet as exc:
         if report and exc.report is not None:
             _write_json(report, exc.report)
@@ -178,11 +182,19 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
     err = r["max_abs_error_vs_masked_reference"]
     check = f"verified (max abs error {err:.1e})" if err is not None else \
         f"verified before recovery (max abs error {r['max_abs_error_before_recovery']:.1e}), then refitted"
-    fid = r.get("output_fidelity")
+    fid = r.get("output_fidelity") or {}
+    similarity = fid.get("mean_pooled_cosine_similarity", fid.get("mean_cosine_similarity"))
     click.echo(f"wrote {output}: measured {r['measured_speedup']:.2f}x (target {r['target_speedup']:g}x, predicted "
                f"{r['predicted_speedup']:.2f}x), {r['dense_latency_ms']:.2f} -> {r['pruned_latency_ms']:.2f} ms on "
                f"{r['provider']}, {check}"
-               + (f", output cosine {fid['mean_cosine_similarity']:.3f}" if fid else ""))
+               + (f", output cosine {similarity:.3f}" if fid else ""))
+
+
+def _log_line(message):
+    """A log line on stderr that does not garble the live progress line."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 @main.command()

@@ -10,26 +10,32 @@ the largest speedup it measured.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from onnx_prune.backends.measure import measure
-from onnx_prune.backends.ort import make_session, random_feeds
+from onnx_prune.backends.ort import random_feeds
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.calib import batches, load_calibration
 from onnx_prune.compiler.prune import build_report
-from onnx_prune.compiler.search import search_global, search_spdy, search_uniform
+from onnx_prune.compiler.fidelity import FidelityLoss, output_fidelity
+from onnx_prune.compiler.progress import Steps
+from onnx_prune.compiler.search import SpdyTables, search_global, search_spdy, search_uniform
+from onnx_prune.compiler.sensitivity import sensitivity_search
 from onnx_prune.errors import TargetNotMet, UserError
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.errordb import build_error_db
 from onnx_prune.passes.importance import group_scores
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
 
 METHODS = {"uniform": search_uniform, "global": search_global, "spdy": search_spdy}
+SEARCHES = ("fast", "full")
+SEARCH_SECONDS = 90  # --search full: time for SPDY's sensitivity search
+SEARCH_SAMPLES = 64  # calibration samples that score each candidate of the sensitivity search
 MAX_ROUNDS = 6
 OVERSHOOT_MARGIN = 1.02  # aim a little above the target: measurements scatter by about 2%
 MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
@@ -61,47 +67,69 @@ def measured_speedup(dense, pruned, feeds, provider, threads):
 
 def compile_model(model, target_speedup, provider="cpu", threads=None, calib=None, preprocess=None,
                   input_shapes=None, method="spdy", search="fast", batch_size=None, timer=None,
-                  log=lambda msg: None) -> CompileResult:
+                  search_seconds=SEARCH_SECONDS, log=lambda msg: None, progress=False) -> CompileResult:
     """Compile `model` (path or ModelProto). `timer(dense, pruned, feeds)` -> (speedup, dense ms,
     pruned ms) replaces the real measurement in tests."""
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (choose: {', '.join(METHODS)})")
-    if search != "fast":
-        raise UserError(f"--search {search} is not available yet (only 'fast': SPDY's DP on raw errors)")
+    if search not in SEARCHES:
+        raise UserError(f"unknown search '{search}' (choose: {', '.join(SEARCHES)})")
+    if search == "full" and method != "spdy":
+        raise UserError("--search full is SPDY's sensitivity search: use it with --method spdy")
     target = parse_speedup(target_speedup)
-    t0 = time.time()
+    steps = Steps(log, progress)
+    try:
+        return _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search,
+                        batch_size, timer, search_seconds, steps)
+    finally:
+        steps.close()
+
+
+def _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search, batch_size,
+             timer, search_seconds, steps) -> CompileResult:
     notes = []
-    canon = canonicalize(model, input_shapes=input_shapes)
-    if batch_size:
-        _rebatch(canon, batch_size)
-    analysis = analyze_canonical(canon.static)
-    if not analysis.groups:
-        raise UserError("nothing in this model can be pruned (run `onnx-prune analyze` to see why)")
-    samples = load_calibration(calib, canon.model, preprocess) if calib is not None else None
-    feeds = _timing_feeds(canon, samples, batch_size, notes)
-    log(f"canonicalized and analysed: {len(analysis.groups)} groups ({time.time() - t0:.1f}s)")
-    cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
-    widths = cm.candidate_widths()
-    log(f"profiled and timing database ready: {cm.db.measured} new points ({time.time() - t0:.1f}s)")
-    scores = group_scores(analysis)
+    with steps("analyse"):
+        canon = canonicalize(model, input_shapes=input_shapes)
+        if batch_size:
+            _rebatch(canon, batch_size)
+        analysis = analyze_canonical(canon.static)
+        if not analysis.groups:
+            raise UserError("nothing in this model can be pruned (run `onnx-prune analyze` to see why)")
+        samples = load_calibration(calib, canon.model, preprocess) if calib is not None else None
+        feeds = _timing_feeds(canon, samples, batch_size, notes)
+    with steps("profile + timing database"):
+        cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
+        widths = cm.candidate_widths()
+    scores, curves = group_scores(analysis), None
+    if samples is not None and method == "spdy":
+        with steps("error database"):
+            db = build_error_db(canon.model, analysis, samples)
+            scores, curves = db.scores(), db.curve
     smallest = {g.name: np.arange(min(widths[g.name])) for g in analysis.groups}
     reachable = cm.dense_ms / cm.predict_ms(smallest)
     if target > reachable * 1.15:
         raise UserError(f"target {target:g}x is out of reach: pruning every group to its smallest useful width "
                         f"predicts {reachable:.2f}x on {provider}")
-    timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     goal = target * OVERSHOOT_MARGIN
+    find = _planner(method, cm, analysis, widths, scores, curves)
+    if search == "full":
+        with steps("sensitivity search"):
+            find, notes_full = _sensitivity(find, canon, analysis, cm, goal, samples or feeds, provider,
+                                             search_seconds, steps)
+            notes.append(notes_full)
+    timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     rounds, tried = [], []
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
     for r in range(MAX_ROUNDS):
-        plan = METHODS[method](cm, analysis, widths, cm.dense_ms / goal, scores)
-        predicted = cm.predicted_speedup(plan)
-        pruned = apply_plan(canon.model, analysis, plan)
-        check = verify(canon.model, pruned, analysis, plan, feeds)
-        speedup, dense_ms, pruned_ms = timer(canon.model, pruned, feeds)
+        with steps(f"round {r + 1}: search, surgery, verify, measure"):
+            plan = find(cm.dense_ms / goal)
+            predicted = cm.predicted_speedup(plan)
+            pruned = apply_plan(canon.model, analysis, plan)
+            check = verify(canon.model, pruned, analysis, plan, feeds)
+            speedup, dense_ms, pruned_ms = timer(canon.model, pruned, feeds)
         rounds.append({"goal": goal, "predicted_speedup": predicted, "measured_speedup": speedup})
         tried.append((speedup, plan, pruned, check, dense_ms, pruned_ms, predicted))
-        log(f"round {r + 1}: goal {goal:.2f}x, predicted {predicted:.2f}x, measured {speedup:.2f}x")
+        steps.note(f"round {r + 1}: goal {goal:.2f}x, predicted {predicted:.2f}x, measured {speedup:.2f}x")
         if speedup >= target:
             long_goal = goal if long_goal is None else min(long_goal, goal)
             if speedup <= MAX_OVERSHOOT * target:
@@ -118,17 +146,59 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
         "target_speedup": target, "measured_speedup": speedup, "predicted_speedup": predicted,
         "dense_latency_ms": dense_ms, "pruned_latency_ms": pruned_ms, "provider": provider,
         "batch_size": int(next(iter(feeds.values())).shape[0]), "threads": threads, "method": method,
-        "search": search, "rounds": rounds, "max_abs_error_vs_masked_reference": check.max_abs_error,
-        "verification": check.checks, "seconds": time.time() - t0,
+        "search": search, "importance": "calibration error database" if curves is not None else "weight magnitude",
+        "rounds": rounds, "max_abs_error_vs_masked_reference": check.max_abs_error,
+        "verification": check.checks,
     })
     if samples is not None:
-        pruned = _recover(canon.model, pruned, analysis, plan, samples, provider, report, log)
-        report["output_fidelity"] = output_fidelity(canon.model, pruned, samples, provider)
+        with steps("recovery"):
+            pruned = _recover(canon.model, pruned, analysis, plan, samples, provider, report, steps.note)
+            report["output_fidelity"] = output_fidelity(canon.model, pruned, samples, provider)
+    report["seconds"] = steps.total()
+    report["phases"] = steps.seconds
     if speedup < target:
         raise TargetNotMet(f"measured {speedup:.2f}x after {len(rounds)} rounds, below the {target:g}x target "
                            f"(the largest speedup reached); try a lower target or another --method",
                            report=report)
     return CompileResult(pruned, report, plan)
+
+
+def _planner(method, cm, analysis, widths, scores, curves):
+    """goal_ms -> plan for the chosen method (SPDY's tables are built once)."""
+    if method != "spdy":
+        return lambda goal_ms: METHODS[method](cm, analysis, widths, goal_ms, scores)
+    tables = SpdyTables(cm, analysis, widths, scores, curves)
+
+    def find(goal_ms, errors=None):
+        return search_spdy(cm, analysis, widths, goal_ms, scores, tables=tables, errors=errors)
+
+    find.tables = tables
+    return find
+
+
+def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps):
+    """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them."""
+    tables = find.tables
+    priors = [tables.error[g.name] for g in analysis.groups]
+    loss = FidelityLoss(canon.model, _first(samples, SEARCH_SAMPLES), provider)
+    goal_ms = cm.dense_ms / goal
+
+    def progress(evaluated, best):
+        steps.tick(f"sensitivity search: {evaluated} plans scored, best calibration loss {best:.4f}")
+
+    c, _plan, best, evaluated = sensitivity_search(
+        lambda errors: find(goal_ms, errors), lambda plan: loss(apply_plan(canon.model, analysis, plan)),
+        priors, seconds, progress=progress)
+    raw = loss(apply_plan(canon.model, analysis, find(goal_ms)))
+    steps.note(f"sensitivity search: {evaluated} plans scored, calibration loss {raw:.4f} (raw errors) -> {best:.4f}")
+    scaled = [ci * p for ci, p in zip(c, priors)]
+    note = (f"--search full: {evaluated} plans scored on {len(next(iter(loss.feeds[0].values())))}+ samples; "
+            f"calibration loss {raw:.4f} with raw errors, {best:.4f} with searched sensitivities")
+    return (lambda goal_ms: find(goal_ms, scaled)), note
+
+
+def _first(samples, n):
+    return {k: v[:n] for k, v in samples.items()}
 
 
 def _recover(dense, pruned, analysis, plan, samples, provider, report, log):
@@ -138,8 +208,8 @@ def _recover(dense, pruned, analysis, plan, samples, provider, report, log):
 
     fit, held = _split_held_out(samples)
     refitted, errors = refit(pruned, dense, analysis, plan, fit)
-    before = output_fidelity(dense, pruned, held, provider)["mean_cosine_similarity"]
-    after = output_fidelity(dense, refitted, held, provider)["mean_cosine_similarity"]
+    before = _similarity(output_fidelity(dense, pruned, held, provider))
+    after = _similarity(output_fidelity(dense, refitted, held, provider))
     kept = after > before
     report["recovery"] = {"method": "layer-wise least squares (structured AdaPrune)", "layers": len(errors),
                           "held_out_samples": len(next(iter(held.values()))), "held_out_cosine_before": before,
@@ -151,6 +221,11 @@ def _recover(dense, pruned, analysis, plan, samples, provider, report, log):
     report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
     report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
     return refitted
+
+
+def _similarity(fidelity):
+    """The similarity users compare: pooled embeddings for sequence encoders, else outputs."""
+    return fidelity.get("mean_pooled_cosine_similarity", fidelity["mean_cosine_similarity"])
 
 
 def _split_held_out(samples, share=5):
@@ -195,18 +270,3 @@ def _timing_feeds(canon, samples, batch_size, notes):
     if len(next(iter(first.values()))) < n:
         raise UserError(f"calibration data has fewer samples than the batch size {n}")
     return first
-
-
-def output_fidelity(dense, pruned, samples, provider, batch_size=16) -> dict:
-    """How close the pruned model's outputs stay to the dense model's on the calibration data."""
-    sd, sp = make_session(dense, provider=provider), make_session(pruned, provider=provider)
-    cos, rel = [], []
-    for feeds in batches(samples, batch_size):
-        for a, b in zip(sd.run(None, feeds), sp.run(None, feeds)):
-            a = a.reshape(len(a), -1).astype(np.float64)
-            b = b.reshape(len(b), -1).astype(np.float64)
-            na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-            cos.extend((a * b).sum(1) / np.maximum(na * nb, 1e-12))
-            rel.extend(np.linalg.norm(a - b, axis=1) / np.maximum(na, 1e-12))
-    return {"mean_cosine_similarity": float(np.mean(cos)), "mean_relative_l2_error": float(np.mean(rel)),
-            "samples": int(len(next(iter(samples.values()))))}

@@ -60,10 +60,12 @@ def search_global(cm, analysis, widths, goal_ms, scores):
 
 
 class SpdyTables:
-    """Per group and candidate width: the time it saves on its own, and the error it costs
-    (share of the group's importance removed, in units of the group's mean channel)."""
+    """Per group and candidate width: the time it saves on its own, and the error it costs:
+    from the error database (`curves`: group -> error at each kept count, passes/errordb.py) when
+    calibration data was given, else the share of the group's importance removed, in units of
+    the group's mean channel."""
 
-    def __init__(self, cm, analysis, widths, scores):
+    def __init__(self, cm, analysis, widths, scores, curves=None):
         self.groups = analysis.groups
         self.options = {g.name: sorted(widths[g.name], reverse=True) for g in self.groups}
         full = cm.predict_ms({})
@@ -75,7 +77,8 @@ class SpdyTables:
             for w in self.options[g.name]:
                 plan = {g.name: np.arange(w)}
                 sv.append(full - cm.predict_ms(plan))
-                er.append(float(rel[: g.size - w].sum()))  # the lowest scores go first
+                # without data: the lowest scores go first
+                er.append(float(curves[g.name][w]) if curves else float(rel[: g.size - w].sum()))
             self.saving[g.name], self.error[g.name] = np.array(sv), np.array(er)
         self.full_ms = full
 
@@ -96,14 +99,15 @@ class SpdyTables:
         return {n: self.options[n][k] for n, k in zip(names, picks)}
 
 
-def search_spdy(cm, analysis, widths, goal_ms, scores, tables=None, rounds=12):
-    """SPDY's DP on raw errors (`--search fast`). Savings are treated as additive, which a conv
-    between two pruned groups contradicts; the plan is checked with the full (non-additive)
-    predictor and the DP's goal tightened until the prediction meets the real goal."""
-    tables = tables or SpdyTables(cm, analysis, widths, scores)
+def search_spdy(cm, analysis, widths, goal_ms, scores, tables=None, rounds=12, curves=None, errors=None):
+    """SPDY's DP on raw errors (`--search fast`), or on `errors` (per group, per option) when the
+    sensitivity search supplies them. Savings are treated as additive, which a conv between two
+    pruned groups contradicts; the plan is checked with the full (non-additive) predictor and the
+    DP's goal tightened until the prediction meets the real goal."""
+    tables = tables or SpdyTables(cm, analysis, widths, scores, curves)
     dp_goal, plan = goal_ms, None
     for _ in range(rounds):
-        counts = tables.solve(dp_goal)
+        counts = tables.solve(dp_goal, errors)
         plan = {g.name: keep_top(scores[g.name], counts[g.name]) for g in analysis.groups}
         predicted = cm.predict_ms(plan)
         if predicted <= goal_ms:

@@ -21,9 +21,10 @@ MAX_ROWS = 8192
 RIDGE = 0.3  # relative to the mean input energy; see _Normal.solve
 
 
-def _layers(analysis, keep):
-    """(node, input kept mask, output kept mask) for refittable layers whose input was pruned."""
-    table, ctx = analysis.table, analysis.ctx
+def refittable_layers(analysis):
+    """(node, (input channel expr, output channel expr)) of the weight layers least squares can
+    refit: Conv with group 1, Gemm without transA, MatMul with a 2-D weight as its second input."""
+    ctx = analysis.ctx
     out = []
     for node in ctx.index.model.graph.node:
         axes = ctx.layer_axes.get(node.name)
@@ -31,15 +32,26 @@ def _layers(analysis, keep):
             continue
         if node.op_type == "Conv" and attr(node, "group", 1) != 1:
             continue
-        if node.op_type == "Gemm" and (attr(node, "transA", 0) or len(ctx.ax(node.input[1])) != 2):
+        if node.op_type == "Gemm" and attr(node, "transA", 0):
             continue
+        if node.input[1] not in ctx.index.inits or len(ctx.ax(node.input[1])) != 2 and node.op_type != "Conv":
+            continue
+        out.append((node, axes))
+    return out
+
+
+def _layers(analysis, keep):
+    """(node, input kept mask, output kept mask) for refittable layers whose input was pruned."""
+    table = analysis.table
+    out = []
+    for node, axes in refittable_layers(analysis):
         in_mask, out_mask = table.keep_mask(axes[0], keep), table.keep_mask(axes[1], keep)
         if not in_mask.all():
             out.append((node, in_mask, out_mask))
     return out
 
 
-def _im2col(x, node, rows, rng):
+def im2col(x, node, rows, rng):
     """(rows, C*kh*kw) patches of an NCHW input, sampled over batch and positions."""
     kh, kw = attr(node, "kernel_shape")
     sh, sw = attr(node, "strides", [1, 1])
@@ -65,7 +77,7 @@ def _rows_of_output(y, where):
     return y[b, :, i, j]
 
 
-def _batch_size(model) -> int:
+def feed_batch_size(model) -> int:
     """Feed calibration data in batches the model accepts (a static batch dim fixes it)."""
     from onnx_prune.passes.graph import dims_of
 
@@ -102,7 +114,7 @@ class _Normal:
         return np.linalg.solve(self.gram + lam * np.eye(len(self.gram)), self.xty + lam * prior)
 
 
-def _token_mask(feeds, lead_shape):
+def token_mask(feeds, lead_shape):
     """For sequence models: which (batch, position) rows are real tokens, from an attention mask
     among the inputs (padding rows would otherwise dominate the fit)."""
     for name, v in feeds.items():
@@ -114,12 +126,12 @@ def _token_mask(feeds, lead_shape):
 def _layer_rows(node, x, y, out_mask, bias, rows, rng, feeds):
     """Rows of inputs (X) and target outputs (Y) of one layer, sampled."""
     if node.op_type == "Conv":
-        X, where = _im2col(x, node, rows, rng)
+        X, where = im2col(x, node, rows, rng)
         Y = _rows_of_output(y, where)[:, out_mask]
     else:
         X = x.reshape(-1, x.shape[-1])
         Y = y.reshape(-1, y.shape[-1])[:, out_mask]
-        real = _token_mask(feeds, x.shape[:-1])
+        real = token_mask(feeds, x.shape[:-1])
         if real is not None:
             X, Y = X[real], Y[real]
         if len(X) > rows:
@@ -128,14 +140,14 @@ def _layer_rows(node, x, y, out_mask, bias, rows, rng, feeds):
     return X, (Y - bias.reshape(1, -1)) if bias is not None else Y
 
 
-def _as_matrix(node, w):
+def weight_matrix(node, w):
     """Weight as (features, outputs) so that outputs = X @ W."""
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T
     return w.T if node.op_type == "Gemm" and attr(node, "transB", 0) else w
 
 
-def _from_matrix(node, W, shape):
+def from_weight_matrix(node, W, shape):
     if node.op_type == "Conv":
         return W.T.reshape(shape)
     return W.T if node.op_type == "Gemm" and attr(node, "transB", 0) else W
@@ -161,7 +173,7 @@ def refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan, sampl
     errors = {}
     if not layers:
         return model, errors
-    size = _batch_size(dense)
+    size = feed_batch_size(dense)
     feeds_list = [f for f in batches(samples, size) if len(next(iter(f.values()))) == size] or \
         list(batches(samples, size))
     rows = max(MAX_ROWS // len(feeds_list), 64)
@@ -180,10 +192,10 @@ def refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan, sampl
             x = sess.run([node.input[0]], feeds)[0].astype(np.float64)
             eq.add(*_layer_rows(node, x, ys[node.output[0]].astype(np.float64), out_mask, bias, rows, rng, feeds))
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        W_new = eq.solve(_as_matrix(node, w))
-        before, after = eq.error(_as_matrix(node, w)), eq.error(W_new)
+        W_new = eq.solve(weight_matrix(node, w))
+        before, after = eq.error(weight_matrix(node, w)), eq.error(W_new)
         if after < before:
             errors[node.name] = (before, after)
             inits[node.input[1]].CopyFrom(
-                numpy_helper.from_array(_from_matrix(node, W_new, w.shape).astype(np.float32), node.input[1]))
+                numpy_helper.from_array(from_weight_matrix(node, W_new, w.shape).astype(np.float32), node.input[1]))
     return model, errors

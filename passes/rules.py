@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_prune.passes.graph import attr
-from onnx_prune.passes.spaces import Cat, Free, Fx, Prod, Unsupported
+from onnx_prune.passes.spaces import Cat, Fx, Prod, Unsupported
 
 RULES = {}
 

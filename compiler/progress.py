@@ -1,0 +1,46 @@
+"""Where a compile's time goes: a live status line on stderr and seconds per phase for the report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+
+class Steps:
+    def __init__(self, log=lambda msg: None, progress=False):
+        self.log = log
+        self.seconds: dict[str, float] = {}
+        self.start = time.time()
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(file=sys.stderr, bar_format="{desc} [{elapsed}] {postfix}", dynamic_ncols=True)
+
+    @contextmanager
+    def __call__(self, name: str):
+        began = time.time()
+        if self.bar is not None:
+            self.bar.set_description_str(name)
+            self.bar.set_postfix_str("", refresh=True)
+        yield
+        took = time.time() - began
+        self.seconds[name] = round(took, 2)
+        self.note(f"{name}: {took:.1f}s (total {self.total():.1f}s)")
+
+    def tick(self, message: str):
+        """Progress inside a long phase (shown live, not logged)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(message, refresh=True)
+
+    def note(self, message: str):
+        self.log(message)
+
+    def total(self) -> float:
+        return round(time.time() - self.start, 2)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

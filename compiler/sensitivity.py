@@ -1,0 +1,60 @@
+"""SPDY's sensitivity search (`--search full`, METHODS.md section 1).
+
+Raw per-layer errors are not comparable across layers (an FFN's output error and an attention
+block's are measured against different signals), so SPDY searches coefficients c in [0, 1] per
+group: the DP runs on c_g * error_g, and a candidate c is scored by the calibration loss of the
+model the DP's plan gives. Search: c = 1 (the raw errors) first, then random draws, then local
+search that resamples k coordinates at a time, k falling from 10% of the groups to 1 after 100
+straight failures -- all within a time budget.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+RANDOM_DRAWS = 100
+PATIENCE = 100
+
+
+def sensitivity_search(solve, loss, priors, budget_s, seed=0, progress=None):
+    """`solve(errors) -> plan`, `loss(plan) -> float`, `priors`: per group, errors per option.
+    Returns (best coefficients, best plan, best loss, evaluations)."""
+    rng = np.random.default_rng(seed)
+    deadline = time.time() + budget_s
+    cache = {}
+
+    def score(c):
+        plan = solve([ci * p for ci, p in zip(c, priors)])
+        key = tuple(len(v) for v in plan.values())
+        if key not in cache:
+            cache[key] = loss(plan)
+            if progress:
+                progress(len(cache), min(cache.values()))
+        return cache[key], plan
+
+    n = len(priors)
+    best_c = np.ones(n)
+    best, best_plan = score(best_c)
+    for _ in range(RANDOM_DRAWS):
+        if time.time() > deadline:
+            break
+        c = rng.uniform(0, 1, n)
+        value, plan = score(c)
+        if value < best:
+            best_c, best, best_plan = c, value, plan
+    k = max(1, round(0.1 * n))
+    fails = 0
+    while k >= 1 and time.time() < deadline:
+        c = best_c.copy()
+        idx = rng.choice(n, size=min(k, n), replace=False)
+        c[idx] = rng.uniform(0, 1, len(idx))
+        value, plan = score(c)
+        if value < best:
+            best_c, best, best_plan, fails = c, value, plan, 0
+        else:
+            fails += 1
+            if fails >= PATIENCE:
+                k, fails = k - 1, 0
+    return best_c, best_plan, best, len(cache)

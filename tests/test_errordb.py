@@ -1,0 +1,94 @@
+"""Error database (SPDY on channels): the one-Cholesky curves equal brute-force least squares,
+channel choice follows what a layer's output needs, and the search's pieces behave."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_prune.compiler.fidelity import compare
+from onnx_prune.compiler.sensitivity import sensitivity_search
+from onnx_prune.passes.analysis import analyze_model
+from onnx_prune.passes.errordb import _Layer, _layer_curves, build_error_db
+
+
+def _mlp(seed=0, hidden=24):
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(10, hidden)).astype(np.float32)
+    w2 = rng.normal(size=(hidden, 6)).astype(np.float32)
+    w2[:4] *= 10  # four hidden channels matter far more to the output
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_curves_equal_brute_force_least_squares():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))  # correlated features
+    W = rng.normal(size=(12, 5))
+    lay = _Layer(node=None, W=W, per_pos=2, coords=[], gram=X.T @ X, rows=400)
+    coord = np.array([-1, 0, 1, 2, 3, -1])  # 6 positions x 2 features; positions 0 and 5 are another group's
+    order = np.array([2, 0, 3, 1])
+    refit, dropped = _layer_curves(lay, coord, order, 4)
+    from onnx_prune.passes import errordb
+
+    Y = X @ W
+    for k in range(5):
+        kept_pos = [0, 5] + [int(np.where(coord == c)[0][0]) for c in order[:k]]
+        K = np.sort(np.concatenate([[2 * p, 2 * p + 1] for p in kept_pos]))
+        G = X.T @ X
+        lam = errordb.RIDGE * np.trace(G) / len(G)
+        Wk = np.linalg.solve(G[np.ix_(K, K)] + lam * np.eye(len(K)), G[K] @ W)
+        # ridge explains X_K Wk's projection; the curve reports base minus the explained energy
+        explained = np.sum((G[K] @ W) * Wk)
+        assert refit[k] == pytest.approx(max(np.sum(Y ** 2) - explained, 0) / np.sum(Y ** 2), rel=1e-6, abs=1e-9)
+        D = np.setdiff1d(np.arange(12), K)
+        assert dropped[k] == pytest.approx(np.sum((X[:, D] @ W[D]) ** 2) / np.sum(Y ** 2), rel=1e-6, abs=1e-9)
+    assert dropped[4] == 0 and np.all(np.diff(refit) <= 1e-12)
+
+
+def test_database_ranks_the_channels_the_output_needs_first():
+    model = _mlp()
+    analysis = analyze_model(model, {"x": (64, 10)})
+    (group,) = analysis.groups
+    samples = {"x": np.random.default_rng(0).normal(size=(256, 10)).astype(np.float32)}
+    db = build_error_db(model, analysis, samples)
+    assert db.source[group.name] == "refit"
+    assert set(db.order[group.name][:4]) == {0, 1, 2, 3}
+    curve = db.curve[group.name]
+    assert curve[-1] == 0 and curve[0] > 0.5 and np.all(np.diff(curve) <= 1e-9)
+    assert curve[4] < 0.2 * curve[0]  # the four loud channels carry most of the output
+    scores = db.scores()[group.name]
+    assert set(np.argsort(-scores)[:4]) == {0, 1, 2, 3}
+
+
+def test_sensitivity_search_improves_on_raw_errors_and_respects_its_budget():
+    # two groups, options = widths; the true loss weighs group 1 ten times more than its raw error says
+    priors = [np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0])]
+
+    def solve(errors):  # must drop two option steps in total; pick the cheapest by the given errors
+        best = min(((a, b) for a in range(3) for b in range(3) if a + b == 2),
+                   key=lambda ab: errors[0][ab[0]] + errors[1][ab[1]])
+        return {"g0": np.arange(3 - best[0]), "g1": np.arange(3 - best[1])}
+
+    def loss(plan):
+        return (3 - len(plan["g0"])) + 10 * (3 - len(plan["g1"]))
+
+    c, plan, best, evaluated = sensitivity_search(solve, loss, priors, budget_s=5)
+    assert best == 2 and len(plan["g1"]) == 3  # all pruning moved to the insensitive group
+    assert evaluated >= 2
+
+
+def test_pooled_similarity_ignores_padding_tokens():
+    rng = np.random.default_rng(0)
+    dense = rng.normal(size=(3, 5, 4))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    pruned = dense.copy()
+    pruned[mask == 0] = 100.0  # garbage on padding positions only
+    c = compare([dense], [pruned], {"attention_mask": mask})
+    assert np.allclose(c["pooled"], 1.0)
+    assert min(c["cos"]) < 0.9  # the flattened comparison does see the padding
