@@ -137,6 +137,17 @@ def test_layer_scope_and_per_layer_dict():
         assert int((~m).sum()) == round(shares[k] * m.numel())
 
 
+def test_task_loss_with_labels_and_whole_layer_budget():
+    canon, a, tg, infos = setup("unstructured")
+    g = torch.Generator().manual_seed(0)
+    data = [({"x": torch.randn(8, 3, 8, 8, generator=g)}, torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    method = make("pdp", tg.parameters_by_initializer(), infos, "unstructured", {"wf": 1.0, "w2": 0.5}, 8, scope="layer")
+    losses = run(tg, method, data, epochs=2, lr=1e-2)  # cross-entropy on the logits
+    assert np.isfinite(losses).all() and losses[0] > 1.0
+    masks = method.final_masks()
+    assert not masks["wf"].any() and int((~masks["w2"]).sum()) == masks["w2"].numel() // 2 and masks["w1"].all()
+
+
 # -- magnitude ------------------------------------------------------------------------------------
 
 def test_cubic_schedule_endpoints():

@@ -36,10 +36,11 @@ def soft_mask(w: torch.Tensor, t: torch.Tensor, tau) -> torch.Tensor:
 
 
 def midpoint(values: torch.Tensor, k: int, dim=-1) -> torch.Tensor:
-    """Half-way between the k-th and (k+1)-th smallest of `values` along `dim` (detached)."""
+    """Half-way between the k-th and (k+1)-th smallest of `values` along `dim` (detached).
+    When all are pruned (a tiny layer under a global budget) it is the largest value."""
     v = values.detach()
     lo = torch.kthvalue(v, k, dim=dim, keepdim=True).values
-    hi = torch.kthvalue(v, k + 1, dim=dim, keepdim=True).values
+    hi = torch.kthvalue(v, min(k + 1, v.shape[dim]), dim=dim, keepdim=True).values
     return 0.5 * (lo + hi)
 
 
