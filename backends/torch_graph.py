@@ -371,9 +371,14 @@ def _write(t: onnx.TensorProto, value: torch.Tensor):
     t.raw_data = value.contiguous().numpy().tobytes()
 
 
-def _copy_fields(dst, src, skip: str):
+_DATA_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                          "string_data", "external_data", "data_location"})
+
+
+def _copy_fields(dst, src, skip):
+    """Copy the fields present in `src` (presence kept exactly, so bytes round-trip) except `skip`."""
     for field, value in src.ListFields():
-        if field.name == skip:
+        if field.name in skip:
             continue
         if hasattr(value, "extend"):
             getattr(dst, field.name).extend(value)
@@ -387,15 +392,12 @@ def _without_initializer_data(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every initializer reduced to its header (name, type, dims), to refill on export;
     initializers torch cannot hold are kept whole. Avoids holding a second copy of the weights."""
     skeleton = onnx.ModelProto()
-    _copy_fields(skeleton, model, "graph")
-    _copy_fields(skeleton.graph, model.graph, "initializer")
+    _copy_fields(skeleton, model, {"graph"})
+    _copy_fields(skeleton.graph, model.graph, {"initializer"})
     for t in model.graph.initializer:
         out = skeleton.graph.initializer.add()
-        if t.data_type not in DTYPES:
+        if t.data_type in DTYPES:
+            _copy_fields(out, t, _DATA_FIELDS)
+        else:
             out.CopyFrom(t)
-            continue
-        out.name, out.data_type, out.doc_string = t.name, t.data_type, t.doc_string
-        out.dims.extend(t.dims)
-        if hasattr(t, "metadata_props"):
-            out.metadata_props.extend(t.metadata_props)
     return skeleton

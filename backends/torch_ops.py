@@ -243,7 +243,8 @@ def _conv(a, x):
 
 
 def _conv_transpose_pads(a, size, kernel, strides, dilations, out_pad):
-    """(begin, end) crops of the full transposed output, as onnxruntime computes them."""
+    """(begin, end) crops of the full transposed output; from a target shape, the odd pixel is
+    cropped at the end for SAME_UPPER, at the start otherwise (as onnxruntime does)."""
     r = len(kernel)
     auto = a.get("auto_pad", "NOTSET")
     shape = a.get("output_shape")
@@ -256,10 +257,9 @@ def _conv_transpose_pads(a, size, kernel, strides, dilations, out_pad):
     begin, end = [], []
     for n, k, s, d, o, t in zip(size, kernel, strides, dilations, out_pad, targets):
         total = max(0, (n - 1) * s + o + (k - 1) * d + 1 - t)
-        if auto == "SAME_UPPER":
-            begin.append(total - total // 2), end.append(total // 2)
-        else:
-            begin.append(total // 2), end.append(total - total // 2)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else big)
+        end.append(big if auto == "SAME_UPPER" else small)
     return begin, end
 
 
@@ -306,6 +306,25 @@ def _unravel_to(indices, padded, size, begin):
     return out
 
 
+def _pool_padded(fn, X, a, kernel, strides, dilations, begin, end, value, *args):
+    """Pooling with pads torch cannot express: pad first, pool, then drop a ceil_mode window that
+    would start in the end padding (onnxruntime's rule, measured against the unpadded input)."""
+    size = list(X.shape[2:])
+    y = fn(F.pad(X, _torch_pads(begin, end), value=value), kernel, strides, 0, *args)
+    ys = y if isinstance(y, torch.Tensor) else y[0]
+    index = [slice(None), slice(None)]
+    for n, k, s, d, b, e in zip(size, kernel, strides, dilations, begin, end):
+        span = n + b + e - ((k - 1) * d + 1)
+        out = (math.ceil(span / s) if a.get("ceil_mode", 0) else span // s) + 1
+        if a.get("ceil_mode", 0) and (out - 1) * s >= n + b:
+            out -= 1
+        index.append(slice(0, out))
+    if all(sl.stop == m for sl, m in zip(index[2:], ys.shape[2:])):
+        return y
+    index = tuple(index)
+    return ys[index] if isinstance(y, torch.Tensor) else (y[0][index], y[1][index])
+
+
 @_op(nout=2, check=_check_max_pool)
 def _max_pool(a, x):
     X = x[0]
@@ -315,14 +334,15 @@ def _max_pool(a, x):
     ceil = bool(a.get("ceil_mode", 0))
     fn, want_idx = _MAXPOOL[len(kernel)], a["_nout"] > 1
     if _torch_pool_ok(begin, end, kernel, dilations):
-        pad = begin
+        y = fn(X, kernel, strides, begin, dilations, ceil_mode=ceil, return_indices=want_idx)
     else:
-        X, pad = F.pad(X, _torch_pads(begin, end), value=-math.inf), [0] * len(kernel)
+        y = _pool_padded(fn, X, a, kernel, strides, dilations, begin, end, -math.inf, dilations, ceil, want_idx)
+        if want_idx:
+            padded = [n + b + e for n, b, e in zip(size, begin, end)]
+            y = (y[0], _unravel_to(y[1], padded, size, begin))
     if not want_idx:
-        return [fn(X, kernel, strides, pad, dilations, ceil_mode=ceil)]
-    y, idx = fn(X, kernel, strides, pad, dilations, ceil_mode=ceil, return_indices=True)
-    if pad != begin:
-        idx = _unravel_to(idx, list(X.shape[2:]), size, begin)
+        return [y]
+    y, idx = y
     # ONNX indices count over the whole tensor (N, C, spatial), torch's within one plane.
     plane = math.prod(size)
     base = torch.arange(y.shape[0] * y.shape[1], device=y.device).reshape(y.shape[:2] + (1,) * len(kernel))
@@ -338,12 +358,11 @@ def _avg_pool(a, x):
     fn = _AVGPOOL[len(kernel)]
     if _torch_pool_ok(begin, end, kernel, dilations):
         return [fn(X, kernel, strides, begin, ceil, include)]
-    pads = _torch_pads(begin, end)
-    y = fn(F.pad(X, pads), kernel, strides, 0, ceil, True)
+    y = _pool_padded(fn, X, a, kernel, strides, dilations, begin, end, 0.0, ceil, True)
     if include:
         return [y]
-    ones = F.pad(torch.ones((1, 1) + tuple(X.shape[2:]), dtype=X.dtype, device=X.device), pads)
-    return [y / fn(ones, kernel, strides, 0, ceil, True)]
+    ones = torch.ones((1, 1) + tuple(X.shape[2:]), dtype=X.dtype, device=X.device)
+    return [y / _pool_padded(fn, ones, a, kernel, strides, dilations, begin, end, 0.0, ceil, True)]
 
 
 def _global_avg_pool(a, x):

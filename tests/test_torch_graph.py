@@ -1,0 +1,541 @@
+"""The torch training bridge (backends/torch_graph.py): forward equal to onnxruntime (single ops,
+every zoo model, MiniLM), gradients, 1:1 export of trained weights, train/eval behaviour, hooks,
+and construction-time errors for ops it cannot run."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_prune.backends.ort import make_session
+from onnx_prune.backends.torch_graph import TorchGraph
+from onnx_prune.errors import UserError
+from onnx_prune.models import registry
+from onnx_prune.passes.canonicalize import canonicalize
+
+I64_MAX = np.iinfo(np.int64).max
+RNG = np.random.default_rng(0)
+
+
+def rel_error(out, ref) -> float:
+    """max |out - ref| / max |ref| (shape and dtype must match)."""
+    out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else out
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    if ref.size == 0:
+        return 0.0
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64)).max()
+    return float(diff / max(np.abs(ref.astype(np.float64)).max(), 1e-12))
+
+
+def run_bridge(tg, feeds):
+    out = tg(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    return out if isinstance(out, tuple) else (out,)
+
+
+def assert_matches_ort(model, tg, feeds, tol):
+    ref = make_session(model, quiet=True).run(None, feeds)
+    with torch.no_grad():
+        outs = run_bridge(tg, feeds)
+    assert len(outs) == len(ref)
+    for out, r in zip(outs, ref):
+        assert rel_error(out, r) <= tol
+
+
+# ---------------------------------------------------------------- single ops vs onnxruntime
+
+
+def f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def i64(*values):
+    return np.array(values, dtype=np.int64)
+
+
+def scalar(v, dtype=np.float32):
+    return np.array(v, dtype=dtype)
+
+
+def op_model(op, inputs, attrs=None, opset=17, nout=1, consts=()):
+    """A one-node model; inputs at positions in `consts` become initializers, None is omitted."""
+    names, graph_inputs, inits, feeds = [], [], [], {}
+    for i, v in enumerate(inputs):
+        if v is None:
+            names.append("")
+            continue
+        name = f"in{i}"
+        names.append(name)
+        if i in consts:
+            inits.append(numpy_helper.from_array(v, name))
+        else:
+            dtype = helper.np_dtype_to_tensor_dtype(v.dtype)
+            graph_inputs.append(helper.make_tensor_value_info(name, dtype, v.shape))
+            feeds[name] = v
+    outs = [f"out{i}" for i in range(nout)]
+    node = helper.make_node(op, names, outs, name="n0", **(attrs or {}))
+    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_empty_tensor_value_info(o) for o in outs],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model, feeds
+
+
+OP_CASES = {
+    "conv_asym_pads": ("Conv", [f32(1, 4, 9, 10), f32(6, 2, 3, 3), f32(6)],
+                       dict(pads=[0, 1, 1, 2], strides=[2, 1], dilations=[2, 1], group=2), 17, 1, (1, 2)),
+    "conv_same_upper": ("Conv", [f32(1, 3, 9, 10), f32(4, 3, 4, 3)], dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+                        17, 1, (1,)),
+    "conv_same_lower": ("Conv", [f32(1, 3, 9, 10), f32(4, 3, 4, 3)], dict(auto_pad="SAME_LOWER", strides=[2, 3]),
+                        17, 1, (1,)),
+    "conv_valid": ("Conv", [f32(1, 3, 9, 10), f32(4, 3, 3, 3)], dict(auto_pad="VALID", strides=[2, 2]), 17, 1, (1,)),
+    "conv1d": ("Conv", [f32(2, 3, 11), f32(4, 3, 3), f32(4)], dict(pads=[1, 1]), 17, 1, (1, 2)),
+    "conv3d": ("Conv", [f32(1, 2, 5, 6, 7), f32(3, 2, 3, 3, 3)], dict(pads=[1, 0, 1, 1, 0, 1]), 17, 1, (1,)),
+    "conv_t": ("ConvTranspose", [f32(1, 4, 5, 6), f32(4, 3, 3, 3), f32(3)],
+               dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]), 17, 1, (1, 2)),
+    "conv_t_asym_group": ("ConvTranspose", [f32(1, 4, 5, 6), f32(4, 2, 3, 3), f32(4)],
+                          dict(strides=[2, 2], pads=[0, 1, 1, 2], group=2, dilations=[2, 1]), 17, 1, (1, 2)),
+    "conv_t_output_shape": ("ConvTranspose", [f32(1, 4, 5, 6), f32(4, 3, 3, 3)],
+                            dict(strides=[2, 2], output_shape=[10, 13]), 17, 1, (1,)),
+    "conv_t_same_upper": ("ConvTranspose", [f32(1, 4, 5, 6), f32(4, 3, 4, 3)],
+                          dict(strides=[2, 2], auto_pad="SAME_UPPER"), 17, 1, (1,)),
+    "conv_t_same_lower": ("ConvTranspose", [f32(1, 4, 5, 6), f32(4, 3, 4, 3)],
+                          dict(strides=[2, 2], auto_pad="SAME_LOWER"), 17, 1, (1,)),
+    "conv_t_big_output_padding": ("ConvTranspose", [f32(1, 2, 4, 4), f32(2, 2, 3, 3)],
+                                  dict(strides=[2, 2], output_padding=[1, 0]), 17, 1, (1,)),
+    "maxpool_ceil": ("MaxPool", [f32(1, 2, 10, 11)],
+                     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1), 17, 1, ()),
+    "maxpool_asym_ceil": ("MaxPool", [f32(1, 2, 10, 11)],
+                          dict(kernel_shape=[3, 2], strides=[2, 2], pads=[0, 1, 2, 0], ceil_mode=1), 17, 1, ()),
+    "maxpool_same": ("MaxPool", [f32(1, 2, 10, 11)], dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+                     17, 1, ()),
+    "maxpool_dilated": ("MaxPool", [f32(1, 2, 10, 11)], dict(kernel_shape=[2, 2], dilations=[2, 2], pads=[1] * 4),
+                        17, 1, ()),
+    "maxpool_indices": ("MaxPool", [f32(2, 3, 8, 9)], dict(kernel_shape=[2, 2], strides=[2, 2]), 17, 2, ()),
+    "maxpool_indices_asym": ("MaxPool", [f32(2, 3, 8, 9)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 2]),
+                             17, 2, ()),
+    "avgpool_exclude_pad": ("AveragePool", [f32(1, 2, 10, 11)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+                            17, 1, ()),
+    "avgpool_include_pad": ("AveragePool", [f32(1, 2, 10, 11)],
+                            dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4, count_include_pad=1), 17, 1, ()),
+    "avgpool_ceil": ("AveragePool", [f32(1, 2, 10, 11)], dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+                     17, 1, ()),
+    "avgpool_asym_ceil": ("AveragePool", [f32(1, 2, 10, 11)],
+                          dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 2, 1], ceil_mode=1), 17, 1, ()),
+    "avgpool_asym_include": ("AveragePool", [f32(1, 2, 10, 11)],
+                             dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 2, 1], count_include_pad=1),
+                             17, 1, ()),
+    "avgpool_same_lower": ("AveragePool", [f32(1, 2, 10, 11)],
+                           dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER"), 17, 1, ()),
+    "global_avgpool": ("GlobalAveragePool", [f32(2, 3, 5, 6)], None, 17, 1, ()),
+    "gemm_trans_alpha_beta": ("Gemm", [f32(5, 3), f32(4, 5), f32(4)], dict(transA=1, transB=1, alpha=0.5, beta=2.0),
+                              17, 1, (1, 2)),
+    "gemm_c_matrix": ("Gemm", [f32(3, 5), f32(5, 4), f32(3, 4)], dict(beta=0.3), 17, 1, ()),
+    "gemm_c_row": ("Gemm", [f32(3, 5), f32(4, 5), f32(1, 4)], dict(transB=1), 17, 1, (1, 2)),
+    "gemm_no_c": ("Gemm", [f32(3, 5), f32(5, 4)], dict(alpha=3.0), 17, 1, ()),
+    "matmul_broadcast": ("MatMul", [f32(2, 3, 4, 5), f32(5, 6)], None, 17, 1, (1,)),
+    "matmul_1d": ("MatMul", [f32(5), f32(2, 5, 3)], None, 17, 1, ()),
+    "matmul_batch_broadcast": ("MatMul", [f32(2, 1, 4, 5), f32(3, 5, 2)], None, 17, 1, ()),
+    "reshape_zero_minus_one": ("Reshape", [f32(2, 3, 4), i64(0, -1)], None, 17, 1, (1,)),
+    "reshape_allowzero": ("Reshape", [f32(2, 3, 0), i64(0, 3, 2)], dict(allowzero=1), 14, 1, (1,)),
+    "reshape_runtime_shape": ("Reshape", [f32(2, 3, 4), i64(4, -1, 1)], None, 17, 1, ()),
+    "slice_negative_steps": ("Slice", [f32(5, 6, 7), i64(-1, 1), i64(-I64_MAX, I64_MAX), i64(0, 2), i64(-2, 3)],
+                             None, 17, 1, (1, 2, 3, 4)),
+    "slice_clamped": ("Slice", [f32(5, 6, 7), i64(1, -3), i64(100, -1)], None, 17, 1, (1, 2)),
+    "slice_reverse_middle": ("Slice", [f32(5, 6, 7), i64(4), i64(0), i64(1), i64(-2)], None, 17, 1, (1, 2, 3, 4)),
+    "slice_opset9": ("Slice", [f32(5, 6, 7)], dict(starts=[1, 0], ends=[3, -1], axes=[0, 2]), 9, 1, ()),
+    "split_input": ("Split", [f32(6, 7), i64(2, 5)], dict(axis=1), 17, 2, (1,)),
+    "split_equal": ("Split", [f32(6, 9)], dict(axis=1), 17, 3, ()),
+    "split_attribute": ("Split", [f32(6, 9)], dict(axis=0, split=[1, 5]), 11, 2, ()),
+    "split_num_outputs": ("Split", [f32(6, 7)], dict(axis=1, num_outputs=3), 18, 3, ()),
+    "squeeze_attribute": ("Squeeze", [f32(1, 3, 1, 4)], dict(axes=[0, -2]), 11, 1, ()),
+    "squeeze_input": ("Squeeze", [f32(1, 3, 1, 4), i64(2)], None, 17, 1, (1,)),
+    "squeeze_all": ("Squeeze", [f32(1, 3, 1, 4)], None, 17, 1, ()),
+    "unsqueeze_attribute": ("Unsqueeze", [f32(3, 4)], dict(axes=[0, -1]), 11, 1, ()),
+    "unsqueeze_input": ("Unsqueeze", [f32(3, 4), i64(1, -1)], None, 17, 1, (1,)),
+    "resize_nearest_floor": ("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 2])],
+                             dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                             17, 1, (2,)),
+    "resize_nearest_half_pixel": ("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 1.7, 2.3])], dict(mode="nearest"),
+                                  17, 1, (2,)),
+    "resize_nearest_align_ceil": ("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 1.7, 0.6])],
+                                  dict(mode="nearest", nearest_mode="round_prefer_ceil",
+                                       coordinate_transformation_mode="align_corners"), 17, 1, (2,)),
+    "resize_nearest_sizes": ("Resize", [f32(1, 2, 5, 6), None, None, i64(1, 2, 8, 9)],
+                             dict(mode="nearest", coordinate_transformation_mode="tf_half_pixel_for_nn"), 17, 1, (3,)),
+    "resize_linear_half_pixel": ("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 3])], dict(mode="linear"),
+                                 17, 1, (2,)),
+    "resize_linear_align_corners": ("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 3])],
+                                    dict(mode="linear", coordinate_transformation_mode="align_corners"), 17, 1, (2,)),
+    "resize_linear_asymmetric": ("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 1.5])],
+                                 dict(mode="linear", coordinate_transformation_mode="asymmetric"), 17, 1, (2,)),
+    "resize_linear_pytorch_sizes": ("Resize", [f32(1, 2, 5, 6), None, None, i64(1, 2, 1, 13)],
+                                    dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
+                                    17, 1, (3,)),
+    "resize_linear_down": ("Resize", [f32(1, 2, 10, 12), None, scalar([1, 1, 0.5, 0.6])], dict(mode="linear"),
+                           17, 1, (2,)),
+    "resize_opset11": ("Resize", [f32(1, 2, 5, 6), np.zeros(0, np.float32), scalar([1, 1, 2, 2])],
+                       dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                       11, 1, (1, 2)),
+    "resize_opset10": ("Resize", [f32(1, 2, 5, 6), scalar([1, 1, 2, 3])], dict(mode="nearest"), 10, 1, (1,)),
+    "upsample_nearest": ("Upsample", [f32(1, 2, 5, 6), scalar([1, 1, 2, 3])], dict(mode="nearest"), 9, 1, (1,)),
+    "upsample_linear": ("Upsample", [f32(1, 2, 5, 6), scalar([1, 1, 2, 3])], dict(mode="linear"), 9, 1, (1,)),
+    "reducemean_attribute": ("ReduceMean", [f32(2, 3, 4)], dict(axes=[1, -1], keepdims=0), 13, 1, ()),
+    "reducemean_input": ("ReduceMean", [f32(2, 3, 4), i64(1)], None, 18, 1, (1,)),
+    "reducesum_input": ("ReduceSum", [f32(2, 3, 4), i64(0, 2)], dict(keepdims=0), 13, 1, (1,)),
+    "reducesum_all": ("ReduceSum", [f32(2, 3, 4)], None, 13, 1, ()),
+    "reducesum_noop": ("ReduceSum", [f32(2, 3, 4)], dict(noop_with_empty_axes=1), 13, 1, ()),
+    "reducemax": ("ReduceMax", [f32(2, 3, 4)], dict(axes=[1]), 13, 1, ()),
+    "reducel2": ("ReduceL2", [f32(2, 3, 4)], dict(axes=[2]), 13, 1, ()),
+    "reduceprod": ("ReduceProd", [f32(2, 3, 4)], dict(axes=[0, 2]), 13, 1, ()),
+    "argmax_last_index": ("ArgMax", [scalar([[1, 3, 3], [2, 2, 0]])], dict(axis=1, select_last_index=1), 17, 1, ()),
+    "softmax_opset11_coerced": ("Softmax", [f32(2, 3, 4)], dict(axis=1), 11, 1, ()),
+    "softmax_opset13": ("Softmax", [f32(2, 3, 4)], dict(axis=1), 13, 1, ()),
+    "logsoftmax": ("LogSoftmax", [f32(2, 3, 4)], None, 17, 1, ()),
+    "layernorm_axis": ("LayerNormalization", [f32(2, 3, 4), f32(3, 4), f32(3, 4)], dict(axis=-2, epsilon=1e-3),
+                       17, 1, (1, 2)),
+    "layernorm_no_bias": ("LayerNormalization", [f32(2, 3, 4), f32(4)], None, 17, 1, (1,)),
+    "gather_negative": ("Gather", [f32(5, 4), i64(-1, 0, 3, -5)], dict(axis=0), 17, 1, (1,)),
+    "gather_scalar": ("Gather", [f32(5, 4, 3), np.array(2, np.int64)], dict(axis=1), 17, 1, (1,)),
+    "gather_2d_indices": ("Gather", [f32(5, 4), np.array([[1, 2], [3, -1]], np.int64)], dict(axis=1), 17, 1, ()),
+    "gather_elements": ("GatherElements", [f32(3, 4), np.array([[1, -1], [0, 2], [3, 3]], np.int64)], dict(axis=1),
+                        17, 1, ()),
+    "expand": ("Expand", [f32(3, 1), i64(2, 1, 4)], None, 17, 1, (1,)),
+    "expand_bidirectional": ("Expand", [f32(2, 3, 4), i64(3, 1)], None, 17, 1, (1,)),
+    "where": ("Where", [np.array([[True, False, True]]), f32(2, 3), f32(1)], None, 17, 1, ()),
+    "shape_start_end": ("Shape", [f32(2, 3, 4, 5)], dict(start=1, end=-1), 15, 1, ()),
+    "cast_to_int": ("Cast", [scalar([1.7, -1.7, 0.0])], dict(to=TensorProto.INT64), 17, 1, ()),
+    "cast_to_bool": ("Cast", [scalar([1.7, 0.0])], dict(to=TensorProto.BOOL), 17, 1, ()),
+    "constant_of_shape": ("ConstantOfShape", [i64(2, 3)],
+                          dict(value=numpy_helper.from_array(np.array([7], np.int64))), 17, 1, ()),
+    "constant_of_shape_default": ("ConstantOfShape", [i64(2, 3)], None, 17, 1, (0,)),
+    "pow": ("Pow", [np.abs(f32(3, 4)), scalar(1.5)], None, 17, 1, (1,)),
+    "pow_int_exponent": ("Pow", [f32(3, 4), np.array(2, np.int64)], None, 17, 1, (1,)),
+    "erf": ("Erf", [f32(3, 4)], None, 17, 1, ()),
+    "clip_min_input": ("Clip", [f32(3, 4), scalar(-0.5)], None, 13, 1, (1,)),
+    "clip_runtime_bounds": ("Clip", [f32(3, 4), scalar(-0.5), scalar(0.3)], None, 13, 1, ()),
+    "clip_max_only": ("Clip", [f32(3, 4), None, scalar(0.3)], None, 13, 1, (2,)),
+    "clip_opset6": ("Clip", [f32(3, 4)], dict(min=-0.2, max=0.5), 6, 1, ()),
+    "lrn": ("LRN", [f32(1, 7, 3, 4)], dict(size=5, alpha=1e-2, beta=0.75, bias=2.0), 17, 1, ()),
+    "hardsigmoid": ("HardSigmoid", [f32(3, 4)], dict(alpha=0.3, beta=0.4), 17, 1, ()),
+    "hardswish": ("HardSwish", [4 * f32(3, 4)], None, 17, 1, ()),
+    "pad_constant_negative": ("Pad", [f32(2, 3, 4), i64(0, 1, 2, 1, 0, -1), scalar(1.5)], None, 17, 1, (1, 2)),
+    "pad_reflect": ("Pad", [f32(2, 3, 4, 5), i64(0, 0, 1, 2, 0, 0, 2, 1)], dict(mode="reflect"), 17, 1, (1,)),
+    "pad_edge": ("Pad", [f32(2, 3, 4, 5), i64(0, 0, 1, 2, 0, 0, 2, 1)], dict(mode="edge"), 17, 1, (1,)),
+    "pad_axes": ("Pad", [f32(2, 3, 4, 5), i64(1, 2, 3, 0), None, i64(-1, 1)], None, 18, 1, (1, 3)),
+    "pad_opset2": ("Pad", [f32(2, 3, 4)], dict(pads=[0, 1, 0, 0, 1, 2], value=2.0), 2, 1, ()),
+    "flatten_axis0": ("Flatten", [f32(2, 3, 4)], dict(axis=0), 17, 1, ()),
+    "flatten_negative": ("Flatten", [f32(2, 3, 4, 5)], dict(axis=-2), 17, 1, ()),
+    "transpose_default": ("Transpose", [f32(2, 3, 4)], None, 17, 1, ()),
+    "depth_to_space_dcr": ("DepthToSpace", [f32(1, 8, 2, 3)], dict(blocksize=2), 17, 1, ()),
+    "depth_to_space_crd": ("DepthToSpace", [f32(1, 8, 2, 3)], dict(blocksize=2, mode="CRD"), 17, 1, ()),
+    "space_to_depth": ("SpaceToDepth", [f32(1, 2, 4, 6)], dict(blocksize=2), 17, 1, ()),
+    "dropout_mask": ("Dropout", [f32(3, 4), scalar(0.3)], None, 12, 2, (1,)),
+    "dropout_opset7": ("Dropout", [f32(3, 4)], dict(ratio=0.2), 7, 1, ()),
+    "batchnorm": ("BatchNormalization", [f32(2, 3, 4, 5), f32(3), f32(3), f32(3), np.abs(f32(3))],
+                  dict(epsilon=1e-3), 17, 1, (1, 2, 3, 4)),
+    "batchnorm_opset9_2d": ("BatchNormalization", [f32(2, 3), f32(3), f32(3), f32(3), np.abs(f32(3))], None,
+                            9, 1, (1, 2, 3, 4)),
+    "instancenorm": ("InstanceNormalization", [f32(2, 3, 4, 5), f32(3), f32(3)], None, 17, 1, (1, 2)),
+    "groupnorm": ("GroupNormalization", [f32(2, 6, 4, 5), f32(6), f32(6)], dict(num_groups=3), 21, 1, (1, 2)),
+    "cumsum_exclusive_reverse": ("CumSum", [f32(3, 4), np.array(1, np.int64)], dict(exclusive=1, reverse=1),
+                                 17, 1, (1,)),
+    "trilu": ("Trilu", [f32(4, 5), np.array(-1, np.int64)], dict(upper=0), 17, 1, (1,)),
+    "topk": ("TopK", [f32(3, 6), i64(2)], dict(axis=1, largest=0), 17, 2, (1,)),
+    "einsum": ("Einsum", [f32(2, 3, 4), f32(2, 4, 5)], dict(equation="bij,bjk->bik"), 12, 1, ()),
+    "range_int": ("Range", [np.array(1, np.int64), np.array(10, np.int64), np.array(3, np.int64)], None, 17, 1, ()),
+    "range_float": ("Range", [scalar(0.5), scalar(3), scalar(0.7)], None, 17, 1, ()),
+    "mod": ("Mod", [i64(7, -7, 7, -7), i64(3, 3, -3, -3)], None, 17, 1, ()),
+    "fmod": ("Mod", [scalar([7.5, -7.5]), scalar([2, 2])], dict(fmod=1), 17, 1, ()),
+    "div_int": ("Div", [i64(7, -7), i64(2, 2)], None, 17, 1, ()),
+    "prelu": ("PRelu", [f32(2, 3, 4), f32(3, 1)], None, 17, 1, (1,)),
+    "leakyrelu": ("LeakyRelu", [f32(3, 4)], dict(alpha=0.2), 17, 1, ()),
+    "selu": ("Selu", [f32(3, 4)], None, 17, 1, ()),
+    "gelu_tanh": ("Gelu", [f32(3, 4)], dict(approximate="tanh"), 20, 1, ()),
+    "tile": ("Tile", [f32(2, 3), i64(2, 2)], None, 17, 1, (1,)),
+    "sum_broadcast": ("Sum", [f32(2, 3), f32(3), f32(1, 3)], None, 17, 1, ()),
+    "mean_broadcast": ("Mean", [f32(2, 3), f32(3), f32(1, 3)], None, 17, 1, ()),
+    "max_broadcast": ("Max", [f32(2, 3), f32(3)], None, 17, 1, ()),
+    "nonzero": ("NonZero", [scalar([[1, 0], [0, 3]])], None, 17, 1, ()),
+    "equal": ("Equal", [i64(1, 2, 3), i64(1, 0, 3)], None, 17, 1, ()),
+    "and": ("And", [np.array([True, False]), np.array([True, True])], None, 17, 1, ()),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_single_op_matches_onnxruntime(case):
+    op, inputs, attrs, opset, nout, consts = OP_CASES[case]
+    model, feeds = op_model(op, inputs, attrs, opset, nout, consts)
+    assert_matches_ort(model, TorchGraph(model).eval(), feeds, 1e-5)
+
+
+# ---------------------------------------------------------------- the zoo
+
+
+_ZOO = {}
+# hundreds of MB of weights each, and no op the smaller opset-9 graphs lack: canonical form only
+BIG = {"light_vgg19", "light_zfnet512", "light_bvlc_alexnet"}
+
+
+def zoo(name):
+    """(zoo entry, canonical model), cached; only one light model at a time (they are big)."""
+    if name not in _ZOO:
+        if name.startswith("light_"):
+            for other in [k for k in _ZOO if k.startswith("light_")]:
+                del _ZOO[other]
+        entry = registry.load(name)
+        _ZOO[name] = entry, canonicalize(entry.model, input_shapes=entry.input_shapes).model
+    return _ZOO[name]
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_zoo_model_matches_onnxruntime(name):
+    entry, canonical = zoo(name)
+    feeds = entry.make_feeds(0)
+    assert_matches_ort(canonical, TorchGraph(canonical).eval(), feeds, 1e-4)
+    if entry.source == "light" and name not in BIG:  # the original opset-9 graphs too
+        assert_matches_ort(entry.model, TorchGraph(entry.model).eval(), feeds, 1e-4)
+
+
+def _weighted_loss(out, seed=0):
+    """A loss whose gradient reaches every output element (a plain sum through Softmax would not)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(seed)
+    return sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+
+
+@pytest.mark.parametrize("name", ["densenet", "mobilenetv3", "minilm"])
+def test_every_parameter_gets_a_gradient(name):
+    entry, canonical = zoo(name)
+    tg = TorchGraph(canonical).train()
+    params = tg.parameters_by_initializer()
+    assert params and set(params) <= {t.name for t in canonical.graph.initializer}
+    assert all(p.dim() > 0 and p.numel() > 1 for p in params.values()), "scalar constants must not be trained"
+    _weighted_loss(run_bridge(tg, entry.make_feeds(0))).backward()
+    for init, p in params.items():
+        assert p.grad is not None, init
+        assert torch.isfinite(p.grad).all(), init
+        assert p.grad.abs().max() > 0, init
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_untouched_is_identical():
+    entry, canonical = zoo("densenet")
+    tg = TorchGraph(canonical)
+    exported = tg.export()
+    assert exported.SerializeToString() == canonical.SerializeToString()
+    light = registry.load("light_squeezenet").model  # opset 9, initializers also listed as graph inputs
+    exported = TorchGraph(light).export()
+    for a, b in zip(exported.graph.initializer, light.graph.initializer):
+        assert a.name == b.name and a.data_type == b.data_type and list(a.dims) == list(b.dims)
+        assert numpy_helper.to_array(a).tobytes() == numpy_helper.to_array(b).tobytes()
+
+
+def test_export_after_a_training_step_matches_onnxruntime():
+    entry, canonical = zoo("densenet")
+    feeds = entry.make_feeds(0)
+    tg = TorchGraph(canonical).train()
+    opt = torch.optim.SGD(tg.parameters(), lr=0.05)
+    _weighted_loss(run_bridge(tg, feeds)).backward()
+    opt.step()
+    tg.eval()
+    exported = tg.export()
+
+    assert [n.SerializeToString() for n in exported.graph.node] == [n.SerializeToString() for n in canonical.graph.node]
+    assert exported.graph.input == canonical.graph.input and exported.graph.output == canonical.graph.output
+    before = {t.name: numpy_helper.to_array(t) for t in canonical.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in exported.graph.initializer}
+    assert list(after) == list(before)
+    for name in before:
+        assert after[name].dtype == before[name].dtype and after[name].shape == before[name].shape
+    changed = [n for n in before if not np.array_equal(before[n], after[n])]
+    assert set(tg.param_names) <= set(changed)  # every weight moved...
+    bn = [n.input[3] for n in canonical.graph.node if n.op_type == "BatchNormalization"]
+    assert bn and set(bn) <= set(changed)  # ...and the running statistics were written back
+    onnx.checker.check_model(exported, full_check=True)
+    assert_matches_ort(exported, tg, feeds, 1e-4)
+
+
+def test_load_from_path(tmp_path):
+    model, feeds = op_model("Conv", [f32(1, 3, 8, 8), f32(4, 3, 3, 3)], dict(pads=[1] * 4), consts=(1,))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    tg = TorchGraph(path)
+    assert list(tg.param_names) == ["in1"] and tg.param_names["in1"].isidentifier()
+    assert getattr(tg, tg.param_names["in1"]) is tg.parameters_by_initializer()["in1"]
+    assert_matches_ort(model, tg, feeds, 1e-5)
+
+
+# ---------------------------------------------------------------- train / eval
+
+
+def _bn_model(momentum=0.8):
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in [
+        ("scale", rng.uniform(0.5, 1.5, 3)), ("bias", rng.standard_normal(3)),
+        ("mean", rng.standard_normal(3)), ("var", rng.uniform(0.5, 1.5, 3)), ("ratio", np.array(0.5))]]
+    nodes = [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"],
+                              momentum=momentum, epsilon=1e-5, name="bn"),
+             helper.make_node("Dropout", ["y", "ratio"], ["z"], name="drop")]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3, 5, 5])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 3, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
+def test_batchnorm_and_dropout_follow_train_and_eval():
+    model = _bn_model(momentum=0.8)
+    tg = TorchGraph(model)
+    assert set(tg.param_names) == {"scale", "bias"} and {"mean", "var", "ratio"} <= set(tg.buffer_names)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    mean0, var0 = tg.tensor("mean").clone(), tg.tensor("var").clone()
+
+    tg.eval()
+    y1, y2 = tg(x), tg(x)
+    assert torch.equal(y1, y2)
+    assert torch.equal(tg.tensor("mean"), mean0)  # eval: running stats untouched
+    assert_matches_ort(model, tg, {"x": x.numpy()}, 1e-5)
+
+    tg.train()
+    y = tg(x)
+    assert (y == 0).float().mean() > 0.3  # dropout is active
+    kept = y != 0
+    normalized = torch.nn.functional.batch_norm(x, None, None, tg.tensor("scale"), tg.tensor("bias"), True)
+    assert torch.allclose(y[kept], 2 * normalized[kept], atol=1e-5)  # batch statistics, scaled by 1/(1-p)
+    batch_mean = x.mean(dim=(0, 2, 3))
+    batch_var = x.var(dim=(0, 2, 3), unbiased=True)
+    assert torch.allclose(tg.tensor("mean"), 0.8 * mean0 + 0.2 * batch_mean, atol=1e-6)  # ONNX momentum
+    assert torch.allclose(tg.tensor("var"), 0.8 * var0 + 0.2 * batch_var, atol=1e-5)
+
+    exported = {t.name: numpy_helper.to_array(t) for t in tg.export().graph.initializer}
+    np.testing.assert_array_equal(exported["mean"], tg.tensor("mean").numpy())
+    np.testing.assert_array_equal(exported["var"], tg.tensor("var").numpy())
+
+
+# ---------------------------------------------------------------- hooks
+
+
+def _first_conv(model):
+    node = next(n for n in model.graph.node if n.op_type == "Conv")
+    return node, {t.name: t for t in model.graph.initializer}
+
+
+def _with_channel_zeroed(model, node, channel):
+    """A copy of `model` whose conv `node` writes zeros on output `channel` (weight and bias zeroed)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in node.input[1:]:
+            value = numpy_helper.to_array(t).copy()
+            value[channel] = 0
+            t.CopyFrom(numpy_helper.from_array(value, t.name))
+    return out
+
+
+def test_value_hook_zeroing_a_channel_equals_the_zeroed_weights():
+    entry, canonical = zoo("resnet_basic")
+    feeds = entry.make_feeds(0)
+    node, _ = _first_conv(canonical)
+    assert len(node.input) == 3  # weight and bias
+    tg = TorchGraph(canonical).eval()
+    with torch.no_grad():
+        dense = run_bridge(tg, feeds)[0]
+
+    def zero_channel_3(t):
+        mask = torch.ones(t.shape[1], 1, 1)
+        mask[3] = 0
+        return t * mask
+
+    tg.value_hooks[node.output[0]] = zero_channel_3
+    zeroed = _with_channel_zeroed(canonical, node, 3)
+    assert_matches_ort(zeroed, tg, feeds, 1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(run_bridge(tg, feeds)[0], dense, atol=1e-4)
+    tg.value_hooks.clear()
+    assert_matches_ort(canonical, tg, feeds, 1e-4)
+
+
+def test_weight_hook_applies_a_trainable_soft_mask():
+    entry, canonical = zoo("resnet_basic")
+    feeds = entry.make_feeds(0)
+    node, _ = _first_conv(canonical)
+    weight, bias = node.input[1], node.input[2]
+    channels = numpy_helper.to_array(next(t for t in canonical.graph.initializer if t.name == weight)).shape[0]
+    mask = torch.ones(channels, requires_grad=True)
+    with torch.no_grad():
+        mask[5] = 0.0
+    hooks = {weight: lambda w: w * mask.view(-1, 1, 1, 1), bias: lambda b: b * mask}
+    tg = TorchGraph(canonical, weight_hooks=hooks).eval()
+    assert_matches_ort(_with_channel_zeroed(canonical, node, 5), tg, feeds, 1e-4)
+    _weighted_loss(run_bridge(tg, feeds)).backward()
+    assert mask.grad is not None and mask.grad.abs().max() > 0
+    assert tg.parameters_by_initializer()[weight].grad[5].abs().max() == 0  # masked out
+    # the hook does not touch the stored weight: export still holds the unmasked values
+    exported = {t.name: numpy_helper.to_array(t) for t in tg.export().graph.initializer}
+    assert np.abs(exported[weight][5]).max() > 0
+
+
+def test_hooks_on_unknown_names_are_user_errors():
+    model, feeds = op_model("Relu", [f32(2, 3)])
+    x = torch.from_numpy(feeds["in0"])
+    with pytest.raises(UserError, match="nope"):
+        TorchGraph(model, value_hooks={"nope": lambda t: t})(x)
+    with pytest.raises(UserError, match="not an initializer"):
+        TorchGraph(model, weight_hooks={"in0": lambda t: t})(x)
+
+
+def test_inputs_by_position_or_name():
+    entry, canonical = zoo("minilm")
+    feeds = {k: torch.from_numpy(v) for k, v in entry.make_feeds(0).items()}
+    tg = TorchGraph(canonical).eval()
+    assert tg.input_names == list(feeds)
+    with torch.no_grad():
+        by_name = tg(**feeds)
+        by_position = tg(*feeds.values())
+        mixed = tg(feeds["input_ids"], attention_mask=feeds["attention_mask"])
+    assert torch.equal(by_name, by_position) and torch.equal(by_name, mixed)
+    with pytest.raises(TypeError, match="missing"):
+        tg(feeds["input_ids"])
+
+
+# ---------------------------------------------------------------- what it cannot run
+
+
+def _graph_with(nodes, opset=17, extra_opsets=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+
+
+def test_unsupported_ops_fail_at_construction_naming_op_and_node():
+    model = _graph_with([
+        helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        helper.make_node("NonMaxSuppression", ["a", "a"], ["b"], name="/nms"),
+        helper.make_node("FusedGemm", ["b", "b"], ["c"], name="/fused", domain="com.microsoft"),
+        helper.make_node("Add", ["c", "x"], ["y"], name="add"),
+    ], extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UserError) as info:
+        TorchGraph(model)
+    message = str(info.value)
+    assert "NonMaxSuppression" in message and "/nms" in message
+    assert "com.microsoft::FusedGemm" in message and "/fused" in message
+    assert "Relu" not in message and "Add" not in message
+
+
+def test_unsupported_attributes_fail_at_construction():
+    model, _ = op_model("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 2])], dict(mode="cubic"), consts=(2,))
+    with pytest.raises(UserError, match="Resize.*n0.*cubic"):
+        TorchGraph(model)
+
+
+def test_ops_that_do_not_reach_an_output_are_not_run():
+    model = _graph_with([
+        helper.make_node("Relu", ["x"], ["y"], name="relu"),
+        helper.make_node("NonMaxSuppression", ["x", "x"], ["dead"], name="/nms"),
+    ])
+    x = torch.randn(1, 4)
+    assert torch.equal(TorchGraph(model)(x), torch.relu(x))
