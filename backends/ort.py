@@ -99,18 +99,20 @@ def feeds_for(model, input_shapes: dict, batch_size=None, seed=0):
     return model, random_feeds(model, shapes, seed)
 
 
-def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:
-    """Values of intermediate tensors `names`, computed without graph optimizations."""
+def session_with_outputs(model: onnx.ModelProto, names):
+    """A session (graph optimizations off, so every tensor survives) that can also return the
+    intermediate tensors `names`."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in existing:
-            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    return make_session(m, optimize=False, quiet=True)
+
+
+def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:
+    """Values of intermediate tensors `names`, computed without graph optimizations."""
     if feeds is None:
         from onnx_prune.passes.graph import dims_of
 
-        feeds = random_feeds(m, {i.name: dims_of(i.type) for i in m.graph.input})
-    sess = make_session(m, optimize=False, quiet=True)
-    outs = sess.run(names, feeds)
-    return dict(zip(names, outs))
+        feeds = random_feeds(model, {i.name: dims_of(i.type) for i in model.graph.input})
+    return dict(zip(names, session_with_outputs(model, names).run(names, feeds)))

@@ -22,7 +22,6 @@ import platform
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_prune.backends.profile import profile_session_runs

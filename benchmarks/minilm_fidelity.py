@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["spdy", "uniform", "global"])
     ap.add_argument("--search", default="fast")
     ap.add_argument("--search-seconds", type=float, default=90)
+    ap.add_argument("--recover", default="layer")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     model, _ = load_minilm()
@@ -51,7 +52,7 @@ def main():
             search = args.search if method == "spdy" else "fast"
             try:
                 result = compile_model(model, target, calib=path, input_shapes=shapes, method=method,
-                                       search=search, search_seconds=args.search_seconds, threads=args.threads,
+                                       search=search, search_seconds=args.search_seconds, threads=args.threads, recover=args.recover,
                                        batch_size=8)
             except TargetNotMet as exc:
                 print(f"| {target:g}x | {method} | {search} | not met: {exc} |")

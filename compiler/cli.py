@@ -155,9 +155,13 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
                    "the calibration loss.")
 @click.option("--search-seconds", type=click.FloatRange(min=1), default=90, show_default=True,
               help="Time for --search full's sensitivity search.")
-@click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--recover", type=click.Choice(["layer", "global", "none"]), default="layer", show_default=True,
+              help="With --calib: layer-wise least squares; global adds global AdaPrune through the torch "
+                   "bridge (slower). Each stage is kept only if held-out calibration data improves.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here (and a Markdown "
+              "summary with plots next to it).")
 def compile_cmd(model, output, target_speedup, provider, calib, preprocess, input_shape, batch_size, threads,
-                method, search, search_seconds, report):
+                method, search, search_seconds, recover, report):
     """Prune until the speedup measured on ONNX Runtime meets the target; fail loudly otherwise."""
     from onnx_prune.compiler.compile import compile_model, parse_speedup
     from onnx_prune.passes.graph import save_model
@@ -169,15 +173,21 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
     try:
         result = compile_model(src, target_speedup, provider=provider, threads=threads, calib=calib,
                                preprocess=preprocess, input_shapes=shapes, method=method, search=search,
-                               batch_size=batch_size, search_seconds=search_seconds, progress=True,
+                               batch_size=batch_size, search_seconds=search_seconds, recover=recover, progress=True,
                                log=_log_line)
     except TargetNotMet as exc:
         if report and exc.report is not None:
+            from onnx_prune.compiler.summary import write_summary
+
             _write_json(report, exc.report)
+            write_summary(exc.report, report)
         raise
     save_model(result.model, output)
     if report:
+        from onnx_prune.compiler.summary import write_summary
+
         _write_json(report, result.report)
+        write_summary(result.report, report)
     r = result.report
     err = r["max_abs_error_vs_masked_reference"]
     check = f"verified (max abs error {err:.1e})" if err is not None else \

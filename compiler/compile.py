@@ -34,6 +34,7 @@ from onnx_prune.passes.verify import verify
 
 METHODS = {"uniform": search_uniform, "global": search_global, "spdy": search_spdy}
 SEARCHES = ("fast", "full")
+RECOVERIES = ("layer", "global", "none")  # none | layer-wise least squares | + global AdaPrune
 SEARCH_SECONDS = 90  # --search full: time for SPDY's sensitivity search
 SEARCH_SAMPLES = 64  # calibration samples that score each candidate of the sensitivity search
 MAX_ROUNDS = 6
@@ -67,26 +68,29 @@ def measured_speedup(dense, pruned, feeds, provider, threads):
 
 def compile_model(model, target_speedup, provider="cpu", threads=None, calib=None, preprocess=None,
                   input_shapes=None, method="spdy", search="fast", batch_size=None, timer=None,
-                  search_seconds=SEARCH_SECONDS, log=lambda msg: None, progress=False) -> CompileResult:
+                  search_seconds=SEARCH_SECONDS, recover="layer", log=lambda msg: None,
+                  progress=False) -> CompileResult:
     """Compile `model` (path or ModelProto). `timer(dense, pruned, feeds)` -> (speedup, dense ms,
     pruned ms) replaces the real measurement in tests."""
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (choose: {', '.join(METHODS)})")
     if search not in SEARCHES:
         raise UserError(f"unknown search '{search}' (choose: {', '.join(SEARCHES)})")
+    if recover not in RECOVERIES:
+        raise UserError(f"unknown recovery '{recover}' (choose: {', '.join(RECOVERIES)})")
     if search == "full" and method != "spdy":
         raise UserError("--search full is SPDY's sensitivity search: use it with --method spdy")
     target = parse_speedup(target_speedup)
     steps = Steps(log, progress)
     try:
         return _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search,
-                        batch_size, timer, search_seconds, steps)
+                        batch_size, timer, search_seconds, recover, steps)
     finally:
         steps.close()
 
 
 def _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search, batch_size,
-             timer, search_seconds, steps) -> CompileResult:
+             timer, search_seconds, recover, steps) -> CompileResult:
     notes = []
     with steps("analyse"):
         canon = canonicalize(model, input_shapes=input_shapes)
@@ -112,11 +116,14 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                         f"predicts {reachable:.2f}x on {provider}")
     goal = target * OVERSHOOT_MARGIN
     find = _planner(method, cm, analysis, widths, scores, curves)
+    candidates = []
     if search == "full":
         with steps("sensitivity search"):
             find, notes_full = _sensitivity(find, canon, analysis, cm, goal, samples or feeds, provider,
-                                             search_seconds, steps)
+                                            search_seconds, steps, candidates)
             notes.append(notes_full)
+    elif method == "spdy":
+        candidates = _frontier(find, cm, analysis, reachable)
     timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     rounds, tried = [], []
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
@@ -147,13 +154,15 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         "dense_latency_ms": dense_ms, "pruned_latency_ms": pruned_ms, "provider": provider,
         "batch_size": int(next(iter(feeds.values())).shape[0]), "threads": threads, "method": method,
         "search": search, "importance": "calibration error database" if curves is not None else "weight magnitude",
-        "rounds": rounds, "max_abs_error_vs_masked_reference": check.max_abs_error,
+        "rounds": rounds, "candidates": candidates, "max_abs_error_vs_masked_reference": check.max_abs_error,
         "verification": check.checks,
     })
     if samples is not None:
-        with steps("recovery"):
-            pruned = _recover(canon.model, pruned, analysis, plan, samples, provider, report, steps.note)
-            report["output_fidelity"] = output_fidelity(canon.model, pruned, samples, provider)
+        if recover != "none":
+            with steps("recovery"):
+                pruned = _recover(canon.model, pruned, analysis, plan, samples, provider, recover, report,
+                                  steps.note)
+        report["output_fidelity"] = output_fidelity(canon.model, pruned, samples, provider)
     report["seconds"] = steps.total()
     report["phases"] = steps.seconds
     if speedup < target:
@@ -176,7 +185,18 @@ def _planner(method, cm, analysis, widths, scores, curves):
     return find
 
 
-def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps):
+def _frontier(find, cm, analysis, reachable, points=10):
+    """SPDY's error-vs-speed trade-off: the DP's plan and its summed database error at a range of goals."""
+    out = []
+    for s in np.linspace(1.05, max(reachable * 0.95, 1.1), points):
+        plan = find(cm.dense_ms / s)
+        err = sum(find.tables.error_of(g.name, len(plan[g.name])) for g in analysis.groups)
+        out.append({"predicted_speedup": cm.predicted_speedup(plan), "error": err,
+                    "error_kind": "summed layer error (database)"})
+    return out
+
+
+def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates):
     """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them."""
     tables = find.tables
     priors = [tables.error[g.name] for g in analysis.groups]
@@ -186,9 +206,14 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     def progress(evaluated, best):
         steps.tick(f"sensitivity search: {evaluated} plans scored, best calibration loss {best:.4f}")
 
-    c, _plan, best, evaluated = sensitivity_search(
-        lambda errors: find(goal_ms, errors), lambda plan: loss(apply_plan(canon.model, analysis, plan)),
-        priors, seconds, progress=progress)
+    def scored(plan):
+        value = loss(apply_plan(canon.model, analysis, plan))
+        candidates.append({"predicted_speedup": cm.predicted_speedup(plan), "error": value,
+                           "error_kind": "calibration loss (1 - cosine)"})
+        return value
+
+    c, _plan, best, evaluated = sensitivity_search(lambda errors: find(goal_ms, errors), scored, priors, seconds,
+                                                   progress=progress)
     raw = loss(apply_plan(canon.model, analysis, find(goal_ms)))
     steps.note(f"sensitivity search: {evaluated} plans scored, calibration loss {raw:.4f} (raw errors) -> {best:.4f}")
     scaled = [ci * p for ci, p in zip(c, priors)]
@@ -201,26 +226,35 @@ def _first(samples, n):
     return {k: v[:n] for k, v in samples.items()}
 
 
-def _recover(dense, pruned, analysis, plan, samples, provider, report, log):
-    """Layer-wise reconstruction on calibration data, kept only if it helps on held-out samples
-    (a fifth of them). It changes weights, not shapes: the measured latency still holds."""
+def _recover(dense, pruned, analysis, plan, samples, provider, recover, report, log):
+    """Recovery on calibration data, each stage kept only if it helps on held-out samples (a fifth
+    of them): layer-wise least squares, then (`recover="global"`) global AdaPrune through the
+    torch bridge. Weights change, not shapes: the measured latency still holds."""
+    from onnx_prune.passes.global_refit import global_refit
     from onnx_prune.passes.reconstruct import refit
 
     fit, held = _split_held_out(samples)
-    refitted, errors = refit(pruned, dense, analysis, plan, fit)
-    before = _similarity(output_fidelity(dense, pruned, held, provider))
-    after = _similarity(output_fidelity(dense, refitted, held, provider))
-    kept = after > before
-    report["recovery"] = {"method": "layer-wise least squares (structured AdaPrune)", "layers": len(errors),
-                          "held_out_samples": len(next(iter(held.values()))), "held_out_cosine_before": before,
-                          "held_out_cosine_after": after, "applied": kept}
-    log(f"reconstruction: {len(errors)} layers refitted, held-out cosine {before:.3f} -> {after:.3f}"
-        + ("" if kept else " (not applied)"))
-    if not kept:
-        return pruned
-    report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
-    report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
-    return refitted
+    stages = [("layer-wise least squares (structured AdaPrune)", lambda m: refit(m, dense, analysis, plan, fit)[0])]
+    if recover == "global":
+        stages.append(("global AdaPrune (all weights, every layer output)",
+                       lambda m: global_refit(m, dense, analysis, plan, fit)))
+    current = _similarity(output_fidelity(dense, pruned, held, provider))
+    report["recovery"] = {"held_out_samples": len(next(iter(held.values()))), "held_out_cosine_start": current,
+                          "stages": []}
+    model = pruned
+    for name, run in stages:
+        candidate = run(model)
+        after = _similarity(output_fidelity(dense, candidate, held, provider))
+        kept = after > current
+        report["recovery"]["stages"].append({"method": name, "held_out_cosine_before": current,
+                                             "held_out_cosine_after": after, "applied": kept})
+        log(f"{name}: held-out cosine {current:.3f} -> {after:.3f}" + ("" if kept else " (not applied)"))
+        if kept:
+            model, current = candidate, after
+    if model is not pruned:
+        report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
+        report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
+    return model
 
 
 def _similarity(fidelity):

@@ -82,6 +82,9 @@ class SpdyTables:
             self.saving[g.name], self.error[g.name] = np.array(sv), np.array(er)
         self.full_ms = full
 
+    def error_of(self, group, width) -> float:
+        return float(self.error[group][self.options[group].index(width)])
+
     def solve(self, goal_ms, errors=None):
         """DP: least error with additive savings >= full - goal. Returns widths per group."""
         names = [g.name for g in self.groups]

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from scipy.linalg import cho_factor, solve_triangular
 
+from onnx_prune.backends.ort import session_with_outputs
 from onnx_prune.passes.reconstruct import feed_batch_size, im2col, refittable_layers, token_mask, weight_matrix
 
 MAX_ROWS = 8192  # rows of X per layer over all calibration batches
@@ -76,7 +77,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     feeds_list = list(batches(samples, size))
     rows = max(MAX_ROWS // len(feeds_list), 32)
     wanted = list(dict.fromkeys([lay.node.input[0] for lay in layers] + [v for v, _ in energy_values]))
-    sess = _session_with_outputs(model, wanted)
+    sess = session_with_outputs(model, wanted)
     rng = np.random.default_rng(0)
     energy = {g.sid: np.zeros(g.size) for g in energy_groups}
     for feeds in feeds_list:
@@ -142,16 +143,6 @@ def _add_energy(energy, x, coords):
         per_pos = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).sum(1)
         sel = c >= 0
         np.add.at(energy[sid], c[sel], per_pos[sel])
-
-
-def _session_with_outputs(model, names):
-    from onnx_prune.backends.ort import make_session
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    return make_session(m, quiet=True, optimize=False)
 
 
 def _rows(node, x, rows, rng, feeds):

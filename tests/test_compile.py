@@ -118,6 +118,14 @@ def test_full_search_scores_sensitivities_on_calibration_data(model, tmp_path):
     note = next(n for n in r["notes"] if n.startswith("--search full"))
     raw, searched = (float(x) for x in __import__("re").findall(r"(\d+\.\d+) with", note))
     assert searched <= raw  # the raw errors are the search's first candidate
+    assert len(r["candidates"]) >= 1 and all(c["error"] >= 0 for c in r["candidates"])
+    from onnx_prune.compiler.summary import write_summary
+
+    md = write_summary(r, str(tmp_path / "r.json"))
+    text = open(md).read()
+    for plot in ("r_widths.png", "r_rounds.png", "r_candidates.png"):
+        assert f"({plot})" in text and (tmp_path / plot).stat().st_size > 1000
+    assert "1.35x measured" in text and "sensitivity search" in text
     with pytest.raises(UserError, match="--method spdy"):
         compile_model(m, "1.3x", input_shapes=shapes, method="uniform", search="full", timer=LyingTimer())
 

@@ -1,0 +1,106 @@
+"""The Markdown summary of a compile report, with plots: kept width per group, predicted vs
+measured speedup per round, and error vs speed of the candidates the search tried."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def _save(fig, path):
+    """Atomic write: a half-drawn plot never replaces a good one."""
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _plots(report, stem):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    groups = report["groups"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(groups)), 3))
+    ax.bar(range(len(groups)), [g["kept"] / g["channels"] for g in groups], color="tab:blue")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("group (graph order)")
+    ax.set_ylabel("kept share of channels")
+    paths["widths"] = f"{stem}_widths.png"
+    _save(fig, paths["widths"])
+    plt.close(fig)
+
+    rounds = report.get("rounds", [])
+    if rounds:
+        fig, ax = plt.subplots(figsize=(4, 3.5))
+        p = [r["predicted_speedup"] for r in rounds]
+        m = [r["measured_speedup"] for r in rounds]
+        ax.scatter(p, m, color="tab:orange")
+        for k, (x, y) in enumerate(zip(p, m)):
+            ax.annotate(str(k + 1), (x, y), textcoords="offset points", xytext=(4, 4))
+        lo, hi = min(p + m) * 0.95, max(p + m) * 1.05
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.axhline(report["target_speedup"], color="tab:red", lw=0.8)
+        ax.set_xlabel("predicted speedup")
+        ax.set_ylabel("measured speedup")
+        paths["rounds"] = f"{stem}_rounds.png"
+        _save(fig, paths["rounds"])
+        plt.close(fig)
+
+    cands = report.get("candidates", [])
+    if cands:
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.scatter([c["predicted_speedup"] for c in cands], [c["error"] for c in cands], s=12)
+        ax.set_xlabel("predicted speedup")
+        ax.set_ylabel(cands[0]["error_kind"])
+        ax.set_yscale("log")
+        paths["candidates"] = f"{stem}_candidates.png"
+        _save(fig, paths["candidates"])
+        plt.close(fig)
+    return paths
+
+
+def markdown(report, plots) -> str:
+    r = report
+    lines = [f"# onnx-prune compile: {r['measured_speedup']:.2f}x measured (target {r['target_speedup']:g}x)", "",
+             "| | |", "|---|---|",
+             f"| provider / threads / batch | {r['provider']} / {r['threads'] or 'default'} / {r['batch_size']} |",
+             f"| latency | {r['dense_latency_ms']:.2f} ms -> {r['pruned_latency_ms']:.2f} ms |",
+             f"| predicted speedup | {r['predicted_speedup']:.2f}x |",
+             f"| method / search / importance | {r['method']} / {r['search']} / {r.get('importance', '')} |",
+             f"| channels kept | {r['channels_kept']} / {r['channels_total']} in {len(r['groups'])} groups |"]
+    fid = r.get("output_fidelity")
+    if fid:
+        sim = fid.get("mean_pooled_cosine_similarity", fid["mean_cosine_similarity"])
+        lines.append(f"| output cosine to dense (calibration) | {sim:.4f} |")
+    err = r.get("max_abs_error_vs_masked_reference")
+    lines.append(f"| masked-reference max abs error | "
+                 f"{'%.1e' % err if err is not None else 'before recovery %.1e' % r.get('max_abs_error_before_recovery', float('nan'))} |")
+    lines.append(f"| time | {r['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.get("phases", {}).items()) + " |")
+    for stage in r.get("recovery", {}).get("stages", []):
+        lines.append(f"| {stage['method']} | held-out cosine {stage['held_out_cosine_before']:.4f} -> "
+                     f"{stage['held_out_cosine_after']:.4f}{'' if stage['applied'] else ' (not applied)'} |")
+    titles = {"widths": "Kept width per group", "rounds": "Predicted vs measured speedup, per round",
+              "candidates": "Error vs speed of the candidates tried"}
+    for key, path in plots.items():
+        lines += ["", f"## {titles[key]}", "", f"![{titles[key]}]({os.path.basename(path)})"]
+    lines += ["", "## Rounds", "", "| round | goal | predicted | measured |", "|---|---|---|---|"]
+    lines += [f"| {k + 1} | {x['goal']:.2f}x | {x['predicted_speedup']:.2f}x | {x['measured_speedup']:.2f}x |"
+              for k, x in enumerate(r.get("rounds", []))]
+    if r.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(report: dict, json_path: str) -> str:
+    """Write REPORT.md and its plots next to REPORT.json; returns the Markdown path."""
+    stem = os.path.splitext(json_path)[0]
+    plots = _plots(report, stem)
+    md = stem + ".md"
+    fd, tmp = tempfile.mkstemp(suffix=".md", dir=os.path.dirname(os.path.abspath(md)))
+    with os.fdopen(fd, "w") as f:
+        f.write(markdown(report, plots))
+    os.replace(tmp, md)
+    return md
