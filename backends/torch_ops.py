@@ -77,16 +77,29 @@ def _torch_pads(begin, end):
     return out
 
 
+# Table entries built from a torch function are partials, not closures, so a TorchGraph pickles.
+def _run_unary(f, a, x):
+    return [f(x[0])]
+
+
+def _run_binary(f, a, x):
+    return [f(x[0], x[1])]
+
+
+def _run_variadic(f, a, x):
+    return [functools.reduce(f, x)]
+
+
 def _unary(f):
-    return _op()(lambda a, x: [f(x[0])])
+    return _op()(functools.partial(_run_unary, f))
 
 
 def _binary(f):
-    return _op()(lambda a, x: [f(x[0], x[1])])
+    return _op()(functools.partial(_run_binary, f))
 
 
 def _variadic(f):
-    return _op()(lambda a, x: [functools.reduce(f, x)])
+    return _op()(functools.partial(_run_variadic, f))
 
 
 # ---------------------------------------------------------------- elementwise
@@ -431,14 +444,16 @@ def _lrn(a, x):
     return [X / (a.get("bias", 1.0) + a.get("alpha", 1e-4) * mean) ** a.get("beta", 0.75)]
 
 
+def _run_softmax(f, a, x):
+    X = x[0]
+    if a["_opset"] >= 13:
+        return [f(X, a.get("axis", -1))]
+    axis = _axis(a.get("axis", 1), X.dim())  # before opset 13: coerced to 2-d at axis
+    return [f(X.reshape(math.prod(X.shape[:axis]), -1), 1).reshape(X.shape)]
+
+
 def _softmax_like(f):
-    def run(a, x):
-        X = x[0]
-        if a["_opset"] >= 13:
-            return [f(X, a.get("axis", -1))]
-        axis = _axis(a.get("axis", 1), X.dim())  # before opset 13: coerced to 2-d at axis
-        return [f(X.reshape(math.prod(X.shape[:axis]), -1), 1).reshape(X.shape)]
-    return _op()(run)
+    return _op()(functools.partial(_run_softmax, f))
 
 
 @_op(host=(1, 2), nout=2)
@@ -718,18 +733,19 @@ def _space_to_depth(a, x):
 # ---------------------------------------------------------------- reductions
 
 
+def _run_reduce(f, a, x):
+    X = x[0]
+    axes = _axes_arg(a, x, 1)
+    keep = bool(a.get("keepdims", 1))
+    if not axes:
+        if a.get("noop_with_empty_axes", 0) or X.dim() == 0:
+            return [X]
+        axes = range(X.dim())
+    return [f(X, tuple(sorted(_axis(ax, X.dim()) for ax in axes)), keep)]
+
+
 def _reduce(f):
-    @_op(host=(1,))
-    def run(a, x):
-        X = x[0]
-        axes = _axes_arg(a, x, 1)
-        keep = bool(a.get("keepdims", 1))
-        if not axes:
-            if a.get("noop_with_empty_axes", 0) or X.dim() == 0:
-                return [X]
-            axes = range(X.dim())
-        return [f(X, tuple(sorted(_axis(ax, X.dim()) for ax in axes)), keep)]
-    return run
+    return _op(host=(1,))(functools.partial(_run_reduce, f))
 
 
 def _prod(X, axes, keep):
@@ -738,29 +754,40 @@ def _prod(X, axes, keep):
     return X
 
 
+def _l1(X, axes, keep):
+    return torch.sum(X.abs(), axes, keep)
+
+
+def _l2(X, axes, keep):
+    return torch.linalg.vector_norm(X, 2, axes, keep)
+
+
+def _sum_square(X, axes, keep):
+    return torch.sum(X * X, axes, keep)
+
+
+def _log_sum(X, axes, keep):
+    return torch.log(torch.sum(X, axes, keep))
+
+
 _REDUCERS = {
-    "ReduceMean": lambda X, d, k: torch.mean(X, d, keepdim=k),
-    "ReduceSum": lambda X, d, k: torch.sum(X, d, keepdim=k),
-    "ReduceMax": lambda X, d, k: torch.amax(X, d, keepdim=k),
-    "ReduceMin": lambda X, d, k: torch.amin(X, d, keepdim=k),
-    "ReduceProd": _prod,
-    "ReduceL1": lambda X, d, k: torch.sum(X.abs(), d, keepdim=k),
-    "ReduceL2": lambda X, d, k: torch.linalg.vector_norm(X, 2, d, keepdim=k),
-    "ReduceSumSquare": lambda X, d, k: torch.sum(X * X, d, keepdim=k),
-    "ReduceLogSum": lambda X, d, k: torch.log(torch.sum(X, d, keepdim=k)),
-    "ReduceLogSumExp": lambda X, d, k: torch.logsumexp(X, d, keepdim=k),
+    "ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin,
+    "ReduceProd": _prod, "ReduceL1": _l1, "ReduceL2": _l2, "ReduceSumSquare": _sum_square,
+    "ReduceLogSum": _log_sum, "ReduceLogSumExp": torch.logsumexp,
 }
 
 
+def _run_arg(f, a, x):
+    X = x[0]
+    axis = _axis(a.get("axis", 0), X.dim())
+    keep = bool(a.get("keepdims", 1))
+    if not a.get("select_last_index", 0):
+        return [f(X, axis, keep)]
+    return [X.shape[axis] - 1 - f(X.flip(axis), axis, keep)]
+
+
 def _arg(f):
-    def run(a, x):
-        X = x[0]
-        axis = _axis(a.get("axis", 0), X.dim())
-        keep = bool(a.get("keepdims", 1))
-        if not a.get("select_last_index", 0):
-            return [f(X, axis, keep)]
-        return [X.shape[axis] - 1 - f(X.flip(axis), axis, keep)]
-    return _op()(run)
+    return _op()(functools.partial(_run_arg, f))
 
 
 # ---------------------------------------------------------------- resize

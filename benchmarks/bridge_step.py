@@ -116,8 +116,8 @@ def main():
     }
     for name, (native, bridge) in pairs.items():
         ta, tb, ratio, p10, p90, diff = compare(native, bridge, x, y, args.blocks, args.steps)
-        print(f"bridge_step [{name}]: ResNet-18 batch {args.batch} 3x{args.size}x{args.size}, {args.threads} thread(s): "
-              f"native {ta * 1e3:.0f} ms, bridge {tb * 1e3:.0f} ms per training step, ratio {ratio:.3f}x "
+        print(f"bridge_step [{name}]: ResNet-18 batch {args.batch} 3x{args.size}x{args.size}, "
+              f"{args.threads} thread(s): native {ta * 1e3:.0f} ms, bridge {tb * 1e3:.0f} ms per training step, ratio {ratio:.3f}x "
               f"(p10 {p10:.3f}, p90 {p90:.3f}; target <= 1.3x; first-forward rel. diff {diff:.1e})", flush=True)
 
 

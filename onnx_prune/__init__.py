@@ -33,3 +33,10 @@ def compile(model, target_speedup, **kwargs):  # noqa: A001  (the tool's verb)
     from onnx_prune.compiler.compile import compile_model
 
     return compile_model(model, target_speedup, **kwargs)
+
+
+def torch_graph(model, **kwargs):
+    """The torch training bridge: an nn.Module executing `model` (ONNX) whose parameters are its initializers."""
+    from onnx_prune.backends.torch_graph import TorchGraph
+
+    return TorchGraph(model, **kwargs)

@@ -2,12 +2,16 @@
 every zoo model, MiniLM), gradients, 1:1 export of trained weights, train/eval behaviour, hooks,
 and construction-time errors for ops it cannot run."""
 
+import copy
+import io
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import onnx_prune
 from onnx_prune.backends.ort import make_session
 from onnx_prune.backends.torch_graph import TorchGraph
 from onnx_prune.errors import UserError
@@ -362,8 +366,8 @@ def test_load_from_path(tmp_path):
     model, feeds = op_model("Conv", [f32(1, 3, 8, 8), f32(4, 3, 3, 3)], dict(pads=[1] * 4), consts=(1,))
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    tg = TorchGraph(path)
-    assert list(tg.param_names) == ["in1"] and tg.param_names["in1"].isidentifier()
+    tg = onnx_prune.torch_graph(path)
+    assert isinstance(tg, TorchGraph) and list(tg.param_names) == ["in1"] and tg.param_names["in1"].isidentifier()
     assert getattr(tg, tg.param_names["in1"]) is tg.parameters_by_initializer()["in1"]
     assert_matches_ort(model, tg, feeds, 1e-5)
 
@@ -539,3 +543,18 @@ def test_ops_that_do_not_reach_an_output_are_not_run():
     ])
     x = torch.randn(1, 4)
     assert torch.equal(TorchGraph(model)(x), torch.relu(x))
+
+
+def test_copies_keep_their_own_train_mode_and_pickle():
+    model = _bn_model()
+    tg = TorchGraph(model).eval()
+    clone = copy.deepcopy(tg).train()
+    x = torch.randn(4, 3, 5, 5)
+    clone(x)  # train mode: updates the clone's running stats only
+    assert not torch.equal(clone.tensor("mean"), tg.tensor("mean"))
+    assert torch.equal(tg(x), tg(x))  # the original stays in eval mode
+    buffer = io.BytesIO()
+    torch.save(tg, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert torch.equal(restored(x), tg(x))
