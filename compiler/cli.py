@@ -160,8 +160,12 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
                    "bridge (slower). Each stage is kept only if held-out calibration data improves.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here (and a Markdown "
               "summary with plots next to it).")
+@click.option("--finetune", "finetune_data", default=None, metavar="PKG.MOD:FN",
+              help="After pruning and recovery, distil the pruned model to the dense one on these batches "
+                   "(the data contract of `finetune --data`).")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Epochs for --finetune.")
 def compile_cmd(model, output, target_speedup, provider, calib, preprocess, input_shape, batch_size, threads,
-                method, search, search_seconds, recover, report):
+                method, search, search_seconds, recover, report, finetune_data, epochs):
     """Prune until the speedup measured on ONNX Runtime meets the target; fail loudly otherwise."""
     from onnx_prune.compiler.compile import compile_model, parse_speedup
     from onnx_prune.passes.graph import save_model
@@ -170,11 +174,18 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
     _check_output(model, output)
     src, shapes = load_source(model)
     shapes.update(parse_input_shapes(input_shape))
+    extra = {}
+    if finetune_data is not None:
+        from onnx_prune.compiler.finetune import load_data
+        from onnx_prune.passes.graph import load_model
+
+        # bad data fails now, not after the search: the loaded batches go to compile as they are
+        extra = {"finetune": load_data(finetune_data, load_model(src)), "epochs": epochs}
     try:
         result = compile_model(src, target_speedup, provider=provider, threads=threads, calib=calib,
                                preprocess=preprocess, input_shapes=shapes, method=method, search=search,
                                batch_size=batch_size, search_seconds=search_seconds, recover=recover, progress=True,
-                               log=_log_line)
+                               log=_log_line, **extra)
     except TargetNotMet as exc:
         if report and exc.report is not None:
             from onnx_prune.compiler.summary import write_summary
@@ -189,15 +200,27 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
         _write_json(report, result.report)
         write_summary(result.report, report)
     r = result.report
-    err = r["max_abs_error_vs_masked_reference"]
-    check = f"verified (max abs error {err:.1e})" if err is not None else \
-        f"verified before recovery (max abs error {r['max_abs_error_before_recovery']:.1e}), then refitted"
     fid = r.get("output_fidelity") or {}
     similarity = fid.get("mean_pooled_cosine_similarity", fid.get("mean_cosine_similarity"))
+    ft = r.get("finetune")
     click.echo(f"wrote {output}: measured {r['measured_speedup']:.2f}x (target {r['target_speedup']:g}x, predicted "
                f"{r['predicted_speedup']:.2f}x), {r['dense_latency_ms']:.2f} -> {r['pruned_latency_ms']:.2f} ms on "
-               f"{r['provider']}, {check}"
-               + (f", output cosine {similarity:.3f}" if fid else ""))
+               f"{r['provider']}, {_verified_text(r)}"
+               + (f", output cosine {similarity:.3f}" if fid else "")
+               + (f", {ft['epochs']} fine-tuning epoch(s): output cosine to dense {ft['output_cosine_to_dense_before']:.3f}"
+                  f" -> {ft['output_cosine_to_dense_after']:.3f}" + ("" if ft["applied"] else " (not applied)")
+                  if ft else ""))
+
+
+def _verified_text(r) -> str:
+    """Verification holds for the weights surgery wrote; say which later steps changed them."""
+    err = r["max_abs_error_vs_masked_reference"]
+    if err is not None:
+        return f"verified (max abs error {err:.1e})"
+    before = r.get("max_abs_error_before_recovery", r.get("max_abs_error_before_finetune"))
+    then = (["refitted"] if "max_abs_error_before_recovery" in r else []) + \
+        (["fine-tuned"] if (r.get("finetune") or {}).get("applied") else [])
+    return f"verified (max abs error {before:.1e}), then {' and '.join(then)}"
 
 
 def _log_line(message):
@@ -243,6 +266,53 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
     if result.ratio is not None:
         lo, hi = result.ratio_spread
         click.echo(f"ratio {models[0]} / {models[1]}: {result.ratio:.3f}x (p10 {lo:.3f}, p90 {hi:.3f}, interleaved)")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--data", required=True, metavar="PKG.MOD:FN",
+              help="A callable returning training batches, or (train_batches, val_batches); a batch is "
+                   "{input: array} or ({input: array}, labels).")
+@click.option("--method", type=click.Choice(["pdp", "gap", "admm", "magnitude"]), default="pdp", show_default=True)
+@click.option("--pattern", default="unstructured", show_default=True, help="unstructured, N:M (e.g. 2:4) or channel.")
+@click.option("--sparsity", type=float, default=None, help="Share pruned, in (0, 1); implied by N:M.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--teacher", type=click.Choice(["dense", "labels"]), default="dense", show_default=True,
+              help="dense: distil to the dense model's outputs; labels: task loss on the batches' labels.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@input_shape_opt
+@click.option("--sparse-initializers", is_flag=True,
+              help="Store pruned weights as ONNX sparse initializers where that is smaller (unstructured, N:M).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+def finetune(model, output, data, method, pattern, sparsity, epochs, teacher, device, lr, input_shape,
+             sparse_initializers, report):
+    """Train under a sparsity method (PDP, GaP, StructADMM, gradual magnitude) and emit the sparse or
+    channel-pruned model. Under torchrun (WORLD_SIZE > 1) the batches are sharded over ranks."""
+    from onnx_prune.compiler.finetune import check_options, finetune_model
+    from onnx_prune.passes.graph import save_model
+
+    check_options(method, pattern, sparsity, epochs, teacher, device, lr)
+    _check_output(model, output)
+    src, shapes = load_source(model)
+    shapes.update(parse_input_shapes(input_shape))
+    result = finetune_model(src, data, method=method, pattern=pattern, sparsity=sparsity, epochs=epochs,
+                            teacher=teacher, device=device, lr=lr, input_shapes=shapes,
+                            sparse_initializers=sparse_initializers, log=lambda m: click.echo(m, err=True))
+    if result.rank != 0:  # distributed: rank 0 writes
+        return
+    save_model(result.model, output)
+    if report:
+        _write_json(report, result.report)
+    r = result.report
+    lat = r.get("latency")
+    losses = r["losses_per_epoch"]
+    click.echo(f"wrote {output}: {r['method']} {r['pattern']}, sparsity {r['sparsity_achieved']:.4f} "
+               f"(requested {r['sparsity_requested']:g}), {r['epochs']} epoch(s), loss {losses[0]:.4g} -> {losses[-1]:.4g}"
+               + (f", validation cosine {r['validation']['output_cosine_to_dense']:.4f}" if "validation" in r else "")
+               + (f", {lat['dense_ms']:.3f} -> {lat['result_ms']:.3f} ms ({lat['speedup']:.2f}x on {lat['provider']})"
+                  if lat else ""))
 
 
 def _check_output(model, output):

@@ -69,9 +69,10 @@ def measured_speedup(dense, pruned, feeds, provider, threads):
 def compile_model(model, target_speedup, provider="cpu", threads=None, calib=None, preprocess=None,
                   input_shapes=None, method="spdy", search="fast", batch_size=None, timer=None,
                   search_seconds=SEARCH_SECONDS, recover="layer", log=lambda msg: None,
-                  progress=False) -> CompileResult:
+                  progress=False, finetune=None, epochs=5) -> CompileResult:
     """Compile `model` (path or ModelProto). `timer(dense, pruned, feeds)` -> (speedup, dense ms,
-    pruned ms) replaces the real measurement in tests."""
+    pruned ms) replaces the real measurement in tests. `finetune` (data for compiler/finetune.py):
+    afterwards, distil the pruned model to the dense one for `epochs` (shapes, so speed, unchanged)."""
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (choose: {', '.join(METHODS)})")
     if search not in SEARCHES:
@@ -83,8 +84,15 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
     target = parse_speedup(target_speedup)
     steps = Steps(log, progress)
     try:
-        return _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search,
-                        batch_size, timer, search_seconds, recover, steps)
+        result = _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search,
+                          batch_size, timer, search_seconds, recover, steps)
+        if finetune is not None:
+            from onnx_prune.compiler.finetune import finetune_compiled
+
+            with steps("fine-tune"):
+                result.model = finetune_compiled(model, result.model, result.report, finetune, epochs,
+                                                 input_shapes, log=steps.note)
+        return result
     finally:
         steps.close()
 
