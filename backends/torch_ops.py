@@ -670,10 +670,9 @@ def _constant(a, x):
     return [torch.from_numpy(np.array(_constant_value(a)))]
 
 
-@_op(host=(0, 1, 2))
 def _range(a, x):
-    start, limit, delta = (host(v) for v in x)
-    return [torch.arange(start, limit, delta, device=a["_ctx"]["device"])]
+    start, limit, delta = x  # tensors, not host values: the output takes start's dtype
+    return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)]
 
 
 def _identity(a, x):
