@@ -3,15 +3,24 @@
 It is an interpreter of the graph, not a converter: its parameters *are* the graph's initializers,
 and `export()` writes their current values back 1:1 into a copy of the same graph.
 
-    tg = TorchGraph(model)                      # ModelProto or path
+    tg = TorchGraph(model).train()              # ModelProto or path
     loss = tg(x).square().mean(); loss.backward()
     opt.step(); trained = tg.export()           # same graph, new initializer values
 
-Float initializers that act as weights become `nn.Parameter`s; integer/bool initializers, those read
-as shapes/axes/indices/bounds, BatchNorm running statistics and scalar constants of elementwise ops
-(epsilons, scales) become buffers. `value_hooks` ({value name: fn(tensor) -> tensor}) run right after
-the node producing the value; `weight_hooks` ({initializer name: fn}) run when the weight is read.
-Both are plain dicts that may be changed between calls.
+- Float initializers that act as weights become `nn.Parameter`s (`param_names`: initializer ->
+  attribute). Integer/bool initializers, those read as shapes/axes/indices/bounds/exponents,
+  BatchNorm running statistics, unused ones, and 1-element constants that only feed elementwise
+  math (epsilons, attention scales) become buffers (`buffer_names`). `Constant` nodes stay constants.
+- `value_hooks` ({value name: fn(tensor) -> tensor}) run right after the node producing the value
+  (on a graph input or constant: when it is read); `weight_hooks` ({initializer name: fn}) run when
+  the weight is read, so `fn` may apply a differentiable mask. Both are plain dicts, changeable
+  between calls; the stored weights are not modified by them.
+- Like any nn.Module it starts in train mode. Train: BatchNormalization uses batch statistics and
+  updates its running statistics in place (ONNX momentum m -> torch's 1 - m; the running variance
+  is the unbiased one, as in torch), Dropout is active. Eval: running statistics, no dropout.
+- The execution plan (steps with resolved slots, parsed attributes, constant shapes read once,
+  where each activation is released after its last reader) is built at construction, and so is
+  every error: an op the bridge cannot run is a UserError naming the op types and nodes.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ _NONE, _TRASH = 0, 1  # slots: an omitted optional input (always None); an outpu
 
 
 class TorchGraph(nn.Module):
+    """An nn.Module executing an ONNX graph: forward(*inputs, **named_inputs) takes tensors for the
+    graph inputs (graph order, or by name) and returns the output, or a tuple of them."""
+
     def __init__(self, model, value_hooks: dict | None = None, weight_hooks: dict | None = None):
         super().__init__()
         model = _as_model(model)
