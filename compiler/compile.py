@@ -112,7 +112,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     with steps("profile + timing database"):
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
         widths = cm.candidate_widths()
-    scores, curves = group_scores(analysis), None
+    scores, curves, db = group_scores(analysis), None, None
     if samples is not None and method == "spdy":
         with steps("error database"):
             db = build_error_db(canon.model, analysis, samples)
@@ -128,7 +128,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     if search == "full":
         with steps("sensitivity search"):
             find, notes_full = _sensitivity(find, canon, analysis, cm, goal, samples or feeds, provider,
-                                            search_seconds, steps, candidates)
+                                            search_seconds, steps, candidates, db)
             notes.append(notes_full)
     elif method == "spdy":
         candidates = _frontier(find, cm, analysis, reachable)
@@ -204,8 +204,9 @@ def _frontier(find, cm, analysis, reachable, points=10):
     return out
 
 
-def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates):
-    """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them."""
+def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates, db):
+    """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them.
+    With calibration data, candidates are scored after stitching in the error database's refits."""
     tables = find.tables
     priors = [tables.error[g.name] for g in analysis.groups]
     loss = FidelityLoss(canon.model, _first(samples, SEARCH_SAMPLES), provider)
@@ -214,15 +215,19 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     def progress(evaluated, best):
         steps.tick(f"sensitivity search: {evaluated} plans scored, best calibration loss {best:.4f}")
 
+    def build(plan):
+        pruned = apply_plan(canon.model, analysis, plan)
+        return db.stitch(pruned, analysis, plan) if db is not None else pruned
+
     def scored(plan):
-        value = loss(apply_plan(canon.model, analysis, plan))
+        value = loss(build(plan))
         candidates.append({"predicted_speedup": cm.predicted_speedup(plan), "error": value,
                            "error_kind": "calibration loss (1 - cosine)"})
         return value
 
     c, _plan, best, evaluated = sensitivity_search(lambda errors: find(goal_ms, errors), scored, priors, seconds,
                                                    progress=progress)
-    raw = loss(apply_plan(canon.model, analysis, find(goal_ms)))
+    raw = candidates[0]["error"]  # the raw errors are the first candidate
     steps.note(f"sensitivity search: {evaluated} plans scored, calibration loss {raw:.4f} (raw errors) -> {best:.4f}")
     scaled = [ci * p for ci, p in zip(c, priors)]
     note = (f"--search full: {evaluated} plans scored on {len(next(iter(loss.feeds[0].values())))}+ samples; "

@@ -76,8 +76,10 @@ def markdown(report, plots) -> str:
         sim = fid.get("mean_pooled_cosine_similarity", fid["mean_cosine_similarity"])
         lines.append(f"| output cosine to dense (calibration) | {sim:.4f} |")
     err = r.get("max_abs_error_vs_masked_reference")
+    before = r.get("max_abs_error_before_recovery", r.get("max_abs_error_before_finetune"))
+    changed = "recovery" if "max_abs_error_before_recovery" in r else "fine-tuning"
     lines.append(f"| masked-reference max abs error | "
-                 f"{'%.1e' % err if err is not None else 'before recovery %.1e' % r.get('max_abs_error_before_recovery', float('nan'))} |")
+                 f"{'%.1e' % err if err is not None else '%.1e before %s changed the weights' % (before, changed)} |")
     lines.append(f"| time | {r['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.get("phases", {}).items()) + " |")
     for stage in r.get("recovery", {}).get("stages", []):
         lines.append(f"| {stage['method']} | held-out cosine {stage['held_out_cosine_before']:.4f} -> "

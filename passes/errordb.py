@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from scipy.linalg import cho_factor, solve_triangular
 
 from onnx_prune.backends.ort import session_with_outputs
-from onnx_prune.passes.reconstruct import feed_batch_size, im2col, refittable_layers, token_mask, weight_matrix
+from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, im2col, refittable_layers, token_mask,
+                                           weight_matrix)
 
 MAX_ROWS = 8192  # rows of X per layer over all calibration batches
 RIDGE = 0.3  # relative diagonal load, as in recovery (passes/reconstruct.py); Gram matrices are often singular
@@ -35,6 +37,7 @@ class _Layer:
     W: np.ndarray  # (features, outputs): outputs = X @ W
     per_pos: int  # features per input channel position (kh*kw for a conv, else 1)
     coords: list  # [(space id, channel at each input position or -1)]
+    axes: tuple = ()  # (input channel expr, output channel expr)
     gram: np.ndarray = None
     rows: int = 0
 
@@ -51,9 +54,35 @@ class ErrorDB:
     order: dict[str, np.ndarray] = field(default_factory=dict)
     curve: dict[str, np.ndarray] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)  # "refit" | "energy"
+    layers: list = field(default_factory=list, repr=False)  # with their Gram matrices, for stitch()
 
     def error(self, group: str, width: int) -> float:
         return float(self.curve[group][width])
+
+    def stitch(self, pruned: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
+        """SPDY's stitching: `pruned` (the plan applied) with every layer whose input lost channels
+        refitted by ridge least squares on the *dense* activations' Gram matrix, towards its pruned
+        weights -- the reconstruction database's answer, cheap enough to score search candidates
+        (the final model gets the sequential refit instead, passes/reconstruct.py)."""
+        keep = analysis.keep_arrays(plan)
+        out = onnx.ModelProto()
+        out.CopyFrom(pruned)
+        inits = {t.name: t for t in out.graph.initializer}
+        for lay in self.layers:
+            in_mask = analysis.table.keep_mask(lay.axes[0], keep)
+            if in_mask.all():
+                continue
+            out_mask = analysis.table.keep_mask(lay.axes[1], keep)
+            feats = _feature_index(np.flatnonzero(in_mask), lay.per_pos)
+            gram = lay.gram[np.ix_(feats, feats)]
+            lam = RIDGE * np.trace(gram) / len(gram)
+            prior = lay.W[feats][:, out_mask]
+            rhs = (lay.gram[feats] @ lay.W[:, out_mask]) + lam * prior
+            W = np.linalg.solve(gram + lam * np.eye(len(gram)), rhs)
+            tensor = inits[lay.node.input[1]]
+            tensor.CopyFrom(numpy_helper.from_array(
+                from_weight_matrix(lay.node, W, tuple(tensor.dims)).astype(np.float32), tensor.name))
+        return out
 
     def scores(self) -> dict[str, np.ndarray]:
         """Scores for `keep_top`: the top-k by score are the first k of the order."""
@@ -87,7 +116,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
         for name, coords in energy_values:
             _add_energy(energy, values[name], coords)
     log(f"error database: {len(layers)} layers, {len(feeds_list)} calibration batches")
-    db = ErrorDB()
+    db = ErrorDB(layers=layers)
     ranking = _rank(analysis, layers, energy)
     for g in analysis.groups:
         db.order[g.name] = ranking[g.sid]
@@ -117,7 +146,7 @@ def _consumer_layers(analysis, by_sid) -> list[_Layer]:
             continue
         w = ctx.index.const(node.input[1]).astype(np.float64)
         per_pos = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
-        out.append(_Layer(node, weight_matrix(node, w), per_pos, coords))
+        out.append(_Layer(node, weight_matrix(node, w), per_pos, coords, tuple(axes)))
     return out
 
 

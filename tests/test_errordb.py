@@ -92,3 +92,22 @@ def test_pooled_similarity_ignores_padding_tokens():
     c = compare([dense], [pruned], {"attention_mask": mask})
     assert np.allclose(c["pooled"], 1.0)
     assert min(c["cos"]) < 0.9  # the flattened comparison does see the padding
+
+
+def test_stitch_refits_layers_after_pruned_groups_and_beats_plain_pruning():
+    from onnx_prune.compiler.fidelity import output_fidelity
+    from onnx_prune.passes.surgery import apply_plan
+
+    model = _mlp(hidden=32)
+    analysis = analyze_model(model, {"x": (64, 10)})
+    (group,) = analysis.groups
+    samples = {"x": np.random.default_rng(0).normal(size=(512, 10)).astype(np.float32)}
+    db = build_error_db(model, analysis, samples)
+    plan = {group.name: np.sort(db.order[group.name][:12])}
+    pruned = apply_plan(model, analysis, plan)
+    stitched = db.stitch(pruned, analysis, plan)
+    plain = output_fidelity(model, pruned, samples, "cpu")["mean_relative_l2_error"]
+    refit = output_fidelity(model, stitched, samples, "cpu")["mean_relative_l2_error"]
+    assert refit < 0.8 * plain
+    w2 = lambda m: numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w2"))
+    assert w2(stitched).shape == w2(pruned).shape == (12, 6) and not np.allclose(w2(stitched), w2(pruned))
