@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,13 +69,14 @@ def _finite_grads(net):
 
 
 def run(net, method, batches, loss_fn=None, epochs=1, optimizer=None, lr=1e-3, teacher=None,
-        train_mode=False) -> list[float]:
+        train_mode=False, shuffle=True, seed=0) -> list[float]:
     """Train `net` (TorchGraph or any module with the same hooks) under `method` for `epochs`
     passes over `batches`; returns the loss per step (without the penalty).
 
     train_mode=False keeps the graph's inference semantics while training (BatchNormalization
     uses its running statistics, Dropout is off): robust with the small batches of calibration
-    data; True uses batch statistics and updates them."""
+    data; True uses batch statistics and updates them. `shuffle` visits the batches in a new
+    (seeded) order every epoch."""
     batches = list(batches)
     steps = epochs * len(batches)
     if steps != method.total_steps:
@@ -93,8 +95,11 @@ def run(net, method, batches, loss_fn=None, epochs=1, optimizer=None, lr=1e-3, t
     targets = {}
     losses = []
     i = 0
+    order = np.random.default_rng(seed)
     for _epoch in range(epochs):
-        for b, batch in enumerate(batches):
+        visit = order.permutation(len(batches)) if shuffle else range(len(batches))
+        for b in visit:
+            batch = batches[b]
             feeds, labels = split(batch)
             out = outputs(call(net, feeds))
             if labels is not None:
