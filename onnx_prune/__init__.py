@@ -29,7 +29,8 @@ def compile(model, target_speedup, **kwargs):  # noqa: A001  (the tool's verb)
 
     Returns a CompileResult with .model (ONNX) and .report (dict); raises TargetNotMet (with
     .report) when the measured speedup stays below the target. Keyword arguments: provider,
-    threads, calib, preprocess, input_shapes, method, batch_size."""
+    threads, calib, preprocess, input_shapes, method, search, search_seconds, recover, batch_size,
+    finetune, epochs."""
     from onnx_prune.compiler.compile import compile_model
 
     return compile_model(model, target_speedup, **kwargs)
@@ -40,3 +41,19 @@ def torch_graph(model, **kwargs):
     from onnx_prune.backends.torch_graph import TorchGraph
 
     return TorchGraph(model, **kwargs)
+
+
+def finetune(model, data, **kwargs):
+    """Train `model` under a sparsity method through the torch bridge (see compiler/finetune.py)."""
+    from onnx_prune.compiler.finetune import finetune_model
+
+    return finetune_model(model, data, **kwargs)
+
+
+def __getattr__(name):
+    # onnx_prune.TorchGraph without importing torch for users who never train
+    if name == "TorchGraph":
+        from onnx_prune.backends.torch_graph import TorchGraph
+
+        return TorchGraph
+    raise AttributeError(f"module 'onnx_prune' has no attribute {name!r}")

@@ -373,6 +373,7 @@ def test_load_from_path(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     tg = onnx_prune.torch_graph(path)
+    assert onnx_prune.TorchGraph is TorchGraph
     assert isinstance(tg, TorchGraph) and list(tg.param_names) == ["in1"] and tg.param_names["in1"].isidentifier()
     assert getattr(tg, tg.param_names["in1"]) is tg.parameters_by_initializer()["in1"]
     assert_matches_ort(model, tg, feeds, 1e-5)
