@@ -99,14 +99,14 @@ def feeds_for(model, input_shapes: dict, batch_size=None, seed=0):
     return model, random_feeds(model, shapes, seed)
 
 
-def session_with_outputs(model: onnx.ModelProto, names):
-    """A session (graph optimizations off, so every tensor survives) that can also return the
-    intermediate tensors `names`."""
+def session_with_outputs(model: onnx.ModelProto, names, optimize=False):
+    """A session that can also return the intermediate tensors `names` (ORT keeps every tensor
+    asked for as an output, optimized or not; `optimize=False` also keeps the graph as written)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
     m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    return make_session(m, optimize=False, quiet=True)
+    return make_session(m, optimize=optimize, quiet=True)
 
 
 def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:

@@ -199,14 +199,15 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
 
         _write_json(report, result.report)
         write_summary(result.report, report)
+    from onnx_prune.compiler.fidelity import similarity
+
     r = result.report
-    fid = r.get("output_fidelity") or {}
-    similarity = fid.get("mean_pooled_cosine_similarity", fid.get("mean_cosine_similarity"))
+    fid = r.get("output_fidelity")
     ft = r.get("finetune")
     click.echo(f"wrote {output}: measured {r['measured_speedup']:.2f}x (target {r['target_speedup']:g}x, predicted "
                f"{r['predicted_speedup']:.2f}x), {r['dense_latency_ms']:.2f} -> {r['pruned_latency_ms']:.2f} ms on "
                f"{r['provider']}, {_verified_text(r)}"
-               + (f", output cosine {similarity:.3f}" if fid else "")
+               + (f", held-out output cosine {similarity(fid):.3f}" if fid else "")
                + (f", {ft['epochs']} fine-tuning epoch(s): output cosine to dense {ft['output_cosine_to_dense_before']:.3f}"
                   f" -> {ft['output_cosine_to_dense_after']:.3f}" + ("" if ft["applied"] else " (not applied)")
                   if ft else ""))

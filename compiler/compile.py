@@ -20,7 +20,7 @@ from onnx_prune.backends.ort import random_feeds
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.calib import batches, load_calibration
 from onnx_prune.compiler.prune import build_report
-from onnx_prune.compiler.fidelity import FidelityLoss, output_fidelity
+from onnx_prune.compiler.fidelity import Reference, similarity
 from onnx_prune.compiler.progress import Steps
 from onnx_prune.compiler.search import SpdyTables, search_global, search_spdy, search_uniform
 from onnx_prune.compiler.sensitivity import sensitivity_search
@@ -113,9 +113,13 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
         widths = cm.candidate_widths()
     scores, curves, db = group_scores(analysis), None, None
-    if samples is not None and method == "spdy":
+    if samples is not None:
+        # a held-out fifth judges recovery; everything that fits (the database, its refits and
+        # the search's loss) sees only the rest
+        fit, held = _split_held_out(samples)
         with steps("error database"):
-            db = build_error_db(canon.model, analysis, samples)
+            db = build_error_db(canon.model, analysis, fit)
+        if method == "spdy":  # the baselines keep their magnitude ranking; all share the refits
             scores, curves = db.scores(), db.curve
     smallest = {g.name: np.arange(min(widths[g.name])) for g in analysis.groups}
     reachable = cm.dense_ms / cm.predict_ms(smallest)
@@ -123,15 +127,17 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         raise UserError(f"target {target:g}x is out of reach: pruning every group to its smallest useful width "
                         f"predicts {reachable:.2f}x on {provider}")
     goal = target * OVERSHOOT_MARGIN
-    find = _planner(method, cm, analysis, widths, scores, curves)
+    with steps("search tables"):
+        find = _planner(method, cm, analysis, widths, scores, curves)
     candidates = []
     if search == "full":
         with steps("sensitivity search"):
-            find, notes_full = _sensitivity(find, canon, analysis, cm, goal, samples or feeds, provider,
+            find, notes_full = _sensitivity(find, canon, analysis, cm, goal, fit if samples else feeds, provider,
                                             search_seconds, steps, candidates, db)
             notes.append(notes_full)
     elif method == "spdy":
-        candidates = _frontier(find, cm, analysis, reachable)
+        with steps("trade-off curve"):
+            candidates = _frontier(find, cm, analysis, reachable)
     timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     rounds, tried = [], []
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
@@ -166,11 +172,10 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         "verification": check.checks,
     })
     if samples is not None:
-        if recover != "none":
-            with steps("recovery"):
-                pruned = _recover(canon.model, pruned, analysis, plan, samples, provider, recover, report,
-                                  steps.note)
-        report["output_fidelity"] = output_fidelity(canon.model, pruned, samples, provider)
+        with steps("recovery" if recover != "none" else "output fidelity"):
+            reference = Reference(canon.model, held, provider)
+            pruned, report["output_fidelity"] = _recover(pruned, analysis, plan, fit, reference, db, recover,
+                                                         report, steps.note)
     report["seconds"] = steps.total()
     report["phases"] = steps.seconds
     if speedup < target:
@@ -209,7 +214,7 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     With calibration data, candidates are scored after stitching in the error database's refits."""
     tables = find.tables
     priors = [tables.error[g.name] for g in analysis.groups]
-    loss = FidelityLoss(canon.model, _first(samples, SEARCH_SAMPLES), provider)
+    reference = Reference(canon.model, _first(samples, SEARCH_SAMPLES), provider)
     goal_ms = cm.dense_ms / goal
 
     def progress(evaluated, best):
@@ -220,7 +225,7 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
         return db.stitch(pruned, analysis, plan) if db is not None else pruned
 
     def scored(plan):
-        value = loss(build(plan))
+        value = reference.loss(build(plan))
         candidates.append({"predicted_speedup": cm.predicted_speedup(plan), "error": value,
                            "error_kind": "calibration loss (1 - cosine)"})
         return value
@@ -230,7 +235,7 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     raw = candidates[0]["error"]  # the raw errors are the first candidate
     steps.note(f"sensitivity search: {evaluated} plans scored, calibration loss {raw:.4f} (raw errors) -> {best:.4f}")
     scaled = [ci * p for ci, p in zip(c, priors)]
-    note = (f"--search full: {evaluated} plans scored on {len(next(iter(loss.feeds[0].values())))}+ samples; "
+    note = (f"--search full: {evaluated} plans scored on {reference.samples} calibration samples; "
             f"calibration loss {raw:.4f} with raw errors, {best:.4f} with searched sensitivities")
     return (lambda goal_ms: find(goal_ms, scaled)), note
 
@@ -239,40 +244,39 @@ def _first(samples, n):
     return {k: v[:n] for k, v in samples.items()}
 
 
-def _recover(dense, pruned, analysis, plan, samples, provider, recover, report, log):
-    """Recovery on calibration data, each stage kept only if it helps on held-out samples (a fifth
-    of them): layer-wise least squares, then (`recover="global"`) global AdaPrune through the
-    torch bridge. Weights change, not shapes: the measured latency still holds."""
+def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
+    """Recovery on calibration data, each stage kept only if it helps on the held-out samples
+    (`reference`): layer-wise least squares (every layer whose input lost channels, refitted on the
+    error database's dense-activation statistics: SPDY's stitching), then (`recover="global"`)
+    global AdaPrune through the torch bridge. Weights change, not shapes: the measured latency
+    holds. Returns the model and its output fidelity on the held-out samples."""
     from onnx_prune.passes.global_refit import global_refit
-    from onnx_prune.passes.reconstruct import refit
 
-    fit, held = _split_held_out(samples)
-    stages = [("layer-wise least squares (structured AdaPrune)", lambda m: refit(m, dense, analysis, plan, fit)[0])]
+    stages = []
+    if recover != "none":
+        stages.append(("layer-wise least squares (structured AdaPrune)", lambda m: db.stitch(m, analysis, plan)))
     if recover == "global":
         stages.append(("global AdaPrune (all weights, every layer output)",
-                       lambda m: global_refit(m, dense, analysis, plan, fit)))
-    current = _similarity(output_fidelity(dense, pruned, held, provider))
-    report["recovery"] = {"held_out_samples": len(next(iter(held.values()))), "held_out_cosine_start": current,
+                       lambda m: global_refit(m, reference.dense_model, analysis, plan, fit)))
+    fidelity = reference.fidelity(pruned)
+    report["recovery"] = {"held_out_samples": reference.samples, "held_out_cosine_start": similarity(fidelity),
                           "stages": []}
     model = pruned
     for name, run in stages:
         candidate = run(model)
-        after = _similarity(output_fidelity(dense, candidate, held, provider))
-        kept = after > current
-        report["recovery"]["stages"].append({"method": name, "held_out_cosine_before": current,
-                                             "held_out_cosine_after": after, "applied": kept})
-        log(f"{name}: held-out cosine {current:.3f} -> {after:.3f}" + ("" if kept else " (not applied)"))
+        after = reference.fidelity(candidate)
+        kept = similarity(after) > similarity(fidelity)
+        report["recovery"]["stages"].append({"method": name, "held_out_cosine_before": similarity(fidelity),
+                                             "held_out_cosine_after": similarity(after), "applied": kept})
+        log(f"{name}: held-out cosine {similarity(fidelity):.3f} -> {similarity(after):.3f}"
+            + ("" if kept else " (not applied)"))
         if kept:
-            model, current = candidate, after
+            model, fidelity = candidate, after
     if model is not pruned:
         report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
         report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
-    return model
-
-
-def _similarity(fidelity):
-    """The similarity users compare: pooled embeddings for sequence encoders, else outputs."""
-    return fidelity.get("mean_pooled_cosine_similarity", fidelity["mean_cosine_similarity"])
+    fidelity["on"] = "held-out calibration samples (not used to fit)"
+    return model, fidelity
 
 
 def _split_held_out(samples, share=5):

@@ -48,35 +48,39 @@ def _batches(model, samples):
     return list(batches(samples, feed_batch_size(model)))
 
 
-def output_fidelity(dense, pruned, samples, provider) -> dict:
-    sd, sp = make_session(dense, provider=provider), make_session(pruned, provider=provider)
-    parts = {"cos": [], "rel": [], "pooled": []}
-    for feeds in _batches(dense, samples):
-        for k, v in compare(sd.run(None, feeds), sp.run(None, feeds), feeds).items():
-            parts[k].extend(v)
-    out = {"mean_cosine_similarity": float(np.mean(parts["cos"])),
-           "mean_relative_l2_error": float(np.mean(parts["rel"])),
-           "samples": int(len(next(iter(samples.values()))))}
-    if parts["pooled"]:
-        out["mean_pooled_cosine_similarity"] = float(np.mean(parts["pooled"]))
-    return out
-
-
-class FidelityLoss:
-    """1 - mean similarity of a candidate model's outputs to the dense model's on fixed samples
-    (pooled-embedding cosine for sequence encoders, else output cosine): the calibration loss
-    that SPDY's sensitivity search minimises when no labels are given."""
+class Reference:
+    """The dense model's outputs on fixed samples, computed once; candidates are compared to them."""
 
     def __init__(self, dense, samples, provider):
+        self.dense_model = dense
         self.provider = provider
+        self.samples = int(len(next(iter(samples.values()))))
         self.feeds = _batches(dense, samples)
         sess = make_session(dense, provider=provider, quiet=True)
         self.dense_outs = [sess.run(None, f) for f in self.feeds]
 
-    def __call__(self, model) -> float:
+    def fidelity(self, model) -> dict:
         sess = make_session(model, provider=self.provider, quiet=True)
-        sims = []
+        parts = {"cos": [], "rel": [], "pooled": []}
         for feeds, dense in zip(self.feeds, self.dense_outs):
-            c = compare(dense, sess.run(None, feeds), feeds)
-            sims.extend(c["pooled"] or c["cos"])
-        return 1.0 - float(np.mean(sims))
+            for k, v in compare(dense, sess.run(None, feeds), feeds).items():
+                parts[k].extend(v)
+        out = {"mean_cosine_similarity": float(np.mean(parts["cos"])),
+               "mean_relative_l2_error": float(np.mean(parts["rel"])), "samples": self.samples}
+        if parts["pooled"]:
+            out["mean_pooled_cosine_similarity"] = float(np.mean(parts["pooled"]))
+        return out
+
+    def loss(self, model) -> float:
+        """1 - mean similarity (pooled-embedding cosine for sequence encoders, else output
+        cosine): the calibration loss SPDY's sensitivity search minimises without labels."""
+        return 1.0 - similarity(self.fidelity(model))
+
+
+def similarity(fidelity: dict) -> float:
+    """The similarity users compare: pooled embeddings for sequence encoders, else outputs."""
+    return fidelity.get("mean_pooled_cosine_similarity", fidelity["mean_cosine_similarity"])
+
+
+def output_fidelity(dense, pruned, samples, provider) -> dict:
+    return Reference(dense, samples, provider).fidelity(pruned)

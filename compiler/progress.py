@@ -16,7 +16,8 @@ class Steps:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(file=sys.stderr, bar_format="{desc} [{elapsed}] {postfix}", dynamic_ncols=True)
+            # disable=None: a live line on terminals only; logs and pipes get the plain log lines
+            self.bar = tqdm(file=sys.stderr, bar_format="{desc} [{elapsed}] {postfix}", dynamic_ncols=True, disable=None)
 
     @contextmanager
     def __call__(self, name: str):

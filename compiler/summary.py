@@ -73,8 +73,9 @@ def markdown(report, plots) -> str:
              f"| channels kept | {r['channels_kept']} / {r['channels_total']} in {len(r['groups'])} groups |"]
     fid = r.get("output_fidelity")
     if fid:
-        sim = fid.get("mean_pooled_cosine_similarity", fid["mean_cosine_similarity"])
-        lines.append(f"| output cosine to dense (calibration) | {sim:.4f} |")
+        from onnx_prune.compiler.fidelity import similarity
+
+        lines.append(f"| output cosine to dense (held-out calibration samples) | {similarity(fid):.4f} |")
     err = r.get("max_abs_error_vs_masked_reference")
     before = r.get("max_abs_error_before_recovery", r.get("max_abs_error_before_finetune"))
     changed = "recovery" if "max_abs_error_before_recovery" in r else "fine-tuning"

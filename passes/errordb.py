@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from scipy.linalg import cho_factor, solve_triangular
+from scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from onnx_prune.backends.ort import session_with_outputs
 from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, im2col, refittable_layers, token_mask,
                                            weight_matrix)
 
-MAX_ROWS = 8192  # rows of X per layer over all calibration batches
+MAX_ROWS = 4096  # rows of X per layer over all calibration batches
+FLUSH_ROWS = 2048
 RIDGE = 0.3  # relative diagonal load, as in recovery (passes/reconstruct.py); Gram matrices are often singular
 
 
@@ -40,11 +41,26 @@ class _Layer:
     axes: tuple = ()  # (input channel expr, output channel expr)
     gram: np.ndarray = None
     rows: int = 0
+    pending: list = field(default_factory=list, repr=False)
 
     def add(self, X):
-        g = (X.T @ X).astype(np.float64)
-        self.gram = g if self.gram is None else self.gram + g
+        """Buffer rows; the Gram matrix is updated in large blocks (one matmul, in place), not per
+        calibration batch: with batch-1 models that is hundreds of n x n updates otherwise."""
+        self.pending.append(X)
         self.rows += len(X)
+        if sum(len(x) for x in self.pending) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        X = np.concatenate(self.pending)
+        self.pending = []
+        g = (X.T @ X).astype(np.float64)
+        if self.gram is None:
+            self.gram = g
+        else:
+            self.gram += g
 
 
 @dataclass
@@ -78,7 +94,8 @@ class ErrorDB:
             lam = RIDGE * np.trace(gram) / len(gram)
             prior = lay.W[feats][:, out_mask]
             rhs = (lay.gram[feats] @ lay.W[:, out_mask]) + lam * prior
-            W = np.linalg.solve(gram + lam * np.eye(len(gram)), rhs)
+            gram[np.diag_indices_from(gram)] += lam
+            W = cho_solve(cho_factor(gram, lower=True, check_finite=False), rhs, check_finite=False)
             tensor = inits[lay.node.input[1]]
             tensor.CopyFrom(numpy_helper.from_array(
                 from_weight_matrix(lay.node, W, tuple(tensor.dims)).astype(np.float32), tensor.name))
@@ -106,7 +123,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     feeds_list = list(batches(samples, size))
     rows = max(MAX_ROWS // len(feeds_list), 32)
     wanted = list(dict.fromkeys([lay.node.input[0] for lay in layers] + [v for v, _ in energy_values]))
-    sess = session_with_outputs(model, wanted)
+    sess = session_with_outputs(model, wanted, optimize=True)
     rng = np.random.default_rng(0)
     energy = {g.sid: np.zeros(g.size) for g in energy_groups}
     for feeds in feeds_list:
@@ -115,6 +132,8 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
             lay.add(_rows(lay.node, values[lay.node.input[0]], rows, rng, feeds))
         for name, coords in energy_values:
             _add_energy(energy, values[name], coords)
+    for lay in layers:
+        lay.flush()
     log(f"error database: {len(layers)} layers, {len(feeds_list)} calibration batches")
     db = ErrorDB(layers=layers)
     ranking = _rank(analysis, layers, energy)
@@ -175,8 +194,9 @@ def _add_energy(energy, x, coords):
 
 
 def _rows(node, x, rows, rng, feeds):
+    x = np.asarray(x, dtype=np.float32)  # no copy for ORT's float32 outputs
     if node.op_type == "Conv":
-        return im2col(x.astype(np.float32), node, rows, rng)[0]
+        return im2col(x, node, rows, rng)[0]
     X = x.reshape(-1, x.shape[-1])
     real = token_mask(feeds, x.shape[:-1])
     if real is not None:

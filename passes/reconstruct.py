@@ -57,7 +57,8 @@ def im2col(x, node, rows, rng):
     sh, sw = attr(node, "strides", [1, 1])
     dh, dw = attr(node, "dilations", [1, 1])
     p = attr(node, "pads", [0, 0, 0, 0])
-    x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+    if any(p):
+        x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
     n, c, h, w = x.shape
     oh = (h - dh * (kh - 1) - 1) // sh + 1
     ow = (w - dw * (kw - 1) - 1) // sw + 1

@@ -162,3 +162,28 @@ def test_held_out_split_keeps_repeated_samples_on_one_side():
     fit, held = _split_held_out(samples)
     assert not set(fit["x"].ravel()) & set(held["x"].ravel())
     assert len(held["x"]) == 6 and len(fit["x"]) == 24
+
+
+def test_cli_compile_with_calibration_writes_model_report_and_summary(model, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnx_prune.compiler.cli import main
+    from onnx_prune.passes.graph import save_model
+
+    m, shapes = model
+    src, calib, out, rep = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx", tmp_path / "r.json"
+    save_model(m, str(src))
+    np.savez(calib, input=np.random.default_rng(0).standard_normal((10,) + shapes["input"][1:]).astype(np.float32))
+    monkeypatch.setattr("onnx_prune.compiler.compile.measured_speedup",
+                        lambda d, p, f, provider, threads: (1.35, 10.0, 10.0 / 1.35))
+    shape = "x".join(str(d) for d in (2,) + tuple(shapes["input"][1:]))
+    r = CliRunner().invoke(main, ["compile", str(src), "-o", str(out), "--target-speedup", "1.3x", "--calib",
+                                  str(calib), "--input-shape", f"input={shape}", "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out}: measured 1.35x") and "held-out output cosine" in last
+    report = json.loads(rep.read_text())
+    assert report["output_fidelity"]["on"].startswith("held-out") and report["recovery"]["stages"]
+    assert (tmp_path / "r.md").exists() and (tmp_path / "r_widths.png").exists() and out.exists()
