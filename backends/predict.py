@@ -42,6 +42,7 @@ class CostModel:
         self.profile = profile or profile_model(model, feeds, provider, threads)
         ctx = analysis.ctx
         self.nodes = {n.name: n for n in ctx.index.model.graph.node}
+        self._spaces = {}
         self.layers = {}
         points = []
         for node in ctx.index.model.graph.node:
@@ -72,7 +73,24 @@ class CostModel:
         """The dense model as the predictor sees it (constant: every speedup divides by it)."""
         return self.predict_ms({})
 
+    def _node_spaces(self, name: str) -> frozenset:
+        """Spaces whose pruning can change this node's cost (those of the axes node_ratio reads)."""
+        if name not in self._spaces:
+            table, ctx = self.analysis.table, self.analysis.ctx
+            node = self.nodes[name]
+            layer = self.layers.get(name)
+            if layer is not None:
+                exprs = list(layer.axes)
+            elif node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
+                exprs = list(ctx.ax(node.input[0]) or []) + list((ctx.ax(node.input[1]) or [])[-1:])
+            else:
+                exprs = list((ctx.ax(node.output[0]) if node.output else None) or [])
+            self._spaces[name] = frozenset(sid for e in exprs for sid, _ in table.coords(e))
+        return self._spaces[name]
+
     def node_ratio(self, name: str, keep: dict) -> float:
+        if not self._node_spaces(name) & keep.keys():
+            return 1.0  # none of its channels are pruned by this plan
         table, ctx = self.analysis.table, self.analysis.ctx
         layer = self.layers.get(name)
         if layer is not None:

@@ -28,7 +28,7 @@ from onnx_prune.errors import TargetNotMet, UserError
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import build_error_db
-from onnx_prune.passes.importance import group_scores
+from onnx_prune.passes.importance import group_scores, keep_top
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
 
@@ -137,7 +137,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             notes.append(notes_full)
     elif method == "spdy":
         with steps("trade-off curve"):
-            candidates = _frontier(find, cm, analysis, reachable)
+            candidates = _frontier(find, cm, analysis, scores, reachable)
     timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     rounds, tried = [], []
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
@@ -198,12 +198,13 @@ def _planner(method, cm, analysis, widths, scores, curves):
     return find
 
 
-def _frontier(find, cm, analysis, reachable, points=10):
+def _frontier(find, cm, analysis, scores, reachable, points=8):
     """SPDY's error-vs-speed trade-off: the DP's plan and its summed database error at a range of goals."""
     out = []
     for s in np.linspace(1.05, max(reachable * 0.95, 1.1), points):
-        plan = find(cm.dense_ms / s)
-        err = sum(find.tables.error_of(g.name, len(plan[g.name])) for g in analysis.groups)
+        counts = find.tables.solve(cm.dense_ms / s)
+        plan = {g.name: keep_top(scores[g.name], counts[g.name]) for g in analysis.groups}
+        err = sum(find.tables.error_of(g.name, counts[g.name]) for g in analysis.groups)
         out.append({"predicted_speedup": cm.predicted_speedup(plan), "error": err,
                     "error_kind": "summed layer error (database)"})
     return out

@@ -56,7 +56,7 @@ class _Layer:
             return
         X = np.concatenate(self.pending)
         self.pending = []
-        g = (X.T @ X).astype(np.float64)
+        g = X.T @ X  # float32 throughout: the ridge load keeps every solve well conditioned
         if self.gram is None:
             self.gram = g
         else:
@@ -163,7 +163,7 @@ def _consumer_layers(analysis, by_sid) -> list[_Layer]:
         coords = [(sid, c) for sid, c in table.coords(axes[0]) if sid in by_sid]
         if not coords:
             continue
-        w = ctx.index.const(node.input[1]).astype(np.float64)
+        w = ctx.index.const(node.input[1]).astype(np.float32)
         per_pos = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
         out.append(_Layer(node, weight_matrix(node, w), per_pos, coords, tuple(axes)))
     return out
@@ -240,14 +240,15 @@ def _layer_curves(lay: _Layer, coord: np.ndarray, order: np.ndarray, size: int):
     perm = np.concatenate([_feature_index(other, lay.per_pos), _feature_index(mine, lay.per_pos)])
     gram = lay.gram[np.ix_(perm, perm)]
     target = lay.gram @ lay.W  # X'Y with Y = X W, the dense layer's output
-    base = float(np.sum(lay.W * target))
+    base = float(np.sum(lay.W * target, dtype=np.float64))
     if base <= 0:
         return np.zeros(size + 1), np.zeros(size + 1)
     weights = lay.W[perm]
     gram_loaded = gram.copy()
     gram_loaded[np.diag_indices_from(gram)] += RIDGE * np.trace(gram) / len(gram)
     chol, _ = cho_factor(gram_loaded, lower=True, check_finite=False)
-    explained = np.cumsum((solve_triangular(chol, target[perm], lower=True, check_finite=False) ** 2).sum(1))
+    explained = np.cumsum((solve_triangular(chol, target[perm], lower=True, check_finite=False) ** 2).sum(1),
+                          dtype=np.float64)
     # feature count once the first k channels are in (a channel may sit at several positions)
     per_channel = np.bincount(coord[mine], minlength=size)[order] * lay.per_pos
     ends = len(other) * lay.per_pos + np.concatenate([[0], np.cumsum(per_channel)])
@@ -255,7 +256,7 @@ def _layer_curves(lay: _Layer, coord: np.ndarray, order: np.ndarray, size: int):
     # without refit: the energy of the dropped features' contribution, sum of M over the
     # trailing block [j:, j:] with M = G * (W W'), for every start j
     m = gram * (weights @ weights.T)
-    tail = np.cumsum((np.diag(m) + 2 * np.triu(m, 1).sum(1))[::-1])[::-1]
+    tail = np.cumsum((np.diag(m) + 2 * np.triu(m, 1).sum(1))[::-1], dtype=np.float64)[::-1]
     dropped = np.append(tail, 0.0)[np.minimum(ends, len(perm))] / base
     return refit, np.maximum(dropped, 0.0)
 
