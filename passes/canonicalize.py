@@ -215,15 +215,14 @@ def _fold_static_shape_reads(model, static, shapes) -> bool:
 
     first = run_all_outputs(model, derived, random_feeds(model, shapes))
     static = set(derived)
-    for name, axes in dynamic.items():
-        for axis in axes:  # vary one dynamic dim at a time; a dim that cannot vary is static
-            for scale in (2, 0.5):
-                alt = dict(shapes)
-                alt[name] = tuple(max(1, int(v * scale)) if k == axis else v for k, v in enumerate(shapes[name]))
-                try:
-                    other = run_all_outputs(model, derived, random_feeds(model, alt))
-                except Exception:
-                    continue
+    for dims in dynamic.values():  # vary one dynamic dim at a time, in every input that shares it
+        # exporters do not always name a shared dim alike: if it cannot vary alone, vary it with
+        # every dynamic dim of the same size; a dim that cannot vary at all is static indeed
+        size = shapes[dims[0][0]][dims[0][1]]
+        alike = [d for ds in dynamic.values() for d in ds if shapes[d[0]][d[1]] == size]
+        for together in (dims, alike):
+            other = _run_scaled(model, derived, shapes, together)
+            if other is not None:
                 static = {n for n in static if first[n].shape == other[n].shape and np.array_equal(first[n], other[n])}
                 break
     folded = {n: first[n] for n in derived if n in static}
@@ -235,6 +234,22 @@ def _fold_static_shape_reads(model, static, shapes) -> bool:
     del model.graph.node[:]
     model.graph.node.extend(keep)
     return True
+
+
+def _run_scaled(model, names, shapes, dims):
+    """Values of `names` with the given (input, axis) dims doubled (or halved); None if the model
+    cannot run at either size."""
+    from onnx_prune.backends.ort import random_feeds, run_all_outputs
+
+    for scale in (2, 0.5):
+        alt = dict(shapes)
+        for name, axis in dims:
+            alt[name] = tuple(max(1, int(v * scale)) if k == axis else v for k, v in enumerate(alt[name]))
+        try:
+            return run_all_outputs(model, names, random_feeds(model, alt))
+        except Exception:
+            continue
+    return None
 
 
 def _shape_derived(model) -> list:
@@ -252,14 +267,18 @@ def _shape_derived(model) -> list:
 
 
 def _dynamic_dims(model) -> dict:
+    """Dynamic dims by symbol: {dim_param (or input:axis if unnamed): [(input, axis), ...]}; inputs
+    that share a symbol (batch, sequence) must be varied together."""
     inits = {t.name for t in model.graph.initializer}
     out = {}
     for inp in model.graph.input:
         dims = dims_of(inp.type)
-        if inp.name not in inits and dims is not None:
-            dyn = [k for k, d in enumerate(dims) if d is None]
-            if dyn:
-                out[inp.name] = dyn
+        if inp.name in inits or dims is None:
+            continue
+        for k, d in enumerate(dims):
+            if d is None:
+                symbol = inp.type.tensor_type.shape.dim[k].dim_param or f"{inp.name}:{k}"
+                out.setdefault(symbol, []).append((inp.name, k))
     return out
 
 

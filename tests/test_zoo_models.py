@@ -116,3 +116,16 @@ def test_disk_cache(tmp_path, monkeypatch):
 def test_load_returns_private_copy():
     registry.load("vit").model.graph.ClearField("node")
     assert len(registry.load("vit").model.graph.node) > 0
+
+
+@pytest.mark.parametrize("name", [n for n in registry.names("transformer")] + ["unet"])
+def test_canonical_model_keeps_its_dynamic_batch(name):
+    """Shape computations folded by canonicalization must not bake in the analysis batch: inputs
+    sharing the batch dim are varied together (they used to be varied one input at a time, which
+    failed and folded batch-dependent Reshape targets)."""
+    from onnx_prune.passes.canonicalize import canonicalize
+
+    zm = registry.load(name)
+    canon = canonicalize(zm.model, input_shapes=dict(zm.input_shapes))
+    feeds = {k: np.concatenate([v] * 3) for k, v in zm.make_feeds(0).items()}  # another batch size
+    _assert_close(_session(canon.model).run(None, feeds), _session(zm.model).run(None, feeds))
