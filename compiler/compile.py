@@ -137,7 +137,9 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             notes.append(notes_full)
     elif method == "spdy":
         with steps("trade-off curve"):
-            candidates = _frontier(find, cm, analysis, scores, reachable)
+            kind = "summed layer error (calibration database)" if curves is not None else \
+                "summed importance removed (weight magnitude)"
+            candidates = _frontier(find, cm, analysis, scores, reachable, kind)
     timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     rounds, tried = [], []
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
@@ -198,7 +200,7 @@ def _planner(method, cm, analysis, widths, scores, curves):
     return find
 
 
-def _frontier(find, cm, analysis, scores, reachable, points=8):
+def _frontier(find, cm, analysis, scores, reachable, kind, points=8):
     """SPDY's error-vs-speed trade-off: the DP's plan and its summed database error at a range of goals."""
     out = []
     for s in np.linspace(1.05, max(reachable * 0.95, 1.1), points):
@@ -206,7 +208,7 @@ def _frontier(find, cm, analysis, scores, reachable, points=8):
         plan = {g.name: keep_top(scores[g.name], counts[g.name]) for g in analysis.groups}
         err = sum(find.tables.error_of(g.name, counts[g.name]) for g in analysis.groups)
         out.append({"predicted_speedup": cm.predicted_speedup(plan), "error": err,
-                    "error_kind": "summed layer error (database)"})
+                    "error_kind": kind})
     return out
 
 
