@@ -73,38 +73,36 @@ class CostModel:
         """The dense model as the predictor sees it (constant: every speedup divides by it)."""
         return self.predict_ms({})
 
+    def _cost_axes(self, name: str) -> list:
+        """The channel axes a node's cost scales with: a weight layer's widths; an attention
+        MatMul's two operands (rows, contraction and output columns); else its output."""
+        ctx = self.analysis.ctx
+        node = self.nodes[name]
+        if name in self.layers:
+            return list(self.layers[name].axes)
+        if node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
+            a, b = ctx.ax(node.input[0]), ctx.ax(node.input[1])
+            return [] if a is None or b is None else list(a) + list(b[-1:])
+        return list((ctx.ax(node.output[0]) if node.output else None) or [])
+
     def _node_spaces(self, name: str) -> frozenset:
-        """Spaces whose pruning can change this node's cost (those of the axes node_ratio reads)."""
+        """Spaces whose pruning can change this node's cost."""
         if name not in self._spaces:
-            table, ctx = self.analysis.table, self.analysis.ctx
-            node = self.nodes[name]
-            layer = self.layers.get(name)
-            if layer is not None:
-                exprs = list(layer.axes)
-            elif node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
-                exprs = list(ctx.ax(node.input[0]) or []) + list((ctx.ax(node.input[1]) or [])[-1:])
-            else:
-                exprs = list((ctx.ax(node.output[0]) if node.output else None) or [])
-            self._spaces[name] = frozenset(sid for e in exprs for sid, _ in table.coords(e))
+            table = self.analysis.table
+            self._spaces[name] = frozenset(sid for e in self._cost_axes(name) for sid, _ in table.coords(e))
         return self._spaces[name]
 
     def node_ratio(self, name: str, keep: dict) -> float:
         if not self._node_spaces(name) & keep.keys():
             return 1.0  # none of its channels are pruned by this plan
-        table, ctx = self.analysis.table, self.analysis.ctx
+        table = self.analysis.table
         layer = self.layers.get(name)
         if layer is not None:
             widths = [int(table.keep_mask(e, keep).sum()) for e in layer.axes]
             full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
             return self.db.estimate(layer.sig, widths, layer.grids) / full if full else 1.0
-        node = self.nodes[name]
-        if node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
-            a, b = ctx.ax(node.input[0]), ctx.ax(node.input[1])
-            if a is None or b is None:
-                return 1.0
-            return _kept_fraction(table, a, keep) * _kept_fraction(table, b[-1:], keep)
-        out = ctx.ax(node.output[0]) if node.output else None
-        return _kept_fraction(table, out, keep) if out else 1.0
+        # kept share of the elements (output) or of the multiply-adds (attention MatMul)
+        return _kept_fraction(table, self._cost_axes(name), keep)
 
     def predict_ms(self, plan: dict) -> float:
         keep = self.analysis.keep_arrays(plan)
