@@ -29,7 +29,8 @@ from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, 
 
 MAX_ROWS = 4096  # rows of X per layer over all calibration batches
 FLUSH_ROWS = 2048
-RIDGE = 0.3  # relative diagonal load, as in recovery (passes/reconstruct.py); Gram matrices are often singular
+RIDGE = 0.3  # relative diagonal load: Gram matrices are often singular, and with little calibration
+# data a refit should stay near what the network learnt
 
 
 @dataclass
@@ -78,8 +79,7 @@ class ErrorDB:
     def stitch(self, pruned: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
         """SPDY's stitching: `pruned` (the plan applied) with every layer whose input lost channels
         refitted by ridge least squares on the *dense* activations' Gram matrix, towards its pruned
-        weights -- the reconstruction database's answer, cheap enough to score search candidates
-        (the final model gets the sequential refit instead, passes/reconstruct.py)."""
+        weights -- cheap enough to score search candidates, and compile's layer-wise recovery."""
         keep = analysis.keep_arrays(plan)
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
@@ -196,7 +196,7 @@ def _add_energy(energy, x, coords):
 def _rows(node, x, rows, rng, feeds):
     x = np.asarray(x, dtype=np.float32)  # no copy for ORT's float32 outputs
     if node.op_type == "Conv":
-        return im2col(x, node, rows, rng)[0]
+        return im2col(x, node, rows, rng)
     X = x.reshape(-1, x.shape[-1])
     real = token_mask(feeds, x.shape[:-1])
     if real is not None:
