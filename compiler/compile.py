@@ -117,8 +117,9 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         # a held-out fifth judges recovery; everything that fits (the database, its refits and
         # the search's loss) sees only the rest
         fit, held = _split_held_out(samples)
-        with steps("error database"):
-            db = build_error_db(canon.model, analysis, fit)
+        if method == "spdy" or recover != "none":  # its errors, or its refits, are used
+            with steps("error database"):
+                db = build_error_db(canon.model, analysis, fit)
         if method == "spdy":  # the baselines keep their magnitude ranking; all share the refits
             scores, curves = db.scores(), db.curve
     smallest = {g.name: np.arange(min(widths[g.name])) for g in analysis.groups}
