@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 
 
 def _save(fig, path):
@@ -15,50 +16,50 @@ def _save(fig, path):
     os.replace(tmp, path)
 
 
-def _plots(report, stem):
+@contextmanager
+def _figure(paths, stem, key, size, xlabel, ylabel):
+    """Axes to draw on; on exit they are labelled, saved as STEM_KEY.png and recorded in `paths`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        paths[key] = f"{stem}_{key}.png"
+        _save(fig, paths[key])
+    finally:
+        plt.close(fig)
+
+
+def _plots(report, stem):
     paths = {}
     groups = report["groups"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(groups)), 3))
-    ax.bar(range(len(groups)), [g["kept"] / g["channels"] for g in groups], color="tab:blue")
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("group (graph order)")
-    ax.set_ylabel("kept share of channels")
-    paths["widths"] = f"{stem}_widths.png"
-    _save(fig, paths["widths"])
-    plt.close(fig)
+    with _figure(paths, stem, "widths", (max(6, 0.18 * len(groups)), 3), "group (graph order)",
+                 "kept share of channels") as ax:
+        ax.bar(range(len(groups)), [g["kept"] / g["channels"] for g in groups], color="tab:blue")
+        ax.set_ylim(0, 1.05)
 
     rounds = report.get("rounds", [])
     if rounds:
-        fig, ax = plt.subplots(figsize=(4, 3.5))
-        p = [r["predicted_speedup"] for r in rounds]
-        m = [r["measured_speedup"] for r in rounds]
-        ax.scatter(p, m, color="tab:orange")
-        for k, (x, y) in enumerate(zip(p, m)):
-            ax.annotate(str(k + 1), (x, y), textcoords="offset points", xytext=(4, 4))
-        lo, hi = min(p + m) * 0.95, max(p + m) * 1.05
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.axhline(report["target_speedup"], color="tab:red", lw=0.8)
-        ax.set_xlabel("predicted speedup")
-        ax.set_ylabel("measured speedup")
-        paths["rounds"] = f"{stem}_rounds.png"
-        _save(fig, paths["rounds"])
-        plt.close(fig)
+        with _figure(paths, stem, "rounds", (4, 3.5), "predicted speedup", "measured speedup") as ax:
+            p = [r["predicted_speedup"] for r in rounds]
+            m = [r["measured_speedup"] for r in rounds]
+            ax.scatter(p, m, color="tab:orange")
+            for k, (x, y) in enumerate(zip(p, m)):
+                ax.annotate(str(k + 1), (x, y), textcoords="offset points", xytext=(4, 4))
+            lo, hi = min(p + m) * 0.95, max(p + m) * 1.05
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            ax.axhline(report["target_speedup"], color="tab:red", lw=0.8)
 
     cands = report.get("candidates", [])
     if cands:
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        ax.scatter([c["predicted_speedup"] for c in cands], [c["error"] for c in cands], s=12)
-        ax.set_xlabel("predicted speedup")
-        ax.set_ylabel(cands[0]["error_kind"])
-        ax.set_yscale("log")
-        paths["candidates"] = f"{stem}_candidates.png"
-        _save(fig, paths["candidates"])
-        plt.close(fig)
+        with _figure(paths, stem, "candidates", (4.5, 3.5), "predicted speedup", cands[0]["error_kind"]) as ax:
+            ax.scatter([c["predicted_speedup"] for c in cands], [c["error"] for c in cands], s=12)
+            ax.set_yscale("log")
     return paths
 
 
