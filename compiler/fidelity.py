@@ -10,15 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_prune.backends.ort import make_session
+from onnx_prune.passes.reconstruct import token_mask
 
 
 def _mask_for(out, feeds):
-    if out.ndim != 3:
-        return None
-    for name, v in feeds.items():
-        if "mask" in name.lower() and tuple(v.shape) == tuple(out.shape[:2]):
-            return (np.asarray(v) != 0).astype(np.float64)
-    return None
+    """(batch, tokens) weights of the real tokens of a sequence output, or None."""
+    real = token_mask(feeds, out.shape[:2]) if out.ndim == 3 else None
+    return None if real is None else real.reshape(out.shape[:2]).astype(np.float64)
 
 
 def _cosine(a, b):
