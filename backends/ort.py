@@ -23,7 +23,7 @@ def _bytes(model) -> bytes:
 
 
 def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True, quiet=False,
-                 profile_prefix=None):
+                 profile_prefix=None, optimized_path=None):
     """An InferenceSession on `provider`; asking for CUDA where it is missing is an error."""
     import onnxruntime as ort
 
@@ -44,6 +44,9 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
+    if optimized_path:  # ORT writes the graph it runs (fusions, layout reorders) there
+        so.optimized_model_filepath = optimized_path
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
     return ort.InferenceSession(_bytes(model), so, providers=[ep])
 
 

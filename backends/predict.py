@@ -9,8 +9,9 @@ each kernel by how its node changes:
 - attention MatMuls without weights: by their multiply-adds;
 - everything else: by the share of its output elements that the plan keeps.
 
-Kernels that ORT created without a source node (layout reorders) keep their time, and so does
-the part of the end-to-end time no kernel accounts for (session overhead).
+Kernels that ORT created without a source node (layout reorders) scale with the share of the
+model's value they convert that the plan keeps (ORT's optimized graph names it); any other keeps
+its time, and so does the part of the end-to-end time no kernel accounts for (session overhead).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class CostModel:
         by_output = {o: n.name for o, n in ctx.index.producer.items()}
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
+        # ORT's own nodes (layout reorders): the model's value they convert, if any
+        self.kernel_values = {k: next((v for v in kern.values if v in ctx.index.shapes and ctx.ax(v)), None)
+                              for k, kern in self.profile.kernels.items() if self.kernel_nodes[k] is None}
         # The profiler adds a little to every kernel; when kernels sum to more than a plain run,
         # that excess is spread over the kernels and removed. What a plain run has on top of the
         # kernels (session overhead) is kept as a constant.
@@ -67,6 +71,7 @@ class CostModel:
         # every kernel launch has a fixed cost that pruning does not remove: the cheapest kernel's
         times = sorted(k.time_us - self.profiler_us for k in self.profile.kernels.values())
         self.fixed_us = max(times[0], 0.0) if times else 0.0
+        self.gamma = 1.0  # kernels scale by ratio ** gamma; see calibrate()
 
     @functools.cached_property
     def dense_ms(self) -> float:
@@ -104,27 +109,55 @@ class CostModel:
         # kept share of the elements (output) or of the multiply-adds (attention MatMul)
         return _kept_fraction(table, self._cost_axes(name), keep)
 
-    def predict_ms(self, plan: dict) -> float:
+    def _terms(self, plan: dict):
+        """The plan's latency as fixed_ms + sum(scaled_ms * ratios ** gamma)."""
         keep = self.analysis.keep_arrays(plan)
         ratios = {}
-        total = self.overhead_ms
+        fixed_ms = self.overhead_ms
+        scaled, kept = [], []
         for kname, kernel in self.profile.kernels.items():
-            t = max(kernel.time_us - self.profiler_us, 0.0)
+            t = max(kernel.time_us - self.profiler_us, 0.0) / 1e3
             src = self.kernel_nodes[kname]
             if src is None:
-                total += t / 1e3
-                continue
-            if src not in ratios:
-                ratios[src] = self.node_ratio(src, keep)
-            if src in self.layers:  # measured kernels already include their launch cost
-                total += t / 1e3 * ratios[src]
+                value = self.kernel_values.get(kname)
+                ratio = _kept_fraction(self.analysis.table, self.analysis.ctx.ax(value), keep) if value else 1.0
             else:
-                fixed = min(self.fixed_us, t)
-                total += (fixed + (t - fixed) * ratios[src]) / 1e3
-        return total
+                if src not in ratios:
+                    ratios[src] = self.node_ratio(src, keep)
+                ratio = ratios[src]
+                if src not in self.layers:  # measured layers already include their launch cost
+                    fixed = min(self.fixed_us / 1e3, t)
+                    fixed_ms += fixed
+                    t -= fixed
+            scaled.append(t)
+            kept.append(ratio)
+        return fixed_ms, np.array(scaled), np.maximum(np.array(kept), 1e-9)
+
+    def predict_ms(self, plan: dict) -> float:
+        fixed_ms, scaled, ratios = self._terms(plan)
+        return float(fixed_ms + (scaled * ratios ** self.gamma).sum())
 
     def predicted_speedup(self, plan: dict) -> float:
         return self.dense_ms / self.predict_ms(plan)
+
+    def calibrate(self, plan: dict, measured_speedup: float, bounds=(0.5, 2.0)) -> float:
+        """Fit gamma so that `plan` predicts the speedup measured end to end, and return it.
+
+        Kernels measured alone, cold, miss what a pruned graph changes around them: activations
+        that now stay in cache make it faster than its kernels say (gamma > 1); fixed costs per
+        kernel that pruning does not touch make it slower (gamma < 1, small models). One measured
+        plan fits that exponent for the whole model; the dense latency does not depend on it."""
+        fixed_ms, scaled, ratios = self._terms(plan)
+        goal_ms = self.dense_ms / measured_speedup
+        lo, hi = bounds
+        for _ in range(40):  # the predicted time falls as gamma grows (ratios <= 1)
+            mid = (lo + hi) / 2
+            if fixed_ms + (scaled * ratios ** mid).sum() > goal_ms:
+                lo = mid
+            else:
+                hi = mid
+        self.gamma = (lo + hi) / 2
+        return self.gamma
 
     def candidate_widths(self) -> dict:
         """Per group, the widths worth choosing: measured cost of the group's own layers is

@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from onnx_prune.backends.ort import make_session
 
@@ -17,9 +18,10 @@ from onnx_prune.backends.ort import make_session
 class Kernel:
     name: str  # node name in ORT's optimized graph
     op: str
-    time_us: float  # mean over profiled runs
+    time_us: float  # median over profiled runs
     inputs: list  # shapes
     outputs: list
+    values: tuple = ()  # names of the values its node reads and writes in ORT's optimized graph
 
 
 @dataclass
@@ -32,17 +34,27 @@ class Profile:
         return sum(k.time_us for k in self.kernels.values()) / 1e3
 
 
-def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, warmup=3) -> dict:
-    """Mean kernel time per node over `runs` profiled runs (warm-up runs are dropped)."""
+def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, warmup=3, node_values=False) -> dict:
+    """Median kernel time per node over `runs` profiled runs (warm-up runs are dropped; the
+    median, as a run hit by a slow spell of this shared machine must not move it).
+
+    With `node_values`, each kernel also gets the value names its node reads and writes, from
+    the optimized graph ORT saves: nodes ORT inserts itself (layout reorders) are named after
+    nothing in the model, but the values they convert are the model's."""
     folder = tempfile.mkdtemp(prefix="onnx-prune-prof-")
+    values = {}
     try:
-        sess = make_session(model, provider=provider, threads=threads,
-                            profile_prefix=os.path.join(folder, "p"))
+        optimized = os.path.join(folder, "optimized.onnx") if node_values else None
+        sess = make_session(model, provider=provider, threads=threads, quiet=True,
+                            profile_prefix=os.path.join(folder, "p"), optimized_path=optimized)
         for _ in range(warmup + runs):
             sess.run(None, feeds)
         path = sess.end_profiling()
         with open(path) as f:
             events = json.load(f)
+        if optimized:
+            graph = onnx.load(optimized, load_external_data=False).graph
+            values = {n.name: tuple(n.output) + tuple(n.input) for n in graph.node}
     finally:
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
@@ -60,7 +72,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
     for name, durs in per_run.items():
         durs = durs[warmup * len(durs) // (warmup + runs):]  # drop the warm-up calls
         op, ins, outs = info[name]
-        kernels[name] = Kernel(name, op, float(np.mean(durs)), ins, outs)
+        kernels[name] = Kernel(name, op, float(np.median(durs)), ins, outs, values.get(name, ()))
     return kernels
 
 
@@ -80,7 +92,7 @@ def profile_model(model, feeds, provider="cpu", threads=None, runs=10, rounds=3)
 
     best = None
     for _ in range(rounds):
-        kernels = profile_session_runs(model, feeds, provider, threads, runs)
+        kernels = profile_session_runs(model, feeds, provider, threads, runs, node_values=True)
         e2e = measure([model], feeds, provider=provider, threads=threads, blocks=4).latencies[0].median_ms
         if best is None or e2e < best.e2e_ms:
             best = Profile(kernels, e2e)

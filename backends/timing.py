@@ -29,7 +29,7 @@ from onnx_prune.passes.graph import attr
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
-SCHEMA = 4  # bump when what a stored time means changes
+SCHEMA = 5  # bump when what a stored time means changes
 CONVS = ("Conv", "ConvTranspose", "ConvDW", "ConvG")
 
 
@@ -177,23 +177,37 @@ class TimingDB:
 
     # -- estimates -------------------------------------------------------------------------
     def curve(self, sig: LayerSig, axis: int, grid):
-        """Measured times along one axis, the others full."""
+        """Times along one axis, the others full: the measured points made non-decreasing in
+        the width (a lone kernel of tens of µs is noisy; fewer channels never cost more work,
+        and a width padded to the block costs the same as the block)."""
         out = []
         for w in grid:
             widths = list(sig.full)
             widths[axis] = w
             out.append(self.get(sig, widths))
-        return np.array(out, dtype=float)
+        return _nondecreasing(np.array(out, dtype=float))
 
     def estimate(self, sig: LayerSig, widths, grids) -> float:
         """t(widths) from the per-axis curves (a separable model), interpolated between points."""
-        full = self.get(sig, sig.full)
-        if not full:
+        t = self.get(sig, sig.full)
+        if not t:
             return 0.0
-        t = full
         for a, (w, grid) in enumerate(zip(widths, grids)):
-            t *= float(np.interp(w, grid, self.curve(sig, a, grid))) / full
+            c = self.curve(sig, a, grid)
+            t *= float(np.interp(w, grid, c)) / c[-1]
         return t
+
+
+def _nondecreasing(y):
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks = []  # [mean, count]
+    for v in y:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, n2 = blocks.pop()
+            m1, n1 = blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return np.concatenate([np.full(n, m) for m, n in blocks]) if blocks else y
 
 
 def width_grid(n: int, max_points=MAX_GRID) -> list[int]:
@@ -211,12 +225,14 @@ def width_grid(n: int, max_points=MAX_GRID) -> list[int]:
 
 
 def fast_widths(widths, times, tolerance=0.03) -> list[int]:
-    """Widths no wider width clearly beats: a width is dropped when a wider one is more than
-    `tolerance` faster (measurement noise must not throw away a genuinely fast width)."""
+    """Widths worth choosing: clearly (by more than `tolerance`) faster than every wider width.
+    A narrower width that costs what a wider one costs only loses channels: ORT pads channels to
+    its block, so on the padded plateau only the block's own width is kept. The full width is
+    always kept."""
     keep = []
-    best = np.inf
+    best = np.inf  # cheapest wider width so far
     for w, t in sorted(zip(widths, times), key=lambda p: -p[0]):
-        if t * (1 - tolerance) < best:
+        if not keep or t < (1 - tolerance) * best:
             keep.append(w)
         best = min(best, t)
     return sorted(keep)

@@ -77,7 +77,9 @@ def test_width_grid_and_fast_widths():
     assert g[-1] == 2048 and len(g) <= 25 and all(w % 8 == 0 for w in g)
     # 24 is slower than 32: it is never worth choosing
     assert fast_widths([8, 16, 24, 32], [1.0, 2.0, 4.0, 3.0]) == [8, 16, 32]
-    assert fast_widths([8, 16], [1.0, 0.99]) == [8, 16]  # within noise of the wider one: kept
+    assert fast_widths([8, 16], [1.0, 0.99]) == [16]  # costs what the wider one costs: dropped
+    assert fast_widths([8, 16, 24, 32], [1.0, 2.0, 3.0, 3.0]) == [8, 16, 32]  # padded plateau
+    assert fast_widths([8, 16], [0.99, 1.0]) == [16]  # within noise of the wider one: not clearly faster
 
 
 def test_timing_cache_is_keyed_by_environment_and_reused(tmp_path, monkeypatch):
@@ -132,14 +134,33 @@ def test_predictor_scales_kernels_by_plan():
     analysis = analyze_canonical(canon.static)
     kernels = {"a_nchwc": Kernel("a_nchwc", "Conv", 100.0, [], []),  # named after c1's output
                "c2": Kernel("c2", "Conv", 50.0, [], []),
-               "ReorderOutput": Kernel("ReorderOutput", "ReorderOutput", 10.0, [], [])}
-    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.2))
-    assert cm.kernel_nodes == {"a_nchwc": "c1", "c2": "c2", "ReorderOutput": None}
-    assert cm.predict_ms(full_plan(analysis)) == pytest.approx(0.2)
+               "ReorderOutput": Kernel("ReorderOutput", "ReorderOutput", 10.0, [], []),
+               # ORT's optimized graph says this reorder converts c1's output "a"
+               "ReorderOutput_token_1": Kernel("ReorderOutput_token_1", "ReorderOutput", 20.0, [], [],
+                                               ("a", "reorder_token_0"))}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.22))
+    assert cm.kernel_nodes == {"a_nchwc": "c1", "c2": "c2", "ReorderOutput": None, "ReorderOutput_token_1": None}
+    assert cm.kernel_values == {"ReorderOutput": None, "ReorderOutput_token_1": "a"}
+    assert cm.predict_ms(full_plan(analysis)) == pytest.approx(0.22)
     half = uniform_plan(analysis, 0.5)  # c1 and c2 both lose half of the 32 channels
-    # overhead 0.04 ms + c1 0.1/2 + c2 0.05/2 + reorder 0.01 unchanged
-    assert cm.predict_ms(half) == pytest.approx(0.04 + 0.05 + 0.025 + 0.01)
-    assert cm.predicted_speedup(half) == pytest.approx(0.2 / 0.125)
+    # overhead 0.04 ms + c1 0.1/2 + c2 0.05/2 + unknown reorder 0.01 unchanged + reorder of "a" 0.02/2
+    assert cm.predict_ms(half) == pytest.approx(0.04 + 0.05 + 0.025 + 0.01 + 0.01)
+    assert cm.predicted_speedup(half) == pytest.approx(0.22 / 0.135)
+
+
+def test_predictor_calibration_fits_the_measured_speedup():
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon.static)
+    kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []), "c2": Kernel("c2", "Conv", 50.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.2))
+    half, quarter = uniform_plan(analysis, 0.5), uniform_plan(analysis, 0.75)
+    raw = cm.predicted_speedup(half)
+    assert cm.calibrate(half, raw * 1.2) > 1.0  # faster than its kernels say: gamma above 1
+    assert cm.predicted_speedup(half) == pytest.approx(raw * 1.2, rel=1e-6)
+    assert cm.predict_ms(full_plan(analysis)) == pytest.approx(0.2)  # the dense model does not move
+    # the overhead (0.05 ms) stays; the kernels scale by (kept share) ** gamma
+    assert cm.predict_ms(quarter) == pytest.approx(0.05 + 0.15 * 0.25 ** cm.gamma)
+    assert cm.calibrate(half, raw / 1.2) < 1.0
 
 
 def test_predictor_removes_profiler_inflation():
@@ -151,6 +172,36 @@ def test_predictor_removes_profiler_inflation():
     assert cm.profiler_us == pytest.approx(10.0) and cm.overhead_ms == 0
     assert cm.predict_ms({}) == pytest.approx(0.15)
     assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx((100 / 2 + 50 / 2) / 1e3)
+
+
+def test_timing_curves_are_made_non_decreasing(tmp_path, monkeypatch):
+    from onnx_prune.backends.timing import _nondecreasing
+
+    assert _nondecreasing(np.array([1.0, 3.0, 2.0, 4.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert _nondecreasing(np.array([5.0, 1.0, 1.0])).tolist() == pytest.approx([7 / 3] * 3)
+    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+    db = TimingDB("cpu", threads=1)
+    sig = LayerSig("MatMul", (16, 32), (4,))
+    for w, t in [(8, 10.0), (16, 20.0), (24, 14.0), (32, 30.0)]:  # 24 measured in a lucky moment
+        db.times[db.point_key(sig, (16, w))] = t
+    assert db.curve(sig, 1, [8, 16, 24, 32]).tolist() == [10.0, 17.0, 17.0, 30.0]
+    assert db.estimate(sig, (16, 24), [[16], [8, 16, 24, 32]]) == pytest.approx(17.0)
+
+
+def test_profile_names_the_values_of_kernels_ort_inserted():
+    """Layout reorders are named after nothing in the model; ORT's optimized graph says which of
+    the model's values each one converts."""
+    from onnx_prune.backends.profile import profile_session_runs
+
+    model = two_convs(32)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    kernels = profile_session_runs(model, feeds, threads=1, runs=2, warmup=1, node_values=True)
+    values = {o for n in model.graph.node for o in n.output} | {"x"}
+    assert kernels and all(k.values for k in kernels.values())
+    reorders = [k for k in kernels.values() if k.op.startswith("Reorder")]
+    assert reorders, "ORT on this CPU runs these convs in its blocked layout, with reorders at the ends"
+    for k in reorders:
+        assert values & set(k.values), (k.name, k.values)
 
 
 def test_source_node_strips_ort_suffixes():
