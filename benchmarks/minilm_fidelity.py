@@ -45,8 +45,8 @@ def main():
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon.static)
     print(f"| target | method | search | measured | predicted | held-out embedding cosine, no recovery "
-          f"| with recovery | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| with recovery | seconds | recovery stages (cosine on compile's held-out fifth) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         for method in args.methods:
             search = args.search if method == "spdy" else "fast"
@@ -61,8 +61,10 @@ def main():
             plain = apply_plan(canon.model, analysis, result.plan)
             before = output_fidelity(model, plain, held, "cpu")["mean_pooled_cosine_similarity"]
             after = output_fidelity(model, result.model, held, "cpu")["mean_pooled_cosine_similarity"]
+            stages = "; ".join(f"{st['method'].split(' (')[0]} {st.get('held_out_cosine_after', float('nan')):.3f}"
+                               + ("" if st["applied"] else " (not applied)") for st in r["recovery"]["stages"])
             print(f"| {target:g}x | {method} | {search} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
-                  f"| {before:.3f} | {after:.3f} | {r['seconds']:.0f} |", flush=True)
+                  f"| {before:.3f} | {after:.3f} | {r['seconds']:.0f} | {stages} |", flush=True)
 
 
 if __name__ == "__main__":

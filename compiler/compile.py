@@ -10,6 +10,7 @@ the largest speedup it measured.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +24,13 @@ from onnx_prune.compiler.prune import build_report
 from onnx_prune.compiler.fidelity import Reference, similarity
 from onnx_prune.compiler.progress import Steps
 from onnx_prune.compiler.search import SpdyTables, search_global, search_spdy, search_uniform
-from onnx_prune.compiler.sensitivity import sensitivity_search
+from onnx_prune.compiler.sensitivity import measured_gains, sensitivity_search
 from onnx_prune.errors import TargetNotMet, UserError
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import build_error_db
 from onnx_prune.passes.importance import group_scores, keep_top
+from onnx_prune.passes.sequential import SequentialTooSlow, sequential_refit
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
 
@@ -36,6 +38,7 @@ METHODS = {"uniform": search_uniform, "global": search_global, "spdy": search_sp
 SEARCHES = ("fast", "full")
 RECOVERIES = ("layer", "global", "none")  # none | layer-wise least squares | + global AdaPrune
 SEARCH_SECONDS = 90  # --search full: time for SPDY's sensitivity search
+SEQUENTIAL_BUDGET_S = 30.0  # the sequential refit runs the pruned model once per layer input
 SEARCH_SAMPLES = 64  # calibration samples that score each candidate of the sensitivity search
 MAX_ROUNDS = 6
 OVERSHOOT_MARGIN = 1.02  # aim a little above the target: measurements scatter by about 2%
@@ -134,7 +137,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     if search == "full":
         with steps("sensitivity search"):
             find, notes_full = _sensitivity(find, canon, analysis, cm, goal, fit if samples else feeds, provider,
-                                            search_seconds, steps, candidates, db)
+                                            search_seconds, steps, candidates, db, scores)
             notes.append(notes_full)
     elif method == "spdy":
         with steps("trade-off curve"):
@@ -213,11 +216,11 @@ def _frontier(find, cm, analysis, scores, reachable, kind, points=8):
     return out
 
 
-def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates, db):
+def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates, db, scores):
     """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them.
-    With calibration data, candidates are scored after stitching in the error database's refits."""
+    With calibration data, the errors are first scaled by each group's measured gain, and
+    candidates are scored after stitching in the error database's refits."""
     tables = find.tables
-    priors = [tables.error[g.name] for g in analysis.groups]
     reference = Reference(canon.model, _first(samples, SEARCH_SAMPLES), provider)
     goal_ms = cm.dense_ms / goal
 
@@ -234,6 +237,19 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
                            "error_kind": "calibration loss (1 - cosine)"})
         return value
 
+    started = time.time()
+    priors = [tables.error[g.name] for g in analysis.groups]
+    if db is not None:  # database errors: put each group's on the calibration loss's scale
+        full = {g.name: np.arange(g.size) for g in analysis.groups}
+
+        def probe(group, width):
+            return reference.loss(build({**full, group.name: keep_top(scores[group.name], width)}))
+
+        gains = measured_gains(analysis.groups, tables.options, tables.error, probe,
+                               progress=lambda i, n: steps.tick(f"sensitivity search: group {i}/{n} probed"))
+        priors = [gain * p for gain, p in zip(gains, priors)]
+
+    seconds = max(seconds - (time.time() - started), 0.0)  # the probes are part of the search's time
     c, _plan, best, evaluated = sensitivity_search(lambda errors: find(goal_ms, errors), scored, priors, seconds,
                                                    progress=progress)
     raw = candidates[0]["error"]  # the raw errors are the first candidate
@@ -251,14 +267,18 @@ def _first(samples, n):
 def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
     """Recovery on calibration data, each stage kept only if it helps on the held-out samples
     (`reference`): layer-wise least squares (every layer whose input lost channels, refitted on the
-    error database's dense-activation statistics: SPDY's stitching), then (`recover="global"`)
-    global AdaPrune through the torch bridge. Weights change, not shapes: the measured latency
+    error database's dense-activation statistics: SPDY's stitching), then sequential least squares
+    (every layer from the pruned model's own inputs, where that fits its time budget), then
+    (`recover="global"`) global AdaPrune through the torch bridge. Weights change, not shapes: the measured latency
     holds. Returns the model and its output fidelity on the held-out samples."""
     from onnx_prune.passes.global_refit import global_refit
 
     stages = []
     if recover != "none":
         stages.append(("layer-wise least squares (structured AdaPrune)", lambda m: db.stitch(m, analysis, plan)))
+        stages.append(("sequential least squares (each layer from the pruned model's own inputs)",
+                       lambda m: sequential_refit(reference.dense_model, m, analysis, plan, fit,
+                                                  budget_s=SEQUENTIAL_BUDGET_S)))
     if recover == "global":
         stages.append(("global AdaPrune (all weights, every layer output)",
                        lambda m: global_refit(m, reference.dense_model, analysis, plan, fit)))
@@ -267,7 +287,13 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
                           "stages": []}
     model = pruned
     for name, run in stages:
-        candidate = run(model)
+        try:
+            candidate = run(model)
+        except SequentialTooSlow as exc:
+            report["recovery"]["stages"].append({"method": name, "applied": False,
+                                                 "skipped": f"over its {SEQUENTIAL_BUDGET_S:g} s budget ({exc})"})
+            log(f"{name}: skipped, over its {SEQUENTIAL_BUDGET_S:g} s budget ({exc})")
+            continue
         after = reference.fidelity(candidate)
         kept = similarity(after) > similarity(fidelity)
         report["recovery"]["stages"].append({"method": name, "held_out_cosine_before": similarity(fidelity),

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from onnx_prune.backends.ort import session_with_outputs
-from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, im2col, refittable_layers, token_mask,
+from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
 
 MAX_ROWS = 4096  # rows of X per layer over all calibration batches
@@ -129,7 +129,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     for feeds in feeds_list:
         values = dict(zip(wanted, sess.run(wanted, feeds)))
         for lay in layers:
-            lay.add(_rows(lay.node, values[lay.node.input[0]], rows, rng, feeds))
+            lay.add(layer_rows(lay.node, values[lay.node.input[0]], rows, rng, feeds))
         for name, coords in energy_values:
             _add_energy(energy, values[name], coords)
     for lay in layers:
@@ -191,19 +191,6 @@ def _add_energy(energy, x, coords):
         per_pos = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).sum(1)
         sel = c >= 0
         np.add.at(energy[sid], c[sel], per_pos[sel])
-
-
-def _rows(node, x, rows, rng, feeds):
-    x = np.asarray(x, dtype=np.float32)  # no copy for ORT's float32 outputs
-    if node.op_type == "Conv":
-        return im2col(x, node, rows, rng)
-    X = x.reshape(-1, x.shape[-1])
-    real = token_mask(feeds, x.shape[:-1])
-    if real is not None:
-        X = X[real]
-    if len(X) > rows:
-        X = X[rng.choice(len(X), rows, replace=False)]
-    return X.astype(np.float32)
 
 
 def _feature_index(positions, per_pos):

@@ -86,3 +86,17 @@ def from_weight_matrix(node, W, shape):
     if node.op_type == "Conv":
         return W.T.reshape(shape)
     return W.T if node.op_type == "Gemm" and attr(node, "transB", 0) else W
+
+
+def layer_rows(node, x, rows, rng, feeds):
+    """Up to `rows` rows of a weight layer's input `x`: conv patches, or real tokens."""
+    x = np.asarray(x, dtype=np.float32)  # no copy for ORT's float32 outputs
+    if node.op_type == "Conv":
+        return im2col(x, node, rows, rng)
+    X = x.reshape(-1, x.shape[-1])
+    real = token_mask(feeds, x.shape[:-1])
+    if real is not None:
+        X = X[real]
+    if len(X) > rows:
+        X = X[rng.choice(len(X), rows, replace=False)]
+    return X.astype(np.float32)

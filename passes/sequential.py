@@ -1,0 +1,124 @@
+"""Sequential layer-wise refit: the weight layers in graph order, each fitted by ridge least squares
+from the inputs the *pruned* model gives it (the layers before it already refitted) to the
+outputs the dense model's layer gives on the channels the plan keeps.
+
+The stitch (passes/errordb.py) fits every layer on dense inputs, so the error a pruned layer
+passes on reaches the next layer unchanged; here each layer corrects what the layers before it
+passed on. It costs one run of the pruned model per distinct layer input, which is why compile
+gives it a time budget (`SequentialTooSlow`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from scipy.linalg import cho_factor, cho_solve
+
+from onnx_prune.backends.ort import session_with_outputs
+from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, layer_rows, refittable_layers,
+                                           weight_matrix)
+
+MAX_ROWS = 4096  # rows per layer input
+RIDGE = 0.3  # relative diagonal load, towards the weights the layer had before this refit
+
+
+class SequentialTooSlow(Exception):
+    """The estimated time is over the budget."""
+
+
+def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, plan, samples: dict,
+                     budget_s: float | None = None) -> onnx.ModelProto:
+    """A copy of `pruned` with every refittable weight layer refitted in graph order."""
+    from onnx_prune.compiler.calib import batches
+
+    keep = analysis.keep_arrays(plan)
+    table, index = analysis.table, analysis.ctx.index
+    stages: dict[str, list] = {}  # layer input -> the layers reading it (Q, K and V share one)
+    for node, axes in refittable_layers(analysis):
+        stages.setdefault(node.input[0], []).append((node, axes))
+    feeds_list = list(batches(samples, feed_batch_size(dense)))
+    dense_sess = session_with_outputs(dense, list(stages), optimize=True)
+    out = onnx.ModelProto()
+    out.CopyFrom(pruned)
+    inits = {t.name: t for t in out.graph.initializer}
+    # one session for the whole refit: the weights it changes are fed, not baked in
+    weights = {node.input[1]: numpy_helper.to_array(inits[node.input[1]]) for group in stages.values()
+               for node, _ in group}
+    sess = session_with_outputs(_weights_as_inputs(out, weights), list(stages), optimize=True)
+    if budget_s is not None:
+        estimate = _estimate_seconds(sess, dense_sess, stages, feeds_list, weights)
+        if estimate > budget_s:
+            raise SequentialTooSlow(f"estimated {estimate:.0f} s for {len(stages)} layer inputs")
+    targets = _dense_targets(dense_sess, stages, feeds_list, keep, table, index)
+    for name, layers in stages.items():
+        X_pruned = _pruned_rows(sess, name, layers[0][0], feeds_list, weights, len(targets[name][0]))
+        gram = X_pruned.T @ X_pruned
+        lam = RIDGE * np.trace(gram) / len(gram)
+        gram[np.diag_indices_from(gram)] += lam
+        factor = cho_factor(gram, lower=True, check_finite=False)
+        for (node, _), Y_dense in zip(layers, targets[name]):
+            tensor = inits[node.input[1]]
+            W_now = weight_matrix(node, weights[tensor.name].astype(np.float64))
+            W = cho_solve(factor, X_pruned.T @ Y_dense + lam * W_now, check_finite=False)
+            weights[tensor.name] = from_weight_matrix(node, W, tuple(tensor.dims)).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+    return out
+
+
+def _dense_targets(dense_sess, stages, feeds_list, keep, table, index) -> dict:
+    """Per layer input, the dense outputs (on the kept channels) of the layers reading it, on the
+    rows the pruned side will draw: one dense run per calibration batch serves every layer."""
+    rows = {name: [[] for _ in layers] for name, layers in stages.items()}
+    count = dict.fromkeys(stages, 0)
+    kept_w = {node.name: weight_matrix(node, index.const(node.input[1]).astype(np.float64))[:, table.keep_mask(axes[1], keep)]
+              for layers in stages.values() for node, axes in layers}
+    for i, feeds in enumerate(feeds_list):
+        wanted = [name for name in stages if count[name] < MAX_ROWS]
+        if not wanted:
+            break
+        for name, x in zip(wanted, dense_sess.run(wanted, feeds)):
+            X = layer_rows(stages[name][0][0], x, MAX_ROWS, np.random.default_rng(i), feeds).astype(np.float64)
+            for k, (node, _) in enumerate(stages[name]):
+                rows[name][k].append(X @ kept_w[node.name])
+            count[name] += len(X)
+    return {name: [np.concatenate(r)[:MAX_ROWS] for r in per_layer] for name, per_layer in rows.items()}
+
+
+def _weights_as_inputs(model, weights) -> onnx.ModelProto:
+    """A copy of `model` whose listed initializers are graph inputs too, so that a run's feeds
+    override them (ONNX lets an input shadow an initializer of the same name)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for name, w in weights.items():
+        m.graph.input.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(w.dtype), list(w.shape)))
+    return m
+
+
+def _estimate_seconds(sess, dense_sess, stages, feeds_list, weights) -> float:
+    """Runs of the pruned model per layer input, until it has MAX_ROWS rows, and of the dense
+    model once per batch: timed on the first batch, counted from its rows."""
+    t = time.perf_counter()
+    values = dense_sess.run(list(stages), feeds_list[0])
+    sess.run(list(stages)[:1], {**feeds_list[0], **weights})
+    run_s = (time.perf_counter() - t) / 2
+    batches = [min(len(feeds_list), -(-MAX_ROWS // max(len(layer_rows(layers[0][0], x, MAX_ROWS,
+                                                                         np.random.default_rng(0), feeds_list[0])), 1)))
+               for (name, layers), x in zip(stages.items(), values)]
+    return (max(batches) + sum(batches)) * run_s  # dense runs serve all inputs; pruned runs, one each
+
+
+def _pruned_rows(sess, name, node, feeds_list, weights, n_rows):
+    """The rows of `name` in the current pruned model that `_dense_targets` drew on the dense
+    side: same batches, same seed per batch (the shapes differ only in channels)."""
+    out, count = [], 0
+    for i, feeds in enumerate(feeds_list):
+        if count >= n_rows:
+            break
+        x = sess.run([name], {**feeds, **weights})[0]
+        out.append(layer_rows(node, x, MAX_ROWS, np.random.default_rng(i), feeds))
+        count += len(out[-1])
+    return np.concatenate(out).astype(np.float64)[:n_rows]
