@@ -6,6 +6,10 @@ Three sources, all checked against the model's inputs before anything runs:
 - a folder of images with a declared preprocessing (`--preprocess`), for single-image-input models;
 - a Python callable `pkg.module:fn` returning a dict of arrays, or an iterable of such dicts (batches).
 
+With `load_calibration_with_labels`, an array named `labels` next to the inputs (one integer class
+per sample) makes SPDY's search score candidates by the task loss instead of the distance to the
+dense model's outputs.
+
 Anything wrong is a UserError naming what does not match and how to fix it.
 """
 
@@ -24,7 +28,8 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 DEFAULT_PREPROCESS = "resize=224,scale=255,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW"
 
 
-def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None):
+def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None,
+                     _filter=lambda data: data):
     """Samples as {input name: array with the samples on axis 0}, validated against `model`."""
     inputs = _real_inputs(model)
     if callable(spec):
@@ -39,7 +44,35 @@ def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None
         data = _from_callable(_import(spec), spec)
     else:
         raise UserError(f"calibration data '{spec}' is not an .npz file, an image folder or a pkg.module:fn callable")
-    return _validate(data, inputs, max_samples)
+    return _validate(_filter(data), inputs, max_samples)
+
+
+LABELS = "labels"
+
+
+def load_calibration_with_labels(spec, model: onnx.ModelProto, preprocess: str | None = None):
+    """(samples, labels or None): `labels` is taken out of the data unless the model has an input
+    of that name; it must hold one integer class per sample."""
+    if any(i.name == LABELS for i in _real_inputs(model)):
+        return load_calibration(spec, model, preprocess), None
+    holder = {}
+
+    def without_labels(data):
+        holder["labels"] = data.pop(LABELS, None)
+        return data
+
+    samples = load_calibration(spec, model, preprocess, _filter=without_labels)
+    labels = holder["labels"]
+    if labels is None:
+        return samples, None
+    labels = np.asarray(labels)
+    n = len(next(iter(samples.values())))
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != n:
+        raise UserError(f"calibration labels must be one integer class per sample: got {labels.dtype} "
+                        f"of shape {labels.shape} for {n} samples")
+    if labels.min() < 0:
+        raise UserError("calibration labels must be class indices >= 0")
+    return samples, labels.astype(np.int64)
 
 
 def batches(samples: dict, batch_size: int):

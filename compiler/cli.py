@@ -144,7 +144,8 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--target-speedup", required=True, help="Measured speedup to reach, e.g. 2x.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--calib", default=None, help="Calibration data: file.npz, an image folder, or pkg.module:fn.")
+@click.option("--calib", default=None, help="Calibration data: file.npz, an image folder, or pkg.module:fn. An array "
+              "'labels' (one class per sample) next to the inputs makes --search full minimise the task loss.")
 @click.option("--preprocess", default=None, help="For an image folder, e.g. resize=224,scale=255,mean=.485/.456/.406,std=.229/.224/.225.")
 @input_shape_opt
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size to time at (dynamic batch only).")

@@ -19,7 +19,7 @@ import onnx
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import random_feeds
 from onnx_prune.backends.predict import CostModel
-from onnx_prune.compiler.calib import batches, load_calibration
+from onnx_prune.compiler.calib import batches, load_calibration_with_labels
 from onnx_prune.compiler.prune import build_report
 from onnx_prune.compiler.fidelity import Reference, similarity
 from onnx_prune.compiler.progress import Steps
@@ -110,7 +110,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         analysis = analyze_canonical(canon.static)
         if not analysis.groups:
             raise UserError("nothing in this model can be pruned (run `onnx-prune analyze` to see why)")
-        samples = load_calibration(calib, canon.model, preprocess) if calib is not None else None
+        samples, labels = load_calibration_with_labels(calib, canon.model, preprocess) if calib is not None \
+            else (None, None)
         feeds = _timing_feeds(canon, samples, batch_size, notes)
     with steps("profile + timing database"):
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
@@ -119,7 +120,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     if samples is not None:
         # a held-out fifth judges recovery; everything that fits (the database, its refits and
         # the search's loss) sees only the rest
-        fit, held = _split_held_out(samples)
+        fit, held, fit_labels, held_labels = _split_held_out(samples, labels=labels) if labels is not None \
+            else _split_held_out(samples) + (None, None)
         if method == "spdy" or recover != "none":  # its errors, or its refits, are used
             with steps("error database"):
                 db = build_error_db(canon.model, analysis, fit)
@@ -137,7 +139,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     if search == "full":
         with steps("sensitivity search"):
             find, notes_full = _sensitivity(find, canon, analysis, cm, goal, fit if samples else feeds, provider,
-                                            search_seconds, steps, candidates, db, scores)
+                                            search_seconds, steps, candidates, db, scores,
+                                            fit_labels if samples is not None else None)
             notes.append(notes_full)
     elif method == "spdy":
         with steps("trade-off curve"):
@@ -179,7 +182,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     })
     if samples is not None:
         with steps("recovery" if recover != "none" else "output fidelity"):
-            reference = Reference(canon.model, held, provider)
+            reference = Reference(canon.model, held, provider, labels=held_labels)
             pruned, report["output_fidelity"] = _recover(pruned, analysis, plan, fit, reference, db, recover,
                                                          report, steps.note)
     report["seconds"] = steps.total()
@@ -216,12 +219,16 @@ def _frontier(find, cm, analysis, scores, reachable, kind, points=8):
     return out
 
 
-def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates, db, scores):
+def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates, db, scores,
+                 labels=None):
     """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them.
     With calibration data, the errors are first scaled by each group's measured gain, and
     candidates are scored after stitching in the error database's refits."""
     tables = find.tables
-    reference = Reference(canon.model, _first(samples, SEARCH_SAMPLES), provider)
+    reference = Reference(canon.model, _first(samples, SEARCH_SAMPLES), provider,
+                          labels=None if labels is None else labels[:SEARCH_SAMPLES])
+    loss_kind = "task loss (cross-entropy on the calibration labels)" if labels is not None else \
+        "calibration loss (1 - cosine)"
     goal_ms = cm.dense_ms / goal
 
     def progress(evaluated, best):
@@ -234,7 +241,7 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     def scored(plan):
         value = reference.loss(build(plan))
         candidates.append({"predicted_speedup": cm.predicted_speedup(plan), "error": value,
-                           "error_kind": "calibration loss (1 - cosine)"})
+                           "error_kind": loss_kind})
         return value
 
     started = time.time()
@@ -252,11 +259,12 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     seconds = max(seconds - (time.time() - started), 0.0)  # the probes are part of the search's time
     c, _plan, best, evaluated = sensitivity_search(lambda errors: find(goal_ms, errors), scored, priors, seconds,
                                                    progress=progress)
-    raw = candidates[0]["error"]  # the raw errors are the first candidate
-    steps.note(f"sensitivity search: {evaluated} plans scored, calibration loss {raw:.4f} (raw errors) -> {best:.4f}")
+    start = candidates[0]["error"]  # the search's first candidate: the errors as they come in
+    where = "database errors scaled by measured gains" if db is not None else "raw errors"
+    steps.note(f"sensitivity search: {evaluated} plans scored, {loss_kind} {start:.4f} ({where}) -> {best:.4f}")
     scaled = [ci * p for ci, p in zip(c, priors)]
-    note = (f"--search full: {evaluated} plans scored on {reference.samples} calibration samples; "
-            f"calibration loss {raw:.4f} with raw errors, {best:.4f} with searched sensitivities")
+    note = (f"--search full: {evaluated} plans scored on {reference.samples} calibration samples by {loss_kind}: "
+            f"{start:.4f} with the {where}, {best:.4f} with searched sensitivities")
     return (lambda goal_ms: find(goal_ms, scaled)), note
 
 
@@ -309,18 +317,23 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
     return model, fidelity
 
 
-def _split_held_out(samples, share=5):
+def _split_held_out(samples, share=5, labels=None):
     """Fit on about 4/5 of the distinct samples, hold out the rest: a repeated sample must not
-    sit on both sides, or the check would approve a refit that only memorised it."""
+    sit on both sides, or the check would approve a refit that only memorised it. With `labels`,
+    returns (fit, held, fit labels, held labels)."""
     names = sorted(samples)
     n = len(samples[names[0]])
     keys = [b"".join(np.ascontiguousarray(samples[k][i]).tobytes() for k in names) for i in range(n)]
     distinct = list(dict.fromkeys(keys))
     if len(distinct) < 5:
-        return samples, samples
-    held_keys = set(distinct[len(distinct) - max(len(distinct) // share, 1):])
-    held = np.array([k in held_keys for k in keys])
-    return ({k: v[~held] for k, v in samples.items()}, {k: v[held] for k, v in samples.items()})
+        held = np.ones(n, dtype=bool)
+        fit = held
+    else:
+        held_keys = set(distinct[len(distinct) - max(len(distinct) // share, 1):])
+        held = np.array([k in held_keys for k in keys])
+        fit = ~held
+    parts = ({k: v[fit] for k, v in samples.items()}, {k: v[held] for k, v in samples.items()})
+    return parts if labels is None else parts + (labels[fit], labels[held])
 
 
 def _next_goal(goal, speedup, target, short_goal, long_goal):

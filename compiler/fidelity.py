@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_prune.backends.ort import make_session
+from onnx_prune.errors import UserError
 from onnx_prune.passes.reconstruct import token_mask
 
 
@@ -47,32 +48,62 @@ def _batches(model, samples):
 
 
 class Reference:
-    """The dense model's outputs on fixed samples, computed once; candidates are compared to them."""
+    """The dense model's outputs on fixed samples, computed once; candidates are compared to them.
+    With `labels` (one class per sample), also the task: top-1 accuracy and cross-entropy of the
+    first output, read as (samples, classes) logits or probabilities."""
 
-    def __init__(self, dense, samples, provider):
+    def __init__(self, dense, samples, provider, labels=None):
         self.dense_model = dense
         self.provider = provider
         self.samples = int(len(next(iter(samples.values()))))
         self.feeds = _batches(dense, samples)
         sess = make_session(dense, provider=provider, quiet=True)
         self.dense_outs = [sess.run(None, f) for f in self.feeds]
+        self.labels = labels
+        if labels is not None:
+            first = np.concatenate([outs[0] for outs in self.dense_outs])
+            if first.ndim != 2 or first.shape[1] <= int(labels.max()):
+                raise UserError(f"calibration labels need a first output of (samples, classes) scores with more "
+                                f"than {int(labels.max())} classes; it has shape {first.shape}")
+            self.dense_task = _task(first, labels)
 
     def fidelity(self, model) -> dict:
         sess = make_session(model, provider=self.provider, quiet=True)
         parts = {"cos": [], "rel": [], "pooled": []}
+        firsts = []
         for feeds, dense in zip(self.feeds, self.dense_outs):
-            for k, v in compare(dense, sess.run(None, feeds), feeds).items():
+            outs = sess.run(None, feeds)
+            firsts.append(outs[0])
+            for k, v in compare(dense, outs, feeds).items():
                 parts[k].extend(v)
         out = {"mean_cosine_similarity": float(np.mean(parts["cos"])),
                "mean_relative_l2_error": float(np.mean(parts["rel"])), "samples": self.samples}
         if parts["pooled"]:
             out["mean_pooled_cosine_similarity"] = float(np.mean(parts["pooled"]))
+        if self.labels is not None:
+            accuracy, task_loss = _task(np.concatenate(firsts), self.labels)
+            out.update({"accuracy": accuracy, "task_loss": task_loss, "dense_accuracy": self.dense_task[0],
+                        "dense_task_loss": self.dense_task[1]})
         return out
 
     def loss(self, model) -> float:
-        """1 - mean similarity (pooled-embedding cosine for sequence encoders, else output
-        cosine): the calibration loss SPDY's sensitivity search minimises without labels."""
-        return 1.0 - similarity(self.fidelity(model))
+        """The calibration loss SPDY's sensitivity search minimises: the task's cross-entropy with
+        labels, else 1 - mean similarity (pooled-embedding cosine for sequence encoders, else
+        output cosine) to the dense model."""
+        f = self.fidelity(model)
+        return f["task_loss"] if self.labels is not None else 1.0 - similarity(f)
+
+
+def _task(scores, labels):
+    """(top-1 accuracy, mean cross-entropy) of (samples, classes) logits, or of probabilities."""
+    scores = scores.astype(np.float64)
+    if (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3):
+        log_p = np.log(np.maximum(scores, 1e-12))
+    else:
+        shifted = scores - scores.max(1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    rows = np.arange(len(labels))
+    return float((scores.argmax(1) == labels).mean()), float(-log_p[rows, labels].mean())
 
 
 def similarity(fidelity: dict) -> float:

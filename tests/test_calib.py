@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_prune.compiler.calib import batches, load_calibration, parse_preprocess
+from onnx_prune.compiler.calib import batches, load_calibration, load_calibration_with_labels, parse_preprocess
 from onnx_prune.errors import UserError
 
 
@@ -30,6 +30,25 @@ def test_npz_wrong_key_and_shape(tmp_path):
         load_calibration(str(p), model())
     np.savez(p, x=np.ones((5, 3, 9, 9), np.float32))
     with pytest.raises(UserError, match="dim 2 = 8"):
+        load_calibration(str(p), model())
+
+
+def test_npz_labels_are_one_class_per_sample(tmp_path):
+    p = tmp_path / "c.npz"
+    x = np.ones((5, 3, 8, 8), np.float32)
+    np.savez(p, x=x, labels=np.array([0, 2, 1, 2, 0]))
+    data, labels = load_calibration_with_labels(str(p), model())
+    assert set(data) == {"x"} and labels.tolist() == [0, 2, 1, 2, 0]
+    np.savez(p, x=x)
+    assert load_calibration_with_labels(str(p), model())[1] is None
+    for bad, message in [(np.zeros(4, np.int64), "one integer class per sample"),
+                         (np.zeros(5, np.float32), "one integer class per sample"),
+                         (np.zeros((5, 2), np.int64), "one integer class per sample"),
+                         (-np.ones(5, np.int64), ">= 0")]:
+        np.savez(p, x=x, labels=bad)
+        with pytest.raises(UserError, match=message):
+            load_calibration_with_labels(str(p), model())
+    with pytest.raises(UserError, match="unknown: labels"):  # only the labelled loader takes them
         load_calibration(str(p), model())
 
 

@@ -130,6 +130,39 @@ def test_full_search_scores_sensitivities_on_calibration_data(model, tmp_path):
         compile_model(m, "1.3x", input_shapes=shapes, method="uniform", search="full", timer=LyingTimer())
 
 
+def test_labels_make_the_search_minimise_the_task_loss(model, tmp_path):
+    m, shapes = model
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10,) + shapes["input"][1:]).astype(np.float32)
+    from onnx_prune.backends.ort import make_session
+
+    classes = make_session(m).run(None, {"input": x[:1]})[0].shape[1]
+    p = tmp_path / "c.npz"
+    np.savez(p, input=x, labels=rng.integers(0, classes, 10))
+    r = compile_model(m, "1.3x", input_shapes=shapes, calib=str(p), timer=LyingTimer(1.35), batch_size=2,
+                      search="full", search_seconds=2).report
+    assert all(c["error_kind"].startswith("task loss") for c in r["candidates"])
+    assert any("task loss" in n for n in r["notes"] if n.startswith("--search full"))
+    fid = r["output_fidelity"]
+    assert 0 <= fid["accuracy"] <= 1 and 0 <= fid["dense_accuracy"] <= 1 and fid["task_loss"] > 0
+    np.savez(p, input=x, labels=np.full(10, classes))  # a class the model does not have
+    with pytest.raises(UserError, match="classes"):
+        compile_model(m, "1.3x", input_shapes=shapes, calib=str(p), timer=LyingTimer(1.35), batch_size=2,
+                      search="full", search_seconds=2)
+
+
+def test_task_loss_is_the_cross_entropy_of_the_first_output():
+    from onnx_prune.compiler.fidelity import _task
+
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    labels = np.array([0, 2])
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    accuracy, loss = _task(logits, labels)
+    assert accuracy == 0.5 and loss == pytest.approx(-(log_p[0, 0] + log_p[1, 2]) / 2)
+    probs = np.exp(log_p)  # a model that ends in softmax: the same loss
+    assert _task(probs, labels) == pytest.approx((accuracy, loss))
+
+
 def test_speedup_syntax():
     assert parse_speedup("2x") == 2.0 and parse_speedup("1.5X") == 1.5
     for bad in ("fast", "1x", "0.5"):
