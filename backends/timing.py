@@ -25,7 +25,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_prune.backends.profile import profile_session_runs
-from onnx_prune.passes.graph import attr
+from onnx_prune.passes.graph import attr, conv_pads
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
@@ -57,8 +57,9 @@ def layer_sig(node, index) -> LayerSig | None:
         w, x = index.shape(node.input[1]), index.shape(node.input[0])
         if w is None or x is None or len(x) != 4:
             return None
-        attrs = (tuple(w[2:]), tuple(attr(node, "strides", [1, 1])), tuple(attr(node, "pads", [0, 0, 0, 0])),
-                 tuple(attr(node, "dilations", [1, 1])), tuple(attr(node, "output_padding", []) or ()))
+        strides, dilations = tuple(attr(node, "strides", [1, 1])), tuple(attr(node, "dilations", [1, 1]))
+        pads = conv_pads(node, x[2:], w[2:])
+        attrs = (tuple(w[2:]), strides, pads, dilations, tuple(attr(node, "output_padding", []) or ()))
         lead = (x[0],) + tuple(x[2:])
         g = attr(node, "group", 1)
         if g == 1:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
+from onnx_prune.passes.graph import same_pads
+
 DTYPES = {
     TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
     TensorProto.BFLOAT16: torch.bfloat16, TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32,
@@ -217,13 +219,7 @@ def _window_pads(a, size, kernel, strides, dilations):
     r = len(kernel)
     auto = a.get("auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for n, k, s, d in zip(size, kernel, strides, dilations):
-            total = max(0, (math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n)
-            small, big = total // 2, total - total // 2
-            begin.append(small if auto == "SAME_UPPER" else big)
-            end.append(big if auto == "SAME_UPPER" else small)
-        return begin, end
+        return same_pads(auto, size, kernel, strides, dilations)
     if auto == "VALID":
         return [0] * r, [0] * r
     pads = a.get("pads") or [0] * (2 * r)

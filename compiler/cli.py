@@ -303,7 +303,12 @@ def finetune(model, output, data, method, pattern, sparsity, epochs, teacher, de
                             teacher=teacher, device=device, lr=lr, input_shapes=shapes,
                             sparse_initializers=sparse_initializers, log=lambda m: click.echo(m, err=True))
     if result.rank != 0:  # distributed: rank 0 writes
-        return
+        # leave without the interpreter's teardown: under load, C++ threads of the collective
+        # backend racing static destructors aborted a finished worker ("terminate called without
+        # an active exception"), failing a run whose work was done
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     save_model(result.model, output)
     if report:
         _write_json(report, result.report)

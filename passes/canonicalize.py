@@ -55,6 +55,7 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
     _remove_identities(model)
     _unshare_small_initializers(model)
     _name_nodes(model)
+    _spell_out_kernel_shapes(model)
     shapes = resolve_input_shapes(model, input_shapes or {}, notes)
     static = make_static(model, shapes)
     if _fold_static_shape_reads(model, static, shapes):
@@ -111,6 +112,17 @@ def _name_nodes(model):
             name = f"{name}_{i}"
         node.name = name
         seen.add(name)
+
+
+def _spell_out_kernel_shapes(model):
+    """Conv and ConvTranspose may leave `kernel_shape` to be read off the weight; every pass that
+    reads it (timing points, calibration patches) then finds it on the node."""
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and not any(a.name == "kernel_shape" for a in node.attribute):
+            w = weights.get(node.input[1])
+            if w is not None:
+                node.attribute.append(onnx.helper.make_attribute("kernel_shape", list(w.dims[2:])))
 
 
 def _fold_constants(model):

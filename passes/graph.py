@@ -95,6 +95,32 @@ def attr(node, name, default=None):
     return default
 
 
+def same_pads(mode, size, kernel, strides, dilations) -> tuple[list, list]:
+    """(begin, end) pads per spatial axis for `auto_pad` SAME_UPPER / SAME_LOWER: the output keeps
+    ceil(size / stride); an odd total goes at the end (UPPER) or the beginning (LOWER)."""
+    begin, end = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    return begin, end
+
+
+def conv_pads(node, spatial, kernel) -> tuple:
+    """The pads a Conv really uses, (begin..., end...), with `auto_pad` (TF-style exports) spelled
+    out for its input's spatial size."""
+    mode = attr(node, "auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "VALID":
+        return (0,) * (2 * len(kernel))
+    if mode not in ("SAME_UPPER", "SAME_LOWER"):
+        return tuple(attr(node, "pads", [0] * (2 * len(kernel))))
+    begin, end = same_pads(mode, spatial, kernel, attr(node, "strides", [1] * len(kernel)),
+                           attr(node, "dilations", [1] * len(kernel)))
+    return tuple(begin + end)
+
+
 def dims_of(type_proto):
     """Static dims of a tensor type, None for unknown; None if the rank is unknown."""
     tt = type_proto.tensor_type

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_prune.passes.graph import attr
+from onnx_prune.passes.graph import attr, conv_pads
 
 
 def refittable_layers(analysis):
@@ -37,7 +37,7 @@ def im2col(x, node, rows, rng):
     kh, kw = attr(node, "kernel_shape")
     sh, sw = attr(node, "strides", [1, 1])
     dh, dw = attr(node, "dilations", [1, 1])
-    p = attr(node, "pads", [0, 0, 0, 0])
+    p = conv_pads(node, x.shape[2:], (kh, kw))
     if any(p):
         x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
     n, c, h, w = x.shape

@@ -148,6 +148,28 @@ def test_predictor_scales_kernels_by_plan():
     assert cm.predicted_speedup(half) == pytest.approx(0.22 / 0.135)
 
 
+class PaddedDB(FakeDB):
+    """Every width costs what the full width costs (ORT pads channels to its block)."""
+
+    def curve(self, sig, axis, widths):
+        return np.full(len(widths), float(np.prod(sig.full)))
+
+
+def test_candidate_widths_count_every_kernel_the_group_touches():
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon.static)
+    (group,) = analysis.groups
+    light = {"c1": Kernel("c1", "Conv", 100.0, [], []), "c2": Kernel("c2", "Conv", 50.0, [], []),
+             "relu": Kernel("relu", "Relu", 1.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=PaddedDB(), profile=Profile(light, e2e_ms=0.151))
+    assert cm.candidate_widths()[group.name] == [32]  # narrower widths only lose channels
+    heavy = dict(light, relu=Kernel("relu", "Relu", 300.0, [], []))  # the activation costs most
+    cm = CostModel(canon.model, analysis, None, db=PaddedDB(), profile=Profile(heavy, e2e_ms=0.45))
+    assert cm.candidate_widths()[group.name] == width_grid(32)
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(light, e2e_ms=0.151))
+    assert cm.candidate_widths()[group.name] == width_grid(32)  # layers faster at every width
+
+
 def test_predictor_calibration_fits_the_measured_speedup():
     canon = canonicalize(two_convs(32))
     analysis = analyze_canonical(canon.static)
@@ -210,3 +232,33 @@ def test_source_node_strips_ort_suffixes():
     assert _source_node("/blk/Conv_output_0_nchwc", nodes, by_output) == "/blk/Conv"
     assert _source_node("/blk/Mul/QuickGeluFusion/", nodes, by_output) == "/blk/Mul"
     assert _source_node("ReorderInput_token_3", nodes, by_output) is None
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_same_auto_pad_convs_are_timed_and_sampled_with_their_real_pads(tmp_path, monkeypatch, stride):
+    """TF-style exports pad with auto_pad=SAME_*: the timing point and the calibration patches
+    must use those pads (a 5x5 depthwise conv on a 4x4 input is invalid without them)."""
+    from onnx_prune.passes.graph import conv_pads
+    from onnx_prune.passes.reconstruct import im2col
+
+    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 1, 5, 5)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=8, strides=[stride, stride],
+                            auto_pad="SAME_UPPER")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    canon = canonicalize(m)
+    analysis = analyze_canonical(canon.static)
+    (conv,) = [n for n in canon.static.graph.node if n.op_type == "Conv"]
+    sig = layer_sig(conv, analysis.ctx.index)
+    assert sig.attrs[2] == conv_pads(conv, (4, 4), (5, 5)) == ((2, 2, 2, 2) if stride == 1 else (1, 1, 2, 2))
+    db = TimingDB("cpu", threads=1)
+    db.ensure(axis_points(sig, [[8]]))  # ORT rejects the point if the pads are wrong
+    assert db.get(sig, (8,)) > 0
+    x = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    patches = im2col(x, conv, 1000, rng)
+    assert len(patches) == y.shape[0] * y.shape[2] * y.shape[3]
