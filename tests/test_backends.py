@@ -155,7 +155,7 @@ class PaddedDB(FakeDB):
         return np.full(len(widths), float(np.prod(sig.full)))
 
 
-def test_candidate_widths_count_every_kernel_the_group_touches():
+def test_candidate_widths_drop_padded_plateaus():
     canon = canonicalize(two_convs(32))
     analysis = analyze_canonical(canon.static)
     (group,) = analysis.groups
@@ -163,9 +163,6 @@ def test_candidate_widths_count_every_kernel_the_group_touches():
              "relu": Kernel("relu", "Relu", 1.0, [], [])}
     cm = CostModel(canon.model, analysis, None, db=PaddedDB(), profile=Profile(light, e2e_ms=0.151))
     assert cm.candidate_widths()[group.name] == [32]  # narrower widths only lose channels
-    heavy = dict(light, relu=Kernel("relu", "Relu", 300.0, [], []))  # the activation costs most
-    cm = CostModel(canon.model, analysis, None, db=PaddedDB(), profile=Profile(heavy, e2e_ms=0.45))
-    assert cm.candidate_widths()[group.name] == width_grid(32)
     cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(light, e2e_ms=0.151))
     assert cm.candidate_widths()[group.name] == width_grid(32)  # layers faster at every width
 
