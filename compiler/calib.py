@@ -28,23 +28,10 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 DEFAULT_PREPROCESS = "resize=224,scale=255,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW"
 
 
-def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None,
-                     _filter=lambda data: data):
+def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None):
     """Samples as {input name: array with the samples on axis 0}, validated against `model`."""
     inputs = _real_inputs(model)
-    if callable(spec):
-        data = _from_callable(spec, getattr(spec, "__name__", "callable"))
-    elif isinstance(spec, str) and spec.endswith(".npz"):
-        data = _from_npz(spec)
-    elif isinstance(spec, str) and os.path.isdir(spec):
-        if len(inputs) != 1:
-            raise UserError(f"an image folder feeds one input, the model has {len(inputs)}; use an .npz or a callable")
-        data = {inputs[0].name: _from_images(spec, preprocess or DEFAULT_PREPROCESS)}
-    elif isinstance(spec, str) and ":" in spec:
-        data = _from_callable(_import(spec), spec)
-    else:
-        raise UserError(f"calibration data '{spec}' is not an .npz file, an image folder or a pkg.module:fn callable")
-    return _validate(_filter(data), inputs, max_samples)
+    return _validate(_read(spec, inputs, preprocess), inputs, max_samples)
 
 
 LABELS = "labels"
@@ -53,16 +40,10 @@ LABELS = "labels"
 def load_calibration_with_labels(spec, model: onnx.ModelProto, preprocess: str | None = None):
     """(samples, labels or None): `labels` is taken out of the data unless the model has an input
     of that name; it must hold one integer class per sample."""
-    if any(i.name == LABELS for i in _real_inputs(model)):
-        return load_calibration(spec, model, preprocess), None
-    holder = {}
-
-    def without_labels(data):
-        holder["labels"] = data.pop(LABELS, None)
-        return data
-
-    samples = load_calibration(spec, model, preprocess, _filter=without_labels)
-    labels = holder["labels"]
+    inputs = _real_inputs(model)
+    data = _read(spec, inputs, preprocess)
+    labels = None if any(i.name == LABELS for i in inputs) else data.pop(LABELS, None)
+    samples = _validate(data, inputs, None)
     if labels is None:
         return samples, None
     labels = np.asarray(labels)
@@ -73,6 +54,21 @@ def load_calibration_with_labels(spec, model: onnx.ModelProto, preprocess: str |
     if labels.min() < 0:
         raise UserError("calibration labels must be class indices >= 0")
     return samples, labels.astype(np.int64)
+
+
+def _read(spec, inputs, preprocess) -> dict:
+    """The arrays `spec` holds, not yet checked against the inputs."""
+    if callable(spec):
+        return _from_callable(spec, getattr(spec, "__name__", "callable"))
+    if isinstance(spec, str) and spec.endswith(".npz"):
+        return _from_npz(spec)
+    if isinstance(spec, str) and os.path.isdir(spec):
+        if len(inputs) != 1:
+            raise UserError(f"an image folder feeds one input, the model has {len(inputs)}; use an .npz or a callable")
+        return {inputs[0].name: _from_images(spec, preprocess or DEFAULT_PREPROCESS)}
+    if isinstance(spec, str) and ":" in spec:
+        return _from_callable(_import(spec), spec)
+    raise UserError(f"calibration data '{spec}' is not an .npz file, an image folder or a pkg.module:fn callable")
 
 
 def batches(samples: dict, batch_size: int):

@@ -117,11 +117,11 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
         widths = cm.candidate_widths()
     scores, curves, db = group_scores(analysis), None, None
+    fit = fit_labels = None
     if samples is not None:
         # a held-out fifth judges recovery; everything that fits (the database, its refits and
         # the search's loss) sees only the rest
-        fit, held, fit_labels, held_labels = _split_held_out(samples, labels=labels) if labels is not None \
-            else _split_held_out(samples) + (None, None)
+        fit, held, fit_labels, held_labels = _split_held_out(samples, labels=labels)
         if method == "spdy" or recover != "none":  # its errors, or its refits, are used
             with steps("error database"):
                 db = build_error_db(canon.model, analysis, fit)
@@ -139,8 +139,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     if search == "full":
         with steps("sensitivity search"):
             find, notes_full = _sensitivity(find, canon, analysis, cm, goal, fit if samples else feeds, provider,
-                                            search_seconds, steps, candidates, db, scores,
-                                            fit_labels if samples is not None else None)
+                                            search_seconds, steps, candidates, db, scores, fit_labels)
             notes.append(notes_full)
     elif method == "spdy":
         with steps("trade-off curve"):
@@ -319,8 +318,8 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
 
 def _split_held_out(samples, share=5, labels=None):
     """Fit on about 4/5 of the distinct samples, hold out the rest: a repeated sample must not
-    sit on both sides, or the check would approve a refit that only memorised it. With `labels`,
-    returns (fit, held, fit labels, held labels)."""
+    sit on both sides, or the check would approve a refit that only memorised it. Returns (fit,
+    held, fit labels, held labels); the labels are None without `labels`."""
     names = sorted(samples)
     n = len(samples[names[0]])
     keys = [b"".join(np.ascontiguousarray(samples[k][i]).tobytes() for k in names) for i in range(n)]
@@ -332,8 +331,8 @@ def _split_held_out(samples, share=5, labels=None):
         held_keys = set(distinct[len(distinct) - max(len(distinct) // share, 1):])
         held = np.array([k in held_keys for k in keys])
         fit = ~held
-    parts = ({k: v[fit] for k, v in samples.items()}, {k: v[held] for k, v in samples.items()})
-    return parts if labels is None else parts + (labels[fit], labels[held])
+    return ({k: v[fit] for k, v in samples.items()}, {k: v[held] for k, v in samples.items()},
+            None if labels is None else labels[fit], None if labels is None else labels[held])
 
 
 def _next_goal(goal, speedup, target, short_goal, long_goal):

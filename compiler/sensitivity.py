@@ -5,9 +5,10 @@ block's are measured against different signals), so SPDY searches coefficients c
 group: the DP runs on c_g * error_g, and a candidate c is scored by the calibration loss of the
 model the DP's plan gives. Before the search, each group's errors are put on the scale of that
 loss (`measured_gains`): the group alone is pruned to about half its width and scored end to
-end, so that the search starts from comparable errors instead of correcting them from scratch. Search: c = 1 (the raw errors) first, then random draws, then local
-search that resamples k coordinates at a time, k falling from 10% of the groups to 1 after 100
-straight failures -- all within a time budget.
+end, so that the search starts from comparable errors instead of correcting them from scratch.
+Search: c = 1 (the errors as given) first, then random draws, then local search that resamples k
+coordinates at a time, k falling from 10% of the groups to 1 after 100 straight failures -- all
+within a time budget.
 """
 
 from __future__ import annotations

@@ -18,12 +18,9 @@ from onnx import numpy_helper
 from scipy.linalg import cho_factor, cho_solve
 
 from onnx_prune.backends.ort import session_with_outputs
+from onnx_prune.passes.errordb import MAX_ROWS, RIDGE  # rows per layer input; load towards the current weights
 from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
-
-MAX_ROWS = 4096  # rows per layer input
-RIDGE = 0.3  # relative diagonal load, towards the weights the layer had before this refit
-
 
 class SequentialTooSlow(Exception):
     """The estimated time is over the budget."""

@@ -192,7 +192,7 @@ def test_held_out_split_keeps_repeated_samples_on_one_side():
 
     base = np.arange(10, dtype=np.float32).reshape(10, 1)
     samples = {"x": np.concatenate([base, base, base])}  # every sample three times
-    fit, held = _split_held_out(samples)
+    fit, held, _, _ = _split_held_out(samples)
     assert not set(fit["x"].ravel()) & set(held["x"].ravel())
     assert len(held["x"]) == 6 and len(fit["x"]) == 24
 
