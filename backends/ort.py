@@ -11,7 +11,8 @@ from onnx_prune.passes.graph import MAX_IR_VERSION
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def _bytes(model) -> bytes:
+def serialized(model) -> bytes:
+    """The model as ORT reads it (IR version capped); bytes and paths pass through."""
     if isinstance(model, (bytes, str)):
         return model
     if model.ir_version > MAX_IR_VERSION:
@@ -47,7 +48,7 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
     if optimized_path:  # ORT writes the graph it runs (fusions, layout reorders) there
         so.optimized_model_filepath = optimized_path
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
-    return ort.InferenceSession(_bytes(model), so, providers=[ep])
+    return ort.InferenceSession(serialized(model), so, providers=[ep])
 
 
 _NP = {

@@ -156,8 +156,10 @@ class TimingDB:
             return
         for chunk in _chunks(todo):
             model, names = _bench_model(chunk)
-            feeds = {f"x{i}": np.random.default_rng(i).standard_normal(_input_shape(s, w)).astype(np.float32)
-                     for i, (s, w) in enumerate(chunk)}
+            # random values matter only in not being denormal: every input is a slice of one draw
+            shapes = [_input_shape(s, w) for s, w in chunk]
+            pool = np.random.default_rng(1).standard_normal(max(int(np.prod(x)) for x in shapes), dtype=np.float32)
+            feeds = {f"x{i}": pool[:int(np.prod(x))].reshape(x) for i, x in enumerate(shapes)}
             kernels = profile_session_runs(model, feeds, self.provider, self.threads, runs=5, warmup=2)
             for (s, w), name in zip(chunk, names):
                 t = _kernel_for(kernels, name)
@@ -278,14 +280,16 @@ def _chunks(points):
 
 def _bench_model(points):
     """One graph, one independent node per point."""
-    rng = np.random.default_rng(0)
+    # weights are slices of one random draw (drawing each one took seconds on ResNet-50's points)
+    pool = np.random.default_rng(0).standard_normal(max(int(np.prod(_weight_shape(*p))) for p in points),
+                                                    dtype=np.float32) * np.float32(0.05)
     nodes, inits, inputs, outputs, names = [], [], [], [], []
     for i, (s, widths) in enumerate(points):
         x, name = f"x{i}", f"pt{i}"
         y = name  # ORT names fused kernels after the node or its output: keep them equal
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, _input_shape(s, widths)))
         wshape = _weight_shape(s, widths)
-        inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.05).astype(np.float32), f"w{i}"))
+        inits.append(numpy_helper.from_array(pool[:int(np.prod(wshape))].reshape(wshape), f"w{i}"))
         if s.op in CONVS:
             k, strides, pads, dil, outpad = s.attrs
             kw = {"kernel_shape": list(k), "strides": list(strides), "pads": list(pads), "dilations": list(dil)}

@@ -50,8 +50,9 @@ def main():
         r = compile_model(zm.model, args.target, calib=path, input_shapes=dict(zm.input_shapes), search=search,
                           search_seconds=args.search_seconds, threads=2).report
         phases = ", ".join(f"{k} {v:.0f}s" for k, v in r["phases"].items())
+        rounds = " -> ".join(f"{x['measured_speedup']:.2f}x" for x in r["rounds"])
         print(f"--search {search}: {time.time() - t0:.0f} s in all, measured {r['measured_speedup']:.2f}x "
-              f"(predicted {r['predicted_speedup']:.2f}x), output cosine "
+              f"(predicted {r['predicted_speedup']:.2f}x; rounds {rounds}), output cosine "
               f"{r['output_fidelity']['mean_cosine_similarity']:.3f}; {phases}", flush=True)
 
 

@@ -30,6 +30,7 @@ from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import build_error_db
 from onnx_prune.passes.importance import group_scores, keep_top
+from onnx_prune.passes.reconstruct import feed_batch_size
 from onnx_prune.passes.sequential import SequentialTooSlow, sequential_refit
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
@@ -285,7 +286,8 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
         stages.append(("layer-wise least squares (structured AdaPrune)", lambda m: db.stitch(m, analysis, plan)))
         stages.append(("sequential least squares (each layer from the pruned model's own inputs)",
                        lambda m: sequential_refit(reference.dense_model, m, analysis, plan, fit,
-                                                  budget_s=SEQUENTIAL_BUDGET_S)))
+                                                  budget_s=SEQUENTIAL_BUDGET_S,
+                                                  run_s=_run_seconds(report, reference.dense_model, fit))))
     if recover == "global":
         stages.append(("global AdaPrune (all weights, every layer output)",
                        lambda m: global_refit(m, reference.dense_model, analysis, plan, fit)))
@@ -314,6 +316,14 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
         report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
     fidelity["on"] = "held-out calibration samples (not used to fit)"
     return model, fidelity
+
+
+def _run_seconds(report, dense, fit) -> tuple:
+    """Seconds per run of the dense and the pruned model on one calibration batch, from the
+    latencies compile measured (at its timing batch size; time scales about with the batch)."""
+    n = min(feed_batch_size(dense), len(next(iter(fit.values()))))
+    scale = n / report["batch_size"] / 1e3
+    return report["dense_latency_ms"] * scale, report["pruned_latency_ms"] * scale
 
 
 def _split_held_out(samples, share=5, labels=None):

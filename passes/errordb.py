@@ -121,7 +121,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     energy_values = _producer_outputs(analysis, energy_groups)
     size = feed_batch_size(model)
     feeds_list = list(batches(samples, size))
-    rows = max(MAX_ROWS // len(feeds_list), 32)
+    rows = max(-(-MAX_ROWS // len(feeds_list)), 8)  # spread over every batch: more images, not more rows
     wanted = list(dict.fromkeys([lay.node.input[0] for lay in layers] + [v for v, _ in energy_values]))
     sess = session_with_outputs(model, wanted, optimize=True)
     rng = np.random.default_rng(0)

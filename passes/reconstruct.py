@@ -38,6 +38,13 @@ def im2col(x, node, rows, rng):
     sh, sw = attr(node, "strides", [1, 1])
     dh, dw = attr(node, "dilations", [1, 1])
     p = conv_pads(node, x.shape[2:], (kh, kw))
+    if (kh, kw) == (1, 1) and not any(p):  # pointwise (most of a ResNet): sampled pixels, no patches
+        n, c, h, w = x.shape
+        oh, ow = (h - 1) // sh + 1, (w - 1) // sw + 1
+        idx = rng.choice(n * oh * ow, size=min(rows, n * oh * ow), replace=False)
+        b, rem = np.divmod(idx, oh * ow)
+        i, j = np.divmod(rem, ow)
+        return x[b, :, i * sh, j * sw]
     if any(p):
         x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
     n, c, h, w = x.shape

@@ -10,8 +10,6 @@ gives it a time budget (`SequentialTooSlow`).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -27,8 +25,10 @@ class SequentialTooSlow(Exception):
 
 
 def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, plan, samples: dict,
-                     budget_s: float | None = None) -> onnx.ModelProto:
-    """A copy of `pruned` with every refittable weight layer refitted in graph order."""
+                     budget_s: float | None = None, run_s: tuple | None = None) -> onnx.ModelProto:
+    """A copy of `pruned` with every refittable weight layer refitted in graph order. With
+    `budget_s`, it first estimates its time from `run_s` (seconds per run of the dense and the
+    pruned model on one calibration batch; timed here if not given) and gives up over budget."""
     from onnx_prune.compiler.calib import batches
 
     keep = analysis.keep_arrays(plan)
@@ -37,6 +37,10 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
     for node, axes in refittable_layers(analysis):
         stages.setdefault(node.input[0], []).append((node, axes))
     feeds_list = list(batches(samples, feed_batch_size(dense)))
+    if budget_s is not None:
+        estimate = _estimate_seconds(stages, feeds_list, index, run_s or _time_runs(dense, pruned, feeds_list[0]))
+        if estimate > budget_s:
+            raise SequentialTooSlow(f"estimated {estimate:.0f} s for {len(stages)} layer inputs")
     dense_sess = session_with_outputs(dense, list(stages), optimize=True)
     out = onnx.ModelProto()
     out.CopyFrom(pruned)
@@ -45,10 +49,6 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
     weights = {node.input[1]: numpy_helper.to_array(inits[node.input[1]]) for group in stages.values()
                for node, _ in group}
     sess = session_with_outputs(_weights_as_inputs(out, weights), list(stages), optimize=True)
-    if budget_s is not None:
-        estimate = _estimate_seconds(sess, dense_sess, stages, feeds_list, weights)
-        if estimate > budget_s:
-            raise SequentialTooSlow(f"estimated {estimate:.0f} s for {len(stages)} layer inputs")
     targets = _dense_targets(dense_sess, stages, feeds_list, keep, table, index)
     for name, layers in stages.items():
         X_pruned = _pruned_rows(sess, name, layers[0][0], feeds_list, weights, len(targets[name][0]))
@@ -95,17 +95,29 @@ def _weights_as_inputs(model, weights) -> onnx.ModelProto:
     return m
 
 
-def _estimate_seconds(sess, dense_sess, stages, feeds_list, weights) -> float:
-    """Runs of the pruned model per layer input, until it has MAX_ROWS rows, and of the dense
-    model once per batch: timed on the first batch, counted from its rows."""
-    t = time.perf_counter()
-    values = dense_sess.run(list(stages), feeds_list[0])
-    sess.run(list(stages)[:1], {**feeds_list[0], **weights})
-    run_s = (time.perf_counter() - t) / 2
-    batches = [min(len(feeds_list), -(-MAX_ROWS // max(len(layer_rows(layers[0][0], x, MAX_ROWS,
-                                                                         np.random.default_rng(0), feeds_list[0])), 1)))
-               for (name, layers), x in zip(stages.items(), values)]
-    return (max(batches) + sum(batches)) * run_s  # dense runs serve all inputs; pruned runs, one each
+def _time_runs(dense, pruned, feeds) -> tuple:
+    from onnx_prune.backends.measure import measure
+
+    lat = measure([dense, pruned], feeds, warmup=1, blocks=1, min_block_s=0.0).latencies
+    return lat[0].median_ms / 1e3, lat[1].median_ms / 1e3
+
+
+def _estimate_seconds(stages, feeds_list, index, run_s) -> float:
+    """Runs of the pruned model per layer input until it has MAX_ROWS rows, and of the dense
+    model once per batch (it serves every input), counted from the inputs' shapes: conv
+    patches, or the real tokens of the first batch."""
+    dense_s, pruned_s = run_s
+    counts = []
+    for layers in stages.values():
+        node = layers[0][0]
+        shape = index.shape(node.input[0])
+        if shape is None:
+            return float("inf")
+        shape = (len(next(iter(feeds_list[0].values()))),) + tuple(shape[1:])  # the batch fed here
+        per_batch = len(layer_rows(node, np.zeros(shape, np.float32), MAX_ROWS, np.random.default_rng(0),
+                                   feeds_list[0]))
+        counts.append(min(len(feeds_list), -(-MAX_ROWS // max(per_batch, 1))))
+    return max(counts, default=0) * dense_s + sum(counts) * pruned_s
 
 
 def _pruned_rows(sess, name, node, feeds_list, weights, n_rows):

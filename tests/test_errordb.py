@@ -149,6 +149,18 @@ def test_sequential_refit_corrects_what_earlier_layers_pass_on():
         sequential_refit(model, stitched, analysis, plan, fit, budget_s=0.0)
 
 
+def test_sequential_estimate_counts_runs_from_the_shapes():
+    from onnx_prune.compiler.calib import batches
+    from onnx_prune.passes.sequential import MAX_ROWS, _estimate_seconds
+
+    analysis = analyze_model(_mlp3(), {"x": (64, 10)})
+    stages = {n.input[0]: [(n, None)] for n in analysis.ctx.index.model.graph.node if n.op_type == "MatMul"}
+    fit = {"x": np.zeros((512, 10), np.float32)}
+    feeds_list = list(batches(fit, 16))  # 32 batches of 16 rows: every batch is needed
+    per_stage = min(32, -(-MAX_ROWS // 16))
+    assert _estimate_seconds(stages, feeds_list, analysis.ctx.index, (2.0, 1.0)) == per_stage * 2.0 + 3 * per_stage
+
+
 def test_measured_gains_put_errors_on_the_loss_scale():
     from types import SimpleNamespace
 
