@@ -15,6 +15,8 @@ import numpy as np
 
 from onnx_prune.backends.ort import make_session
 
+STEADY = 1.25  # block medians of one model within this factor: the machine kept its speed
+
 
 @dataclass
 class Latency:
@@ -35,6 +37,13 @@ class Comparison:
     ratio_spread: tuple | None  # (p10, p90) of the per-block ratios
     provider: str
     threads: int | None
+    speed_change: float = 1.0  # slowest / fastest block median of a model, the worst model
+
+    @property
+    def steady(self) -> bool:
+        """False when a model's speed changed during the measurement (a slow spell of the
+        machine, another process): then the models may not have been hit equally."""
+        return self.speed_change <= STEADY
 
 
 def _run_block(sess, feeds, n) -> list:
@@ -74,4 +83,5 @@ def measure(models, feeds, provider="cpu", threads=None, warmup=5, blocks=12, mi
         per_block_ratio = np.array(block_medians[0]) / np.array(block_medians[1])
         ratio = float(np.median(per_block_ratio))
         spread = (float(np.percentile(per_block_ratio, 10)), float(np.percentile(per_block_ratio, 90)))
-    return Comparison(lat, ratio, spread, provider, threads)
+    change = max(max(m) / max(min(m), 1e-9) for m in block_medians)
+    return Comparison(lat, ratio, spread, provider, threads, change)

@@ -260,6 +260,8 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
     if result.ratio is not None:
         data["ratio"] = result.ratio
         data["ratio_p10_p90"] = list(result.ratio_spread)
+    data["speed_change_between_blocks"] = result.speed_change
+    data["steady"] = result.steady
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -268,6 +270,9 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
     if result.ratio is not None:
         lo, hi = result.ratio_spread
         click.echo(f"ratio {models[0]} / {models[1]}: {result.ratio:.3f}x (p10 {lo:.3f}, p90 {hi:.3f}, interleaved)")
+    if not result.steady:
+        click.echo(f"warning: the machine's speed changed during the measurement (a model's latency varied "
+                   f"{result.speed_change:.2f}x between blocks); measure again on a quiet machine")
 
 
 @main.command()

@@ -4,6 +4,7 @@ bookkeeping. No timed assertions: timing accuracy is measured in benchmarks/pred
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -59,6 +60,27 @@ def test_measure_compares_side_by_side():
     result = measure([m, m], feeds, blocks=2, min_block_s=0.01)
     assert len(result.latencies) == 2 and result.ratio > 0
     assert all(lat.runs >= 6 and lat.p10_ms <= lat.median_ms <= lat.p90_ms for lat in result.latencies)
+
+
+class _SleepySession:
+    """Stands in for an ORT session: each run sleeps; from the `slow_after`-th run on, `slow` x longer."""
+
+    def __init__(self, ms, slow=1.0, slow_after=None):
+        self.ms, self.slow, self.slow_after, self.calls = ms, slow, slow_after, 0
+
+    def run(self, outputs, feeds):
+        self.calls += 1
+        late = self.slow_after is not None and self.calls > self.slow_after
+        time.sleep(self.ms * (self.slow if late else 1.0) / 1e3)
+
+
+def test_measure_flags_a_change_of_speed_between_blocks():
+    kw = dict(warmup=1, blocks=6, min_block_s=0.0, max_runs_per_block=3, pause_s=0.0)
+    even = measure([None, None], {}, sessions=[_SleepySession(2), _SleepySession(1)], **kw)
+    assert even.steady and 1.3 < even.ratio < 3.0
+    # the first model slows down 3x half way: its block medians differ by 3x
+    spell = measure([None, None], {}, sessions=[_SleepySession(2, slow=3.0, slow_after=13), _SleepySession(1)], **kw)
+    assert not spell.steady and spell.speed_change > 2.0
 
 
 def test_bench_cli_json(tmp_path):
