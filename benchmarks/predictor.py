@@ -45,13 +45,19 @@ def uniform_for(cm, analysis, widths, target):
     return best
 
 
-def measured_ratio(dense, pruned, feeds, threads, agree=0.03):
-    """The side-by-side ratio, measured twice; a third time when the two disagree by more than
-    `agree` (a slow spell of this shared machine can hit one whole measurement), then the median."""
-    ratios = [measure([dense, pruned], feeds, threads=threads, blocks=8).ratio for _ in range(2)]
-    if abs(ratios[0] - ratios[1]) > agree * min(ratios):
-        ratios.append(measure([dense, pruned], feeds, threads=threads, blocks=8).ratio)
-    return float(np.median(ratios))
+def measured_ratio(dense, pruned, feeds, threads, agree=0.03, attempts=5):
+    """The side-by-side ratio: measured until two steady measurements (the machine kept its speed
+    through them, backends/measure.py) agree within `agree`, at most `attempts` times; the median
+    of the steady ones (of all, if none was steady)."""
+    steady, every = [], []
+    for _ in range(attempts):
+        c = measure([dense, pruned], feeds, threads=threads, blocks=8)
+        every.append(c.ratio)
+        if c.steady:
+            steady.append(c.ratio)
+        if len(steady) >= 2 and abs(steady[-1] - steady[-2]) <= agree * min(steady[-2:]):
+            break
+    return float(np.median(steady or every))
 
 
 def run(name, batch, threads, n_random, rng):

@@ -146,6 +146,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     goal = target * OVERSHOOT_MARGIN
     with steps("search tables"):
         find = _planner(method, cm, analysis, widths, scores, curves)
+    tables = getattr(find, "tables", None)  # SPDY's, refreshed if the cost model is calibrated
     candidates = []
     if search == "full":
         with steps("sensitivity search"):
@@ -178,6 +179,16 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                 break
         else:
             short_goal = goal if short_goal is None else max(short_goal, goal)
+        if r == 0:
+            # the first measurement fits the predictor's exponent (CostModel.calibrate); goals are
+            # in the calibrated predictor's units from here, so the search starts again at the target
+            gamma = cm.calibrate(plan, speedup)
+            rounds[-1]["calibrated_gamma"] = gamma
+            steps.note(f"predictor calibrated on round 1: gamma {gamma:.2f}")
+            if tables is not None:
+                tables.refresh(cm)
+            goal, short_goal, long_goal = target * OVERSHOOT_MARGIN, None, None
+            continue
         goal = _next_goal(goal, speedup, target, short_goal, long_goal)
     met = [t for t in tried if t[0] >= target]
     # least pruning that meets the target (every extra channel removed costs accuracy)

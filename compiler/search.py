@@ -68,19 +68,20 @@ class SpdyTables:
     def __init__(self, cm, analysis, widths, scores, curves=None):
         self.groups = analysis.groups
         self.options = {g.name: sorted(widths[g.name], reverse=True) for g in self.groups}
-        full = cm.predict_ms({})
-        self.saving, self.error = {}, {}
+        self.error = {}
         for g in self.groups:
             s = np.sort(scores[g.name])
             rel = s / s.mean() if s.mean() > 0 else np.ones_like(s)
-            sv, er = [], []
-            for w in self.options[g.name]:
-                plan = {g.name: np.arange(w)}
-                sv.append(full - cm.predict_ms(plan))
-                # without data: the lowest scores go first
-                er.append(float(curves[g.name][w]) if curves else float(rel[: g.size - w].sum()))
-            self.saving[g.name], self.error[g.name] = np.array(sv), np.array(er)
-        self.full_ms = full
+            # without data: the lowest scores go first
+            self.error[g.name] = np.array([float(curves[g.name][w]) if curves else float(rel[: g.size - w].sum())
+                                           for w in self.options[g.name]])
+        self.refresh(cm)
+
+    def refresh(self, cm):
+        """(Re)compute each option's saving from the cost model, e.g. once it is calibrated."""
+        self.full_ms = cm.predict_ms({})
+        self.saving = {g.name: np.array([self.full_ms - cm.predict_ms({g.name: np.arange(w)})
+                                         for w in self.options[g.name]]) for g in self.groups}
 
     def error_of(self, group, width) -> float:
         return float(self.error[group][self.options[group].index(width)])
