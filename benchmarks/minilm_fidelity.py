@@ -44,8 +44,8 @@ def main():
     shapes = {k: (8, SEQ) for k in feeds}
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon.static)
-    print(f"| target | method | search | measured | predicted | held-out embedding cosine, no recovery "
-          f"| with recovery | seconds | recovery stages (cosine on compile's held-out fifth) |")
+    print("| target | method | search | measured | predicted | held-out embedding cosine, no recovery "
+          "| with recovery | seconds | recovery stages (cosine on compile's held-out fifth) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         for method in args.methods:

@@ -7,7 +7,6 @@ Every graph has NCHW feature maps; ops only combine tensors whose shapes allow i
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPS = ("conv", "bn", "act", "add", "se", "concat", "split", "slice", "pool", "resize",

@@ -2,7 +2,6 @@
 channel choice follows what a layer's output needs, and the search's pieces behave."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
