@@ -91,6 +91,7 @@ def test_bench_cli_json(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert len(data["models"]) == 2 and data["ratio"] > 0 and data["threads"] == 1
+    assert isinstance(data["steady"], bool) and data["speed_change_between_blocks"] >= 1.0
 
 
 def test_width_grid_and_fast_widths():
