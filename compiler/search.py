@@ -109,7 +109,7 @@ def search_spdy(cm, analysis, widths, goal_ms, scores, tables=None, rounds=12, c
     pruned groups contradicts; the plan is checked with the full (non-additive) predictor and the
     DP's goal tightened until the prediction meets the real goal."""
     tables = tables or SpdyTables(cm, analysis, widths, scores, curves)
-    dp_goal, plan = goal_ms, None
+    dp_goal, counts = goal_ms, None
     for _ in range(rounds):
         counts = tables.solve(dp_goal, errors)
         plan = {g.name: keep_top(scores[g.name], counts[g.name]) for g in analysis.groups}
@@ -117,4 +117,33 @@ def search_spdy(cm, analysis, widths, goal_ms, scores, tables=None, rounds=12, c
         if predicted <= goal_ms:
             return plan
         dp_goal -= (predicted - goal_ms) * 1.05
+    return _tighten(cm, tables, scores, counts, goal_ms, errors)
+
+
+def _tighten(cm, tables, scores, counts, goal_ms, errors=None):
+    """Where the DP's additive savings keep missing the goal (deep cuts on both sides of many
+    layers save less than their sum), narrow one group at a time from the DP's last plan, each
+    time the group that adds the least error per millisecond the full predictor says it saves,
+    until the prediction meets the goal (or nothing narrower is left)."""
+    names = [g.name for g in tables.groups]
+    errs = dict(zip(names, errors)) if errors else tables.error
+    pick = {n: tables.options[n].index(counts[n]) for n in names}  # options run widest first
+    plan = {n: keep_top(scores[n], counts[n]) for n in names}
+    now = cm.predict_ms(plan)
+    while now > goal_ms:
+        best = None
+        for n in names:
+            j = pick[n] + 1
+            if j >= len(tables.options[n]):
+                continue
+            trial = {**plan, n: keep_top(scores[n], tables.options[n][j])}
+            saved = now - cm.predict_ms(trial)
+            if saved <= 0:
+                continue
+            price = max(errs[n][j] - errs[n][pick[n]], 0.0) / saved
+            if best is None or price < best[0]:
+                best = (price, n, j, now - saved, trial)
+        if best is None:
+            break
+        _, n, pick[n], now, plan = best
     return plan

@@ -59,3 +59,27 @@ def test_infeasible_budget():
 def test_sensitivity_errors_grow_quadratically_from_dense():
     e = sensitivity_errors([2.0], [5])[0]
     assert e[0] == 0 and e[-1] == pytest.approx(2.0) and e[2] == pytest.approx(0.5)
+
+
+def test_spdy_search_meets_deep_goals_that_additive_savings_miss():
+    """Latency multiplies across groups (every layer sits between two pruned groups), so the DP's
+    additive savings overestimate deep cuts; where its corrected goal still misses, the search
+    narrows groups one at a time until the full predictor meets the goal."""
+    from types import SimpleNamespace
+
+    from onnx_prune.compiler.search import search_spdy
+
+    groups = [SimpleNamespace(name=f"g{i}", size=64) for i in range(3)]
+    analysis = SimpleNamespace(groups=groups)
+    widths = {g.name: list(range(4, 65, 4)) for g in groups}
+    scores = {g.name: np.linspace(2.0, 1.0, 64) for g in groups}
+
+    class ProductCost:  # 10 ms dense; each group scales the whole model by its kept share
+        def predict_ms(self, plan):
+            return 10.0 * float(np.prod([len(plan.get(g.name, range(64))) / 64 for g in groups]))
+
+    cm = ProductCost()
+    for goal_ms in (6.0, 2.0, 1.5, 1.0):  # 1.5 and 1.0: the DP alone stops at 1.58 and 1.09 ms
+        plan = search_spdy(cm, analysis, widths, goal_ms, scores)
+        assert cm.predict_ms(plan) <= goal_ms
+        assert cm.predict_ms(plan) >= 0.8 * goal_ms  # not emptied to get there
