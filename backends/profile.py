@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_prune.backends.ort import make_session
+from onnx_prune.backends.ort import make_session, serialized
 
 
 @dataclass
@@ -89,7 +89,6 @@ def profile_model(model, feeds, provider="cpu", threads=None, runs=10, rounds=3)
     A shared machine has slow spells (a core taken away for seconds): profile in a few rounds
     and keep the fastest, whose kernel times and end-to-end time come from the same spell."""
     from onnx_prune.backends.measure import measure
-    from onnx_prune.backends.ort import serialized
 
     model = serialized(model)  # once: ResNet-50 is 100 MB to serialize per session
     plain = make_session(model, provider=provider, threads=threads)

@@ -156,10 +156,8 @@ class TimingDB:
             return
         for chunk in _chunks(todo):
             model, names = _bench_model(chunk)
-            # random values matter only in not being denormal: every input is a slice of one draw
-            shapes = [_input_shape(s, w) for s, w in chunk]
-            pool = np.random.default_rng(1).standard_normal(max(int(np.prod(x)) for x in shapes), dtype=np.float32)
-            feeds = {f"x{i}": pool[:int(np.prod(x))].reshape(x) for i, x in enumerate(shapes)}
+            inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
+            feeds = {f"x{i}": x for i, x in enumerate(inputs)}
             kernels = profile_session_runs(model, feeds, self.provider, self.threads, runs=5, warmup=2)
             for (s, w), name in zip(chunk, names):
                 t = _kernel_for(kernels, name)
@@ -278,18 +276,24 @@ def _chunks(points):
         yield chunk
 
 
+def _random_slices(shapes, seed, scale=1.0) -> list:
+    """Random float32 arrays of `shapes`, each a slice of one draw: their values matter only in not
+    being denormal, and drawing every array apart took seconds on ResNet-50's points."""
+    pool = np.random.default_rng(seed).standard_normal(max(int(np.prod(x)) for x in shapes), dtype=np.float32)
+    pool *= np.float32(scale)
+    return [pool[:int(np.prod(x))].reshape(x) for x in shapes]
+
+
 def _bench_model(points):
     """One graph, one independent node per point."""
-    # weights are slices of one random draw (drawing each one took seconds on ResNet-50's points)
-    pool = np.random.default_rng(0).standard_normal(max(int(np.prod(_weight_shape(*p))) for p in points),
-                                                    dtype=np.float32) * np.float32(0.05)
+    weights = _random_slices([_weight_shape(*p) for p in points], seed=0, scale=0.05)
     nodes, inits, inputs, outputs, names = [], [], [], [], []
     for i, (s, widths) in enumerate(points):
         x, name = f"x{i}", f"pt{i}"
         y = name  # ORT names fused kernels after the node or its output: keep them equal
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, _input_shape(s, widths)))
         wshape = _weight_shape(s, widths)
-        inits.append(numpy_helper.from_array(pool[:int(np.prod(wshape))].reshape(wshape), f"w{i}"))
+        inits.append(numpy_helper.from_array(weights[i], f"w{i}"))
         if s.op in CONVS:
             k, strides, pads, dil, outpad = s.attrs
             kw = {"kernel_shape": list(k), "strides": list(strides), "pads": list(pads), "dilations": list(dil)}

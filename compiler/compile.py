@@ -30,7 +30,6 @@ from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import build_error_db
 from onnx_prune.passes.importance import group_scores, keep_top
-from onnx_prune.passes.reconstruct import feed_batch_size
 from onnx_prune.passes.sequential import SequentialTooSlow, sequential_refit
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
@@ -65,13 +64,13 @@ def parse_speedup(text) -> float:
     return value
 
 
-def measured_speedup(dense, pruned, feeds, provider, threads, attempts=None):
+def measured_speedup(dense, pruned, feeds, provider, threads):
     """Dense latency / pruned latency, interleaved side by side; also both medians and how much
     the speed changed between blocks. A measurement during which the machine's speed changed is
     repeated (up to MEASURE_ATTEMPTS times in all) and the steadiest kept."""
     dense, pruned = serialized(dense), serialized(pruned)  # once, not per attempt
     best = None
-    for _ in range(attempts or MEASURE_ATTEMPTS):
+    for _ in range(MEASURE_ATTEMPTS):
         result = measure([dense, pruned], feeds, provider=provider, threads=threads, blocks=8)
         if best is None or result.speed_change < best.speed_change:
             best = result
@@ -315,7 +314,7 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
         stages.append(("sequential least squares (each layer from the pruned model's own inputs)",
                        lambda m: sequential_refit(reference.dense_model, m, analysis, plan, fit,
                                                   budget_s=SEQUENTIAL_BUDGET_S,
-                                                  run_s=_run_seconds(report, reference.dense_model, fit))))
+                                                  sample_s=_sample_seconds(report))))
     if recover == "global":
         stages.append(("global AdaPrune (all weights, every layer output)",
                        lambda m: global_refit(m, reference.dense_model, analysis, plan, fit)))
@@ -346,12 +345,10 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
     return model, fidelity
 
 
-def _run_seconds(report, dense, fit) -> tuple:
-    """Seconds per run of the dense and the pruned model on one calibration batch, from the
-    latencies compile measured (at its timing batch size; time scales about with the batch)."""
-    n = min(feed_batch_size(dense), len(next(iter(fit.values()))))
-    scale = n / report["batch_size"] / 1e3
-    return report["dense_latency_ms"] * scale, report["pruned_latency_ms"] * scale
+def _sample_seconds(report) -> tuple:
+    """Seconds per sample of the dense and the pruned model, from the latencies compile measured
+    (time scales about with the batch)."""
+    return tuple(report[k] / report["batch_size"] / 1e3 for k in ("dense_latency_ms", "pruned_latency_ms"))
 
 
 def _split_held_out(samples, share=5, labels=None):

@@ -38,13 +38,6 @@ def im2col(x, node, rows, rng):
     sh, sw = attr(node, "strides", [1, 1])
     dh, dw = attr(node, "dilations", [1, 1])
     p = conv_pads(node, x.shape[2:], (kh, kw))
-    if (kh, kw) == (1, 1) and not any(p):  # pointwise (most of a ResNet): sampled pixels, no patches
-        n, c, h, w = x.shape
-        oh, ow = (h - 1) // sh + 1, (w - 1) // sw + 1
-        idx = rng.choice(n * oh * ow, size=min(rows, n * oh * ow), replace=False)
-        b, rem = np.divmod(idx, oh * ow)
-        i, j = np.divmod(rem, ow)
-        return x[b, :, i * sh, j * sw]
     if any(p):
         x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
     n, c, h, w = x.shape
@@ -54,6 +47,8 @@ def im2col(x, node, rows, rng):
     idx = rng.choice(total, size=min(rows, total), replace=False)
     b, rem = np.divmod(idx, oh * ow)
     i, j = np.divmod(rem, ow)
+    if (kh, kw) == (1, 1):  # pointwise (most of a ResNet): the sampled pixels are the patches
+        return x[b, :, i * sh, j * sw]
     ki, kj = np.meshgrid(np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij")
     hi = (i * sh)[:, None, None] + ki[None]
     wj = (j * sw)[:, None, None] + kj[None]

@@ -25,10 +25,10 @@ class SequentialTooSlow(Exception):
 
 
 def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, plan, samples: dict,
-                     budget_s: float | None = None, run_s: tuple | None = None) -> onnx.ModelProto:
+                     budget_s: float | None = None, sample_s: tuple | None = None) -> onnx.ModelProto:
     """A copy of `pruned` with every refittable weight layer refitted in graph order. With
-    `budget_s`, it first estimates its time from `run_s` (seconds per run of the dense and the
-    pruned model on one calibration batch; timed here if not given) and gives up over budget."""
+    `budget_s`, it first estimates its time from `sample_s` (seconds per sample of the dense and
+    the pruned model; timed here if not given) and gives up over budget."""
     from onnx_prune.compiler.calib import batches
 
     keep = analysis.keep_arrays(plan)
@@ -38,7 +38,7 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
         stages.setdefault(node.input[0], []).append((node, axes))
     feeds_list = list(batches(samples, feed_batch_size(dense)))
     if budget_s is not None:
-        estimate = _estimate_seconds(stages, feeds_list, index, run_s or _time_runs(dense, pruned, feeds_list[0]))
+        estimate = _estimate_seconds(stages, feeds_list, index, sample_s or _time_samples(dense, pruned, feeds_list[0]))
         if estimate > budget_s:
             raise SequentialTooSlow(f"estimated {estimate:.0f} s for {len(stages)} layer inputs")
     dense_sess = session_with_outputs(dense, list(stages), optimize=True)
@@ -95,25 +95,27 @@ def _weights_as_inputs(model, weights) -> onnx.ModelProto:
     return m
 
 
-def _time_runs(dense, pruned, feeds) -> tuple:
+def _time_samples(dense, pruned, feeds) -> tuple:
     from onnx_prune.backends.measure import measure
 
     lat = measure([dense, pruned], feeds, warmup=1, blocks=1, min_block_s=0.0).latencies
-    return lat[0].median_ms / 1e3, lat[1].median_ms / 1e3
+    n = len(next(iter(feeds.values())))
+    return lat[0].median_ms / 1e3 / n, lat[1].median_ms / 1e3 / n
 
 
-def _estimate_seconds(stages, feeds_list, index, run_s) -> float:
+def _estimate_seconds(stages, feeds_list, index, sample_s) -> float:
     """Runs of the pruned model per layer input until it has MAX_ROWS rows, and of the dense
     model once per batch (it serves every input), counted from the inputs' shapes: conv
     patches, or the real tokens of the first batch."""
-    dense_s, pruned_s = run_s
+    n = len(next(iter(feeds_list[0].values())))  # the batch fed here
+    dense_s, pruned_s = (t * n for t in sample_s)
     counts = []
     for layers in stages.values():
         node = layers[0][0]
         shape = index.shape(node.input[0])
         if shape is None:
             return float("inf")
-        shape = (len(next(iter(feeds_list[0].values()))),) + tuple(shape[1:])  # the batch fed here
+        shape = (n,) + tuple(shape[1:])
         per_batch = len(layer_rows(node, np.zeros(shape, np.float32), MAX_ROWS, np.random.default_rng(0),
                                    feeds_list[0]))
         counts.append(min(len(feeds_list), -(-MAX_ROWS // max(per_batch, 1))))

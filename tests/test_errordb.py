@@ -157,7 +157,9 @@ def test_sequential_estimate_counts_runs_from_the_shapes():
     fit = {"x": np.zeros((512, 10), np.float32)}
     feeds_list = list(batches(fit, 16))  # 32 batches of 16 rows: every batch is needed
     per_stage = min(32, -(-MAX_ROWS // 16))
-    assert _estimate_seconds(stages, feeds_list, analysis.ctx.index, (2.0, 1.0)) == per_stage * 2.0 + 3 * per_stage
+    # 2 s and 1 s per batch of 16, given per sample
+    assert _estimate_seconds(stages, feeds_list, analysis.ctx.index, (2.0 / 16, 1.0 / 16)) == \
+        per_stage * 2.0 + 3 * per_stage
 
 
 def test_measured_gains_put_errors_on_the_loss_scale():
