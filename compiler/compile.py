@@ -20,6 +20,7 @@ from onnx_prune.backends.measure import STEADY, measure
 from onnx_prune.backends.ort import random_feeds, serialized
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.calib import batches, load_calibration_with_labels
+from onnx_prune.compiler.crossfit import CrossFitLoss, distinct_ids, fold_masks
 from onnx_prune.compiler.prune import build_report
 from onnx_prune.compiler.fidelity import Reference, similarity
 from onnx_prune.compiler.progress import Steps
@@ -250,34 +251,45 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
                  labels=None):
     """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them.
     With calibration data, the errors are first scaled by each group's measured gain, and
-    candidates are scored after stitching in the error database's refits."""
+    candidates are scored after stitching in the error database's refits, cross-fitted (refits
+    fitted on other samples than those they are scored on) where the samples allow."""
+    started = time.time()
     tables = find.tables
-    reference = Reference(canon.model, _first(samples, SEARCH_SAMPLES), provider,
-                          labels=None if labels is None else labels[:SEARCH_SAMPLES])
+    samples, labels = _first(samples, SEARCH_SAMPLES), None if labels is None else labels[:SEARCH_SAMPLES]
     loss_kind = "task loss (cross-entropy on the calibration labels)" if labels is not None else \
         "calibration loss (1 - cosine)"
+    masks = fold_masks(samples) if db is not None else None
+    if masks is not None:  # refits fitted on other samples than they are scored on
+        steps.tick(f"sensitivity search: error databases for {len(masks)} cross-fitted folds")
+        loss_of = CrossFitLoss(canon.model, analysis, samples, provider, masks, labels)
+        loss_kind += f", cross-fitted over {len(masks)} folds"
+        scored_on = loss_of.samples
+    else:
+        reference = Reference(canon.model, samples, provider, labels=labels)
+        scored_on = reference.samples
+
+        def loss_of(pruned, plan):
+            return reference.loss(db.stitch(pruned, analysis, plan) if db is not None else pruned)
     goal_ms = cm.dense_ms / goal
 
     def progress(evaluated, best):
         steps.tick(f"sensitivity search: {evaluated} plans scored, best calibration loss {best:.4f}")
 
-    def build(plan):
-        pruned = apply_plan(canon.model, analysis, plan)
-        return db.stitch(pruned, analysis, plan) if db is not None else pruned
+    def loss(plan):
+        return loss_of(apply_plan(canon.model, analysis, plan), plan)
 
     def scored(plan):
-        value = reference.loss(build(plan))
+        value = loss(plan)
         candidates.append({"predicted_speedup": cm.predicted_speedup(plan), "error": value,
                            "error_kind": loss_kind})
         return value
 
-    started = time.time()
     priors = [tables.error[g.name] for g in analysis.groups]
     if db is not None:  # database errors: put each group's on the calibration loss's scale
         full = {g.name: np.arange(g.size) for g in analysis.groups}
 
         def probe(group, width):
-            return reference.loss(build({**full, group.name: keep_top(scores[group.name], width)}))
+            return loss({**full, group.name: keep_top(scores[group.name], width)})
 
         gains = measured_gains(analysis.groups, tables.options, tables.error, probe,
                                progress=lambda i, n: steps.tick(f"sensitivity search: group {i}/{n} probed"))
@@ -290,7 +302,7 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     where = "database errors scaled by measured gains" if db is not None else "raw errors"
     steps.note(f"sensitivity search: {evaluated} plans scored, {loss_kind} {start:.4f} ({where}) -> {best:.4f}")
     scaled = [ci * p for ci, p in zip(c, priors)]
-    note = (f"--search full: {evaluated} plans scored on {reference.samples} calibration samples by {loss_kind}: "
+    note = (f"--search full: {evaluated} plans scored on {scored_on} calibration samples by {loss_kind}: "
             f"{start:.4f} with the {where}, {best:.4f} with searched sensitivities")
     return (lambda goal_ms: find(goal_ms, scaled)), note
 
@@ -355,16 +367,13 @@ def _split_held_out(samples, share=5, labels=None):
     """Fit on about 4/5 of the distinct samples, hold out the rest: a repeated sample must not
     sit on both sides, or the check would approve a refit that only memorised it. Returns (fit,
     held, fit labels, held labels); the labels are None without `labels`."""
-    names = sorted(samples)
-    n = len(samples[names[0]])
-    keys = [b"".join(np.ascontiguousarray(samples[k][i]).tobytes() for k in names) for i in range(n)]
-    distinct = list(dict.fromkeys(keys))
+    ids = distinct_ids(samples)
+    distinct = list(dict.fromkeys(ids.tolist()))
     if len(distinct) < 5:
-        held = np.ones(n, dtype=bool)
+        held = np.ones(len(ids), dtype=bool)
         fit = held
     else:
-        held_keys = set(distinct[len(distinct) - max(len(distinct) // share, 1):])
-        held = np.array([k in held_keys for k in keys])
+        held = np.isin(ids, distinct[len(distinct) - max(len(distinct) // share, 1):])
         fit = ~held
     return ({k: v[fit] for k, v in samples.items()}, {k: v[held] for k, v in samples.items()},
             None if labels is None else labels[fit], None if labels is None else labels[held])

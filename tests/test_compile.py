@@ -114,11 +114,12 @@ def test_calibration_data_gives_output_fidelity(model, tmp_path):
 def test_full_search_scores_sensitivities_on_calibration_data(model, tmp_path):
     m, shapes = model
     p = tmp_path / "c.npz"
-    np.savez(p, input=np.random.default_rng(0).standard_normal((8,) + shapes["input"][1:]).astype(np.float32))
+    np.savez(p, input=np.random.default_rng(0).standard_normal((10,) + shapes["input"][1:]).astype(np.float32))
     r = compile_model(m, "1.3x", input_shapes=shapes, calib=str(p), timer=LyingTimer(1.35), batch_size=4,
                       search="full", search_seconds=3).report
     assert r["search"] == "full" and "sensitivity search" in r["phases"]
     note = next(n for n in r["notes"] if n.startswith("--search full"))
+    assert "scored on 8 calibration samples" in note and "cross-fitted over 2 folds" in note  # 2 held out
     raw, searched = (float(x) for x in __import__("re").findall(r"(\d+\.\d+) with", note))
     assert searched <= raw  # the raw errors are the search's first candidate
     assert len(r["candidates"]) >= 1 and all(c["error"] >= 0 for c in r["candidates"])
@@ -198,6 +199,42 @@ def test_held_out_split_keeps_repeated_samples_on_one_side():
     fit, held, _, _ = _split_held_out(samples)
     assert not set(fit["x"].ravel()) & set(held["x"].ravel())
     assert len(held["x"]) == 6 and len(fit["x"]) == 24
+
+
+def test_fold_masks_partition_distinct_samples():
+    from onnx_prune.compiler.crossfit import fold_masks
+
+    base = np.arange(9, dtype=np.float32).reshape(9, 1)
+    masks = fold_masks({"x": np.concatenate([base, base])})
+    assert len(masks) == 2 and (masks[0] ^ masks[1]).all()  # every sample in exactly one fold
+    for mask in masks:  # a repeated sample stays in one fold
+        assert np.array_equal(mask[:9], mask[9:])
+    assert fold_masks({"x": base[:7]}) is None  # fewer than 4 distinct samples per fold
+
+
+def test_cross_fitted_loss_scores_refits_on_samples_they_did_not_see(model):
+    from onnx_prune.compiler.crossfit import CrossFitLoss, fold_masks
+    from onnx_prune.compiler.fidelity import Reference
+    from onnx_prune.passes.analysis import analyze_canonical
+    from onnx_prune.passes.canonicalize import canonicalize
+    from onnx_prune.passes.errordb import build_error_db
+    from onnx_prune.passes.importance import keep_top
+    from onnx_prune.passes.surgery import apply_plan
+
+    m, shapes = model
+    canon = canonicalize(m, input_shapes={"input": (4,) + tuple(shapes["input"][1:])})
+    analysis = analyze_canonical(canon.static)
+    samples = {"input": np.random.default_rng(1).standard_normal((8,) + shapes["input"][1:]).astype(np.float32)}
+    loss = CrossFitLoss(canon.model, analysis, samples, "cpu", fold_masks(samples))
+    assert loss.samples == 8 and len(loss.folds) == 2
+    full = {g.name: np.arange(g.size) for g in analysis.groups}
+    assert loss(apply_plan(canon.model, analysis, full), full) == pytest.approx(0.0, abs=1e-5)
+    db = build_error_db(canon.model, analysis, samples)
+    scores = db.scores()
+    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 4)) for g in analysis.groups}
+    pruned = apply_plan(canon.model, analysis, plan)
+    in_sample = Reference(canon.model, samples, "cpu").loss(db.stitch(pruned, analysis, plan))
+    assert loss(pruned, plan) > in_sample > 0  # refits look better on the samples they were fitted to
 
 
 def test_cli_compile_with_calibration_writes_model_report_and_summary(model, tmp_path, monkeypatch):
