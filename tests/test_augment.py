@@ -1,0 +1,39 @@
+"""Spliced calibration sequences (global AdaPrune's extra contexts): each new sequence is a real
+start joined to a real end, padded like the originals; anything but masked token inputs is left alone."""
+
+import numpy as np
+
+from onnx_prune.passes.augment import spliced_sequences
+
+
+def _tokens():
+    ids = np.zeros((3, 8), np.int64)
+    mask = np.zeros((3, 8), np.int64)
+    for i, length in enumerate((4, 6, 8)):
+        ids[i, :length] = [101] + [1000 * (i + 1) + j for j in range(1, length - 1)] + [102]
+        mask[i, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def test_splices_join_a_start_to_an_end_and_keep_the_mask_true():
+    samples = _tokens()
+    out = spliced_sequences(samples, per_sample=20)
+    assert {k: v.shape for k, v in out.items()} == {k: (63, 8) for k in samples}
+    assert all(np.array_equal(out[k][:3], samples[k]) for k in samples)  # the originals come first
+    for ids, mask in zip(out["input_ids"][3:], out["attention_mask"][3:]):
+        length = int(mask.sum())
+        assert np.array_equal(mask, np.arange(8) < length)  # padded on the right, like the originals
+        assert ids[0] == 101 and ids[length - 1] == 102 and (ids[length:] == 0).all()
+        inner = ids[1:length - 1]
+        # a run from one sentence, then a run from another: no token out of its sentence's order
+        source = inner // 1000
+        assert (np.diff(source) != 0).sum() <= 1 and (np.diff(inner)[np.diff(source) == 0] == 1).all()
+    assert len({tuple(r) for r in out["input_ids"][3:]}) > 20  # new contexts, not copies
+
+
+def test_no_splices_for_inputs_that_are_not_masked_token_sequences():
+    images = {"input": np.zeros((4, 3, 8, 8), np.float32)}
+    assert spliced_sequences(images) is None
+    left_padded = _tokens()
+    left_padded["attention_mask"] = left_padded["attention_mask"][:, ::-1].copy()
+    assert spliced_sequences(left_padded) is None
