@@ -41,6 +41,7 @@ RECOVERIES = ("layer", "global", "none")  # none | layer-wise least squares | + 
 SEARCH_SECONDS = 90  # --search full: time for SPDY's sensitivity search
 SEQUENTIAL_BUDGET_S = 30.0  # the sequential refit runs the pruned model once per layer input
 SEARCH_SAMPLES = 64  # calibration samples that score each candidate of the sensitivity search
+PROBE_SHARE = 0.5  # of --search-seconds, at most, for measuring each group's gain (fewer samples if needed)
 MAX_ROUNDS = 6
 OVERSHOOT_MARGIN = 1.02  # aim a little above the target: measurements scatter by about 2%
 MEASURE_ATTEMPTS = 3  # a measurement the machine's speed changed during is repeated, the steadiest kept
@@ -133,9 +134,11 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         # a held-out fifth judges recovery; everything that fits (the database, its refits and
         # the search's loss) sees only the rest
         fit, held, fit_labels, held_labels = _split_held_out(samples, labels=labels)
+        # the sensitivity search scores refits on samples they were not fitted on (compiler/crossfit.py)
+        folds = fold_masks(fit) if method == "spdy" and search == "full" else None
         if method == "spdy" or recover != "none":  # its errors, or its refits, are used
             with steps("error database"):
-                db = build_error_db(canon.model, analysis, fit)
+                db = build_error_db(canon.model, analysis, fit, folds=folds)
         if method == "spdy":  # the baselines keep their magnitude ranking; all share the refits
             scores, curves = db.scores(), db.curve
     smallest = {g.name: np.arange(min(widths[g.name])) for g in analysis.groups}
@@ -151,7 +154,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     if search == "full":
         with steps("sensitivity search"):
             find, notes_full = _sensitivity(find, canon, analysis, cm, goal, fit if samples else feeds, provider,
-                                            search_seconds, steps, candidates, db, scores, fit_labels)
+                                            search_seconds, steps, candidates, db, scores, fit_labels, folds)
             notes.append(notes_full)
     elif method == "spdy":
         with steps("trade-off curve"):
@@ -248,35 +251,34 @@ def _frontier(find, cm, analysis, scores, reachable, kind, points=8):
 
 
 def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, steps, candidates, db, scores,
-                 labels=None):
+                 labels=None, folds=None):
     """Search SPDY's per-group sensitivity coefficients at the first goal; later rounds reuse them.
     With calibration data, the errors are first scaled by each group's measured gain, and
     candidates are scored after stitching in the error database's refits, cross-fitted (refits
     fitted on other samples than those they are scored on) where the samples allow."""
     started = time.time()
     tables = find.tables
-    samples, labels = _first(samples, SEARCH_SAMPLES), None if labels is None else labels[:SEARCH_SAMPLES]
     loss_kind = "task loss (cross-entropy on the calibration labels)" if labels is not None else \
         "calibration loss (1 - cosine)"
-    masks = fold_masks(samples) if db is not None else None
-    if masks is not None:  # refits fitted on other samples than they are scored on
-        steps.tick(f"sensitivity search: error databases for {len(masks)} cross-fitted folds")
-        loss_of = CrossFitLoss(canon.model, analysis, samples, provider, masks, labels)
-        loss_kind += f", cross-fitted over {len(masks)} folds"
+    if db is not None and folds is not None:  # refits fitted on other samples than they are scored on
+        loss_of = CrossFitLoss(canon.model, analysis, db, samples, provider, folds, labels,
+                               per_fold=SEARCH_SAMPLES // len(folds))
+        loss_kind += f", cross-fitted over {len(folds)} folds"
         scored_on = loss_of.samples
     else:
-        reference = Reference(canon.model, samples, provider, labels=labels)
+        reference = Reference(canon.model, _first(samples, SEARCH_SAMPLES), provider,
+                              labels=None if labels is None else labels[:SEARCH_SAMPLES])
         scored_on = reference.samples
 
-        def loss_of(pruned, plan):
-            return reference.loss(db.stitch(pruned, analysis, plan) if db is not None else pruned)
+        def loss_of(pruned, plan, share=1.0):
+            return reference.loss(db.stitch(pruned, analysis, plan) if db is not None else pruned, share)
     goal_ms = cm.dense_ms / goal
 
     def progress(evaluated, best):
         steps.tick(f"sensitivity search: {evaluated} plans scored, best calibration loss {best:.4f}")
 
-    def loss(plan):
-        return loss_of(apply_plan(canon.model, analysis, plan), plan)
+    def loss(plan, share=1.0):
+        return loss_of(apply_plan(canon.model, analysis, plan), plan, share)
 
     def scored(plan):
         value = loss(plan)
@@ -288,11 +290,13 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     if db is not None:  # database errors: put each group's on the calibration loss's scale
         full = {g.name: np.arange(g.size) for g in analysis.groups}
 
-        def probe(group, width):
-            return loss({**full, group.name: keep_top(scores[group.name], width)})
+        def probe(group, width, share):
+            return loss({**full, group.name: keep_top(scores[group.name], width)}, share)
 
+        # the probes may take up to half the search's time, the search itself the rest
         gains = measured_gains(analysis.groups, tables.options, tables.error, probe,
-                               progress=lambda i, n: steps.tick(f"sensitivity search: group {i}/{n} probed"))
+                               progress=lambda i, n: steps.tick(f"sensitivity search: group {i}/{n} probed"),
+                               budget_s=seconds * PROBE_SHARE - (time.time() - started))
         priors = [gain * p for gain, p in zip(gains, priors)]
 
     seconds = max(seconds - (time.time() - started), 0.0)  # the probes are part of the search's time

@@ -67,30 +67,33 @@ class Reference:
                                 f"than {int(labels.max())} classes; it has shape {first.shape}")
             self.dense_task = _task(first, labels)
 
-    def fidelity(self, model) -> dict:
+    def fidelity(self, model, share: float = 1.0) -> dict:
+        """Similarities on the samples, or on about `share` of them (whole batches, at least one)."""
         sess = make_session(model, provider=self.provider, quiet=True)
         parts = {"cos": [], "rel": [], "pooled": []}
         firsts = []
-        for feeds, dense in zip(self.feeds, self.dense_outs):
+        used = max(1, round(share * len(self.feeds)))
+        for feeds, dense in zip(self.feeds[:used], self.dense_outs):
             outs = sess.run(None, feeds)
             firsts.append(outs[0])
             for k, v in compare(dense, outs, feeds).items():
                 parts[k].extend(v)
         out = {"mean_cosine_similarity": float(np.mean(parts["cos"])),
-               "mean_relative_l2_error": float(np.mean(parts["rel"])), "samples": self.samples}
+               "mean_relative_l2_error": float(np.mean(parts["rel"])), "samples": sum(len(next(iter(f.values()))) for f in self.feeds[:used])}
         if parts["pooled"]:
             out["mean_pooled_cosine_similarity"] = float(np.mean(parts["pooled"]))
         if self.labels is not None:
-            accuracy, task_loss = _task(np.concatenate(firsts), self.labels)
+            first = np.concatenate(firsts)
+            accuracy, task_loss = _task(first, self.labels[:len(first)])
             out.update({"accuracy": accuracy, "task_loss": task_loss, "dense_accuracy": self.dense_task[0],
                         "dense_task_loss": self.dense_task[1]})
         return out
 
-    def loss(self, model) -> float:
+    def loss(self, model, share: float = 1.0) -> float:
         """The calibration loss SPDY's sensitivity search minimises: the task's cross-entropy with
         labels, else 1 - mean similarity (pooled-embedding cosine for sequence encoders, else
         output cosine) to the dense model."""
-        f = self.fidelity(model)
+        f = self.fidelity(model, share)
         return f["task_loss"] if self.labels is not None else 1.0 - similarity(f)
 
 

@@ -43,10 +43,15 @@ class _Layer:
     gram: np.ndarray = None
     rows: int = 0
     pending: list = field(default_factory=list, repr=False)
+    fold_grams: dict = field(default_factory=dict, repr=False)  # fold -> its samples' share of gram
+    fold: int | None = None  # the fold the pending rows come from
 
-    def add(self, X):
+    def add(self, X, fold=None):
         """Buffer rows; the Gram matrix is updated in large blocks (one matmul, in place), not per
         calibration batch: with batch-1 models that is hundreds of n x n updates otherwise."""
+        if fold != self.fold:
+            self.flush()
+            self.fold = fold
         self.pending.append(X)
         self.rows += len(X)
         if sum(len(x) for x in self.pending) >= FLUSH_ROWS:
@@ -58,6 +63,9 @@ class _Layer:
         X = np.concatenate(self.pending)
         self.pending = []
         g = X.T @ X  # float32 throughout: the ridge load keeps every solve well conditioned
+        if self.fold is not None:
+            part = self.fold_grams.get(self.fold)
+            self.fold_grams[self.fold] = g.copy() if part is None else part + g
         if self.gram is None:
             self.gram = g
         else:
@@ -76,10 +84,11 @@ class ErrorDB:
     def error(self, group: str, width: int) -> float:
         return float(self.curve[group][width])
 
-    def stitch(self, pruned: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
+    def stitch(self, pruned: onnx.ModelProto, analysis, plan, without: int | None = None) -> onnx.ModelProto:
         """SPDY's stitching: `pruned` (the plan applied) with every layer whose input lost channels
         refitted by ridge least squares on the *dense* activations' Gram matrix, towards its pruned
-        weights -- cheap enough to score search candidates, and compile's layer-wise recovery."""
+        weights -- cheap enough to score search candidates, and compile's layer-wise recovery.
+        `without`: refit on every fold's samples but that one's (the database built with folds)."""
         keep = analysis.keep_arrays(plan)
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
@@ -90,10 +99,11 @@ class ErrorDB:
                 continue
             out_mask = analysis.table.keep_mask(lay.axes[1], keep)
             feats = _feature_index(np.flatnonzero(in_mask), lay.per_pos)
-            gram = lay.gram[np.ix_(feats, feats)]
+            full = lay.gram if without is None else lay.gram - lay.fold_grams[without]
+            gram = full[np.ix_(feats, feats)]
             lam = RIDGE * np.trace(gram) / len(gram)
             prior = lay.W[feats][:, out_mask]
-            rhs = (lay.gram[feats] @ lay.W[:, out_mask]) + lam * prior
+            rhs = (full[feats] @ lay.W[:, out_mask]) + lam * prior
             gram[np.diag_indices_from(gram)] += lam
             W = cho_solve(cho_factor(gram, lower=True, check_finite=False), rhs, check_finite=False)
             tensor = inits[lay.node.input[1]]
@@ -111,8 +121,11 @@ class ErrorDB:
         return out
 
 
-def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg: None) -> ErrorDB:
-    """Measure the error database of `model` (canonical, dense) on calibration `samples`."""
+def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg: None,
+                   folds: list | None = None) -> ErrorDB:
+    """Measure the error database of `model` (canonical, dense) on calibration `samples`. With
+    `folds` (boolean masks over the samples), each fold's share of every Gram matrix is kept too,
+    so that `stitch(..., without=k)` refits on the other folds alone."""
     from onnx_prune.compiler.calib import batches
 
     by_sid = {g.sid: g for g in analysis.groups}
@@ -120,16 +133,17 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     energy_groups = [g for g in analysis.groups if not any(g.sid == sid for lay in layers for sid, _ in lay.coords)]
     energy_values = _producer_outputs(analysis, energy_groups)
     size = feed_batch_size(model)
-    feeds_list = list(batches(samples, size))
+    parts = [{k: v[mask] for k, v in samples.items()} for mask in folds] if folds else [samples]
+    feeds_list = [(f if folds else None, feeds) for f, part in enumerate(parts) for feeds in batches(part, size)]
     rows = max(-(-MAX_ROWS // len(feeds_list)), 8)  # spread over every batch: more images, not more rows
     wanted = list(dict.fromkeys([lay.node.input[0] for lay in layers] + [v for v, _ in energy_values]))
     sess = session_with_outputs(model, wanted, optimize=True)
     rng = np.random.default_rng(0)
     energy = {g.sid: np.zeros(g.size) for g in energy_groups}
-    for feeds in feeds_list:
+    for fold, feeds in feeds_list:
         values = dict(zip(wanted, sess.run(wanted, feeds)))
         for lay in layers:
-            lay.add(layer_rows(lay.node, values[lay.node.input[0]], rows, rng, feeds))
+            lay.add(layer_rows(lay.node, values[lay.node.input[0]], rows, rng, feeds), fold)
         for name, coords in energy_values:
             _add_energy(energy, values[name], coords)
     for lay in layers:

@@ -225,11 +225,12 @@ def test_cross_fitted_loss_scores_refits_on_samples_they_did_not_see(model):
     canon = canonicalize(m, input_shapes={"input": (4,) + tuple(shapes["input"][1:])})
     analysis = analyze_canonical(canon.static)
     samples = {"input": np.random.default_rng(1).standard_normal((8,) + shapes["input"][1:]).astype(np.float32)}
-    loss = CrossFitLoss(canon.model, analysis, samples, "cpu", fold_masks(samples))
-    assert loss.samples == 8 and len(loss.folds) == 2
+    folds = fold_masks(samples)
+    db = build_error_db(canon.model, analysis, samples, folds=folds)
+    loss = CrossFitLoss(canon.model, analysis, db, samples, "cpu", folds)
+    assert loss.samples == 8 and len(loss.refs) == 2
     full = {g.name: np.arange(g.size) for g in analysis.groups}
     assert loss(apply_plan(canon.model, analysis, full), full) == pytest.approx(0.0, abs=1e-5)
-    db = build_error_db(canon.model, analysis, samples)
     scores = db.scores()
     plan = {g.name: keep_top(scores[g.name], max(1, g.size // 4)) for g in analysis.groups}
     pruned = apply_plan(canon.model, analysis, plan)

@@ -112,6 +112,26 @@ def test_stitch_refits_layers_after_pruned_groups_and_beats_plain_pruning():
     assert w2(stitched).shape == w2(pruned).shape == (12, 6) and not np.allclose(w2(stitched), w2(pruned))
 
 
+def test_fold_grams_let_stitch_refit_on_the_other_folds_alone():
+    from onnx_prune.passes.surgery import apply_plan
+
+    model = _mlp(hidden=32)
+    analysis = analyze_model(model, {"x": (64, 10)})
+    (group,) = analysis.groups
+    samples = {"x": np.random.default_rng(0).normal(size=(512, 10)).astype(np.float32)}
+    first = np.arange(512) < 256
+    db = build_error_db(model, analysis, samples, folds=[first, ~first])
+    (lay,) = db.layers
+    np.testing.assert_allclose(lay.gram, lay.fold_grams[0] + lay.fold_grams[1], rtol=1e-5)
+    plan = {group.name: np.sort(db.order[group.name][:12])}
+    pruned = apply_plan(model, analysis, plan)
+    alone = build_error_db(model, analysis, {"x": samples["x"][first]})  # fold 0's samples only
+    w2 = lambda m: numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w2"))
+    np.testing.assert_allclose(w2(db.stitch(pruned, analysis, plan, without=1)),
+                               w2(alone.stitch(pruned, analysis, plan)), rtol=1e-3, atol=1e-4)
+    assert not np.allclose(w2(db.stitch(pruned, analysis, plan, without=1)), w2(db.stitch(pruned, analysis, plan)))
+
+
 def _mlp3(seed=0, hidden=32):
     rng = np.random.default_rng(seed)
     shapes = {"w1": (10, hidden), "w2": (hidden, hidden), "w3": (hidden, 6)}
@@ -174,7 +194,7 @@ def test_measured_gains_put_errors_on_the_loss_scale():
     losses = {("a", 4): 1.0, ("b", 4): 1.0, ("c", 4): 0.0}
     probed = []
 
-    def probe(group, width):
+    def probe(group, width, share):
         probed.append((group.name, width))
         return losses[(group.name, width)]
 
@@ -182,3 +202,29 @@ def test_measured_gains_put_errors_on_the_loss_scale():
     assert probed == [("a", 4), ("b", 4), ("c", 4)]  # half width; "d" has no error to scale
     median = np.median([0.5, 0.25])
     assert gains.tolist() == pytest.approx([0.5, 0.25, MIN_GAIN * median, median])
+
+
+def test_probes_score_fewer_samples_when_all_would_overrun_their_budget():
+    import time
+    from types import SimpleNamespace
+
+    from onnx_prune.compiler.sensitivity import MIN_SAMPLE_SHARE, measured_gains
+
+    groups = [SimpleNamespace(name=str(i), size=8) for i in range(6)]
+    options = {g.name: [8, 4] for g in groups}
+    errors = {g.name: np.array([0.0, 1.0]) for g in groups}
+    shares = []
+
+    def probe(group, width, share):  # a probe costs 20 ms per full share of the samples
+        shares.append(share)
+        time.sleep(0.02 * share)
+        return 1.0
+
+    measured_gains(groups, options, errors, probe)
+    assert shares == [1.0] * 6  # no budget: every probe on all samples
+    shares.clear()
+    measured_gains(groups, options, errors, probe, budget_s=0.0)
+    assert shares == [1.0] + [MIN_SAMPLE_SHARE] * 5  # after the first, as few as allowed
+    shares.clear()
+    measured_gains(groups, options, errors, probe, budget_s=60.0)
+    assert shares == [1.0] * 6  # room enough
