@@ -153,9 +153,9 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
 @click.option("--method", type=click.Choice(["spdy", "uniform", "global"]), default="spdy", show_default=True)
 @click.option("--search", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
               help="fast: SPDY's DP on the raw errors; full: also search per-group sensitivities, scored by "
-                   "the calibration loss.")
+                   "the calibration loss (cross-fitted: refits scored on samples they were not fitted on).")
 @click.option("--search-seconds", type=click.FloatRange(min=1), default=90, show_default=True,
-              help="Time for --search full's sensitivity search.")
+              help="Time for --search full's sensitivity search (its per-group probes included).")
 @click.option("--recover", type=click.Choice(["layer", "global", "none"]), default="layer", show_default=True,
               help="With --calib: layer-wise least squares; global adds global AdaPrune through the torch "
                    "bridge (slower). Each stage is kept only if held-out calibration data improves.")

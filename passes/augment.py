@@ -19,6 +19,8 @@ def _mask_name(samples: dict) -> str | None:
     shapes = {np.asarray(v).shape for v in samples.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         return None
+    if any("position" in name.lower() for name in samples):
+        return None  # spliced position ids would jump mid-sequence
     for name, v in samples.items():
         v = np.asarray(v)
         if "mask" not in name.lower() or not np.isin(v, (0, 1)).all():

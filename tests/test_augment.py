@@ -37,3 +37,5 @@ def test_no_splices_for_inputs_that_are_not_masked_token_sequences():
     left_padded = _tokens()
     left_padded["attention_mask"] = left_padded["attention_mask"][:, ::-1].copy()
     assert spliced_sequences(left_padded) is None
+    with_positions = {**_tokens(), "position_ids": np.tile(np.arange(8), (3, 1))}
+    assert spliced_sequences(with_positions) is None
