@@ -78,8 +78,9 @@ class Reference:
             firsts.append(outs[0])
             for k, v in compare(dense, outs, feeds).items():
                 parts[k].extend(v)
+        samples = sum(len(next(iter(f.values()))) for f in self.feeds[:used])
         out = {"mean_cosine_similarity": float(np.mean(parts["cos"])),
-               "mean_relative_l2_error": float(np.mean(parts["rel"])), "samples": sum(len(next(iter(f.values()))) for f in self.feeds[:used])}
+               "mean_relative_l2_error": float(np.mean(parts["rel"])), "samples": samples}
         if parts["pooled"]:
             out["mean_pooled_cosine_similarity"] = float(np.mean(parts["pooled"]))
         if self.labels is not None:

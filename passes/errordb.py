@@ -99,11 +99,11 @@ class ErrorDB:
                 continue
             out_mask = analysis.table.keep_mask(lay.axes[1], keep)
             feats = _feature_index(np.flatnonzero(in_mask), lay.per_pos)
-            full = lay.gram if without is None else lay.gram - lay.fold_grams[without]
-            gram = full[np.ix_(feats, feats)]
+            rows = lay.gram[feats] if without is None else lay.gram[feats] - lay.fold_grams[without][feats]
+            gram = rows[:, feats]
             lam = RIDGE * np.trace(gram) / len(gram)
             prior = lay.W[feats][:, out_mask]
-            rhs = (full[feats] @ lay.W[:, out_mask]) + lam * prior
+            rhs = (rows @ lay.W[:, out_mask]) + lam * prior
             gram[np.diag_indices_from(gram)] += lam
             W = cho_solve(cho_factor(gram, lower=True, check_finite=False), rhs, check_finite=False)
             tensor = inits[lay.node.input[1]]
