@@ -41,10 +41,9 @@ def compare(dense_outs, pruned_outs, feeds) -> dict:
 
 
 def _batches(model, samples):
-    from onnx_prune.compiler.calib import batches
-    from onnx_prune.passes.reconstruct import feed_batch_size
+    from onnx_prune.passes.reconstruct import feed_batches
 
-    return list(batches(samples, feed_batch_size(model)))
+    return feed_batches(model, samples)
 
 
 class Reference:
@@ -78,7 +77,7 @@ class Reference:
             firsts.append(outs[0])
             for k, v in compare(dense, outs, feeds).items():
                 parts[k].extend(v)
-        samples = sum(len(next(iter(f.values()))) for f in self.feeds[:used])
+        samples = min(sum(len(next(iter(f.values()))) for f in self.feeds[:used]), self.samples)  # no filler
         out = {"mean_cosine_similarity": float(np.mean(parts["cos"])),
                "mean_relative_l2_error": float(np.mean(parts["rel"])), "samples": samples}
         if parts["pooled"]:

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from onnx_prune.backends.ort import session_with_outputs
-from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, layer_rows, refittable_layers,
+from onnx_prune.passes.reconstruct import (feed_batches, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
 
 MAX_ROWS = 4096  # rows of X per layer over all calibration batches
@@ -126,15 +126,12 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     """Measure the error database of `model` (canonical, dense) on calibration `samples`. With
     `folds` (boolean masks over the samples), each fold's share of every Gram matrix is kept too,
     so that `stitch(..., without=k)` refits on the other folds alone."""
-    from onnx_prune.compiler.calib import batches
-
     by_sid = {g.sid: g for g in analysis.groups}
     layers = _consumer_layers(analysis, by_sid)
     energy_groups = [g for g in analysis.groups if not any(g.sid == sid for lay in layers for sid, _ in lay.coords)]
     energy_values = _producer_outputs(analysis, energy_groups)
-    size = feed_batch_size(model)
     parts = [{k: v[mask] for k, v in samples.items()} for mask in folds] if folds else [samples]
-    feeds_list = [(f if folds else None, feeds) for f, part in enumerate(parts) for feeds in batches(part, size)]
+    feeds_list = [(f if folds else None, feeds) for f, part in enumerate(parts) for feeds in feed_batches(model, part)]
     rows = max(-(-MAX_ROWS // len(feeds_list)), 8)  # spread over every batch: more images, not more rows
     wanted = list(dict.fromkeys([lay.node.input[0] for lay in layers] + [v for v, _ in energy_values]))
     sess = session_with_outputs(model, wanted, optimize=True)

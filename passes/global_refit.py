@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnx_prune.passes.augment import spliced_sequences
-from onnx_prune.passes.reconstruct import feed_batch_size, refittable_layers, token_mask
+from onnx_prune.passes.reconstruct import feed_batches, refittable_layers, token_mask
 
 EPOCHS = 10
 SPLICED_EPOCHS = 5  # over the calibration sequences and their splices (9x as many)
@@ -58,7 +58,6 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
     import torch
 
     from onnx_prune.backends.torch_graph import TorchGraph
-    from onnx_prune.compiler.calib import batches
 
     torch.manual_seed(seed)
     spliced = spliced_sequences(samples, seed=seed)
@@ -66,7 +65,7 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
         samples, epochs = spliced, min(epochs, SPLICED_EPOCHS)
     kept = _targets(pruned, analysis, plan)
     names = list(kept)
-    feeds_list = list(batches(samples, feed_batch_size(dense)))
+    feeds_list = feed_batches(dense, samples)
     targets = _dense_values(dense, names, feeds_list, kept)
     seen = {}
     graph = TorchGraph(pruned, value_hooks={n: _capture(seen, n) for n in names})

@@ -56,8 +56,7 @@ def im2col(x, node, rows, rng):
     return patches.reshape(len(idx), -1)
 
 
-def feed_batch_size(model) -> int:
-    """Feed calibration data in batches the model accepts (a static batch dim fixes it)."""
+def _static_batch(model) -> int | None:
     from onnx_prune.passes.graph import dims_of
 
     inits = {t.name for t in model.graph.initializer}
@@ -65,7 +64,28 @@ def feed_batch_size(model) -> int:
         dims = dims_of(inp.type)
         if inp.name not in inits and dims and dims[0] is not None:
             return dims[0]
-    return 16
+    return None
+
+
+def feed_batch_size(model) -> int:
+    """Feed calibration data in batches the model accepts (a static batch dim fixes it)."""
+    return _static_batch(model) or 16
+
+
+def feed_batches(model, samples: dict) -> list[dict]:
+    """Calibration samples in batches the model accepts. A static batch dim takes only full
+    batches: the last one is filled up with samples from the start (a few are seen twice)."""
+    from onnx_prune.compiler.calib import batches
+
+    size = feed_batch_size(model)
+    out = list(batches(samples, size))
+    if out and _static_batch(model):
+        n = len(next(iter(samples.values())))
+        have = len(next(iter(out[-1].values())))
+        if have < size:
+            idx = np.concatenate([np.arange(n - have, n), np.resize(np.arange(n), size - have)])
+            out[-1] = {k: np.asarray(v)[idx] for k, v in samples.items()}
+    return out
 
 
 def token_mask(feeds, lead_shape):

@@ -17,7 +17,7 @@ from scipy.linalg import cho_factor, cho_solve
 
 from onnx_prune.backends.ort import session_with_outputs
 from onnx_prune.passes.errordb import MAX_ROWS, RIDGE  # rows per layer input; load towards the current weights
-from onnx_prune.passes.reconstruct import (feed_batch_size, from_weight_matrix, layer_rows, refittable_layers,
+from onnx_prune.passes.reconstruct import (feed_batches, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
 
 class SequentialTooSlow(Exception):
@@ -29,14 +29,12 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
     """A copy of `pruned` with every refittable weight layer refitted in graph order. With
     `budget_s`, it first estimates its time from `sample_s` (seconds per sample of the dense and
     the pruned model; timed here if not given) and gives up over budget."""
-    from onnx_prune.compiler.calib import batches
-
     keep = analysis.keep_arrays(plan)
     table, index = analysis.table, analysis.ctx.index
     stages: dict[str, list] = {}  # layer input -> the layers reading it (Q, K and V share one)
     for node, axes in refittable_layers(analysis):
         stages.setdefault(node.input[0], []).append((node, axes))
-    feeds_list = list(batches(samples, feed_batch_size(dense)))
+    feeds_list = feed_batches(dense, samples)
     if budget_s is not None:
         estimate = _estimate_seconds(stages, feeds_list, index, sample_s or _time_samples(dense, pruned, feeds_list[0]))
         if estimate > budget_s:

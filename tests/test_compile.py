@@ -201,6 +201,26 @@ def test_held_out_split_keeps_repeated_samples_on_one_side():
     assert len(held["x"]) == 6 and len(fit["x"]) == 24
 
 
+@pytest.mark.parametrize("search", ["fast", "full"])
+def test_static_batch_model_takes_calibration_data_that_is_not_a_multiple_of_it(tmp_path, search):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+               for n, s in (("w1", (10, 64)), ("w2", (64, 6)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])], weights)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    p = tmp_path / "c.npz"
+    np.savez(p, x=rng.normal(size=(11, 10)).astype(np.float32))  # a batch of 4 fixed in the graph
+    r = compile_model(m, "1.2x", calib=str(p), search=search, search_seconds=2,
+                      timer=lambda d, pr, f: (1.3, 1.0, 1.0 / 1.3)).report
+    assert r["output_fidelity"]["samples"] <= 3 and r["recovery"]["stages"]  # the held-out fifth, no filler
+
+
 def test_fold_masks_partition_distinct_samples():
     from onnx_prune.compiler.crossfit import fold_masks
 
