@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnx_prune.passes.reconstruct import mask_input
+
 SPLICES_PER_SAMPLE = 8
 
 
 def _mask_name(samples: dict) -> str | None:
     """The attention mask of (batch, seq) token inputs padded on the right, else None."""
-    shapes = {np.asarray(v).shape for v in samples.values()}
+    shapes = {np.shape(v) for v in samples.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         return None
     if any("position" in name.lower() for name in samples):
         return None  # spliced position ids would jump mid-sequence
-    for name, v in samples.items():
-        v = np.asarray(v)
-        if "mask" not in name.lower() or not np.isin(v, (0, 1)).all():
-            continue
-        lengths = v.sum(1)
-        prefix = np.arange(v.shape[1])[None, :] < lengths[:, None]
-        if np.array_equal(v != 0, prefix) and (lengths >= 2).all():
-            return name
-    return None
+    name = mask_input(samples, next(iter(shapes)))
+    if name is None:
+        return None
+    v = np.asarray(samples[name])
+    lengths = v.sum(1)
+    prefix = np.arange(v.shape[1])[None, :] < lengths[:, None]
+    right_padded = np.isin(v, (0, 1)).all() and np.array_equal(v != 0, prefix)
+    return name if right_padded and (lengths >= 2).all() else None
 
 
 def spliced_sequences(samples: dict, per_sample: int = SPLICES_PER_SAMPLE, seed: int = 0) -> dict | None:

@@ -67,9 +67,7 @@ def _static_batch(model) -> int | None:
     return None
 
 
-def feed_batch_size(model) -> int:
-    """Feed calibration data in batches the model accepts (a static batch dim fixes it)."""
-    return _static_batch(model) or 16
+DYNAMIC_BATCH = 16  # samples per batch where the model's batch dim is free
 
 
 def feed_batches(model, samples: dict) -> list[dict]:
@@ -77,9 +75,10 @@ def feed_batches(model, samples: dict) -> list[dict]:
     batches: the last one is filled up with samples from the start (a few are seen twice)."""
     from onnx_prune.compiler.calib import batches
 
-    size = feed_batch_size(model)
+    static = _static_batch(model)
+    size = static or DYNAMIC_BATCH
     out = list(batches(samples, size))
-    if out and _static_batch(model):
+    if out and static:
         n = len(next(iter(samples.values())))
         have = len(next(iter(out[-1].values())))
         if have < size:
@@ -88,13 +87,19 @@ def feed_batches(model, samples: dict) -> list[dict]:
     return out
 
 
+def mask_input(feeds, lead_shape) -> str | None:
+    """The attention mask among the inputs: named so, with the (batch, positions) shape given."""
+    for name, v in feeds.items():
+        if "mask" in name.lower() and tuple(np.shape(v)) == tuple(lead_shape):
+            return name
+    return None
+
+
 def token_mask(feeds, lead_shape):
     """For sequence models: which (batch, position) rows are real tokens, from an attention mask
     among the inputs (padding rows would otherwise dominate the fit)."""
-    for name, v in feeds.items():
-        if "mask" in name.lower() and tuple(v.shape) == tuple(lead_shape):
-            return np.asarray(v).reshape(-1) != 0
-    return None
+    name = mask_input(feeds, lead_shape)
+    return None if name is None else np.asarray(feeds[name]).reshape(-1) != 0
 
 
 def weight_matrix(node, w):
