@@ -33,27 +33,27 @@ def refittable_layers(analysis):
 
 
 def im2col(x, node, rows, rng):
-    """(rows, C*kh*kw) patches of an NCHW input, sampled over batch and positions."""
+    """(rows, C*kh*kw) patches of an NCHW input, sampled over batch and positions. Only the
+    sampled patches are gathered (no padded copy of the whole input): out-of-range taps are 0."""
     kh, kw = attr(node, "kernel_shape")
     sh, sw = attr(node, "strides", [1, 1])
     dh, dw = attr(node, "dilations", [1, 1])
-    p = conv_pads(node, x.shape[2:], (kh, kw))
-    if any(p):
-        x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
     n, c, h, w = x.shape
-    oh = (h - dh * (kh - 1) - 1) // sh + 1
-    ow = (w - dw * (kw - 1) - 1) // sw + 1
+    p = conv_pads(node, (h, w), (kh, kw))
+    oh = (h + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1
     total = n * oh * ow
     idx = rng.choice(total, size=min(rows, total), replace=False)
     b, rem = np.divmod(idx, oh * ow)
     i, j = np.divmod(rem, ow)
-    if (kh, kw) == (1, 1):  # pointwise (most of a ResNet): the sampled pixels are the patches
+    if (kh, kw) == (1, 1) and not any(p):  # pointwise (most of a ResNet): the sampled pixels are the patches
         return x[b, :, i * sh, j * sw]
-    ki, kj = np.meshgrid(np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij")
-    hi = (i * sh)[:, None, None] + ki[None]
-    wj = (j * sw)[:, None, None] + kj[None]
-    patches = x[b[:, None, None, None], np.arange(c)[None, :, None, None], hi[:, None], wj[:, None]]
-    return patches.reshape(len(idx), -1)
+    hi = (i * sh - p[0])[:, None, None] + (np.arange(kh) * dh)[None, :, None]  # (rows, kh, 1)
+    wj = (j * sw - p[1])[:, None, None] + (np.arange(kw) * dw)[None, None, :]  # (rows, 1, kw)
+    inside = (hi >= 0) & (hi < h) & (wj >= 0) & (wj < w)
+    # advanced indices around the channel slice: the result is (rows, kh, kw, C)
+    taps = x[b[:, None, None], :, np.clip(hi, 0, h - 1), np.clip(wj, 0, w - 1)] * inside[..., None]
+    return taps.transpose(0, 3, 1, 2).reshape(len(idx), -1)
 
 
 def _static_batch(model) -> int | None:
