@@ -228,6 +228,27 @@ def test_timing_curves_are_made_non_decreasing(tmp_path, monkeypatch):
         db.times[db.point_key(sig, (16, w))] = t
     assert db.curve(sig, 1, [8, 16, 24, 32]).tolist() == [10.0, 17.0, 17.0, 30.0]
     assert db.estimate(sig, (16, 24), [[16], [8, 16, 24, 32]]) == pytest.approx(17.0)
+    # off ORT's 16-channel block a conv reads its input another way: slow paths keep their times
+    for w, t in [(4, 150.0), (8, 170.0), (12, 250.0), (16, 91.0)]:
+        db.times[db.point_key(sig, (w, 32))] = t
+    assert db.curve(sig, 0, [4, 8, 12, 16]).tolist() == [150.0, 170.0, 250.0, 91.0]
+    assert db.estimate(sig, (12, 32), [[4, 8, 12, 16], [32]]) == pytest.approx(250.0)
+
+
+def test_product_axes_are_timed_at_the_widths_plans_give_them():
+    """RegNetY's grouped conv splits 16 channels into 2 groups x 8: pruning the channels per group
+    to 7 leaves 14, a width the 1x1 convs around it must be timed at (their grid alone: 8, 16)."""
+    from onnx_prune.models.registry import load
+
+    entry = load("regnety")
+    canon = canonicalize(entry.model, input_shapes=dict(entry.input_shapes))
+    analysis = analyze_canonical(canon.static)
+    kernels = {"k": Kernel("k", "Relu", 1.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.001))
+    (layer,) = [lay for lay in cm.layers.values() if lay.node.endswith("features.1/c/c.0/Conv")]
+    assert layer.sig.full[0] == 16
+    assert layer.grids[0] == [2, 4, 6, 8, 10, 12, 14, 16]  # 2 groups x 1..8, 1..2 groups x 8
+    assert layer.grids[1] == width_grid(layer.sig.full[1])  # a plain group: its own grid
 
 
 def test_profile_names_the_values_of_kernels_ort_inserted():
