@@ -9,14 +9,15 @@ each kernel by how its node changes:
 - attention MatMuls without weights: by their multiply-adds;
 - everything else: by the share of its output elements that the plan keeps.
 
-Kernels that ORT created without a source node (layout reorders) scale with the share of the
-model's value they convert that the plan keeps (ORT's optimized graph names it); any other keeps
-its time, and so does the part of the end-to-end time no kernel accounts for (session overhead).
+Kernels that ORT created without a source node (layout reorders) scale as the timing database's
+reorders around the weight layer whose output (or input) they convert (ORT's optimized graph names
+the value), else with the share of that value the plan keeps; any other keeps its time, and so does the part of the end-to-end time no kernel accounts for (session overhead).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from onnx_prune.passes.analysis import Analysis
 
 
 MAX_AXIS_POINTS = 48  # widths timed per layer axis at most
+MAX_COMBINATIONS = 256  # of group widths, to find an axis's widths
 
 
 @dataclass
@@ -63,6 +65,10 @@ class CostModel:
         # ORT's own nodes (layout reorders): the model's value they convert, if any
         self.kernel_values = {k: next((v for v in kern.values if v in ctx.index.shapes and ctx.ax(v)), None)
                               for k, kern in self.profile.kernels.items() if self.kernel_nodes[k] is None}
+        # a reorder of a weight layer's output or input was timed with that layer in the timing
+        # database, off the block too: (layer, 0 input | 1 output) per reorder kernel where found
+        self.kernel_reorders = {k: self._reorder_layer(self.profile.kernels[k].op, v, by_output)
+                                for k, v in self.kernel_values.items() if v}
         # The profiler adds a little to every kernel; when kernels sum to more than a plain run,
         # that excess is spread over the kernels and removed. What a plain run has on top of the
         # kernels (session overhead) is kept as a constant.
@@ -75,18 +81,51 @@ class CostModel:
         self.fixed_us = max(times[0], 0.0) if times else 0.0
         self.gamma = 1.0  # kernels scale by ratio ** gamma; see calibrate()
 
+    def _reorder_layer(self, op: str, value: str, by_output: dict, depth=3):
+        """The weight layer whose output a ReorderOutput converts (upstream through its fused
+        activation), or whose input a ReorderInput feeds."""
+        if op == "ReorderInput":
+            for node, i in self.analysis.ctx.index.consumers.get(value, []):
+                if i == 0 and node.name in self.layers:
+                    return node.name, 0
+            return None
+        name = by_output.get(value)
+        for _ in range(depth):
+            if name is None or name in self.layers:
+                break
+            name = by_output.get(self.nodes[name].input[0]) if self.nodes[name].input else None
+        return (name, 1) if name in self.layers else None
+
+    def _reorder_ratio(self, kname: str, keep: dict) -> float:
+        """A reorder kernel's time under the plan, relative to the dense model's."""
+        value = self.kernel_values.get(kname)
+        ref = self.kernel_reorders.get(kname)
+        if ref is not None:
+            layer, side = self.layers[ref[0]], ref[1]
+            full = self.db.reorder_estimate(layer.sig, layer.sig.full, layer.grids, side)
+            if full:
+                widths = [int(self.analysis.table.keep_mask(e, keep).sum()) for e in layer.axes]
+                return self.db.reorder_estimate(layer.sig, widths, layer.grids, side) / full
+        return _kept_fraction(self.analysis.table, self.analysis.ctx.ax(value), keep) if value else 1.0
+
     def _axis_grid(self, e, n: int) -> list[int]:
-        """Widths to time along one layer axis: for each group in it, the axis widths of the
-        group's grid with the other groups full. A plain group gets its grid; a product or
-        concatenation of groups gets the widths plans land on (2 groups x 7 channels = 14, where
-        the grid of 16 holds only 8 and 16: ORT ran RegNetY's 1x1 conv 3.4x slower at 14)."""
+        """Widths to time along one layer axis: the widths plans give it. A plain group gets its
+        grid; a product or concatenation of groups the axis widths of every combination of the
+        groups' grids (2 groups x 7 channels = 14, where the grid of 16 holds only 8 and 16: ORT
+        ran RegNetY's 1x1 conv 3.4x slower at 14), or, where those are too many (a concatenation
+        of many groups), of each group's grid with the others full."""
         table = self.analysis.table
+        spaces = [sid for sid, _ in table.coords(e)]
+        grids = [width_grid(table.spaces[sid].size) for sid in spaces]
+        if np.prod([len(g) for g in grids]) <= MAX_COMBINATIONS:
+            combos = itertools.product(*grids)
+        else:
+            combos = ([w if i == j else table.spaces[sid].size for j, sid in enumerate(spaces)]
+                      for i, grid in enumerate(grids) for w in grid)
         widths = {n}
-        for sid, _ in table.coords(e):
-            size = table.spaces[sid].size
-            for w in width_grid(size):
-                kept = np.arange(size) < w
-                widths.add(int(table.keep_mask(e, {sid: kept}).sum()))
+        for combo in combos:
+            keep = {sid: np.arange(table.spaces[sid].size) < w for sid, w in zip(spaces, combo)}
+            widths.add(int(table.keep_mask(e, keep).sum()))
         widths.discard(0)
         grid = sorted(widths)
         if len(grid) > MAX_AXIS_POINTS:  # a concatenation of many groups: thin, keep the full width
@@ -140,8 +179,7 @@ class CostModel:
             t = max(kernel.time_us - self.profiler_us, 0.0) / 1e3
             src = self.kernel_nodes[kname]
             if src is None:
-                value = self.kernel_values.get(kname)
-                ratio = _kept_fraction(self.analysis.table, self.analysis.ctx.ax(value), keep) if value else 1.0
+                ratio = self._reorder_ratio(kname, keep)
             else:
                 if src not in ratios:
                     ratios[src] = self.node_ratio(src, keep)

@@ -29,7 +29,7 @@ from onnx_prune.passes.graph import attr, conv_pads
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
-SCHEMA = 5  # bump when what a stored time means changes
+SCHEMA = 6  # bump when what a stored time means changes
 CONVS = ("Conv", "ConvTranspose", "ConvDW", "ConvG")
 
 
@@ -132,6 +132,8 @@ class TimingDB:
         self.path = path or os.path.join(cache_dir(), f"timing-{digest}.json")
         self.use_cache = use_cache
         self.times: dict[str, float] = {}
+        # per point, µs of the layout reorders ORT put around the lone layer: [input, output]
+        self.reorders: dict[str, list] = {}
         self.measured = 0  # points measured by this instance (0 when all came from the cache)
         if use_cache and os.path.exists(self.path):
             try:
@@ -139,6 +141,7 @@ class TimingDB:
                     data = json.load(f)
                 if data.get("env") == self.env:
                     self.times = data.get("times", {})
+                    self.reorders = data.get("reorders", {})
             except (OSError, ValueError):
                 self.times = {}
 
@@ -158,12 +161,18 @@ class TimingDB:
             model, names = _bench_model(chunk)
             inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
             feeds = {f"x{i}": x for i, x in enumerate(inputs)}
-            kernels = profile_session_runs(model, feeds, self.provider, self.threads, runs=5, warmup=2)
-            for (s, w), name in zip(chunk, names):
+            # which values ORT's reorders convert is in its optimized graph: asked for convs on
+            # CPU only, the layers ORT may run in its blocked layout
+            blocked = self.provider == "cpu" and any(s.op in CONVS for s, _ in chunk)
+            kernels = profile_session_runs(model, feeds, self.provider, self.threads, runs=5, warmup=2,
+                                           node_values=blocked)
+            for i, ((s, w), name) in enumerate(zip(chunk, names)):
                 t = _kernel_for(kernels, name)
                 if t <= 0:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
                 self.times[self.point_key(s, w)] = t
+                if blocked:
+                    self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)]
             self.measured += len(chunk)
         self.save()
 
@@ -173,7 +182,7 @@ class TimingDB:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"env": self.env, "times": self.times}, f)
+            json.dump({"env": self.env, "times": self.times, "reorders": self.reorders}, f)
         os.replace(tmp, self.path)
 
     # -- estimates -------------------------------------------------------------------------
@@ -187,6 +196,25 @@ class TimingDB:
             widths[axis] = w
             out.append(self.get(sig, widths))
         return _nondecreasing_but_slow_paths(np.array(out, dtype=float))
+
+    def reorder_estimate(self, sig: LayerSig, widths, grids, side: int) -> float | None:
+        """µs of the reorders ORT puts on the layer's input (side 0) or output (side 1) at
+        `widths`, separable like `estimate` but as measured (off the block a reorder can cost
+        more with fewer channels); None where the full width was not timed with its reorders."""
+        full = self.reorders.get(self.point_key(sig, sig.full))
+        if full is None:
+            return None
+        t = full[side]
+        for a, (w, grid) in enumerate(zip(widths, grids)):
+            if not full[side]:
+                break
+            curve = []
+            for g in grid:
+                point = list(sig.full)
+                point[a] = g
+                curve.append((self.reorders.get(self.point_key(sig, point)) or full)[side])
+            t *= float(np.interp(w, grid, curve)) / full[side]
+        return t
 
     def estimate(self, sig: LayerSig, widths, grids) -> float:
         """t(widths) from the per-axis curves (a separable model), interpolated between points."""
@@ -330,6 +358,11 @@ def _bench_model(points):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model, names
+
+
+def _reorders_of(kernels, value) -> float:
+    """µs of ORT's layout reorders that read or write `value`."""
+    return float(sum(k.time_us for k in kernels.values() if k.op.startswith("Reorder") and value in k.values))
 
 
 def _kernel_for(kernels, name) -> float:
