@@ -113,7 +113,8 @@ class CostModel:
         grid; a product or concatenation of groups the axis widths of every combination of the
         groups' grids (2 groups x 7 channels = 14, where the grid of 16 holds only 8 and 16: ORT
         ran RegNetY's 1x1 conv 3.4x slower at 14), or, where those are too many (a concatenation
-        of many groups), of each group's grid with the others full."""
+        of many groups), of each group's grid with the others full -- always with the axis's own
+        grid, which spans the widths where every group is pruned."""
         table = self.analysis.table
         spaces = [sid for sid, _ in table.coords(e)]
         grids = [width_grid(table.spaces[sid].size) for sid in spaces]
@@ -122,7 +123,7 @@ class CostModel:
         else:
             combos = ([w if i == j else table.spaces[sid].size for j, sid in enumerate(spaces)]
                       for i, grid in enumerate(grids) for w in grid)
-        widths = {n}
+        widths = set(width_grid(n)) if spaces else {n}
         for combo in combos:
             keep = {sid: np.arange(table.spaces[sid].size) < w for sid, w in zip(spaces, combo)}
             widths.add(int(table.keep_mask(e, keep).sum()))
