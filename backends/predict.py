@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,30 @@ class WeightLayer:
     sig: object
     axes: tuple  # channel expressions of the widths, in the timing database's order
     grids: list  # measured widths per axis
+    coords: list = field(default_factory=list)  # per axis: [(space id, its channel at each position or -1)]
+
+    def widths(self, keep: dict) -> list[int]:
+        """The layer's widths under a plan (`keep`: space id -> boolean mask over its channels)."""
+        return [_kept_width(c, keep, n) for c, n in zip(self.coords, self.sig.full)]
+
+
+def _kept_width(coords, keep: dict, n: int) -> int:
+    """How many of an axis's n positions a plan keeps (SpaceTable.keep_mask, from its coords)."""
+    mask = np.ones(n, dtype=bool)
+    for sid, c in coords:
+        k = keep.get(sid)
+        if k is not None:
+            mask &= np.where(c >= 0, k[np.maximum(c, 0)], True)
+    return int(mask.sum())
+
+
+def _first(coords, counts: dict, n: int) -> int:
+    """An axis's width when each space in `counts` keeps its first channels (the others all)."""
+    mask = np.ones(n, dtype=bool)
+    for sid, c in coords:
+        if sid in counts:
+            mask &= c < counts[sid]  # positions of other spaces (-1) stay
+    return int(mask.sum())
 
 
 class CostModel:
@@ -55,7 +79,9 @@ class CostModel:
             axes = ctx.layer_axes.get(node.name)
             if sig is None or axes is None or len(axes) != len(sig.full):
                 continue
-            layer = WeightLayer(node.name, sig, axes, [self._axis_grid(e, n) for e, n in zip(axes, sig.full)])
+            coords = [analysis.table.coords(e) for e in axes]
+            grids = [self._axis_grid(c, n) for c, n in zip(coords, sig.full)]
+            layer = WeightLayer(node.name, sig, axes, grids, coords)
             self.layers[node.name] = layer
             points += axis_points(sig, layer.grids)
         self.db.ensure(points)
@@ -104,29 +130,24 @@ class CostModel:
             layer, side = self.layers[ref[0]], ref[1]
             full = self.db.reorder_estimate(layer.sig, layer.sig.full, layer.grids, side)
             if full:
-                widths = [int(self.analysis.table.keep_mask(e, keep).sum()) for e in layer.axes]
-                return self.db.reorder_estimate(layer.sig, widths, layer.grids, side) / full
+                return self.db.reorder_estimate(layer.sig, layer.widths(keep), layer.grids, side) / full
         return _kept_fraction(self.analysis.table, self.analysis.ctx.ax(value), keep) if value else 1.0
 
-    def _axis_grid(self, e, n: int) -> list[int]:
+    def _axis_grid(self, coords, n: int) -> list[int]:
         """Widths to time along one layer axis: the widths plans give it. A plain group gets its
         grid; a product or concatenation of groups the axis widths of every combination of the
         groups' grids (2 groups x 7 channels = 14, where the grid of 16 holds only 8 and 16: ORT
         ran RegNetY's 1x1 conv 3.4x slower at 14), or, where those are too many (a concatenation
         of many groups), of each group's grid with the others full -- always with the axis's own
         grid, which spans the widths where every group is pruned."""
-        table = self.analysis.table
-        spaces = [sid for sid, _ in table.coords(e)]
-        grids = [width_grid(table.spaces[sid].size) for sid in spaces]
+        spaces = list(dict.fromkeys(sid for sid, _ in coords))
+        grids = [width_grid(self.analysis.table.spaces[sid].size) for sid in spaces]
         if np.prod([len(g) for g in grids]) <= MAX_COMBINATIONS:
-            combos = itertools.product(*grids)
+            combos = (dict(zip(spaces, combo)) for combo in itertools.product(*grids))
         else:
-            combos = ([w if i == j else table.spaces[sid].size for j, sid in enumerate(spaces)]
-                      for i, grid in enumerate(grids) for w in grid)
+            combos = ({sid: w} for sid, grid in zip(spaces, grids) for w in grid)
         widths = set(width_grid(n)) if spaces else {n}
-        for combo in combos:
-            keep = {sid: np.arange(table.spaces[sid].size) < w for sid, w in zip(spaces, combo)}
-            widths.add(int(table.keep_mask(e, keep).sum()))
+        widths.update(_first(coords, counts, n) for counts in combos)
         widths.discard(0)
         grid = sorted(widths)
         if len(grid) > MAX_AXIS_POINTS:  # a concatenation of many groups: thin, keep the full width
@@ -164,9 +185,8 @@ class CostModel:
         table = self.analysis.table
         layer = self.layers.get(name)
         if layer is not None:
-            widths = [int(table.keep_mask(e, keep).sum()) for e in layer.axes]
             full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
-            return self.db.estimate(layer.sig, widths, layer.grids) / full if full else 1.0
+            return self.db.estimate(layer.sig, layer.widths(keep), layer.grids) / full if full else 1.0
         # kept share of the elements (output) or of the multiply-adds (attention MatMul)
         return _kept_fraction(table, self._cost_axes(name), keep)
 
@@ -226,24 +246,22 @@ class CostModel:
         in proportion to its width re-admitted the off-block widths of conv chains, whose layout
         changes a lone-layer measurement cannot see -- on the zoo's small CNNs, plans that measured
         up to 30% slower than predicted (where the layers alone keep them within 10-15%)."""
-        table = self.analysis.table
-        out = {}
-        for g in self.analysis.groups:
-            grid = width_grid(g.size)
-            cost = np.zeros(len(grid))
-            used = False
-            for layer in self.layers.values():
-                for axis, e in enumerate(layer.axes):
-                    if all(sid != g.sid for sid, _ in table.coords(e)):
-                        continue
-                    # the axis's width with this group at each width, the others full (a
-                    # product or concatenation of groups is wider than the group)
-                    at = [int(table.keep_mask(e, {g.sid: np.arange(g.size) < w}).sum()) for w in grid]
-                    grid_a = layer.grids[axis]
-                    cost += np.interp(at, grid_a, self.db.curve(layer.sig, axis, grid_a))
-                    used = True
-            out[g.name] = fast_widths(grid, cost) if used else grid
-        return out
+        grid = {g.sid: width_grid(g.size) for g in self.analysis.groups}
+        cost = {sid: np.zeros(len(widths)) for sid, widths in grid.items()}
+        used = set()  # groups some layer reads
+        for layer in self.layers.values():
+            for axis, coords in enumerate(layer.coords):
+                curve = self.db.curve(layer.sig, axis, layer.grids[axis])
+                n = layer.sig.full[axis]
+                for sid in dict.fromkeys(s for s, _ in coords):
+                    if sid in cost:
+                        # the axis's width with this group at each width, the others full (a
+                        # product or concatenation of groups is wider than the group)
+                        at = [_first(coords, {sid: w}, n) for w in grid[sid]]
+                        cost[sid] = cost[sid] + np.interp(at, layer.grids[axis], curve)
+                        used.add(sid)
+        return {g.name: fast_widths(grid[g.sid], cost[g.sid]) if g.sid in used else grid[g.sid]
+                for g in self.analysis.groups}
 
 
 def _kept_fraction(table, axes, keep) -> float:
