@@ -174,6 +174,43 @@ def test_predictor_scales_kernels_by_plan():
     assert cm.predicted_speedup(half) == pytest.approx(0.22 / 0.135)
 
 
+class ReorderDB(FakeDB):
+    """Reorders timed around every layer: 2.5x slower off the full width (ORT's off-block path)."""
+
+    def reorder_estimate(self, sig, widths, grids, side):
+        return 10.0 if tuple(widths) == tuple(sig.full) else 25.0
+
+
+def test_predictor_scales_reorders_as_the_database_timed_them():
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon.static)
+    kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []), "c2": Kernel("c2", "Conv", 50.0, [], []),
+               # c1's output "a" back to plain layout; the Relu's output "r" into c2's blocked one
+               "ReorderOutput_token_1": Kernel("ReorderOutput_token_1", "ReorderOutput", 20.0, [], [],
+                                               ("a", "reorder_token_0")),
+               "ReorderInput_token_2": Kernel("ReorderInput_token_2", "ReorderInput", 8.0, [], [],
+                                              ("reorder_token_3", "r"))}
+    cm = CostModel(canon.model, analysis, None, db=ReorderDB(), profile=Profile(kernels, e2e_ms=0.218))
+    assert cm.kernel_reorders == {"ReorderOutput_token_1": ("c1", 1), "ReorderInput_token_2": ("c2", 0)}
+    assert cm.predict_ms(full_plan(analysis)) == pytest.approx(0.218)
+    # overhead 0.04 ms + c1 0.1/2 + c2 0.05/2 + both reorders 2.5x (not halved with the channels)
+    assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx(0.04 + 0.05 + 0.025 + 0.05 + 0.02)
+
+
+def test_timing_database_records_the_reorders_around_a_blocked_conv(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon.static)
+    c2 = next(n for n in canon.static.graph.node if n.name == "c2")
+    sig = layer_sig(c2, analysis.ctx.index)  # 32 -> 8 channels, 1x1
+    db = TimingDB("cpu", threads=1)
+    db.ensure(axis_points(sig, [[16, 32], [8]]))
+    into, out_of = db.reorders[db.point_key(sig, sig.full)]
+    assert into > 0, "ORT on this CPU runs a 32-channel conv in its blocked layout: its input is reordered"
+    assert db.reorder_estimate(sig, sig.full, [[16, 32], [8]], 0) == pytest.approx(into)
+    assert TimingDB("cpu", threads=1).reorders == db.reorders  # cached with the times
+
+
 class PaddedDB(FakeDB):
     """Every width costs what the full width costs (ORT pads channels to its block)."""
 
