@@ -106,6 +106,8 @@ class CostModel:
         times = sorted(k.time_us - self.profiler_us for k in self.profile.kernels.values())
         self.fixed_us = max(times[0], 0.0) if times else 0.0
         self.gamma = 1.0  # kernels scale by ratio ** gamma; see calibrate()
+        self._memo = {}  # (layer or reorder kernel, its widths) -> time ratio
+        self._coords = {}  # ("node" | "value", name) -> [(coords, size)] of the axes its cost scales with
 
     def _reorder_layer(self, op: str, value: str, by_output: dict, depth=3):
         """The weight layer whose output a ReorderOutput converts (upstream through its fused
@@ -128,10 +130,27 @@ class CostModel:
         ref = self.kernel_reorders.get(kname)
         if ref is not None:
             layer, side = self.layers[ref[0]], ref[1]
-            full = self.db.reorder_estimate(layer.sig, layer.sig.full, layer.grids, side)
-            if full:
-                return self.db.reorder_estimate(layer.sig, layer.widths(keep), layer.grids, side) / full
-        return _kept_fraction(self.analysis.table, self.analysis.ctx.ax(value), keep) if value else 1.0
+            widths = tuple(layer.widths(keep))
+            memo = (kname, widths)
+            if memo not in self._memo:
+                full = self.db.reorder_estimate(layer.sig, layer.sig.full, layer.grids, side)
+                self._memo[memo] = self.db.reorder_estimate(layer.sig, widths, layer.grids, side) / full \
+                    if full else None
+            if self._memo[memo] is not None:
+                return self._memo[memo]
+        return self._kept_fraction(("value", value), lambda: self.analysis.ctx.ax(value), keep) if value else 1.0
+
+    def _kept_fraction(self, key, axes, keep) -> float:
+        """The kept share of the positions of `axes()` (all of them: elements, or multiply-adds),
+        from their coordinates, resolved once per key."""
+        if key not in self._coords:
+            table = self.analysis.table
+            self._coords[key] = [(c, n) for c, n in ((table.coords(e), table.size(e)) for e in axes() or [])
+                                 if n and c]
+        frac = 1.0
+        for coords, n in self._coords[key]:
+            frac *= _kept_width(coords, keep, n) / n
+        return float(frac)
 
     def _axis_grid(self, coords, n: int) -> list[int]:
         """Widths to time along one layer axis: the widths plans give it. A plain group gets its
@@ -182,13 +201,15 @@ class CostModel:
     def node_ratio(self, name: str, keep: dict) -> float:
         if not self._node_spaces(name) & keep.keys():
             return 1.0  # none of its channels are pruned by this plan
-        table = self.analysis.table
         layer = self.layers.get(name)
         if layer is not None:
-            full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
-            return self.db.estimate(layer.sig, layer.widths(keep), layer.grids) / full if full else 1.0
+            widths = tuple(layer.widths(keep))
+            if (name, widths) not in self._memo:  # the database is fixed: one estimate per widths
+                full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
+                self._memo[name, widths] = self.db.estimate(layer.sig, widths, layer.grids) / full if full else 1.0
+            return self._memo[name, widths]
         # kept share of the elements (output) or of the multiply-adds (attention MatMul)
-        return _kept_fraction(table, self._cost_axes(name), keep)
+        return self._kept_fraction(("node", name), lambda: self._cost_axes(name), keep)
 
     def _terms(self, plan: dict):
         """The plan's latency as fixed_ms + sum(scaled_ms * ratios ** gamma)."""
@@ -262,15 +283,6 @@ class CostModel:
                         used.add(sid)
         return {g.name: fast_widths(grid[g.sid], cost[g.sid]) if g.sid in used else grid[g.sid]
                 for g in self.analysis.groups}
-
-
-def _kept_fraction(table, axes, keep) -> float:
-    frac = 1.0
-    for e in axes:
-        n = table.size(e)
-        if n and table.coords(e):
-            frac *= table.keep_mask(e, keep).sum() / n
-    return float(frac)
 
 
 def _fused_head(name, op, nodes, by_output, depth=3):
