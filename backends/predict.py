@@ -11,7 +11,8 @@ each kernel by how its node changes:
 
 Kernels that ORT created without a source node (layout reorders) scale as the timing database's
 reorders around the weight layer whose output (or input) they convert (ORT's optimized graph names
-the value), else with the share of that value the plan keeps; any other keeps its time, and so does the part of the end-to-end time no kernel accounts for (session overhead).
+the value), else with the share of that value the plan keeps; any other keeps its time, and so
+does the part of the end-to-end time no kernel accounts for (session overhead).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _kept_width(coords, keep: dict, n: int) -> int:
     return int(mask.sum())
 
 
-def _first(coords, counts: dict, n: int) -> int:
+def _width_keeping_first(coords, counts: dict, n: int) -> int:
     """An axis's width when each space in `counts` keeps its first channels (the others all)."""
     mask = np.ones(n, dtype=bool)
     for sid, c in coords:
@@ -106,7 +107,7 @@ class CostModel:
         times = sorted(k.time_us - self.profiler_us for k in self.profile.kernels.values())
         self.fixed_us = max(times[0], 0.0) if times else 0.0
         self.gamma = 1.0  # kernels scale by ratio ** gamma; see calibrate()
-        self._memo = {}  # (layer or reorder kernel, its widths) -> time ratio
+        self._memo = {}  # (layer, its widths) or ("reorder", kernel, widths) -> time ratio
         self._coords = {}  # ("node" | "value", name) -> [(coords, size)] of the axes its cost scales with
 
     def _reorder_layer(self, op: str, value: str, by_output: dict, depth=3):
@@ -131,7 +132,7 @@ class CostModel:
         if ref is not None:
             layer, side = self.layers[ref[0]], ref[1]
             widths = tuple(layer.widths(keep))
-            memo = (kname, widths)
+            memo = ("reorder", kname, widths)
             if memo not in self._memo:
                 full = self.db.reorder_estimate(layer.sig, layer.sig.full, layer.grids, side)
                 self._memo[memo] = self.db.reorder_estimate(layer.sig, widths, layer.grids, side) / full \
@@ -166,7 +167,7 @@ class CostModel:
         else:
             combos = ({sid: w} for sid, grid in zip(spaces, grids) for w in grid)
         widths = set(width_grid(n)) if spaces else {n}
-        widths.update(_first(coords, counts, n) for counts in combos)
+        widths.update(_width_keeping_first(coords, counts, n) for counts in combos)
         widths.discard(0)
         grid = sorted(widths)
         if len(grid) > MAX_AXIS_POINTS:  # a concatenation of many groups: thin, keep the full width
@@ -278,7 +279,7 @@ class CostModel:
                     if sid in cost:
                         # the axis's width with this group at each width, the others full (a
                         # product or concatenation of groups is wider than the group)
-                        at = [_first(coords, {sid: w}, n) for w in grid[sid]]
+                        at = [_width_keeping_first(coords, {sid: w}, n) for w in grid[sid]]
                         cost[sid] = cost[sid] + np.interp(at, layer.grids[axis], curve)
                         used.add(sid)
         return {g.name: fast_widths(grid[g.sid], cost[g.sid]) if g.sid in used else grid[g.sid]

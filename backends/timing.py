@@ -171,8 +171,9 @@ class TimingDB:
                 if t <= 0:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
                 self.times[self.point_key(s, w)] = t
-                if blocked:
-                    self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)]
+                if blocked:  # [into its input, out of its output]
+                    self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"),
+                                                           _reorders_of(kernels, name)]
             self.measured += len(chunk)
         self.save()
 
@@ -205,9 +206,9 @@ class TimingDB:
         if full is None:
             return None
         t = full[side]
+        if not t:
+            return t
         for a, (w, grid) in enumerate(zip(widths, grids)):
-            if not full[side]:
-                break
             curve = []
             for g in grid:
                 point = list(sig.full)
