@@ -26,6 +26,7 @@ import numpy as np
 from onnx_prune.backends.profile import profile_model
 from onnx_prune.backends.timing import TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.passes.analysis import Analysis
+from onnx_prune.passes.spaces import kept_positions
 
 
 MAX_AXIS_POINTS = 48  # widths timed per layer axis at most
@@ -46,22 +47,8 @@ class WeightLayer:
 
 
 def _kept_width(coords, keep: dict, n: int) -> int:
-    """How many of an axis's n positions a plan keeps (SpaceTable.keep_mask, from its coords)."""
-    mask = np.ones(n, dtype=bool)
-    for sid, c in coords:
-        k = keep.get(sid)
-        if k is not None:
-            mask &= np.where(c >= 0, k[np.maximum(c, 0)], True)
-    return int(mask.sum())
-
-
-def _width_keeping_first(coords, counts: dict, n: int) -> int:
-    """An axis's width when each space in `counts` keeps its first channels (the others all)."""
-    mask = np.ones(n, dtype=bool)
-    for sid, c in coords:
-        if sid in counts:
-            mask &= c < counts[sid]  # positions of other spaces (-1) stay
-    return int(mask.sum())
+    """How many of an axis's n positions a plan keeps."""
+    return int(kept_positions(coords, keep, n).sum())
 
 
 class CostModel:
@@ -161,13 +148,15 @@ class CostModel:
         of many groups), of each group's grid with the others full -- always with the axis's own
         grid, which spans the widths where every group is pruned."""
         spaces = list(dict.fromkeys(sid for sid, _ in coords))
-        grids = [width_grid(self.analysis.table.spaces[sid].size) for sid in spaces]
+        size = {sid: self.analysis.table.spaces[sid].size for sid in spaces}
+        grids = [width_grid(size[sid]) for sid in spaces]
         if np.prod([len(g) for g in grids]) <= MAX_COMBINATIONS:
             combos = (dict(zip(spaces, combo)) for combo in itertools.product(*grids))
         else:
             combos = ({sid: w} for sid, grid in zip(spaces, grids) for w in grid)
         widths = set(width_grid(n)) if spaces else {n}
-        widths.update(_width_keeping_first(coords, counts, n) for counts in combos)
+        for counts in combos:  # each group keeping its first channels
+            widths.add(_kept_width(coords, {sid: np.arange(size[sid]) < w for sid, w in counts.items()}, n))
         widths.discard(0)
         grid = sorted(widths)
         if len(grid) > MAX_AXIS_POINTS:  # a concatenation of many groups: thin, keep the full width
@@ -271,6 +260,7 @@ class CostModel:
         grid = {g.sid: width_grid(g.size) for g in self.analysis.groups}
         cost = {sid: np.zeros(len(widths)) for sid, widths in grid.items()}
         used = set()  # groups some layer reads
+        size = {g.sid: g.size for g in self.analysis.groups}
         for layer in self.layers.values():
             for axis, coords in enumerate(layer.coords):
                 curve = self.db.curve(layer.sig, axis, layer.grids[axis])
@@ -279,7 +269,7 @@ class CostModel:
                     if sid in cost:
                         # the axis's width with this group at each width, the others full (a
                         # product or concatenation of groups is wider than the group)
-                        at = [_width_keeping_first(coords, {sid: w}, n) for w in grid[sid]]
+                        at = [_kept_width(coords, {sid: np.arange(size[sid]) < w}, n) for w in grid[sid]]
                         cost[sid] = cost[sid] + np.interp(at, layer.grids[axis], curve)
                         used.add(sid)
         return {g.name: fast_widths(grid[g.sid], cost[g.sid]) if g.sid in used else grid[g.sid]

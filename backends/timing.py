@@ -83,13 +83,14 @@ def layer_sig(node, index) -> LayerSig | None:
 
 def axis_points(sig: LayerSig, grids) -> list:
     """The points a layer needs: each axis over its grid, the other axes full."""
-    pts = []
-    for a, grid in enumerate(grids):
-        for w in grid:
-            widths = list(sig.full)
-            widths[a] = w
-            pts.append((sig, tuple(widths)))
-    return pts
+    return [(sig, _along(sig, a, w)) for a, grid in enumerate(grids) for w in grid]
+
+
+def _along(sig: LayerSig, axis: int, width: int) -> tuple:
+    """The layer's widths with one axis at `width`, the others full."""
+    widths = list(sig.full)
+    widths[axis] = width
+    return tuple(widths)
 
 
 def environment(provider: str, threads) -> dict:
@@ -191,11 +192,7 @@ class TimingDB:
         """Times along one axis, the others full: the measured points made non-decreasing in
         the width (a lone kernel of tens of µs is noisy, and a width padded to the block costs
         the same as the block), except the slow paths ORT really takes off its block."""
-        out = []
-        for w in grid:
-            widths = list(sig.full)
-            widths[axis] = w
-            out.append(self.get(sig, widths))
+        out = [self.get(sig, _along(sig, axis, w)) for w in grid]
         return _nondecreasing_but_slow_paths(np.array(out, dtype=float))
 
     def reorder_estimate(self, sig: LayerSig, widths, grids, side: int) -> float | None:
@@ -209,11 +206,7 @@ class TimingDB:
         if not t:
             return t
         for a, (w, grid) in enumerate(zip(widths, grids)):
-            curve = []
-            for g in grid:
-                point = list(sig.full)
-                point[a] = g
-                curve.append((self.reorders.get(self.point_key(sig, point)) or full)[side])
+            curve = [(self.reorders.get(self.point_key(sig, _along(sig, a, g))) or full)[side] for g in grid]
             t *= float(np.interp(w, grid, curve)) / full[side]
         return t
 

@@ -381,12 +381,18 @@ class SpaceTable:
 
     def keep_mask(self, e, keep: dict) -> np.ndarray:
         """Boolean mask over the positions of `e` that a plan keeps (`keep`: space -> bool[])."""
-        mask = np.ones(self.size(e), dtype=bool)
-        for g, c in self.coords(e):
-            k = keep.get(g)
-            if k is not None:
-                mask &= np.where(c >= 0, k[np.maximum(c, 0)], True)
-        return mask
+        return kept_positions(self.coords(e), keep, self.size(e))
+
+
+def kept_positions(coords, keep: dict, n: int) -> np.ndarray:
+    """Boolean mask over n positions with these `coords` (SpaceTable.coords) that a plan keeps;
+    for callers that resolve an expression's coords once and apply many plans to them."""
+    mask = np.ones(n, dtype=bool)
+    for g, c in coords:
+        k = keep.get(g)
+        if k is not None:
+            mask &= np.where(c >= 0, k[np.maximum(c, 0)], True)
+    return mask
 
 
 def _bounds(table: SpaceTable, e) -> list[int]:
