@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -34,9 +35,12 @@ class Profile:
         return sum(k.time_us for k in self.kernels.values()) / 1e3
 
 
-def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, warmup=3, node_values=False) -> dict:
+def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, warmup=3, node_values=False,
+                         min_seconds=0.0, max_runs=None) -> dict:
     """Median kernel time per node over `runs` profiled runs (warm-up runs are dropped; the
-    median, as a run hit by a slow spell of this shared machine must not move it).
+    median, as a run hit by a slow spell of this shared machine must not move it). With
+    `min_seconds`, runs go on until they have taken that long, up to `max_runs`: cheap graphs get
+    more runs, where a kernel of a few µs needs them.
 
     With `node_values`, each kernel also gets the value names its node reads and writes, from
     the optimized graph ORT saves: nodes ORT inserts itself (layout reorders) are named after
@@ -47,8 +51,12 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         optimized = os.path.join(folder, "optimized.onnx") if node_values else None
         sess = make_session(model, provider=provider, threads=threads, quiet=True,
                             profile_prefix=os.path.join(folder, "p"), optimized_path=optimized)
-        for _ in range(warmup + runs):
+        for _ in range(warmup):
             sess.run(None, feeds)
+        done, start = 0, time.perf_counter()
+        while done < runs or (done < (max_runs or runs) and time.perf_counter() - start < min_seconds):
+            sess.run(None, feeds)
+            done += 1
         path = sess.end_profiling()
         with open(path) as f:
             events = json.load(f)
@@ -70,7 +78,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         info[name] = (args.get("op_name", ""), _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape")))
     kernels = {}
     for name, durs in per_run.items():
-        durs = durs[warmup * len(durs) // (warmup + runs):]  # drop the warm-up calls
+        durs = durs[warmup * len(durs) // (warmup + done):]  # drop the warm-up calls
         op, ins, outs = info[name]
         kernels[name] = Kernel(name, op, float(np.median(durs)), ins, outs, values.get(name, ()))
     return kernels

@@ -29,7 +29,12 @@ from onnx_prune.passes.graph import attr, conv_pads
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
-SCHEMA = 6  # bump when what a stored time means changes
+SCHEMA = 7  # bump when what a stored time means changes
+# a chunk is profiled 5 times, or for MIN_CHUNK_SECONDS up to MAX_RUNS times if that is more: a
+# kernel of 10-20 µs timed over 5 runs moved its time ratios by up to 3.5x between builds
+# (RegNetY's SE convs), over 25 by up to 2.2x
+MIN_CHUNK_SECONDS = 0.3
+MAX_RUNS = 30
 CONVS = ("Conv", "ConvTranspose", "ConvDW", "ConvG")
 
 
@@ -158,25 +163,42 @@ class TimingDB:
         todo = sorted({(s, tuple(w)) for s, w in points if self.get(s, w) is None}, key=lambda p: (p[0].key(), p[1]))
         if not todo:
             return
-        for chunk in _chunks(todo):
+        self._measure(todo)
+        # A lone kernel's time also depends on where ORT places its buffers: RegNetY's grouped
+        # conv took 2.08 ms at full width in one bulk graph, 1.30 ms one channel narrower, and
+        # 1.5 ms inside the model. The points a curve hangs on (the full width, the normaliser of
+        # every ratio) or that look like a slow path are timed again in other graphs, and each
+        # keeps its fastest time.
+        suspects = _suspects(todo, self.times, self.point_key)
+        for rnd in range(REMEASURE):
+            self._measure(suspects, keep_min=True, seed=2 + rnd)
+        self.save()
+
+    def _measure(self, points, keep_min=False, seed=1):
+        """Time `points` in bulk graphs; with `keep_min`, a point keeps the faster of its old and
+        new time (with the reorders timed alongside the kept one)."""
+        order = points if seed == 1 else [points[i] for i in np.random.default_rng(seed).permutation(len(points))]
+        for chunk in _chunks(order):
             model, names = _bench_model(chunk)
-            inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
+            inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=seed)
             feeds = {f"x{i}": x for i, x in enumerate(inputs)}
             # which values ORT's reorders convert is in its optimized graph: asked for convs on
             # CPU only, the layers ORT may run in its blocked layout
             blocked = self.provider == "cpu" and any(s.op in CONVS for s, _ in chunk)
             kernels = profile_session_runs(model, feeds, self.provider, self.threads, runs=5, warmup=2,
-                                           node_values=blocked)
+                                           node_values=blocked, min_seconds=MIN_CHUNK_SECONDS, max_runs=MAX_RUNS)
             for i, ((s, w), name) in enumerate(zip(chunk, names)):
                 t = _kernel_for(kernels, name)
                 if t <= 0:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
-                self.times[self.point_key(s, w)] = t
+                key = self.point_key(s, w)
+                if keep_min and self.times.get(key, np.inf) <= t:
+                    continue
+                self.times[key] = t
                 if blocked:  # [into its input, out of its output]
-                    self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"),
-                                                           _reorders_of(kernels, name)]
-            self.measured += len(chunk)
-        self.save()
+                    self.reorders[key] = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)]
+            if not keep_min:
+                self.measured += len(chunk)
 
     def save(self):
         if not self.use_cache:
@@ -222,6 +244,35 @@ class TimingDB:
 
 
 SLOW_PATH = 1.5  # a width this much slower than a wider one is a different kernel, not noise
+SUPERLINEAR = 1.2  # time growing this much faster than the width, from one grid point to the next
+REMEASURE = 2  # more bulk graphs the suspect points are timed in
+
+
+def _suspects(points, times, key) -> list:
+    """Of the measured `points`, the ones worth timing again: every layer's full widths, and
+    along each axis (the others full) the widths that look like a slow path or sit on either side
+    of a step where the time grows faster than the width. A real slow path, or the padding step
+    past a channel block, measures the same again; a badly placed kernel does not."""
+    by_sig = {}
+    for sig, w in points:
+        by_sig.setdefault(sig, set()).add(tuple(w))
+    out = set()
+    for sig, widths in by_sig.items():
+        if sig.full in widths:
+            out.add((sig, sig.full))
+        for axis in range(len(sig.full)):
+            line = sorted(w for w in widths if all(v == f for a, (v, f) in enumerate(zip(w, sig.full)) if a != axis))
+            if sig.full not in widths or len(line) < 2:
+                continue
+            x = np.array([w[axis] for w in line], dtype=float)
+            y = np.array([times[key(sig, w)] for w in line])
+            wider_best = np.append(np.minimum.accumulate(y[::-1])[::-1][1:], np.inf)
+            flagged = y > SLOW_PATH * wider_best
+            steep = y[1:] / y[:-1] > SUPERLINEAR * x[1:] / x[:-1]
+            flagged[1:] |= steep
+            flagged[:-1] |= steep
+            out.update((sig, w) for w, f in zip(line, flagged) if f)
+    return sorted(out, key=lambda p: (p[0].key(), p[1]))
 
 
 def _nondecreasing_but_slow_paths(y):
