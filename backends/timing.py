@@ -164,11 +164,10 @@ class TimingDB:
         if not todo:
             return
         self._measure(todo)
-        # A lone kernel's time also depends on where ORT places its buffers: RegNetY's grouped
-        # conv took 2.08 ms at full width in one bulk graph, 1.30 ms one channel narrower, and
-        # 1.5 ms inside the model. The points a curve hangs on (the full width, the normaliser of
-        # every ratio) or that look like a slow path are timed again in other graphs, and each
-        # keeps its fastest time.
+        # A lone kernel's time also depends on the graph around it (where ORT places its buffers):
+        # RegNetY's grouped conv took 1.83 and 2.08 ms at full width in two builds' bulk graphs.
+        # The points a curve hangs on (the full widths, the normaliser of every ratio) or that
+        # look like a slow path are timed again in other graphs, and each keeps its fastest time.
         suspects = _suspects(todo, self.times, self.point_key)
         for rnd in range(REMEASURE):
             self._measure(suspects, keep_min=True, seed=2 + rnd)
