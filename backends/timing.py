@@ -163,23 +163,20 @@ class TimingDB:
         todo = sorted({(s, tuple(w)) for s, w in points if self.get(s, w) is None}, key=lambda p: (p[0].key(), p[1]))
         if not todo:
             return
-        self._measure(todo)
-        # A lone kernel's time also depends on the graph around it (where ORT places its buffers):
-        # RegNetY's grouped conv took 1.83 and 2.08 ms at full width in two builds' bulk graphs.
-        # The points a curve hangs on (the full widths, the normaliser of every ratio) or that
-        # look like a slow path are timed again in other graphs, and each keeps its fastest time.
-        suspects = _suspects(todo, self.times, self.point_key)
-        for rnd in range(REMEASURE):
-            self._measure(suspects, keep_min=True, seed=2 + rnd)
+        for key, (t, reorders) in self._measure(todo).items():
+            self.times[key] = t
+            if reorders is not None:
+                self.reorders[key] = reorders
+        self.measured += len(todo)
         self.save()
 
-    def _measure(self, points, keep_min=False, seed=1):
-        """Time `points` in bulk graphs; with `keep_min`, a point keeps the faster of its old and
-        new time (with the reorders timed alongside the kept one)."""
-        order = points if seed == 1 else [points[i] for i in np.random.default_rng(seed).permutation(len(points))]
-        for chunk in _chunks(order):
+    def _measure(self, points) -> dict:
+        """Time `points` in bulk graphs: point key -> (µs, [reorders into its input, out of its
+        output] or None)."""
+        out = {}
+        for chunk in _chunks(points):
             model, names = _bench_model(chunk)
-            inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=seed)
+            inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
             feeds = {f"x{i}": x for i, x in enumerate(inputs)}
             # which values ORT's reorders convert is in its optimized graph: asked for convs on
             # CPU only, the layers ORT may run in its blocked layout
@@ -190,14 +187,9 @@ class TimingDB:
                 t = _kernel_for(kernels, name)
                 if t <= 0:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
-                key = self.point_key(s, w)
-                if keep_min and self.times.get(key, np.inf) <= t:
-                    continue
-                self.times[key] = t
-                if blocked:  # [into its input, out of its output]
-                    self.reorders[key] = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)]
-            if not keep_min:
-                self.measured += len(chunk)
+                reorders = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)] if blocked else None
+                out[self.point_key(s, w)] = (t, reorders)
+        return out
 
     def save(self):
         if not self.use_cache:
@@ -243,35 +235,6 @@ class TimingDB:
 
 
 SLOW_PATH = 1.5  # a width this much slower than a wider one is a different kernel, not noise
-SUPERLINEAR = 1.2  # time growing this much faster than the width, from one grid point to the next
-REMEASURE = 2  # more bulk graphs the suspect points are timed in
-
-
-def _suspects(points, times, key) -> list:
-    """Of the measured `points`, the ones worth timing again: every layer's full widths, and
-    along each axis (the others full) the widths that look like a slow path or sit on either side
-    of a step where the time grows faster than the width. A real slow path, or the padding step
-    past a channel block, measures the same again; a badly placed kernel does not."""
-    by_sig = {}
-    for sig, w in points:
-        by_sig.setdefault(sig, set()).add(tuple(w))
-    out = set()
-    for sig, widths in by_sig.items():
-        if sig.full in widths:
-            out.add((sig, sig.full))
-        for axis in range(len(sig.full)):
-            line = sorted(w for w in widths if all(v == f for a, (v, f) in enumerate(zip(w, sig.full)) if a != axis))
-            if sig.full not in widths or len(line) < 2:
-                continue
-            x = np.array([w[axis] for w in line], dtype=float)
-            y = np.array([times[key(sig, w)] for w in line])
-            wider_best = np.append(np.minimum.accumulate(y[::-1])[::-1][1:], np.inf)
-            flagged = y > SLOW_PATH * wider_best
-            steep = y[1:] / y[:-1] > SUPERLINEAR * x[1:] / x[:-1]
-            flagged[1:] |= steep
-            flagged[:-1] |= steep
-            out.update((sig, w) for w, f in zip(line, flagged) if f)
-    return sorted(out, key=lambda p: (p[0].key(), p[1]))
 
 
 def _nondecreasing_but_slow_paths(y):

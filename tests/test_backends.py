@@ -275,36 +275,12 @@ def test_timing_curves_are_made_non_decreasing(tmp_path, monkeypatch):
     assert db.estimate(sig, (12, 32), [[4, 8, 12, 16], [32]]) == pytest.approx(250.0)
 
 
-def test_suspect_points_are_the_full_widths_slow_paths_and_steep_steps():
-    """The points timed again: each layer's full widths (every ratio's normaliser), widths that
-    look like a slow path, and both sides of a step where time grows faster than the width."""
-    from onnx_prune.backends.timing import _suspects
-
-    sig = LayerSig("MatMul", (16, 32), (4,))
-    times = {}
-    key = lambda s, w: f"{s.key()}|{w}"
-    for w, t in [(4, 40.0), (8, 80.0), (12, 130.0), (16, 160.0)]:  # input axis: about linear
-        times[key(sig, (w, 32))] = t
-    for w, t in [(8, 130.0), (16, 80.0), (24, 120.0)]:  # output axis: 8 a slow path
-        times[key(sig, (16, w))] = t
-    times[key(sig, (16, 32))] = 160.0
-    points = [(sig, (w, 32)) for w in (4, 8, 12)] + [(sig, (16, w)) for w in (8, 16, 24)] + [(sig, (16, 32))]
-    assert _suspects(points, times, key) == [(sig, (16, 8)), (sig, (16, 32))]
-    times[key(sig, (16, 24))] = 90.0  # 90 -> 160 us for 24 -> 32 channels: faster than the width
-    assert _suspects(points, times, key) == [(sig, (16, 8)), (sig, (16, 24)), (sig, (16, 32))]
-
-
-def test_remeasured_points_keep_their_fastest_time(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+def test_bulk_measurement_times_every_point():
     sig = LayerSig("Conv", (16, 16), (1, 8, 8), ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), ()))
-    db = TimingDB("cpu", threads=1)
-    lucky, unlucky = (sig, (8, 16)), (sig, (16, 16))
-    db.times[db.point_key(*lucky)] = 1e-6  # faster than any real run: kept
-    db.times[db.point_key(*unlucky)] = 1e9  # a badly placed run: replaced by the new time
-    db._measure([lucky, unlucky], keep_min=True, seed=2)
-    assert db.get(*lucky) == 1e-6
-    assert 0 < db.get(*unlucky) < 1e9
-    assert db.measured == 0  # timed again, not new points
+    db = TimingDB("cpu", threads=1, use_cache=False)
+    timed = db._measure([(sig, (8, 16)), (sig, (16, 16))])
+    assert set(timed) == {db.point_key(sig, (8, 16)), db.point_key(sig, (16, 16))}
+    assert all(t > 0 and len(reorders) == 2 for t, reorders in timed.values())
 
 
 def test_product_axes_are_timed_at_the_widths_plans_give_them():
