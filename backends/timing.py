@@ -163,18 +163,7 @@ class TimingDB:
         todo = sorted({(s, tuple(w)) for s, w in points if self.get(s, w) is None}, key=lambda p: (p[0].key(), p[1]))
         if not todo:
             return
-        for key, (t, reorders) in self._measure(todo).items():
-            self.times[key] = t
-            if reorders is not None:
-                self.reorders[key] = reorders
-        self.measured += len(todo)
-        self.save()
-
-    def _measure(self, points) -> dict:
-        """Time `points` in bulk graphs: point key -> (µs, [reorders into its input, out of its
-        output] or None)."""
-        out = {}
-        for chunk in _chunks(points):
+        for chunk in _chunks(todo):
             model, names = _bench_model(chunk)
             inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
             feeds = {f"x{i}": x for i, x in enumerate(inputs)}
@@ -187,9 +176,11 @@ class TimingDB:
                 t = _kernel_for(kernels, name)
                 if t <= 0:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
-                reorders = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)] if blocked else None
-                out[self.point_key(s, w)] = (t, reorders)
-        return out
+                self.times[self.point_key(s, w)] = t
+                if blocked:
+                    self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)]
+            self.measured += len(chunk)
+        self.save()
 
     def save(self):
         if not self.use_cache:

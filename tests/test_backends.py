@@ -278,9 +278,10 @@ def test_timing_curves_are_made_non_decreasing(tmp_path, monkeypatch):
 def test_bulk_measurement_times_every_point():
     sig = LayerSig("Conv", (16, 16), (1, 8, 8), ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), ()))
     db = TimingDB("cpu", threads=1, use_cache=False)
-    timed = db._measure([(sig, (8, 16)), (sig, (16, 16))])
-    assert set(timed) == {db.point_key(sig, (8, 16)), db.point_key(sig, (16, 16))}
-    assert all(t > 0 and len(reorders) == 2 for t, reorders in timed.values())
+    db.ensure([(sig, (8, 16)), (sig, (16, 16))])
+    keys = {db.point_key(sig, (8, 16)), db.point_key(sig, (16, 16))}
+    assert set(db.times) == set(db.reorders) == keys
+    assert all(db.times[k] > 0 and len(db.reorders[k]) == 2 for k in keys)
 
 
 def test_product_axes_are_timed_at_the_widths_plans_give_them():
