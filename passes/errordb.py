@@ -47,7 +47,7 @@ class _Layer:
     # others (a Gram matrix fewer to hold: ResNet-50's take ~0.3 GB each)
     fold_grams: dict = field(default_factory=dict, repr=False)
     fold: int | None = None  # the fold the pending rows come from
-    last_fold: int | None = None
+    last_fold: int | None = None  # the fold whose share is not held
 
     def add(self, X, fold=None):
         """Buffer rows; the Gram matrix is updated in large blocks (one matmul, in place), not per
@@ -136,7 +136,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     `folds` (boolean masks over the samples), each fold's share of every Gram matrix is kept too,
     so that `stitch(..., without=k)` refits on the other folds alone."""
     by_sid = {g.sid: g for g in analysis.groups}
-    layers = _consumer_layers(analysis, by_sid)
+    layers = _consumer_layers(analysis, by_sid, last_fold=len(folds) - 1 if folds else None)
     energy_groups = [g for g in analysis.groups if not any(g.sid == sid for lay in layers for sid, _ in lay.coords)]
     energy_values = _producer_outputs(analysis, energy_groups)
     parts = [{k: v[mask] for k, v in samples.items()} for mask in folds] if folds else [samples]
@@ -146,8 +146,6 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     sess = session_with_outputs(model, wanted, optimize=True)
     rng = np.random.default_rng(0)
     energy = {g.sid: np.zeros(g.size) for g in energy_groups}
-    for lay in layers:
-        lay.last_fold = len(parts) - 1 if folds else None
     for fold, feeds in feeds_list:
         values = dict(zip(wanted, sess.run(wanted, feeds)))
         for lay in layers:
@@ -178,7 +176,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     return db
 
 
-def _consumer_layers(analysis, by_sid) -> list[_Layer]:
+def _consumer_layers(analysis, by_sid, last_fold=None) -> list[_Layer]:
     ctx, table = analysis.ctx, analysis.table
     out = []
     for node, axes in refittable_layers(analysis):
@@ -187,7 +185,7 @@ def _consumer_layers(analysis, by_sid) -> list[_Layer]:
             continue
         w = ctx.index.const(node.input[1]).astype(np.float32)
         per_pos = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
-        out.append(_Layer(node, weight_matrix(node, w), per_pos, coords, tuple(axes)))
+        out.append(_Layer(node, weight_matrix(node, w), per_pos, coords, tuple(axes), last_fold=last_fold))
     return out
 
 
