@@ -82,7 +82,8 @@ class CostModel:
         # a reorder of a weight layer's output or input was timed with that layer in the timing
         # database, off the block too: (layer, 0 input | 1 output) per reorder kernel where found
         self.kernel_reorders = {k: self._reorder_layer(self.profile.kernels[k].op, v, by_output)
-                                for k, v in self.kernel_values.items() if v}
+                                for k, v in self.kernel_values.items()
+                                if v and self.profile.kernels[k].op.startswith("Reorder")}
         # The profiler adds a little to every kernel; when kernels sum to more than a plain run,
         # that excess is spread over the kernels and removed. What a plain run has on top of the
         # kernels (session overhead) is kept as a constant.
@@ -97,7 +98,7 @@ class CostModel:
         self._memo = {}  # (layer, its widths) or ("reorder", kernel, widths) -> time ratio
         self._coords = {}  # ("node" | "value", name) -> [(coords, size)] of the axes its cost scales with
 
-    def _reorder_layer(self, op: str, value: str, by_output: dict, depth=3):
+    def _reorder_layer(self, op: str, value: str, by_output: dict):
         """The weight layer whose output a ReorderOutput converts (upstream through its fused
         activation), or whose input a ReorderInput feeds."""
         if op == "ReorderInput":
@@ -105,12 +106,8 @@ class CostModel:
                 if i == 0 and node.name in self.layers:
                     return node.name, 0
             return None
-        name = by_output.get(value)
-        for _ in range(depth):
-            if name is None or name in self.layers:
-                break
-            name = by_output.get(self.nodes[name].input[0]) if self.nodes[name].input else None
-        return (name, 1) if name in self.layers else None
+        name = _upstream(by_output.get(value), lambda n: n in self.layers, self.nodes, by_output)
+        return (name, 1) if name is not None else None
 
     def _reorder_ratio(self, kname: str, keep: dict) -> float:
         """A reorder kernel's time under the plan, relative to the dense model's."""
@@ -276,23 +273,25 @@ class CostModel:
                 for g in self.analysis.groups}
 
 
-def _fused_head(name, op, nodes, by_output, depth=3):
+def _fused_head(name, op, nodes, by_output):
     """A fused kernel (Conv+Add+Relu) carries the name of its last node; its cost is the
     node of the kernel's own op type a few steps upstream."""
-    if name is None or nodes[name].op_type == op or op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+    if name is None or op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
         return name
-    frontier = [name]
-    for _ in range(depth):
-        nxt = []
+    return _upstream(name, lambda n: nodes[n].op_type == op, nodes, by_output) or name
+
+
+def _upstream(name, wanted, nodes, by_output, depth=3):
+    """The nearest node at or up to `depth` steps above `name` (breadth first, inputs in order)
+    for which `wanted(node name)` holds, or None."""
+    frontier = [name] if name is not None else []
+    for _ in range(depth + 1):
         for n in frontier:
-            for i in nodes[n].input:
-                src = by_output.get(i)
-                if src is not None:
-                    if nodes[src].op_type == op:
-                        return src
-                    nxt.append(src)
-        frontier = nxt
-    return name
+            if wanted(n):
+                return n
+        frontier = [src for n in frontier for i in nodes[n].input
+                    if (src := by_output.get(i)) is not None]
+    return None
 
 
 def _source_node(kernel_name: str, nodes: dict, by_output: dict):

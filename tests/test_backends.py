@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import make_session, random_feeds
-from onnx_prune.backends.predict import CostModel, _source_node
+from onnx_prune.backends.predict import CostModel, _fused_head, _source_node
 from onnx_prune.backends.profile import Kernel, Profile
 from onnx_prune.backends.timing import LayerSig, TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.compiler.plans import full_plan, uniform_plan
@@ -322,6 +322,20 @@ def test_source_node_strips_ort_suffixes():
     assert _source_node("/blk/Conv_output_0_nchwc", nodes, by_output) == "/blk/Conv"
     assert _source_node("/blk/Mul/QuickGeluFusion/", nodes, by_output) == "/blk/Mul"
     assert _source_node("ReorderInput_token_3", nodes, by_output) is None
+
+
+def test_fused_kernel_is_charged_to_its_weight_layer_upstream():
+    """ORT names a fused Conv+Add+Relu kernel after the Relu; the Conv it starts from is found
+    breadth first through every input (here the Add's second), up to three steps above."""
+    nodes = {n: helper.make_node(op, ins, [n + ":0"], name=n) for n, op, ins in [
+        ("conv_a", "Conv", ["x", "w"]), ("conv_b", "Conv", ["x", "w"]), ("relu_a", "Relu", ["conv_a:0"]),
+        ("add", "Add", ["relu_a:0", "conv_b:0"]), ("relu", "Relu", ["add:0"]),
+        ("r1", "Relu", ["relu:0"]), ("r2", "Relu", ["r1:0"]), ("r3", "Relu", ["r2:0"])]}
+    by_output = {n.output[0]: name for name, n in nodes.items()}
+    assert _fused_head("relu", "Conv", nodes, by_output) == "conv_b"  # 2 steps up, before conv_a (3)
+    assert _fused_head("conv_a", "Conv", nodes, by_output) == "conv_a"
+    assert _fused_head("r3", "Conv", nodes, by_output) == "r3"  # 4 steps up: not this kernel's
+    assert _fused_head("relu", "Relu", nodes, by_output) == "relu"  # only weight layers are looked for
 
 
 @pytest.mark.parametrize("stride", [1, 2])
