@@ -263,7 +263,11 @@ def batchnorm(ctx, node):
 
 @rule("InstanceNormalization")
 def instancenorm(ctx, node):
+    """Per channel (axis 1), statistics over the rest: channels reshaped into those axes (GroupNorm
+    with few groups, as torch exports it) are mixed by them and cannot be pruned."""
     X = ctx.ax(node.input[0])
+    for e in X[2:]:
+        ctx.freeze(e, f"normalized over by {_desc(node)}")
     for p in node.input[1:3]:
         _bind_or_couple(ctx, node, p, 0, X[1])
     ctx.set(node.output[0], X)

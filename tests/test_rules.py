@@ -93,6 +93,16 @@ FROZEN = {
                                    conv("c2", "p", "w2", "o")],
                                   {"w1": W(8, 3, 1, 1), "pads": np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64),
                                    "w2": W(4, 10, 1, 1)}, 4), "Pad 'pad'"),
+    # GroupNorm with one group, as torch exports it: channels reshaped into the normalized axis
+    "group_norm_as_instance_norm": (lambda: body([
+        conv("c1", "x", "w1", "a"),
+        helper.make_node("Reshape", ["a", "grouped"], ["r"], name="to_groups"),
+        helper.make_node("InstanceNormalization", ["r", "one", "zero"], ["n"], name="in"),
+        helper.make_node("Reshape", ["n", "nchw"], ["b"], name="back"),
+        conv("c2", "b", "w2", "o")],
+        {"w1": W(8, 3, 1, 1), "grouped": np.array([1, 1, -1], np.int64), "one": np.ones(1, np.float32),
+         "zero": np.zeros(1, np.float32), "nchw": np.array([1, 8, 8, 8], np.int64), "w2": W(4, 8, 1, 1)}, 4),
+        "normalized over by InstanceNormalization"),
     "reduce_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                       helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
                                       helper.make_node("Sub", ["a", "m"], ["s"], name="sub"),
