@@ -87,6 +87,16 @@ def _bert():
     return transformers.BertModel(config, add_pooling_layer=False)
 
 
+def _llama_gqa():
+    # grouped-query attention: 4 query heads share 2 key/value heads (repeat_kv's Expand)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=64, use_cache=False,
+        attn_implementation="eager",
+    )
+    return transformers.LlamaModel(config)
+
+
 ENTRIES: dict[str, ZooEntry] = {
     e.name: e
     for e in (
@@ -97,5 +107,6 @@ ENTRIES: dict[str, ZooEntry] = {
         _entry("hf_efficientnet", "cnn", _efficientnet, PIXELS),
         _entry("hf_vit", "transformer", _vit, {"pixel_values": image(2, 3, 32, 32)}),
         _entry("hf_bert", "transformer", _bert, TEXT, "last_hidden_state"),
+        _entry("hf_llama_gqa", "transformer", _llama_gqa, TEXT, "last_hidden_state"),
     )
 }

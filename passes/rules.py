@@ -550,6 +550,8 @@ def shape_sources(ctx, name):
                 out.append(("mul", x, y) if x[0] == "dim" and y[0] == "const" else ("unknown",))
             return out
         return unknown_
+    if op == "Where":
+        return _where_sources(ctx, node) or unknown_
     if op == "Concat":
         srcs = [shape_sources(ctx, i) for i in node.input]
         return None if any(s is None for s in srcs) else [x for s in srcs for x in s]
@@ -568,6 +570,19 @@ def shape_sources(ctx, name):
         step = int(np.ravel(params[3])[0]) if len(params) > 3 and params[3] is not None else 1
         return base[slice(int(np.ravel(params[0])[0]), int(np.ravel(params[1])[0]), step)]
     return unknown_
+
+
+def _where_sources(ctx, node):
+    """torch exports expand(..., -1, ...) as Where(Equal(shape, -1), 1, shape), whose condition
+    canonicalization folds to a constant: entries it picks from the ones stay 1 (Expand keeps the
+    input's size there); the rest trace the shape."""
+    cond, ones = ctx.const(node.input[0]), ctx.const(node.input[1])
+    shape = shape_sources(ctx, node.input[2])
+    if cond is None or ones is None or not np.all(ones == 1) or not shape:
+        return None
+    cond = np.broadcast_to(np.ravel(cond), (len(shape),))
+    return [("const", node.input[1], 0 if np.size(ones) == 1 else i, 1) if c else src
+            for i, (c, src) in enumerate(zip(cond, shape))]
 
 
 @rule("Concat")

@@ -63,7 +63,7 @@ def test_zoo_reaches_coverage_targets():
         _entry, _canon, analysis = prepared(name)
         cov = analysis.coverage()
         assert cov["prunable_layers"] >= 0.9 * (cov["layers"] - cov["output_layers"]), (name, cov)
-    for name in ["bert_encoder", "hf_bert", "hf_vit", "vit", "torch_mha", "minilm"]:
+    for name in ["bert_encoder", "hf_bert", "hf_vit", "vit", "torch_mha", "minilm", "hf_llama_gqa"]:
         _entry, canon, analysis = prepared(name)
         _assert_heads_and_ffn_prunable(name, analysis)
 
