@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 
@@ -79,6 +81,29 @@ def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0) -> dict:
         else:
             feeds[inp.name] = rng.integers(0, _index_bound(model, inp.name, inits), size=shape).astype(dtype)
     return feeds
+
+
+@contextlib.contextmanager
+def runs_at_user_shapes(feeds: dict):
+    """Around the first run of the user's model at the shapes asked for: a model that does not run
+    there (a sequence longer than its position table, a wrong image size) is the input's fault,
+    said in one line, not a crash deep in canonicalization or profiling."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # ORT's own error types (InvalidArgument, Fail, RuntimeException)
+        if type(exc).__module__.split(".")[0] != "onnxruntime":
+            raise
+        shapes = ", ".join(f"{k}={'x'.join(map(str, np.shape(v)))}" for k, v in feeds.items())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model does not run at input shapes {shapes} (check --input-shape and --batch-size): {first}") from None
+
+
+def check_runs(model, feeds: dict) -> None:
+    """Run the user's model once on `feeds` (see runs_at_user_shapes)."""
+    with runs_at_user_shapes(feeds):
+        make_session(model, optimize=False, quiet=True).run(None, feeds)
 
 
 def _index_bound(model, name, inits) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnx_prune.backends.measure import STEADY, measure
-from onnx_prune.backends.ort import random_feeds, serialized
+from onnx_prune.backends.ort import check_runs, random_feeds, serialized
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.calib import batches, load_calibration_with_labels
 from onnx_prune.compiler.crossfit import CrossFitLoss, distinct_ids, fold_masks
@@ -126,6 +126,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         samples, labels = load_calibration_with_labels(calib, canon.model, preprocess) if calib is not None \
             else (None, None)
         feeds = _timing_feeds(canon, samples, batch_size, notes)
+        check_runs(model, feeds)
     with steps("profile + timing database"):
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
         widths = cm.candidate_widths()

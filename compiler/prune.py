@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_prune.backends.ort import random_feeds
+from onnx_prune.backends.ort import check_runs, random_feeds
 from onnx_prune.errors import UserError
 from onnx_prune.passes.analysis import Analysis, analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
@@ -40,6 +40,7 @@ def prune_uniform(model, ratio, importance="l2", input_shapes=None, verify=True,
     report.update(method="uniform", ratio=ratio, importance=importance)
     if verify:
         feeds = random_feeds(canon.model, canon.input_shapes, seed)
+        check_runs(canon.model, feeds)
         v = verify_model(canon.model, pruned, analysis, plan, feeds)
         report["max_abs_error_vs_masked_reference"] = v.max_abs_error
         report["verification"] = v.checks

@@ -223,9 +223,11 @@ def _fold_static_shape_reads(model, static, shapes) -> bool:
     derived = _shape_derived(model)
     if not dynamic or not derived:
         return False
-    from onnx_prune.backends.ort import random_feeds, run_all_outputs
+    from onnx_prune.backends.ort import random_feeds, run_all_outputs, runs_at_user_shapes
 
-    first = run_all_outputs(model, derived, random_feeds(model, shapes))
+    feeds = random_feeds(model, shapes)
+    with runs_at_user_shapes(feeds):
+        first = run_all_outputs(model, derived, feeds)
     static = set(derived)
     for dims in dynamic.values():  # vary one dynamic dim at a time, in every input that shares it
         # exporters do not always name a shared dim alike: if it cannot vary alone, vary it with
@@ -294,6 +296,23 @@ def _dynamic_dims(model) -> dict:
     return out
 
 
+EXAMPLE_DIM = 128  # offered for a dynamic dim other than the batch: a size worth timing, not 1
+
+
+def _require_static_dims(inputs):
+    """Dynamic dims other than the batch need a shape from the user: one line naming every input
+    that has them, with an example to edit (the sizes it will run at are the ones to time)."""
+    dynamic = [(inp, dims_of(inp.type)) for inp in inputs]
+    dynamic = [(inp, dims) for inp, dims in dynamic if dims is not None and None in dims[1:]]
+    if not dynamic:
+        return
+    what = ", ".join(f"'{inp.name}' {[inp.type.tensor_type.shape.dim[k].dim_param or '?' for k, d in enumerate(dims) if d is None]}"
+                     for inp, dims in dynamic)
+    example = " ".join(f"--input-shape {inp.name}=" + "x".join(str(d or (EXAMPLE_DIM if k else 1)) for k, d in enumerate(dims))
+                       for inp, dims in dynamic)
+    raise UserError(f"dynamic dims in {what}: pass the shapes to prune and time at, e.g. {example}")
+
+
 def resolve_input_shapes(model, given: dict, notes: list) -> dict:
     """Static shapes for the analysis: the model's own dims, `given` for dynamic ones."""
     inits = {t.name for t in model.graph.initializer}
@@ -302,6 +321,7 @@ def resolve_input_shapes(model, given: dict, notes: list) -> dict:
     for name in given:
         if name not in names:
             raise UserError(f"--input-shape names '{name}', but the model's inputs are: {', '.join(sorted(names))}")
+    _require_static_dims([i for i in real if i.name not in given])
     shapes = {}
     for inp in real:
         dims = dims_of(inp.type)
@@ -320,9 +340,6 @@ def resolve_input_shapes(model, given: dict, notes: list) -> dict:
             shapes[inp.name] = tuple(int(w) for w in want)
             continue
         missing = [k for k, d in enumerate(dims) if d is None]
-        if any(k != 0 for k in missing):
-            sym = [inp.type.tensor_type.shape.dim[k].dim_param or "?" for k in missing]
-            raise UserError(f"input '{inp.name}' has dynamic dims {sym}; pass --input-shape {inp.name}=" + "x".join(str(d or 1) for d in dims))
         if missing:
             notes.append(f"input '{inp.name}': dynamic batch analysed at 1")
         shapes[inp.name] = tuple(d if d is not None else 1 for d in dims)

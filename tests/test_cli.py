@@ -165,10 +165,32 @@ def test_dynamic_dims_need_input_shape(tmp_path):
     p = tmp_path / "dyn.onnx"
     onnx.save_model(m, str(p))
     out = tmp_path / "o.onnx"
-    assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("--input-shape",))
+    assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("--input-shape x=1x3x128x128",))
     r = run_cli("prune", p, "-o", out, "--ratio", "0.5", "--input-shape", "x=1x3x8x8")
     assert r.returncode == 0, r.stderr
     assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[2].dim_param == "H"
+
+
+@pytest.mark.parametrize("command", [("prune", "--ratio", "0.5"), ("compile", "--target-speedup", "1.2x")])
+def test_model_that_does_not_run_at_the_given_shape(tmp_path, command):
+    """A shape the model cannot run at (here a Reshape that fixes H x W at 8 x 8) is the input's
+    fault: exit 2 and one line naming the shapes, not an internal error."""
+    m = small_cnn()
+    for d in m.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.Clear()
+        d.dim_param = "H"
+    m.graph.node[-1].output[0] = "c"
+    m.graph.node.append(helper.make_node("Reshape", ["c", "hw64"], ["y"], name="flat"))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([0, 8, 64], np.int64), "hw64"))
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 64]))
+    p = tmp_path / "fixed_hw.onnx"
+    onnx.save_model(m, str(p))
+    out = tmp_path / "o.onnx"
+    verb, *args = command
+    assert_clean_failure(run_cli(verb, p, "-o", out, *args, "--input-shape", "x=1x3x16x16"), out,
+                         words=("does not run at input shapes x=1x3x16x16",))
+    r = run_cli("prune", p, "-o", out, "--ratio", "0.5", "--input-shape", "x=1x3x8x8")
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
