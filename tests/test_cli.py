@@ -193,6 +193,18 @@ def test_model_that_does_not_run_at_the_given_shape(tmp_path, command):
     assert r.returncode == 0, r.stderr
 
 
+def test_nothing_prunable(tmp_path):
+    """Every channel frozen (a Softmax over the only hidden layer's channels): prune, like compile,
+    says so and writes nothing."""
+    m = small_cnn()
+    m.graph.node.insert(2, helper.make_node("Softmax", ["b"], ["s"], axis=1, name="sm"))
+    m.graph.node[-1].input[0] = "s"
+    p = tmp_path / "frozen.onnx"
+    onnx.save_model(m, str(p))
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("nothing in this model",))
+
+
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
 def test_ratio_out_of_range(model_path, tmp_path, ratio):
     out = tmp_path / "o.onnx"
