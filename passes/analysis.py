@@ -206,7 +206,23 @@ def run_rules(index: GraphIndex) -> Context:
         apply_rule(ctx, node)
     for out in index.graph_outputs:
         ctx.freeze_tensor(out, f"reaches graph output '{out}'")
+    _freeze_conflicting_edits(ctx)
     return ctx
+
+
+def _freeze_conflicting_edits(ctx: Context):
+    """One constant shape entry that must hold the kept size of different channels (a shape
+    tensor several Reshapes share, where canonicalization could not give each its own) can only
+    stay as it is: those channels are frozen."""
+    table = ctx.table
+    wanted: dict = {}
+    for edit in ctx.value_edits:
+        wanted.setdefault((edit.init, edit.pos), []).append(edit)
+    for (init, pos), edits in wanted.items():
+        if len({(tuple(table.norm(e) for e in ed.exprs), ed.offset) for ed in edits}) > 1:
+            for ed in edits:
+                for e in ed.exprs:
+                    ctx.freeze(e, f"shape constant '{init}'[{pos}] sizes differently pruned axes")
 
 
 def collect_groups(ctx: Context) -> tuple[list[Group], list[FrozenGroup]]:

@@ -53,6 +53,7 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
     _name_nodes(model)
     model = _fold_constants(model)
     _remove_identities(model)
+    _unshare_shape_computations(model)
     _unshare_small_initializers(model)
     _name_nodes(model)
     _spell_out_kernel_shapes(model)
@@ -193,6 +194,63 @@ def _remove_identities(model):
                 node.input[i] = rename[name]
     del model.graph.node[:]
     model.graph.node.extend(keep)
+
+
+SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "Resize": 3, "Tile": 1}  # the input holding a target shape
+SHAPE_ARITHMETIC = {"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Cast", "Mul", "Add", "Sub", "Div",
+                    "Where", "Equal", "ConstantOfShape", "Reshape", "Abs", "Neg", "Max", "Min"}
+MAX_SHAPE_NODES = 64
+
+
+def _unshare_shape_computations(model):
+    """Give each Reshape/Expand/Resize/Tile its own copy of the arithmetic that computes its target
+    shape. Exporters that merge common subexpressions (torch's dynamo exporter) let one computed
+    [batch, seq, heads, head_dim] serve the Q, K and V of every layer; pruning one layer's heads
+    must edit its own copy. The copies stop at Shape reads, which stay shared."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    claimed = set()  # output names computed for some shape input already
+    nodes = []
+    for node in model.graph.node:
+        k = SHAPE_INPUT.get(node.op_type)
+        cone = _shape_cone(node.input[k], producer) if k is not None and len(node.input) > k else []
+        if cone and any(n.output[0] in claimed for n in cone):
+            rename = {}
+            for n in cone:  # upstream first
+                copy = onnx.NodeProto()
+                copy.CopyFrom(n)
+                copy.name = f"{n.name}__for_{node.name}"
+                for i, name in enumerate(copy.input):
+                    copy.input[i] = rename.get(name, name)
+                for i, name in enumerate(copy.output):
+                    rename[name] = copy.output[i] = f"{name}__for_{node.name}"
+                nodes.append(copy)
+            node.input[k] = rename[node.input[k]]
+        else:
+            claimed.update(n.output[0] for n in cone)
+        nodes.append(node)
+    if len(nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
+
+def _shape_cone(value, producer) -> list:
+    """The shape-arithmetic nodes `value` is computed by, upstream first, down to Shape reads,
+    inputs and constants; empty when it is not all shape arithmetic or too large."""
+    order, seen = [], set()
+
+    def visit(name) -> bool:
+        node = producer.get(name)
+        if node is None or node.op_type == "Shape" or name in seen:
+            return True
+        if node.op_type not in SHAPE_ARITHMETIC or len(order) >= MAX_SHAPE_NODES:
+            return False
+        seen.update(node.output)
+        if not all(visit(i) for i in node.input if i):
+            return False
+        order.append(node)
+        return True
+
+    return order if visit(value) else []
 
 
 def _unshare_small_initializers(model):

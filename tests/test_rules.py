@@ -170,3 +170,37 @@ def test_rule_table_covers_the_issue_ops():
                "Resize", "Upsample", "Pad", "Concat", "Split", "Slice", "Reshape", "Flatten", "Transpose",
                "Squeeze", "Unsqueeze", "Cast", "ReduceMean", "Softmax", "Gather", "Shape"]:
         assert op in ops, op
+
+
+def _shared_shape_model():
+    """Two branches reshape their channels into 4 heads x 4 with one computed [batch, 8, 4, 4]
+    (and one [batch, 8, 16] back), as torch's dynamo exporter shares them."""
+    nodes = [helper.make_node("Shape", ["x"], ["s0"], start=0, end=1, name="batch"),
+             helper.make_node("Concat", ["s0", "c8", "c4", "c4b"], ["heads"], axis=0, name="heads_shape"),
+             helper.make_node("Concat", ["s0", "c8b", "c16"], ["flat"], axis=0, name="flat_shape")]
+    inits = {"c8": np.array([8], np.int64), "c4": np.array([4], np.int64), "c4b": np.array([4], np.int64),
+             "c8b": np.array([8], np.int64), "c16": np.array([16], np.int64)}
+    for b in "pq":
+        nodes += [helper.make_node("MatMul", ["x", f"w{b}1"], [f"{b}a"], name=f"{b}_in"),
+                  helper.make_node("Reshape", [f"{b}a", "heads"], [f"{b}r"], name=f"{b}_split"),
+                  helper.make_node("Relu", [f"{b}r"], [f"{b}h"], name=f"{b}_act"),
+                  helper.make_node("Reshape", [f"{b}h", "flat"], [f"{b}f"], name=f"{b}_merge"),
+                  helper.make_node("MatMul", [f"{b}f", f"w{b}2"], [f"{b}o"], name=f"{b}_out")]
+        inits.update({f"w{b}1": W(16, 16), f"w{b}2": W(16, 16)})
+    nodes.append(helper.make_node("Add", ["po", "qo"], ["y"], name="sum"))
+    return model(nodes, inits, ["N", 8, 16], ["N", 8, 16])
+
+
+def test_shape_tensor_shared_by_branches_gets_a_copy_each():
+    analysis = _prune_and_verify(_shared_shape_model(), seeds=6)
+    assert len(analysis.groups) == 4, [g.name for g in analysis.groups]  # heads and dims, per branch
+
+
+def test_shape_constant_that_cannot_be_copied_freezes_what_it_sizes(monkeypatch):
+    """Without the copies (here: too large to copy), one shape entry would have to hold two
+    branches' kept sizes: those channels are frozen, and what is pruned stays equivalent."""
+    from onnx_prune.passes import canonicalize as canonical
+
+    monkeypatch.setattr(canonical, "MAX_SHAPE_NODES", 0)
+    analysis = _prune_and_verify(_shared_shape_model())
+    assert any("sizes differently pruned axes" in f.reason for f in analysis.frozen), analysis.frozen
