@@ -7,7 +7,7 @@ time along each axis over a grid of widths, the other axes full, and estimates t
 widths as the product of the per-axis ratios, e.g. t(cin, cout) = t(cin, full) t(full, cout) / t(full, full).
 
 Points are measured in bulk: one ONNX model holds every (signature, width) point as an
-independent node, ORT's profiler times each kernel (so the layout reorders ORT inserts around a
+independent node (its input written by a Relu just before, as a layer's input is in a model), ORT's profiler times each kernel (so the layout reorders ORT inserts around a
 lone conv do not count), and identical points are measured once. Results are cached on disk,
 keyed by what changes timing: provider, ORT version, CPU (or GPU) model and threads; the
 signature itself holds the batch size and shapes.
@@ -29,7 +29,7 @@ from onnx_prune.passes.graph import attr, conv_pads
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
-SCHEMA = 7  # bump when what a stored time means changes
+SCHEMA = 8  # bump when what a stored time means changes
 # a chunk is profiled 5 times, or for MIN_CHUNK_SECONDS up to MAX_RUNS times if that is more: a
 # kernel of 10-20 µs timed over 5 runs moved its time ratios by up to 3.5x between builds
 # (RegNetY's SE convs), over 25 by up to 2.2x
@@ -166,7 +166,7 @@ class TimingDB:
         for chunk in _chunks(todo):
             model, names = _bench_model(chunk)
             inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
-            feeds = {f"x{i}": x for i, x in enumerate(inputs)}
+            feeds = {f"in{i}": x for i, x in enumerate(inputs)}
             # which values ORT's reorders convert is in its optimized graph: asked for convs on
             # CPU only, the layers ORT may run in its blocked layout
             blocked = self.provider == "cpu" and any(s.op in CONVS for s, _ in chunk)
@@ -332,7 +332,10 @@ def _bench_model(points):
     for i, (s, widths) in enumerate(points):
         x, name = f"x{i}", f"pt{i}"
         y = name  # ORT names fused kernels after the node or its output: keep them equal
-        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, _input_shape(s, widths)))
+        inputs.append(helper.make_tensor_value_info(f"in{i}", TensorProto.FLOAT, _input_shape(s, widths)))
+        # in a model a layer reads what the op before it has just written, still in cache; fed from
+        # outside, the NCHW kernels (off the block, grouped) took up to 1.7x as long at some widths
+        nodes.append(helper.make_node("Relu", [f"in{i}"], [x], name=f"in{i}_relu"))
         wshape = _weight_shape(s, widths)
         inits.append(numpy_helper.from_array(weights[i], f"w{i}"))
         if s.op in CONVS:
