@@ -45,3 +45,35 @@ def test_dynamo_exported_models_prune_and_verify(name):
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1), "keep1")):
         result = verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
         assert result.max_abs_error <= 1e-4 * result.output_scale
+
+
+def test_dynamo_export_with_dynamic_batch_and_sequence_prunes_layers_apart():
+    """With dynamic dims the dynamo exporter computes one [batch, seq, heads, head_dim] shape and
+    shares it between layers (here LLaMA with grouped-query attention); plans that prune one
+    layer's heads and not another's must still run and verify."""
+    import torch
+
+    from onnx_prune.models.hf import ENTRIES
+
+    entry = ENTRIES["hf_llama_gqa"]
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
+            contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(entry.build().eval(), tuple(entry.example_inputs()), dynamo=True,
+                                    input_names=list(entry.input_names),
+                                    dynamic_shapes={"inputs": ({0: batch, 1: seq}, {0: batch, 1: seq})})
+        program.save(buf)
+    model = onnx.load_from_string(buf.getvalue())
+    shapes = {n: (2, 16) for n in entry.input_names}
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon.static)
+    heads = [g for g in analysis.groups if g.size == 2]  # key/value heads, one group per layer
+    assert len(heads) == 2, [(g.name, g.size) for g in analysis.groups]
+    feeds = random_feeds(canon.model, shapes)
+    rng = np.random.default_rng(0)
+    plans = [{heads[0].name: [1]}] + [random_plan(analysis, rng, "random") for _ in range(4)]
+    for plan in plans:
+        result = verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+        assert result.max_abs_error <= 1e-4 * result.output_scale
