@@ -122,7 +122,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             _rebatch(canon, batch_size)
         analysis = analyze_canonical(canon.static)
         if not analysis.groups:
-            raise UserError("nothing in this model can be pruned (run `onnx-prune analyze` to see why)")
+            raise UserError(analysis.nothing_prunable())
         samples, labels = load_calibration_with_labels(calib, canon.model, preprocess) if calib is not None \
             else (None, None)
         feeds = _timing_feeds(canon, samples, batch_size, notes)

@@ -35,7 +35,7 @@ def prune_uniform(model, ratio, importance="l2", input_shapes=None, verify=True,
     canon = canonicalize(model, input_shapes=input_shapes)
     analysis = analyze_canonical(canon.static)
     if not analysis.groups:  # as compile says: a copy of the input is not what was asked for
-        raise UserError("nothing in this model can be pruned (run `onnx-prune analyze` to see why)")
+        raise UserError(analysis.nothing_prunable())
     plan = uniform_plan(analysis, ratio, importance)
     pruned = apply_plan(canon.model, analysis, plan)
     report = build_report(analysis, plan, canon.notes)

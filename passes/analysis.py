@@ -141,6 +141,11 @@ class Context:
         return bool(self.table.spaces_in(e))
 
 
+# weights stored as integers: the weight layers are not Conv/MatMul on constants
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                 "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"}
+
+
 @dataclass
 class Analysis:
     model: onnx.ModelProto  # the canonical model the analysis ran on (static shapes)
@@ -169,6 +174,14 @@ class Analysis:
             mask[np.asarray(kept, dtype=np.int64)] = True
             keep[g.sid] = mask
         return keep
+
+    def nothing_prunable(self) -> str:
+        """The one line to stop with when no group is prunable."""
+        quantized = sorted({n.op_type for n in self.model.graph.node if n.op_type in QUANTIZED_OPS})
+        if quantized:
+            return (f"nothing in this model can be pruned: it is quantized ({', '.join(quantized)}); prune the "
+                    f"float model, then quantize the result")
+        return "nothing in this model can be pruned (run `onnx-prune analyze` to see why)"
 
     def coverage(self) -> dict:
         """How much of the model can be pruned: weight layers (producers) whose output channels

@@ -205,6 +205,23 @@ def test_nothing_prunable(tmp_path):
     assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("nothing in this model",))
 
 
+def test_quantized_model_says_so(tmp_path):
+    """Integer weights behind DequantizeLinear are not weight layers the analysis can prune: the
+    line says the model is quantized and what to do instead."""
+    m = small_cnn()
+    w1 = next(t for t in m.graph.initializer if t.name == "w1")
+    q = np.clip(np.round(numpy_helper.to_array(w1) / 0.02), -127, 127).astype(np.int8)
+    w1.CopyFrom(numpy_helper.from_array(q, "w1_q"))
+    m.graph.initializer.extend([numpy_helper.from_array(np.float32(0.02), "w1_scale"),
+                                numpy_helper.from_array(np.int8(0), "w1_zero")])
+    m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["w1_q", "w1_scale", "w1_zero"], ["w1"], name="dq"))
+    p = tmp_path / "quantized.onnx"
+    onnx.save_model(m, str(p))
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out,
+                         words=("quantized (DequantizeLinear)", "prune the float model"))
+
+
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
 def test_ratio_out_of_range(model_path, tmp_path, ratio):
     out = tmp_path / "o.onnx"
