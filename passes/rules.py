@@ -211,6 +211,44 @@ def _broadcast_batch(ctx, node, A, B, out_shape):
     return out
 
 
+@rule("Einsum")
+def einsum(ctx, node):
+    """One subscript letter is one axis. A letter shared by operands carries the same channels; a
+    constant operand is a weight: its letters found in the activations consume their channels,
+    those only it and the output have produce new ones (Keras' attention: 'bsd,dhk->bshk')."""
+    eq = attr(node, "equation")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    if "." in eq or "->" not in eq:
+        raise Unsupported("einsum with an ellipsis or an implicit output")
+    lhs, rhs = eq.split("->")
+    terms, names = lhs.split(","), [i for i in node.input]
+    axes = [ctx.ax(i) for i in names]
+    if len(terms) != len(names) or any(len(t) != len(a) or len(set(t)) != len(t) for t, a in zip(terms, axes)):
+        raise Unsupported("einsum subscripts do not match the operands")
+    letters = {}
+    weights = [k for k, n in enumerate(names) if ctx.is_const(n)]
+    for k in sorted(range(len(names)), key=lambda k: k in weights):  # activations first
+        for ch, e in zip(terms[k], axes[k]):
+            if ch not in letters:
+                if k in weights:
+                    if ch not in rhs:
+                        ctx.freeze(e, f"{_desc(node)} sums a weight axis")
+                    else:
+                        ctx.produce(e, node)
+                        ctx.roles.setdefault(names[k], []).append((terms[k].index(ch), "producer", node.name))
+                letters[ch] = e
+                continue
+            if ctx.size(e) != ctx.size(letters[ch]):
+                ctx.freeze(e, f"{_desc(node)} broadcasts this axis")
+                ctx.freeze(letters[ch], f"{_desc(node)} broadcasts this axis")
+                continue
+            ctx.unify(letters[ch], e, f"{_desc(node)} contracts differently laid out channels")
+            if k in weights:
+                role = "param" if ch in rhs else "consumer"
+                ctx.roles.setdefault(names[k], []).append((terms[k].index(ch), role, node.name))
+    ctx.set(node.output[0], [letters[ch] if ch in letters else Fx(d) for ch, d in zip(rhs, ctx.shape(node.output[0]))])
+
+
 @rule("Gemm")
 def gemm(ctx, node):
     a, b = node.input[0], node.input[1]

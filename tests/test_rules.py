@@ -74,6 +74,14 @@ CASES = {
                                   conv("c2", "w", "w2", "o")],
                                  {"w1": W(8, 3, 1, 1), "zero": np.float32(0), "bias": W(1, 8, 1, 1),
                                   "shape": np.array([1, 8, 8, 8], np.int64), "w2": W(4, 8, 1, 1)}, 4),
+    # Keras-style dense and multi-head projections written as einsums (tf2onnx keeps them)
+    "einsum_heads": lambda: model(
+        [helper.make_node("Einsum", ["x", "w1"], ["a"], equation="bsd,de->bse", name="dense"),
+         helper.make_node("Relu", ["a"], ["r"], name="act"),
+         helper.make_node("Einsum", ["r", "w2"], ["h"], equation="bse,ehk->bshk", name="heads"),
+         helper.make_node("Tanh", ["h"], ["t"], name="mix"),
+         helper.make_node("Einsum", ["t", "w3"], ["y"], equation="bshk,hkf->bsf", name="merge")],
+        {"w1": W(16, 32), "w2": W(32, 4, 8), "w3": W(4, 8, 16)}, [1, 8, 16], [1, 8, 16]),
 }
 
 FROZEN = {
