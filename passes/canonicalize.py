@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
 from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, load_model, opset_of
+from onnx_prune.passes.rules import SHAPE_TARGETS
 
 MIN_OPSET = 7
 UPGRADE_BELOW = 13
@@ -196,22 +197,22 @@ def _remove_identities(model):
     model.graph.node.extend(keep)
 
 
-SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "Resize": 3, "Tile": 1}  # the input holding a target shape
 SHAPE_ARITHMETIC = {"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Cast", "Mul", "Add", "Sub", "Div",
                     "Where", "Equal", "ConstantOfShape", "Reshape", "Abs", "Neg", "Max", "Min"}
 MAX_SHAPE_NODES = 64
 
 
 def _unshare_shape_computations(model):
-    """Give each Reshape/Expand/Resize/Tile its own copy of the arithmetic that computes its target
-    shape. Exporters that merge common subexpressions (torch's dynamo exporter) let one computed
+    """Give each Reshape/Expand/Resize its own copy of the arithmetic that computes its target
+    shape (the shape inputs surgery edits: rules.SHAPE_TARGETS). Exporters that merge common subexpressions (torch's dynamo exporter) let one computed
     [batch, seq, heads, head_dim] serve the Q, K and V of every layer; pruning one layer's heads
     must edit its own copy. The copies stop at Shape reads, which stay shared."""
+    slot = dict(SHAPE_TARGETS)
     producer = {o: n for n in model.graph.node for o in n.output}
     claimed = set()  # output names computed for some shape input already
     nodes = []
     for node in model.graph.node:
-        k = SHAPE_INPUT.get(node.op_type)
+        k = slot.get(node.op_type)
         cone = _shape_cone(node.input[k], producer) if k is not None and len(node.input) > k else []
         if cone and any(n.output[0] in claimed for n in cone):
             rename = {}
