@@ -7,8 +7,9 @@ time along each axis over a grid of widths, the other axes full, and estimates t
 widths as the product of the per-axis ratios, e.g. t(cin, cout) = t(cin, full) t(full, cout) / t(full, full).
 
 Points are measured in bulk: one ONNX model holds every (signature, width) point as an
-independent node (its input written by a Relu just before, as a layer's input is in a model), ORT's profiler times each kernel (so the layout reorders ORT inserts around a
-lone conv do not count), and identical points are measured once. Results are cached on disk,
+independent node (its input written by a Relu just before, as a layer's input is in a model),
+ORT's profiler times each kernel (so the layout reorders ORT inserts around a lone conv do not
+count), and identical points are measured once. Results are cached on disk,
 keyed by what changes timing: provider, ORT version, CPU (or GPU) model and threads; the
 signature itself holds the batch size and shapes.
 """
@@ -177,8 +178,9 @@ class TimingDB:
                 if t <= 0:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
                 self.times[self.point_key(s, w)] = t
-                if blocked:
-                    self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"), _reorders_of(kernels, name)]
+                if blocked:  # [into its input, out of its output]
+                    self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"),
+                                                           _reorders_of(kernels, name)]
             self.measured += len(chunk)
         self.save()
 
