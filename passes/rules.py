@@ -221,12 +221,12 @@ def einsum(ctx, node):
     if "." in eq or "->" not in eq:
         raise Unsupported("einsum with an ellipsis or an implicit output")
     lhs, rhs = eq.split("->")
-    terms, names = lhs.split(","), [i for i in node.input]
+    terms, names = lhs.split(","), list(node.input)
     axes = [ctx.ax(i) for i in names]
     if len(terms) != len(names) or any(len(t) != len(a) or len(set(t)) != len(t) for t, a in zip(terms, axes)):
         raise Unsupported("einsum subscripts do not match the operands")
     letters = {}
-    weights = [k for k, n in enumerate(names) if ctx.is_const(n)]
+    weights = {k for k, n in enumerate(names) if ctx.is_const(n)}
     for k in sorted(range(len(names)), key=lambda k: k in weights):  # activations first
         for ch, e in zip(terms[k], axes[k]):
             if ch not in letters:
