@@ -97,7 +97,8 @@ def runs_at_user_shapes(feeds: dict):
             raise
         shapes = ", ".join(f"{k}={'x'.join(map(str, np.shape(v)))}" for k, v in feeds.items())
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"the model does not run at input shapes {shapes} (check --input-shape and --batch-size): {first}") from None
+        raise UserError(f"the model does not run at input shapes {shapes} (check --input-shape and "
+                        f"--batch-size): {first}") from None
 
 
 def check_runs(model, feeds: dict) -> None:

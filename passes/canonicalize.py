@@ -204,9 +204,10 @@ MAX_SHAPE_NODES = 64
 
 def _unshare_shape_computations(model):
     """Give each Reshape/Expand/Resize its own copy of the arithmetic that computes its target
-    shape (the shape inputs surgery edits: rules.SHAPE_TARGETS). Exporters that merge common subexpressions (torch's dynamo exporter) let one computed
-    [batch, seq, heads, head_dim] serve the Q, K and V of every layer; pruning one layer's heads
-    must edit its own copy. The copies stop at Shape reads, which stay shared."""
+    shape (the shape inputs surgery edits: rules.SHAPE_TARGETS). Exporters that merge common
+    subexpressions (torch's dynamo exporter) let one computed [batch, seq, heads, head_dim] serve
+    the Q, K and V of every layer; pruning one layer's heads must edit its own copy. The copies
+    stop at Shape reads, which stay shared."""
     slot = dict(SHAPE_TARGETS)
     producer = {o: n for n in model.graph.node for o in n.output}
     claimed = set()  # output names computed for some shape input already
@@ -365,10 +366,14 @@ def _require_static_dims(inputs):
     dynamic = [(inp, dims) for inp, dims in dynamic if dims is not None and None in dims[1:]]
     if not dynamic:
         return
-    what = ", ".join(f"'{inp.name}' {[inp.type.tensor_type.shape.dim[k].dim_param or '?' for k, d in enumerate(dims) if d is None]}"
-                     for inp, dims in dynamic)
-    example = " ".join(f"--input-shape {inp.name}=" + "x".join(str(d or (EXAMPLE_DIM if k else 1)) for k, d in enumerate(dims))
-                       for inp, dims in dynamic)
+    def labels(inp, dims):
+        return [inp.type.tensor_type.shape.dim[k].dim_param or "?" for k, d in enumerate(dims) if d is None]
+
+    def example_shape(dims):  # batch 1, EXAMPLE_DIM for the other dynamic dims
+        return "x".join(str(d or (EXAMPLE_DIM if k else 1)) for k, d in enumerate(dims))
+
+    what = ", ".join(f"'{inp.name}' {labels(inp, dims)}" for inp, dims in dynamic)
+    example = " ".join(f"--input-shape {inp.name}={example_shape(dims)}" for inp, dims in dynamic)
     raise UserError(f"dynamic dims in {what}: pass the shapes to prune and time at, e.g. {example}")
 
 
