@@ -17,26 +17,26 @@ from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
 
 
-def dynamo_export(name):
+def dynamo_export(entry, dynamic_shapes=None):
+    """The zoo entry's module through torch's dynamo exporter (quietly), and its example shapes."""
     import torch
 
-    from onnx_prune.models.zoo import ENTRIES
-
-    entry = ENTRIES[name]
-    module, example = entry.build().eval(), entry.example_inputs()
+    module, example = entry.build().eval(), tuple(entry.example_inputs())
     buf = io.BytesIO()
     with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
             contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, buf, dynamo=True, input_names=list(entry.input_names),
-                          output_names=list(entry.output_names))
+                          output_names=list(entry.output_names), dynamic_shapes=dynamic_shapes)
     model = onnx.load_from_string(buf.getvalue())
     return model, {n: tuple(t.shape) for n, t in zip(entry.input_names, example)}
 
 
 @pytest.mark.parametrize("name", ["resnet_basic", "shufflenetv2", "bert_encoder"])
 def test_dynamo_exported_models_prune_and_verify(name):
-    model, shapes = dynamo_export(name)
+    from onnx_prune.models.zoo import ENTRIES
+
+    model, shapes = dynamo_export(ENTRIES[name])
     assert model.opset_import[0].version >= 18
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon.static)
@@ -57,16 +57,7 @@ def test_dynamo_export_with_dynamic_batch_and_sequence_prunes_layers_apart():
 
     entry = ENTRIES["hf_llama_gqa"]
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
-            contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(entry.build().eval(), tuple(entry.example_inputs()), dynamo=True,
-                                    input_names=list(entry.input_names),
-                                    dynamic_shapes={"inputs": ({0: batch, 1: seq}, {0: batch, 1: seq})})
-        program.save(buf)
-    model = onnx.load_from_string(buf.getvalue())
-    shapes = {n: (2, 16) for n in entry.input_names}
+    model, shapes = dynamo_export(entry, {"inputs": ({0: batch, 1: seq}, {0: batch, 1: seq})})
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon.static)
     heads = [g for g in analysis.groups if g.size == 2]  # key/value heads, one group per layer
