@@ -334,14 +334,10 @@ def _check_output(model, output):
 
 
 def _write_json(path, data):
-    import tempfile
+    from onnx_prune.files import atomic_path
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
 
 
 def _json_default(o):

@@ -4,16 +4,15 @@ measured speedup per round, and error vs speed of the candidates the search trie
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
+
+from onnx_prune.files import atomic_path
 
 
 def _save(fig, path):
     """Atomic write: a half-drawn plot never replaces a good one."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 @contextmanager
@@ -103,8 +102,6 @@ def write_summary(report: dict, json_path: str) -> str:
     stem = os.path.splitext(json_path)[0]
     plots = _plots(report, stem)
     md = stem + ".md"
-    fd, tmp = tempfile.mkstemp(suffix=".md", dir=os.path.dirname(os.path.abspath(md)))
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(md) as tmp, open(tmp, "w") as f:
         f.write(markdown(report, plots))
-    os.replace(tmp, md)
     return md

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -11,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
+from onnx_prune.files import atomic_folder, atomic_path
 
 # ONNX Runtime 1.31 refuses IR version 14; emit the newest it accepts.
 MAX_IR_VERSION = 10
@@ -21,7 +21,7 @@ def load_model(path_or_model) -> onnx.ModelProto:
     if isinstance(path_or_model, onnx.ModelProto):
         m = onnx.ModelProto()
         m.CopyFrom(path_or_model)
-        return m
+        return _within_protobuf_limit(m, "the model")
     path = os.fspath(path_or_model)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
@@ -32,6 +32,17 @@ def load_model(path_or_model) -> onnx.ModelProto:
     if not model.graph.node:
         raise UserError(f"{path}: not an ONNX model (no graph nodes); check the file is complete")
     _load_external_data(model, os.path.dirname(os.path.abspath(path)), path)
+    return _within_protobuf_limit(model, path)
+
+
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: ORT sessions, shape inference and the checker take the model serialized
+
+
+def _within_protobuf_limit(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    size = model.ByteSize()
+    if size > PROTOBUF_LIMIT:
+        raise UserError(f"{label}: {size / 1e9:.1f} GB with its weights; onnx-prune handles models under 2 GB "
+                        "(the protobuf limit of the serialized graph it checks, times and verifies)")
     return model
 
 
@@ -63,25 +74,22 @@ def _all_tensors(model):
                 yield a.t
 
 
+EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf cannot serialize 2 GiB: larger models keep weights beside
+
+
 def save_model(model: onnx.ModelProto, path: str):
-    """Write atomically: a temp file beside the target, then rename. Large models use external data."""
+    """Write atomically (onnx_prune/files.py). Large models use external data, written beside the
+    model as PATH.data (fresh: onnx appends to an existing data file)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    large = model.ByteSize() > 1_900_000_000
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        if large:
-            data_name = os.path.basename(path) + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, location=data_name)
-        else:
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        with atomic_folder(path) as staging:
+            name = os.path.basename(path)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # onnx moves the weights of the model it saves out to the file
+            onnx.save_model(copy, os.path.join(staging, name), save_as_external_data=True, location=name + ".data")
+    else:
+        with atomic_path(path) as tmp:
             onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def opset_of(model: onnx.ModelProto) -> int:

@@ -77,6 +77,46 @@ def test_prune_writes_verified_model_and_report(model_path, tmp_path):
     assert data["max_abs_error_vs_masked_reference"] < 1e-4
 
 
+def test_outputs_get_a_new_files_mode(model_path, tmp_path):
+    """Written through a private temporary file, the outputs still get the mode of any new file."""
+    out, report = tmp_path / "small.onnx", tmp_path / "r.json"
+    old = os.umask(0o022)
+    try:
+        r = run_cli("prune", model_path, "-o", out, "--ratio", "0.5", "--report", report)
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert [oct(os.stat(p).st_mode & 0o777) for p in (out, report)] == [oct(0o644)] * 2
+
+
+def test_large_model_is_saved_with_fresh_external_data(tmp_path, monkeypatch):
+    """Over protobuf's limit the weights go to PATH.data; saving again replaces that file (onnx
+    alone would append to it) and leaves no staging folder behind."""
+    import onnx_prune.passes.graph as graph
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 100)
+    model, path = small_cnn(), tmp_path / "big.onnx"
+    for _ in range(2):
+        save_model(model, str(path))
+    data = tmp_path / "big.onnx.data"
+    weights = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    assert data.exists() and data.stat().st_size < 2 * weights
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    back = onnx.load(str(path))
+    assert [numpy_helper.to_array(t).tolist() for t in back.graph.initializer] == \
+        [numpy_helper.to_array(t).tolist() for t in model.graph.initializer]
+
+
+def test_model_over_protobufs_limit_is_a_clear_error(model_path, monkeypatch):
+    import onnx_prune.passes.graph as graph
+    from onnx_prune.errors import UserError
+
+    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 100)
+    for source in (str(model_path), small_cnn()):
+        with pytest.raises(UserError, match="under 2 GB"):
+            load_model(source)
+
+
 def test_analyze_text_and_json(model_path):
     r = run_cli("analyze", model_path)
     assert r.returncode == 0, r.stderr
