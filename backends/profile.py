@@ -62,7 +62,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
             events = json.load(f)
         if optimized:
             graph = onnx.load(optimized, load_external_data=False).graph
-            values = {n.name: tuple(n.output) + tuple(n.input) for n in graph.node}
+            values = {_model_name(n.name): tuple(n.output) + tuple(n.input) for n in graph.node}
     finally:
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
@@ -72,7 +72,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
     for ev in events:
         if ev.get("cat") != "Node" or not ev["name"].endswith("_kernel_time"):
             continue
-        name = ev["name"][: -len("_kernel_time")]
+        name = _model_name(ev["name"][: -len("_kernel_time")])
         per_run[name].append(float(ev["dur"]))
         args = ev.get("args", {})
         info[name] = (args.get("op_name", ""), _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape")))
@@ -82,6 +82,15 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         op, ins, outs = info[name]
         kernels[name] = Kernel(name, op, float(np.median(durs)), ins, outs, values.get(name, ()))
     return kernels
+
+
+# ORT CPU runs a float16 model's float16-less kernels in float32, between Casts it inserts, and
+# renames those nodes with this prefix
+FP16_CAST_PREFIX = "InsertedPrecisionFreeCast_"
+
+
+def _model_name(name: str) -> str:
+    return name[len(FP16_CAST_PREFIX):] if name.startswith(FP16_CAST_PREFIX) else name
 
 
 def _shapes(entries):

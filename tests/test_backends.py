@@ -316,6 +316,25 @@ def test_profile_names_the_values_of_kernels_ort_inserted():
         assert values & set(k.values), (k.name, k.values)
 
 
+def test_profile_names_a_float16_models_kernels_as_its_float32_twins():
+    """ORT CPU runs float16 convs in float32 between Casts it inserts, renaming the nodes
+    `InsertedPrecisionFreeCast_<name>`: the profile gives them back the names the predictor
+    maps to the model's layers, those of the same model in float32."""
+    from onnx_prune.backends.profile import profile_session_runs
+
+    names = {}
+    for dtype, proto in ((np.float32, TensorProto.FLOAT), (np.float16, TensorProto.FLOAT16)):
+        model = two_convs(32)
+        for t in model.graph.initializer:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+        for v in list(model.graph.input) + list(model.graph.output):
+            v.type.tensor_type.elem_type = proto
+        feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(dtype)}
+        kernels = profile_session_runs(model, feeds, threads=1, runs=2, warmup=1, node_values=True)
+        names[dtype] = {name for name, k in kernels.items() if k.op != "Cast" and k.values}
+    assert names[np.float16] == names[np.float32]
+
+
 def test_source_node_strips_ort_suffixes():
     nodes = {"/blk/Conv": None, "/blk/Mul": None}
     by_output = {"/blk/Conv_output_0": "/blk/Conv"}
