@@ -21,7 +21,7 @@ def load_model(path_or_model) -> onnx.ModelProto:
     if isinstance(path_or_model, onnx.ModelProto):
         m = onnx.ModelProto()
         m.CopyFrom(path_or_model)
-        return _within_protobuf_limit(m, "the model")
+        return _known_ops(_within_protobuf_limit(m, "the model"), "the model")
     path = os.fspath(path_or_model)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
@@ -32,7 +32,32 @@ def load_model(path_or_model) -> onnx.ModelProto:
     if not model.graph.node:
         raise UserError(f"{path}: not an ONNX model (no graph nodes); check the file is complete")
     _load_external_data(model, os.path.dirname(os.path.abspath(path)), path)
-    return _within_protobuf_limit(model, path)
+    return _known_ops(_within_protobuf_limit(model, path), path)
+
+
+def _known_ops(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """Every node of the ONNX domain names an operator of the model's opset: an exporter that left
+    its own framework's ops behind (tf2onnx's StatefulPartitionedCall) made a model no runtime runs."""
+    opset = opset_of(model)
+    local = {(f.domain, f.name) for f in model.functions}
+    unknown: dict[str, int] = {}
+    for node in _all_nodes(model.graph):
+        if node.domain in ("", "ai.onnx") and (node.domain, node.op_type) not in local \
+                and not onnx.defs.has(node.op_type, opset, ""):
+            unknown[node.op_type] = unknown.get(node.op_type, 0) + 1
+    if unknown:
+        ops = ", ".join(f"{op} ({n} node{'s' * (n > 1)})" for op, n in sorted(unknown.items()))
+        raise UserError(f"{label}: not a valid ONNX model: {ops} not in ONNX opset {opset}; the exporter left "
+                        "them unconverted (re-export, or convert them with a newer exporter)")
+    return model
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_nodes(g)
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: ORT sessions, shape inference and the checker take the model serialized

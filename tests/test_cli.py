@@ -197,6 +197,19 @@ def test_unsupported_opset(tmp_path):
     assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("opset 40",))
 
 
+def test_ops_the_exporter_left_unconverted(tmp_path):
+    """tf2onnx on a Keras version it does not know leaves TF's calls and ops it cannot map in the
+    ONNX domain: analyze (which runs no session) names them instead of failing inside a parser."""
+    m = small_cnn()
+    m.graph.node[1].op_type = "StatefulPartitionedCall"
+    m.graph.node[1].attribute.append(helper.make_attribute("config_proto", b"\n\x07\x82\x01"))
+    p = tmp_path / "tf.onnx"
+    onnx.save_model(m, str(p))
+    r = run_cli("analyze", p)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "StatefulPartitionedCall (1 node) not in ONNX opset 17" in r.stderr
+
+
 def test_dynamic_dims_need_input_shape(tmp_path):
     m = small_cnn()
     for d in m.graph.input[0].type.tensor_type.shape.dim[2:]:
