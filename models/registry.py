@@ -1,5 +1,5 @@
 """One registry over the whole zoo: torch reference models, HF config models,
-the onnx package's light models and the pretrained MiniLM.
+the onnx package's light models, Keras models exported by tf2onnx and the pretrained MiniLM.
 
     from onnx_prune.models import registry
     zm = registry.load("resnet_basic")
@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from . import light
+from . import keras_zoo, light
 from .feeds import InputSpec, make_feeds
 
 CACHE_ENV = "ONNX_PRUNE_ZOO_CACHE"
@@ -33,10 +33,10 @@ LIGHT_SEED = 0
 class ZooModel:
     name: str
     family: str  # "cnn" | "transformer"
-    source: str  # "torch" | "hf" | "light" | "pretrained"
+    source: str  # "torch" | "hf" | "light" | "keras" | "pretrained"
     model: onnx.ModelProto
     input_specs: dict[str, InputSpec]
-    # Runs the originating torch module on a feed dict; None for light models.
+    # Runs the originating torch module on a feed dict; None for light and Keras models.
     reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = field(default=None, repr=False)
 
     @property
@@ -82,6 +82,7 @@ def _catalogue() -> dict[str, tuple[str, str]]:
     for source in ("torch", "hf"):
         catalogue.update({name: (e.family, source) for name, e in _torch_entries(source).items()})
     catalogue.update({LIGHT_PREFIX + name: ("cnn", "light") for name in light.light_names()})
+    catalogue.update({name: (family, "keras") for name, (family, _) in keras_zoo.KERAS.items()})
     if _minilm_available():
         catalogue[MINILM] = ("transformer", "pretrained")
     return catalogue
@@ -117,6 +118,8 @@ def _export(name: str, source: str) -> onnx.ModelProto:
     if source == "light":
         model, _ = light.load_light(name[len(LIGHT_PREFIX):])
         return light.randomize_weights(model, LIGHT_SEED)
+    if source == "keras":
+        return keras_zoo.load_keras(name)
     if source == "pretrained":
         from .minilm import load_minilm
 
@@ -130,6 +133,8 @@ def _export(name: str, source: str) -> onnx.ModelProto:
 def _specs_and_reference(name: str, source: str, model: onnx.ModelProto):
     if source == "light":
         return light.input_specs(model), None
+    if source == "keras":
+        return keras_zoo.input_specs(name), None
     if source == "pretrained":
         from . import minilm
 
