@@ -339,7 +339,28 @@ def layernorm(ctx, node):
             ctx.set(o, [Fx(d) for d in ctx.shape(o)])
 
 
-@rule("GroupNormalization", "LRN", "MeanVarianceNormalization")
+@rule("GroupNormalization")
+def groupnorm(ctx, node):
+    """Statistics per group of C / num_groups channels: the channels of a group are mixed by them
+    and stay, whole groups can go (num_groups follows). Scale and bias hold one value per group
+    up to opset 20, per channel from opset 21."""
+    X = ctx.ax(node.input[0])
+    for e in X[2:]:
+        ctx.freeze(e, f"normalized over by {_desc(node)}")
+    g, c = attr(node, "num_groups"), ctx.size(X[1])
+    if g == 1:
+        ctx.freeze(X[1], f"normalized over by {_desc(node)} (one group)")
+    groups, within = ctx.table.split(X[1], [g, c // g]) if 1 < g < c else (X[1], None)
+    if within is not None:
+        ctx.freeze(within, f"channels of one group, normalized together by {_desc(node)}")
+    for p in node.input[1:3]:
+        _bind_or_couple(ctx, node, p, 0, X[1] if ctx.shape(p)[0] == c else groups)
+    if g > 1:
+        ctx.attr_edits.append(_attr_edit(node, "num_groups", groups))
+    ctx.set(node.output[0], X)
+
+
+@rule("LRN", "MeanVarianceNormalization")
 def channel_mixing_norm(ctx, node):
     X = ctx.ax(node.input[0])
     ctx.freeze(X[1], f"{_desc(node)} mixes neighbouring channels")

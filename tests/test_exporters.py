@@ -17,7 +17,7 @@ from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
 
 
-def dynamo_export(entry, dynamic_shapes=None):
+def dynamo_export(entry, dynamic_shapes=None, opset=None):
     """The zoo entry's module through torch's dynamo exporter (quietly), and its example shapes."""
     import torch
 
@@ -27,7 +27,7 @@ def dynamo_export(entry, dynamic_shapes=None):
             contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, buf, dynamo=True, input_names=list(entry.input_names),
-                          output_names=list(entry.output_names), dynamic_shapes=dynamic_shapes)
+                          output_names=list(entry.output_names), dynamic_shapes=dynamic_shapes, opset_version=opset)
     model = onnx.load_from_string(buf.getvalue())
     return model, {n: tuple(t.shape) for n, t in zip(entry.input_names, example)}
 
@@ -45,6 +45,40 @@ def test_dynamo_exported_models_prune_and_verify(name):
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1), "keep1")):
         result = verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
         assert result.max_abs_error <= 1e-4 * result.output_scale
+
+
+def test_group_norm_op_prunes_whole_groups():
+    """At opset 21 the exporter writes torch's GroupNorm as the GroupNormalization op: groups of
+    4 channels prune whole (num_groups follows), one channel per group prunes channel by channel."""
+    import torch
+    from types import SimpleNamespace
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.gn1 = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.GroupNorm(8, 32)
+            self.c2, self.gn2 = torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.GroupNorm(32, 32)
+            self.c3 = torch.nn.Conv2d(32, 8, 1)
+
+        def forward(self, x):
+            return self.c3(torch.relu(self.gn2(self.c2(torch.relu(self.gn1(self.c1(x)))))))
+
+    torch.manual_seed(0)
+    entry = SimpleNamespace(build=Net, example_inputs=lambda: [torch.randn(1, 3, 16, 16)], input_names=["x"],
+                            output_names=["y"])
+    model, shapes = dynamo_export(entry, opset=21)
+    assert sum(n.op_type == "GroupNormalization" for n in model.graph.node) == 2
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon.static)
+    assert sorted(g.size for g in analysis.groups) == [8, 32]
+    feeds = random_feeds(canon.model, shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1)),
+                 random_plan(analysis, np.random.default_rng(2), "keep1")):
+        pruned = apply_plan(canon.model, analysis, plan)
+        verify(canon.model, pruned, analysis, plan, feeds)
+    groups = [onnx.helper.get_attribute_value(a) for n in pruned.graph.node if n.op_type == "GroupNormalization"
+              for a in n.attribute if a.name == "num_groups"]
+    assert groups == [1, 1]
 
 
 def test_dynamo_export_with_dynamic_batch_and_sequence_prunes_layers_apart():

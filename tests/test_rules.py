@@ -52,6 +52,15 @@ CASES = {
                                    helper.make_node("InstanceNormalization", ["a", "s", "b"], ["n"], name="in"),
                                    conv("c2", "n", "w2", "o")],
                                   {"w1": W(8, 3, 3, 3), "s": W(8) + 1, "b": W(8), "w2": W(4, 8, 1, 1)}, 4),
+    # whole groups of a GroupNormalization prune; scale and bias per group (opset 18) or per
+    # channel (opset 21); one channel per group (num_groups == C) prunes channel by channel
+    **{f"group_norm_{g}_groups_opset{opset}": (lambda g=g, opset=opset: body(
+        [conv("c1", "x", "w1", "a", pads=[1] * 4),
+         helper.make_node("GroupNormalization", ["a", "s", "b"], ["n"], num_groups=g, name="gn"),
+         helper.make_node("Relu", ["n"], ["r"], name="act"),
+         conv("c2", "r", "w2", "o")],
+        {"w1": W(16, 3, 3, 3), "s": W(16 if opset >= 21 else g) + 1, "b": W(16 if opset >= 21 else g),
+         "w2": W(4, 16, 1, 1)}, 4, opset=opset)) for g in (4, 16) for opset in (18, 21)},
     "depthwise_multiplier": lambda: body([conv("c1", "x", "w1", "a", pads=[1] * 4),
                                           conv("dw", "a", "wd", "d", pads=[1] * 4, group=8),
                                           conv("c2", "d", "w2", "o")],
@@ -111,6 +120,12 @@ FROZEN = {
         {"w1": W(8, 3, 1, 1), "grouped": np.array([1, 1, -1], np.int64), "one": np.ones(1, np.float32),
          "zero": np.zeros(1, np.float32), "nchw": np.array([1, 8, 8, 8], np.int64), "w2": W(4, 8, 1, 1)}, 4),
         "normalized over by InstanceNormalization"),
+    "group_norm_one_group": (lambda: body([
+        conv("c1", "x", "w1", "a"),
+        helper.make_node("GroupNormalization", ["a", "s", "b"], ["n"], num_groups=1, name="gn"),
+        conv("c2", "n", "w2", "o")],
+        {"w1": W(8, 3, 1, 1), "s": W(8) + 1, "b": W(8), "w2": W(4, 8, 1, 1)}, 4, opset=21),
+        "(one group)"),
     "reduce_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                       helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
                                       helper.make_node("Sub", ["a", "m"], ["s"], name="sub"),
