@@ -25,6 +25,14 @@ def serialized(model) -> bytes:
     return model.SerializeToString()
 
 
+def errors_only_from_ort():
+    """ORT's optimizer logs its warnings (a fusion it skipped) through the default logger, not a
+    session's; onnx-graphsurgeon's constant folding runs sessions of its own."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+
+
 def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True, quiet=False,
                  profile_prefix=None, optimized_path=None):
     """An InferenceSession on `provider`; asking for CUDA where it is missing is an error."""
@@ -35,6 +43,7 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
     ep = PROVIDERS[provider]
     if ep not in ort.get_available_providers():
         raise UserError(f"provider '{provider}' is not available in this onnxruntime ({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA")
+    errors_only_from_ort()
     so = ort.SessionOptions()
     so.log_severity_level = 4 if quiet else 3
     if threads:

@@ -14,9 +14,9 @@ ZOO_PREFIX = "zoo:"
 
 
 def parse_input_shapes(values) -> dict:
-    """`name=1x3x224x224` (repeatable) -> {name: (1, 3, 224, 224)}."""
+    """`name=1x3x224x224` (repeatable, or comma-separated: `ids=1x128,mask=1x128`) -> {name: (1, 3, 224, 224)}."""
     shapes = {}
-    for v in values:
+    for v in (item for value in values for item in value.split(",")):
         name, sep, dims = v.rpartition("=")
         try:
             parsed = tuple(int(d) for d in dims.lower().split("x"))
@@ -75,7 +75,7 @@ def main():
 
 
 input_shape_opt = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DxD...",
-                               help="Static shape for a dynamic input, for the analysis (repeatable).")
+                               help="Static shape for a dynamic input, for the analysis (repeatable, or comma-separated).")
 
 
 @main.command()

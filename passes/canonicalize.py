@@ -137,6 +137,9 @@ def _fold_constants(model):
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         inferred = model
+    from onnx_prune.backends.ort import errors_only_from_ort
+
+    errors_only_from_ort()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = gs.import_onnx(inferred)
