@@ -13,15 +13,19 @@ import numpy as np
 from onnx_prune.passes.graph import attr
 from onnx_prune.passes.spaces import Cat, Fx, Prod, Unsupported
 
-RULES = {}
+RULES = {}  # op type of the ONNX domain -> rule
+CONTRIB = "com.microsoft"  # ONNX Runtime's own ops, as its transformers optimizer fuses them
+CONTRIB_RULES = {}
 
 RULE_FAILED = "analysis rule failed"
 
 
-def rule(*op_types):
+def rule(*op_types, domain=""):
+    table = RULES if domain == "" else CONTRIB_RULES
+
     def register(fn):
         for op in op_types:
-            RULES[op] = fn
+            table[op] = fn
         return fn
 
     return register
@@ -29,7 +33,8 @@ def rule(*op_types):
 
 def apply_rule(ctx, node):
     """Run the rule for `node`; on anything unexpected, freeze its channels instead."""
-    fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else \
+        CONTRIB_RULES.get(node.op_type) if node.domain == CONTRIB else None
     ctx.where = _desc(node)
     if fn is None:
         return unknown(ctx, node, f"unsupported op {_desc(node)}")
@@ -114,6 +119,30 @@ def elementwise(ctx, node):
             ctx.unify(cands[0], c, f"{_desc(node)} mixes channel layouts")
         out.append(cands[0] if cands else Fx(out_shape[k]))
     ctx.set(node.output[0], out)
+
+
+# ONNX Runtime's fused activations: elementwise, with an optional bias added first (BiasGelu,
+# FastGelu) or a residual too (BiasAdd)
+rule("Gelu", "QuickGelu", "FastGelu", "BiasGelu", "BiasAdd", domain=CONTRIB)(elementwise)
+
+
+@rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)
+def skip_layernorm(ctx, node):
+    """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias): that axis is frozen, as
+    by LayerNormalization. Outputs: the normalized sum, mean, inverse std, and the sum itself."""
+    ins = [i for i in node.input[:2] if i]
+    X = ctx.ax(ins[0])
+    for other in ins[1:]:
+        for a, b in zip(X, ctx.ax(other)[-len(X):]):
+            if ctx.size(a) == ctx.size(b):
+                ctx.unify(a, b, f"{_desc(node)} adds differently laid out channels")
+    ctx.freeze(X[-1], f"normalized over by {_desc(node)}")
+    for p in node.input[2:]:
+        if p:
+            _bind_or_couple(ctx, node, p, 0, X[-1])
+    for k, o in enumerate(node.output):
+        if o:
+            ctx.set(o, X if k in (0, 3) else [Fx(d) for d in ctx.shape(o)])
 
 
 # -- weight layers: producers and consumers ---------------------------------------------------

@@ -117,6 +117,17 @@ def test_model_over_protobufs_limit_is_a_clear_error(model_path, monkeypatch):
             load_model(source)
 
 
+def test_input_shapes_repeated_or_comma_separated():
+    from onnx_prune.compiler.cli import parse_input_shapes
+    from onnx_prune.errors import UserError
+
+    both = {"ids": (1, 128), "mask": (1, 128)}
+    assert parse_input_shapes(["ids=1x128", "mask=1x128"]) == both
+    assert parse_input_shapes(["ids=1x128,mask=1x128"]) == both
+    with pytest.raises(UserError, match="'mask' is not NAME"):
+        parse_input_shapes(["ids=1x128,mask"])
+
+
 def test_analyze_text_and_json(model_path):
     r = run_cli("analyze", model_path)
     assert r.returncode == 0, r.stderr
@@ -208,6 +219,18 @@ def test_ops_the_exporter_left_unconverted(tmp_path):
     r = run_cli("analyze", p)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "StatefulPartitionedCall (1 node) not in ONNX opset 17" in r.stderr
+
+
+def test_ops_onnxruntime_registers_in_the_onnx_domain_load():
+    """ORT runs a few ops of its own under the ONNX domain (SimplifiedLayerNormalization, RMSNorm
+    as its optimizer writes it): not an unconverted op."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=1e-5)
+    g = helper.make_graph([node], "rms", [x], [y], [numpy_helper.from_array(np.ones(8, np.float32), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    assert load_model(m).graph.node[0].op_type == "SimplifiedLayerNormalization"
 
 
 def test_dynamic_dims_need_input_shape(tmp_path):

@@ -61,6 +61,17 @@ CASES = {
          conv("c2", "r", "w2", "o")],
         {"w1": W(16, 3, 3, 3), "s": W(16 if opset >= 21 else g) + 1, "b": W(16 if opset >= 21 else g),
          "w2": W(4, 16, 1, 1)}, 4, opset=opset)) for g in (4, 16) for opset in (18, 21)},
+    # ORT's transformers optimizer output: fused bias + GELU, and LayerNorm fused with the residual
+    "ort_contrib_ffn": lambda: model(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+         helper.make_node("BiasGelu", ["a", "b1"], ["g"], name="gelu", domain="com.microsoft"),
+         helper.make_node("MatMul", ["g", "w2"], ["f"], name="fc2"),
+         helper.make_node("FastGelu", ["f", "b2"], ["h"], name="fastgelu", domain="com.microsoft"),
+         helper.make_node("MatMul", ["h", "w3"], ["o"], name="fc3"),
+         helper.make_node("SkipLayerNormalization", ["o", "x", "gamma", "beta"], ["y"], name="skipln",
+                          domain="com.microsoft")],
+        {"w1": W(16, 32), "b1": W(32), "w2": W(32, 24), "b2": W(24), "w3": W(24, 16), "gamma": W(16) + 1,
+         "beta": W(16)}, [2, 8, 16], [2, 8, 16], domains=("com.microsoft",)),
     "depthwise_multiplier": lambda: body([conv("c1", "x", "w1", "a", pads=[1] * 4),
                                           conv("dw", "a", "wd", "d", pads=[1] * 4, group=8),
                                           conv("c2", "d", "w2", "o")],
@@ -148,6 +159,13 @@ def _prune_and_verify(m, seeds=3):
 def test_rule_prunes_and_stays_equivalent(case):
     analysis = _prune_and_verify(CASES[case]())
     assert analysis.groups, "expected prunable channels"
+
+
+def test_ort_fused_activations_keep_the_ffn_prunable():
+    analysis = _prune_and_verify(CASES["ort_contrib_ffn"]())
+    assert sorted(g.size for g in analysis.groups) == [24, 32]
+    assert any("normalized over by SkipLayerNormalization" in f.reason or "SkipLayerNormalization" in f.reason
+               for f in analysis.frozen)
 
 
 @pytest.mark.parametrize("case", sorted(FROZEN))
