@@ -37,6 +37,9 @@ def apply_rule(ctx, node):
         CONTRIB_RULES.get(node.op_type) if node.domain == CONTRIB else None
     ctx.where = _desc(node)
     if fn is None:
+        if node.domain == CONTRIB:  # e.g. Attention: its weights pack Q, K and V, its heads an attribute
+            return unknown(ctx, node, f"ONNX Runtime's fused op {_desc(node)} has no rule: prune the model "
+                                      "before ORT's transformers optimizer fuses it")
         return unknown(ctx, node, f"unsupported op {_desc(node)}")
     ins = [i for i in node.input if i]
     if any(ctx.ax(i) is None for i in ins) or any(ctx.shape(o) is None for o in node.output if o):

@@ -137,6 +137,12 @@ FROZEN = {
         conv("c2", "n", "w2", "o")],
         {"w1": W(8, 3, 1, 1), "s": W(8) + 1, "b": W(8), "w2": W(4, 8, 1, 1)}, 4, opset=21),
         "(one group)"),
+    "ort_fused_attention": (lambda: model(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+         helper.make_node("Attention", ["a", "wqkv", "bqkv"], ["att"], num_heads=2, name="att", domain="com.microsoft"),
+         helper.make_node("MatMul", ["att", "w2"], ["y"], name="fc2")],
+        {"w1": W(16, 16), "wqkv": W(16, 48), "bqkv": W(48), "w2": W(16, 16)}, [2, 8, 16], [2, 8, 16],
+        domains=("com.microsoft",)), "prune the model before ORT's transformers optimizer fuses it"),
     "reduce_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                       helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
                                       helper.make_node("Sub", ["a", "m"], ["s"], name="sub"),
