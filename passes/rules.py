@@ -570,8 +570,9 @@ def _shape_target(ctx, node, shape_name, out_exprs, in_exprs):
         src = sources[k] if sources is not None and k < len(sources) else ("unknown",)
         if not ctx.has_channels(e):
             # a channel count read at run time must not size an axis that keeps its size
-            dim = src if src[0] == "dim" else src[1] if src[0] == "mul" else None
-            if dim is not None:
+            dims = [src] if src[0] == "dim" else [src[1]] if src[0] == "mul" else list(src[1:]) \
+                if src[0] == "max" else [x for x in src[1] if x[0] == "dim"] if src[0] == "prod" else []
+            for dim in dims:
                 ctx.freeze(ctx.ax(dim[1])[dim[2]], f"its size is read at run time into {_desc(node)}")
             continue
         if src[0] == "const":
@@ -583,6 +584,12 @@ def _shape_target(ctx, node, shape_name, out_exprs, in_exprs):
             ctx.value_edits.append(ValueEdit(init, pos, [e]))
         elif src[0] == "dim":
             ctx.unify(ctx.ax(src[1])[src[2]], e, f"{_desc(node)} target shape read at run time")
+        elif src[0] == "max":  # broadcast batch dims of a batched matmul: both carry these channels
+            for dim in src[1:]:
+                ctx.unify(ctx.ax(dim[1])[dim[2]], e, f"{_desc(node)} target shape read at run time")
+        elif src[0] == "prod" and ctx.table.norm(Prod(tuple(_source_expr(ctx, x) for x in src[1]))) \
+                == ctx.table.norm(e):
+            continue  # the product is computed at run time from the pruned dims
         elif src[0] == "mul" and _dim_times_const(ctx, node, e, src):
             continue
         else:
@@ -641,6 +648,13 @@ def shape_sources(ctx, name):
                 out.append(("mul", x, y) if x[0] == "dim" and y[0] == "const" else ("unknown",))
             return out
         return unknown_
+    if op == "ReduceProd":
+        return _prod_sources(ctx, node) or unknown_
+    if op == "Max" and len(node.input) == 2:
+        a, b = (shape_sources(ctx, i) for i in node.input)
+        if a and b and len(a) == len(b) and all(x[0] == y[0] == "dim" for x, y in zip(a, b)):
+            return [("max", x, y) for x, y in zip(a, b)]
+        return unknown_
     if op == "Where":
         return _where_sources(ctx, node) or unknown_
     if op == "Concat":
@@ -661,6 +675,23 @@ def shape_sources(ctx, name):
         step = int(np.ravel(params[3])[0]) if len(params) > 3 and params[3] is not None else 1
         return base[slice(int(np.ravel(params[0])[0]), int(np.ravel(params[1])[0]), step)]
     return unknown_
+
+
+def _prod_sources(ctx, node):
+    """tf2onnx merges batched-matmul axes (batch x heads) as ReduceProd over dims read at run
+    time: one entry, ('prod', sources), when it reduces the whole traced vector."""
+    axes = attr(node, "axes") or (ctx.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
+    if axes is not None and len(np.ravel(axes)) or attr(node, "noop_with_empty_axes", 0):
+        return None
+    base = shape_sources(ctx, node.input[0])
+    if not base or not all(x[0] in ("dim", "const") for x in base):
+        return None
+    return [("prod", tuple(base))]
+
+
+def _source_expr(ctx, src):
+    """The channel expression of a traced dim or constant entry."""
+    return ctx.ax(src[1])[src[2]] if src[0] == "dim" else Fx(src[3])
 
 
 def _where_sources(ctx, node):
@@ -773,7 +804,8 @@ def shape_op(ctx, node):
     ctx.set(node.output[0], [Fx(d) for d in ctx.shape(node.output[0])])
 
 
-SHAPE_PLUMBING = ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity")
+SHAPE_PLUMBING = ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "ReduceProd", "Max")
+SHAPE_JOINS = ("Concat", "Max")  # plumbing whose every input is shape data
 SHAPE_TARGETS = {("Reshape", 1), ("Expand", 1), ("Resize", 3)}
 
 
@@ -785,7 +817,7 @@ def _only_feeds_shape_targets(ctx, name, depth=0):
     for user, slot in users:
         if (user.op_type, slot) in SHAPE_TARGETS:
             continue
-        if user.op_type in SHAPE_PLUMBING and (slot == 0 or user.op_type == "Concat"):
+        if user.op_type in SHAPE_PLUMBING and (slot == 0 or user.op_type in SHAPE_JOINS):
             if all(_only_feeds_shape_targets(ctx, o, depth + 1) for o in user.output if o):
                 continue
         return False

@@ -63,23 +63,21 @@ def test_zoo_reaches_coverage_targets():
         _entry, _canon, analysis = prepared(name)
         cov = analysis.coverage()
         assert cov["prunable_layers"] >= 0.9 * (cov["layers"] - cov["output_layers"]), (name, cov)
-    for name in ["bert_encoder", "hf_bert", "hf_vit", "vit", "torch_mha", "minilm", "hf_llama_gqa"]:
+    # keras_encoder: tf2onnx lowers Keras attention's Einsums by merging the heads into the batch
+    # at run time (Shape -> ReduceProd -> Reshape)
+    for name in ["bert_encoder", "hf_bert", "hf_vit", "vit", "torch_mha", "minilm", "hf_llama_gqa", "keras_encoder"]:
         _entry, canon, analysis = prepared(name)
         _assert_heads_and_ffn_prunable(name, analysis)
-    # tf2onnx lowers Keras attention's Einsums through Shape -> ReduceProd, which merges the heads
-    # into the batch at run time: its head count stays, each head's size and the FFN prune
-    _entry, _canon, analysis = prepared("keras_encoder")
-    _assert_heads_and_ffn_prunable("keras_encoder", analysis, heads=False)
 
 
-def _assert_heads_and_ffn_prunable(name, analysis, heads=True):
+def _assert_heads_and_ffn_prunable(name, analysis):
     """Each attention (a Softmax) has prunable heads on its input; each block has two weight
     layers reading pruned channels (attention output projection and FFN down projection)."""
     ctx, table = analysis.ctx, analysis.table
     nodes = ctx.index.model.graph.node
     softmaxes = [n for n in nodes if n.op_type == "Softmax"]
     assert softmaxes, name
-    for sm in softmaxes if heads else []:
+    for sm in softmaxes:
         axes = ctx.ax(sm.input[0])
         assert any(table.prunable_in(e) for e in axes[:-2]), (name, sm.name, "heads frozen")
     readers = [n for n in nodes if n.op_type in ("MatMul", "Gemm") and n.input[1] in ctx.index.inits
