@@ -25,7 +25,8 @@ from onnx_prune.errors import UserError
 from onnx_prune.passes.graph import dims_of
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
-DEFAULT_PREPROCESS = "resize=224,scale=255,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW"
+# ImageNet's normalization; the size and layout come from the model's input where it fixes them
+DEFAULT_PREPROCESS = "scale=255,mean=0.485/0.456/0.406,std=0.229/0.224/0.225"
 
 
 def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None):
@@ -65,7 +66,8 @@ def _read(spec, inputs, preprocess) -> dict:
     if isinstance(spec, str) and os.path.isdir(spec):
         if len(inputs) != 1:
             raise UserError(f"an image folder feeds one input, the model has {len(inputs)}; use an .npz or a callable")
-        return {inputs[0].name: _from_images(spec, preprocess or DEFAULT_PREPROCESS)}
+        geometry = _image_geometry(inputs[0])
+        return {inputs[0].name: _from_images(spec, ",".join(filter(None, (geometry, preprocess or DEFAULT_PREPROCESS))))}
     if isinstance(spec, str) and ":" in spec:
         return _from_callable(_import(spec), spec)
     raise UserError(f"calibration data '{spec}' is not an .npz file, an image folder or a pkg.module:fn callable")
@@ -149,6 +151,19 @@ def parse_preprocess(text: str) -> dict:
         except ValueError:
             raise UserError(f"--preprocess '{part}': bad value") from None
     return out
+
+
+def _image_geometry(inp) -> str:
+    """`resize=H,layout=NCHW|NHWC` read off a square RGB image input (N, 3, H, H) or (N, H, H, 3)
+    (Keras models take NHWC); settings given with --preprocess come after it and win."""
+    dims = dims_of(inp.type) or ()
+    if len(dims) != 4:
+        return ""
+    if dims[1] == 3 and dims[2] and dims[2] == dims[3]:
+        return f"resize={dims[2]},layout=NCHW"
+    if dims[3] == 3 and dims[1] and dims[1] == dims[2]:
+        return f"resize={dims[1]},layout=NHWC"
+    return ""
 
 
 def _from_images(folder, preprocess):

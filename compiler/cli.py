@@ -146,7 +146,7 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--calib", default=None, help="Calibration data: file.npz, an image folder, or pkg.module:fn. An array "
               "'labels' (one class per sample) next to the inputs makes --search full minimise the task loss.")
-@click.option("--preprocess", default=None, help="For an image folder, e.g. resize=224,scale=255,mean=.485/.456/.406,std=.229/.224/.225.")
+@click.option("--preprocess", default=None, help="For an image folder: scale=,mean=a/b/c,std=a/b/c (ImageNet's by default), resize=,layout=NCHW|NHWC (the model's input's by default).")
 @input_shape_opt
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size to time at (dynamic batch only).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ORT intra-op threads to time with.")

@@ -79,6 +79,24 @@ def test_image_folder(tmp_path):
         load_calibration(str(empty), model())
 
 
+def test_image_folder_takes_size_and_layout_from_the_model(tmp_path):
+    """An NHWC input (Keras) at 24 x 24: images come resized and channels-last without
+    --preprocess; given settings still win."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    node = helper.make_node("Relu", ["x"], ["y"])
+    nhwc = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 24, 24, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24, 24, 3])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    assert load_calibration(str(tmp_path), nhwc)["x"].shape == (2, 24, 24, 3)
+    assert load_calibration(str(tmp_path), model(16))["x"].shape == (2, 3, 16, 16)
+    with pytest.raises(UserError, match="expects dim 1 = 24"):
+        load_calibration(str(tmp_path), nhwc, preprocess="layout=NCHW")
+
+
 def test_preprocess_syntax():
     assert parse_preprocess("resize=32,layout=NHWC")["layout"] == "NHWC"
     with pytest.raises(UserError):
