@@ -290,12 +290,27 @@ class SpaceTable:
                     out.append(self.norm(Cat(tuple(acc))))
                     acc, k = [], k + 1
             return out
-        # Prod: cuts must fall on rows of the leading factor
-        head, rest = e.items[0], e.items[1:]
-        r = prod(self.size(i) for i in rest)
-        if any(p % r for p in points):
-            raise Unsupported("cut inside a row of a product layout")
-        return [self.norm(Prod((h,) + tuple(rest))) for h in self.cut(head, [p // r for p in points])]
+        # Prod (row-major: rows of the leading factor): whole rows keep the product; a cut inside
+        # a row makes that row its own piece of the leading factor, and cuts the rest there
+        head, rest = e.items[0], self.norm(Prod(tuple(e.items[1:])))
+        r = self.size(rest)
+        if not any(p % r for p in points):
+            return [self.norm(Prod((h, rest))) for h in self.cut(head, [p // r for p in points])]
+        rows = sorted({p // r for p in points} | {-(-p // r) for p in points})
+        atoms = []  # (start, expression) in row-major order
+        for h, a, b in zip(self.cut(head, rows), rows, rows[1:]):
+            inner = [p - a * r for p in points if a * r < p < b * r]
+            if not inner:
+                atoms.append((a * r, Prod((h, rest))))
+                continue
+            if b - a != 1:
+                raise Unsupported("cut inside a row of a product layout")
+            offsets = [0, *inner, r]
+            atoms.extend((a * r + o, Prod((h, piece))) for o, piece in zip(offsets, self.cut(rest, offsets)))
+        out = []
+        for p, q in zip(points, points[1:]):
+            out.append(self.norm(Cat(tuple(x for start, x in atoms if p <= start < q))))
+        return out
 
     def split(self, e, sizes) -> list:
         """Factor `e` into row-major axes of the given sizes (a Reshape that splits an axis)."""

@@ -84,11 +84,22 @@ def test_flatten_product_with_fixed_spatial():
     assert list(keep(t, flat, {c: np.array([False, True, False])})) == [4, 5, 6, 7]
 
 
-def test_cut_inside_product_row_is_unsupported():
+def test_cut_inside_a_product_row_gives_that_row_its_own_piece():
+    """ShuffleNetV2 at 116 channels: after two shuffles a branch's channels are 29 rows x 4, and
+    the next unit splits them at 58, inside row 14. That row becomes its own piece of the leading
+    space (one row: kept whole, as a single-channel piece is), the other rows still prune; here 6
+    rows x 2 cut at 7, inside row 3."""
     t = SpaceTable()
-    c = t.new(3, "c")
-    with pytest.raises(Unsupported):
-        t.cut(Prod((c, Fx(4))), [0, 2, 12])
+    c = t.new(6, "c")
+    whole = Prod((c, Fx(2)))
+    first, second = t.cut(whole, [0, 7, 12])
+    assert (t.size(first), t.size(second)) == (7, 5)
+    before, row, after = t.norm(c).items
+    assert (t.size(before), row, t.size(after)) == (3, Fx(1), 2)
+    drop_rows_0_and_4 = {before: np.array([False, True, True]), after: np.array([False, True])}
+    assert list(keep(t, whole, drop_rows_0_and_4)) == [2, 3, 4, 5, 6, 7, 10, 11]
+    assert list(keep(t, first, drop_rows_0_and_4)) == [2, 3, 4, 5, 6]
+    assert list(keep(t, second, drop_rows_0_and_4)) == [0, 3, 4]
 
 
 def test_free_binds_to_first_use_and_couples_later_uses():

@@ -70,6 +70,29 @@ def test_zoo_reaches_coverage_targets():
         _assert_heads_and_ffn_prunable(name, analysis)
 
 
+def test_shufflenetv2_at_real_widths_prunes_across_its_shuffles():
+    """At ShuffleNetV2 x1.0's 116 channels, repeated shuffles lay a branch out as 29 rows x 4 and
+    the next unit splits it at 58, inside a row: that row stays, the rest prunes (20 -> 21 of 24
+    weight layers before the output here; Paddle's export of the full model went 45 -> 52 of 57)."""
+    import torch
+
+    from onnx_prune.backends.ort import random_feeds
+    from onnx_prune.models.torch_export import from_torch
+    from onnx_prune.models.zoo import ShuffleNetV2
+
+    torch.manual_seed(0)
+    shapes = {"x": (1, 3, 32, 32)}
+    model = from_torch(ShuffleNetV2(widths=(116, 232), repeats=(4, 2)).eval(), (torch.randn(*shapes["x"]),),
+                       ["x"], ["y"])
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon.static)
+    assert analysis.coverage()["prunable_layers"] >= 21
+    feeds = random_feeds(canon.model, shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(0)),
+                 random_plan(analysis, np.random.default_rng(1), "keep1")):
+        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+
+
 def _assert_heads_and_ffn_prunable(name, analysis):
     """Each attention (a Softmax) has prunable heads on its input; each block has two weight
     layers reading pruned channels (attention output projection and FFN down projection)."""
