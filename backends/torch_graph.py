@@ -37,7 +37,7 @@ from torch import nn
 
 from onnx_prune.errors import UserError
 
-from .torch_ops import DTYPES, ELEMENTWISE, FLOAT_TYPES, OPS, host, parse_attributes
+from .torch_ops import DTYPES, ELEMENTWISE, FLOAT_TYPES, host, op_for, parse_attributes
 
 _NONE, _TRASH = 0, 1  # slots: an omitted optional input (always None); an output nobody reads
 
@@ -144,7 +144,7 @@ class TorchGraph(nn.Module):
         uses = {}
         for node in nodes:
             for pos, name in enumerate(node.input):
-                uses.setdefault(name, []).append((node.op_type, pos))
+                uses.setdefault(name, []).append((node.op_type, node.domain, pos))
         taken = set()
         for t in initializers:
             if t.data_type not in DTYPES:
@@ -166,7 +166,7 @@ class TorchGraph(nn.Module):
         host_slots = {}
         steps = []
         for node, a in zip(nodes, attrs):
-            fn = OPS[node.op_type]
+            fn = op_for(node.op_type, node.domain)
             if node.op_type == "Constant":
                 self._constant(node, fn, a)
                 continue
@@ -321,11 +321,26 @@ def _live_nodes(graph, inits, inputs) -> list:
     return order
 
 
+def check_bridge(model: onnx.ModelProto):
+    """What building a TorchGraph checks first (every op runnable), without building it: a
+    UserError naming the ops it cannot run."""
+    graph = _inlined(model).graph
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = _live_nodes(graph, inits, [v.name for v in graph.input if v.name not in inits])
+    opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+    attrs = []
+    for node in nodes:
+        a = parse_attributes(node)
+        a.update(_opset=opsets.get(node.domain or "ai.onnx", 0), _nout=len(node.output))
+        attrs.append(a)
+    _check_supported(nodes, attrs, inits)
+
+
 def _check_supported(nodes, attrs, inits):
     """UserError naming every op (and node) the bridge cannot run, before anything runs."""
     problems = {}
     for node, a in zip(nodes, attrs):
-        fn = OPS.get(node.op_type) if (node.domain or "ai.onnx") == "ai.onnx" else None
+        fn = op_for(node.op_type, node.domain)
         label = node.op_type if fn is not None or not node.domain else f"{node.domain}::{node.op_type}"
         reason = None
         if fn is not None:
@@ -344,18 +359,18 @@ def _check_supported(nodes, attrs, inits):
         items = [f"{op} (node{'s' if len(ns) > 1 else ''} {', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''})"
                  for op, ns in problems.items()]
         raise UserError(f"torch bridge cannot run op(s) {'; '.join(items)}; "
-                        "add them to onnx_prune.backends.torch_ops.OPS or remove them from the graph")
+                        "use --recover layer, or add them to onnx_prune.backends.torch_ops")
 
 
 def _trainable(t: onnx.TensorProto, uses) -> bool:
     if t.data_type not in FLOAT_TYPES or not uses:
         return False
-    for op, pos in uses:
-        fn = OPS[op]
+    for op, domain, pos in uses:
+        fn = op_for(op, domain)
         if pos in getattr(fn, "host", ()) or pos in getattr(fn, "frozen", ()):
             return False
     # a scalar operand of elementwise math is a constant (epsilon, scale), not a weight
-    return not (math.prod(t.dims) <= 1 and all(op in ELEMENTWISE for op, _ in uses))
+    return not (math.prod(t.dims) <= 1 and all(op in ELEMENTWISE for op, _, _ in uses))
 
 
 def _attribute_name(prefix: str, name: str, taken: set, module: nn.Module) -> str:

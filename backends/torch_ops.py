@@ -917,6 +917,53 @@ OPS = {
 }
 
 
+# ---------------------------------------------------------------- ONNX Runtime's fused ops
+
+
+def _bias_then(act):
+    """BiasGelu / FastGelu(X, bias?): the activation of X plus its per-channel bias."""
+    def fn(a, x):
+        return [act(x[0] if _opt(x, 1) is None else x[0] + x[1])]
+    return fn
+
+
+def _quick_gelu(a, x):
+    return [x[0] * torch.sigmoid(a.get("alpha", 1.702) * x[0])]
+
+
+@_op(nout=4)
+def _skip_layer_norm(a, x, simplified=False):
+    """(input + skip + bias?) normalized over the last axis; outputs: y, mean, inverse std, the sum."""
+    s = x[0] + x[1] + (x[4] if _opt(x, 4) is not None else 0)
+    eps = a.get("epsilon", 1e-12)
+    if simplified:  # RMSNorm: no mean subtracted, no beta
+        inv_std = torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+        return [s * inv_std * x[2], torch.zeros_like(inv_std), inv_std, s]
+    mean = s.mean(-1, keepdim=True)
+    inv_std = torch.rsqrt(s.var(-1, unbiased=False, keepdim=True) + eps)
+    y = (s - mean) * inv_std * x[2] + (x[3] if _opt(x, 3) is not None else 0)
+    return [y, mean, inv_std, s]
+
+
+@_op(nout=4)
+def _skip_simplified_layer_norm(a, x):
+    return _skip_layer_norm(a, [x[0], x[1], x[2], None, _opt(x, 3)], simplified=True)
+
+
+CONTRIB = "com.microsoft"
+CONTRIB_OPS = {
+    "Gelu": _unary(F.gelu), "FastGelu": _bias_then(lambda v: F.gelu(v, approximate="tanh")),
+    "BiasGelu": _bias_then(F.gelu), "QuickGelu": _quick_gelu,
+    "SkipLayerNormalization": _skip_layer_norm, "SkipSimplifiedLayerNormalization": _skip_simplified_layer_norm,
+}
+
+
+def op_for(op_type: str, domain: str = ""):
+    """The bridge's function for an op of the ONNX domain or ONNX Runtime's, or None."""
+    domain = domain or "ai.onnx"
+    return OPS.get(op_type) if domain == "ai.onnx" else CONTRIB_OPS.get(op_type) if domain == CONTRIB else None
+
+
 def parse_attributes(node: onnx.NodeProto) -> dict:
     """Attribute values as Python values: strings decoded, tensors as numpy arrays."""
     out = {}

@@ -127,6 +127,10 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             else (None, None)
         feeds = _timing_feeds(canon, samples, batch_size, notes)
         check_runs(model, feeds)
+        if recover == "global" and samples is not None:  # fail now, not after the search
+            from onnx_prune.backends.torch_graph import check_bridge
+
+            check_bridge(canon.model)
     with steps("profile + timing database"):
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
         widths = cm.candidate_widths()

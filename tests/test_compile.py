@@ -103,6 +103,31 @@ def test_calibration_mismatch_and_failing_callable(model, tmp_path):
         compile_model(m, "1.5x", input_shapes=shapes, calib="calib_fixtures:raises", timer=LyingTimer())
 
 
+def test_global_recovery_the_torch_bridge_cannot_run_fails_before_the_search(tmp_path):
+    """A fused op the bridge has no function for (ONNX Runtime's Attention) stops --recover global
+    at once, naming the op, before any profiling or measurement."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in [("w1", (16, 32)), ("w2", (32, 16)), ("wqkv", (16, 48)), ("bqkv", (48,))]}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+             helper.make_node("Relu", ["a"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["h"], name="fc2"),
+             helper.make_node("Attention", ["h", "wqkv", "bqkv"], ["y"], num_heads=2, name="att",
+                              domain="com.microsoft")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8, 16])], list(w.values()))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    p = tmp_path / "c.npz"
+    np.savez(p, x=rng.standard_normal((8, 8, 16)).astype(np.float32))
+    timer = LyingTimer()
+    with pytest.raises(UserError, match="com.microsoft::Attention.*--recover layer"):
+        compile_model(m, "1.3x", calib=str(p), recover="global", timer=timer)
+    assert timer.calls == []
+
+
 def test_calibration_data_gives_output_fidelity(model, tmp_path):
     m, shapes = model
     p = tmp_path / "c.npz"

@@ -77,10 +77,12 @@ def op_model(op, inputs, attrs=None, opset=17, nout=1, consts=()):
             graph_inputs.append(helper.make_tensor_value_info(name, dtype, v.shape))
             feeds[name] = v
     outs = [f"out{i}" for i in range(nout)]
-    node = helper.make_node(op, names, outs, name="n0", **(attrs or {}))
+    domain, _, op = op.rpartition("::")  # "com.microsoft::BiasGelu": ONNX Runtime's own op
+    node = helper.make_node(op, names, outs, name="n0", domain=domain or None, **(attrs or {}))
     graph = helper.make_graph([node], "g", graph_inputs, [helper.make_empty_tensor_value_info(o) for o in outs],
                               inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model, feeds
 
@@ -269,6 +271,17 @@ OP_CASES = {
     "nonzero": ("NonZero", [scalar([[1, 0], [0, 3]])], None, 17, 1, ()),
     "equal": ("Equal", [i64(1, 2, 3), i64(1, 0, 3)], None, 17, 1, ()),
     "and": ("And", [np.array([True, False]), np.array([True, True])], None, 17, 1, ()),
+    # ONNX Runtime's fused ops, as its transformers optimizer writes them
+    "ms_bias_gelu": ("com.microsoft::BiasGelu", [f32(2, 3, 8), f32(8)], None, 17, 1, (1,)),
+    "ms_fast_gelu": ("com.microsoft::FastGelu", [f32(2, 3, 8), f32(8)], None, 17, 1, (1,)),
+    "ms_gelu": ("com.microsoft::Gelu", [f32(2, 3, 8)], None, 17, 1, ()),
+    "ms_quick_gelu": ("com.microsoft::QuickGelu", [f32(2, 3, 8)], dict(alpha=1.5), 17, 1, ()),
+    "ms_skip_layer_norm": ("com.microsoft::SkipLayerNormalization", [f32(2, 3, 8), f32(2, 3, 8), f32(8), f32(8), f32(8)],
+                           dict(epsilon=1e-5), 17, 1, (2, 3, 4)),
+    "ms_skip_layer_norm_sum": ("com.microsoft::SkipLayerNormalization", [f32(2, 3, 8), f32(2, 3, 8), f32(8)],
+                               dict(epsilon=1e-5), 17, 4, (2,)),
+    "ms_skip_simplified_layer_norm": ("com.microsoft::SkipSimplifiedLayerNormalization",
+                                      [f32(2, 3, 8), f32(2, 3, 8), f32(8)], dict(epsilon=1e-5), 17, 1, (2,)),
 }
 
 
