@@ -129,6 +129,28 @@ def elementwise(ctx, node):
 rule("Gelu", "QuickGelu", "FastGelu", "BiasGelu", domain=CONTRIB)(elementwise)
 
 
+@rule("Attention", domain=CONTRIB)
+def fused_attention(ctx, node):
+    """ORT's fused self-attention: one weight (hidden, Q | K | V) packing num_heads heads in
+    each third. Whole heads prune (their columns in all three, num_heads follows); head sizes
+    stay, as the default scale 1/sqrt(head size) and equal thirds depend on them."""
+    if attr(node, "qkv_hidden_sizes") or attr(node, "do_rotary", 0) or any(node.input[4:]) or any(node.output[1:]):
+        raise Unsupported("past state, rotary embedding or unequal Q/K/V sizes")
+    x, w = node.input[0], node.input[1]
+    if not ctx.is_const(w):
+        raise Unsupported("weight computed at run time")
+    X, (_, cols) = ctx.ax(x), ctx.shape(w)
+    h = attr(node, "num_heads")
+    heads, head_size = ctx.new(h, node), Fx(cols // 3 // h)
+    qkv = Cat(tuple(Prod((heads, head_size)) for _ in range(3)))
+    ctx.bind(w, 0, X[-1], "consumer", node)
+    ctx.bind(w, 1, qkv, "producer", node)
+    if len(node.input) > 2 and node.input[2]:
+        ctx.bind(node.input[2], 0, qkv, "param", node)
+    ctx.attr_edits.append(_attr_edit(node, "num_heads", heads))
+    ctx.set(node.output[0], list(X[:-1]) + [Prod((heads, head_size))])
+
+
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)
 def skip_layernorm(ctx, node):
     """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias): that axis is frozen, as

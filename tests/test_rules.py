@@ -72,6 +72,13 @@ CASES = {
                           domain="com.microsoft")],
         {"w1": W(16, 32), "b1": W(32), "w2": W(32, 24), "b2": W(24), "w3": W(24, 16), "gamma": W(16) + 1,
          "beta": W(16)}, [2, 8, 16], [2, 8, 16], domains=("com.microsoft",)),
+    # ORT's fused attention (4 heads of 8 packed as Q | K | V): whole heads prune
+    "ort_fused_attention": lambda: model(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+         helper.make_node("Attention", ["a", "wqkv", "bqkv"], ["att"], num_heads=4, name="att", domain="com.microsoft"),
+         helper.make_node("MatMul", ["att", "w2"], ["y"], name="fc2")],
+        {"w1": W(16, 32), "wqkv": W(32, 96), "bqkv": W(96), "w2": W(32, 16)}, [2, 8, 16], [2, 8, 16],
+        domains=("com.microsoft",)),
     "depthwise_multiplier": lambda: body([conv("c1", "x", "w1", "a", pads=[1] * 4),
                                           conv("dw", "a", "wd", "d", pads=[1] * 4, group=8),
                                           conv("c2", "d", "w2", "o")],
@@ -137,12 +144,18 @@ FROZEN = {
         conv("c2", "n", "w2", "o")],
         {"w1": W(8, 3, 1, 1), "s": W(8) + 1, "b": W(8), "w2": W(4, 8, 1, 1)}, 4, opset=21),
         "(one group)"),
-    "ort_fused_attention": (lambda: model(
+    "ort_fused_attention_unequal_qkv": (lambda: model(
         [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
-         helper.make_node("Attention", ["a", "wqkv", "bqkv"], ["att"], num_heads=2, name="att", domain="com.microsoft"),
+         helper.make_node("Attention", ["a", "wqkv", "bqkv"], ["att"], num_heads=2, qkv_hidden_sizes=[16, 16, 32],
+                          name="att", domain="com.microsoft"),
          helper.make_node("MatMul", ["att", "w2"], ["y"], name="fc2")],
-        {"w1": W(16, 16), "wqkv": W(16, 48), "bqkv": W(48), "w2": W(16, 16)}, [2, 8, 16], [2, 8, 16],
-        domains=("com.microsoft",)), "prune the model before ORT's transformers optimizer fuses it"),
+        {"w1": W(16, 16), "wqkv": W(16, 64), "bqkv": W(64), "w2": W(32, 16)}, [2, 8, 16], [2, 8, 16],
+        domains=("com.microsoft",)), "unequal Q/K/V sizes"),
+    "ort_op_without_rule": (lambda: model(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+         helper.make_node("Inverse", ["a"], ["y"], name="inv", domain="com.microsoft")],
+        {"w1": W(16, 8) + np.eye(16, 8, dtype=np.float32) * 4}, [2, 8, 16], [2, 8, 8], domains=("com.microsoft",)),
+        "prune the model before ORT's transformers optimizer fuses it"),
     "reduce_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                       helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
                                       helper.make_node("Sub", ["a", "m"], ["s"], name="sub"),
@@ -172,6 +185,20 @@ def test_ort_fused_activations_keep_the_ffn_prunable():
     assert sorted(g.size for g in analysis.groups) == [24, 32]
     assert any("normalized over by SkipLayerNormalization" in f.reason or "SkipLayerNormalization" in f.reason
                for f in analysis.frozen)
+
+
+def test_ort_fused_attention_prunes_whole_heads():
+    import onnx
+
+    m = CASES["ort_fused_attention"]()
+    analysis = _prune_and_verify(m, seeds=4)
+    assert sorted(g.size for g in analysis.groups) == [4, 32]  # the heads; fc1's output
+    canon = canonicalize(m)
+    plan = random_plan(analysis, np.random.default_rng(0), "keep1")
+    pruned = apply_plan(canon.model, analysis, plan)
+    att = next(n for n in pruned.graph.node if n.op_type == "Attention")
+    assert [onnx.helper.get_attribute_value(a) for a in att.attribute if a.name == "num_heads"] == [1]
+    assert [list(t.dims) for t in pruned.graph.initializer if t.name == "wqkv"][0][1] == 3 * 8
 
 
 @pytest.mark.parametrize("case", sorted(FROZEN))
