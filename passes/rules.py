@@ -592,9 +592,7 @@ def _shape_target(ctx, node, shape_name, out_exprs, in_exprs):
         src = sources[k] if sources is not None and k < len(sources) else ("unknown",)
         if not ctx.has_channels(e):
             # a channel count read at run time must not size an axis that keeps its size
-            dims = [src] if src[0] == "dim" else [src[1]] if src[0] == "mul" else list(src[1:]) \
-                if src[0] == "max" else [x for x in src[1] if x[0] == "dim"] if src[0] == "prod" else []
-            for dim in dims:
+            for dim in _dims_read(src):
                 ctx.freeze(ctx.ax(dim[1])[dim[2]], f"its size is read at run time into {_desc(node)}")
             continue
         if src[0] == "const":
@@ -616,6 +614,20 @@ def _shape_target(ctx, node, shape_name, out_exprs, in_exprs):
             continue
         else:
             ctx.freeze(e, f"{_desc(node)} target shape computed at run time")
+
+
+def _dims_read(src) -> list:
+    """The ('dim', tensor, axis) reads a traced shape entry is computed from."""
+    kind = src[0]
+    if kind == "dim":
+        return [src]
+    if kind == "mul":
+        return [src[1]]
+    if kind == "max":
+        return list(src[1:])
+    if kind == "prod":
+        return [x for x in src[1] if x[0] == "dim"]
+    return []
 
 
 def _dim_times_const(ctx, node, e, src):
@@ -703,7 +715,7 @@ def _prod_sources(ctx, node):
     """tf2onnx merges batched-matmul axes (batch x heads) as ReduceProd over dims read at run
     time: one entry, ('prod', sources), when it reduces the whole traced vector."""
     axes = attr(node, "axes") or (ctx.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
-    if axes is not None and len(np.ravel(axes)) or attr(node, "noop_with_empty_axes", 0):
+    if (axes is not None and len(np.ravel(axes))) or attr(node, "noop_with_empty_axes", 0):
         return None
     base = shape_sources(ctx, node.input[0])
     if not base or not all(x[0] in ("dim", "const") for x in base):
