@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from onnx_prune.passes.graph import same_pads
+from onnx_prune.passes.graph import CONTRIB, same_pads
 
 DTYPES = {
     TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
@@ -950,7 +950,6 @@ def _skip_simplified_layer_norm(a, x):
     return _skip_layer_norm(a, [x[0], x[1], x[2], None, _opt(x, 3)], simplified=True)
 
 
-CONTRIB = "com.microsoft"
 CONTRIB_OPS = {
     "Gelu": _unary(F.gelu), "FastGelu": _bias_then(lambda v: F.gelu(v, approximate="tanh")),
     "BiasGelu": _bias_then(F.gelu), "QuickGelu": _quick_gelu,

@@ -14,6 +14,7 @@ from onnx_prune.files import atomic_folder, atomic_path
 
 # ONNX Runtime 1.31 refuses IR version 14; emit the newest it accepts.
 MAX_IR_VERSION = 10
+CONTRIB = "com.microsoft"  # ONNX Runtime's own ops, as its transformers optimizer fuses them
 
 
 def load_model(path_or_model) -> onnx.ModelProto:

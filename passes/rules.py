@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_prune.passes.graph import attr
+from onnx_prune.passes.graph import CONTRIB, attr
 from onnx_prune.passes.spaces import Cat, Fx, Prod, Unsupported
 
 RULES = {}  # op type of the ONNX domain -> rule
-CONTRIB = "com.microsoft"  # ONNX Runtime's own ops, as its transformers optimizer fuses them
-CONTRIB_RULES = {}
+CONTRIB_RULES = {}  # op type of ONNX Runtime's domain -> rule
 
 RULE_FAILED = "analysis rule failed"
 
