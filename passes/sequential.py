@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from scipy.linalg import cho_factor, cho_solve
 
 from onnx_prune.backends.ort import session_with_outputs
+from onnx_prune.passes.graph import attr
 from onnx_prune.passes.errordb import MAX_ROWS, RIDGE  # rows per layer input; load towards the current weights
 from onnx_prune.passes.reconstruct import (feed_batches, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
@@ -31,34 +32,37 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
     the pruned model; timed here if not given) and gives up over budget."""
     keep = analysis.keep_arrays(plan)
     table, index = analysis.table, analysis.ctx.index
-    stages: dict[str, list] = {}  # layer input -> the layers reading it (Q, K and V share one)
+    # (layer input, the shape of its rows) -> the layers reading those rows: Q, K and V share one;
+    # a 3x3 conv and a 1x1 shortcut reading one tensor do not (their patches differ)
+    stages: dict[tuple, list] = {}
     for node, axes in refittable_layers(analysis):
-        stages.setdefault(node.input[0], []).append((node, axes))
+        stages.setdefault((node.input[0], _patch_geometry(node)), []).append((node, axes))
+    inputs = sorted({name for name, _ in stages})
     feeds_list = feed_batches(dense, samples)
     if budget_s is not None:
         estimate = _estimate_seconds(stages, feeds_list, index, sample_s or _time_samples(dense, pruned, feeds_list[0]))
         if estimate > budget_s:
             raise SequentialTooSlow(f"estimated {estimate:.0f} s for {len(stages)} layer inputs")
-    dense_sess = session_with_outputs(dense, list(stages), optimize=True)
+    dense_sess = session_with_outputs(dense, inputs, optimize=True)
     out = onnx.ModelProto()
     out.CopyFrom(pruned)
     inits = {t.name: t for t in out.graph.initializer}
     # one session for the whole refit: the weights it changes are fed, not baked in
     weights = {node.input[1]: numpy_helper.to_array(inits[node.input[1]]) for group in stages.values()
                for node, _ in group}
-    sess = session_with_outputs(_weights_as_inputs(out, weights), list(stages), optimize=True)
+    sess = session_with_outputs(_weights_as_inputs(out, weights), inputs, optimize=True)
     targets = _dense_targets(dense_sess, stages, feeds_list, keep, table, index)
-    for name, layers in stages.items():
-        X_pruned = _pruned_rows(sess, name, layers[0][0], feeds_list, weights, len(targets[name][0]))
+    for key, layers in stages.items():
+        X_pruned = _pruned_rows(sess, key[0], layers[0][0], feeds_list, weights, len(targets[key][0]))
         gram = X_pruned.T @ X_pruned
         lam = RIDGE * np.trace(gram) / len(gram)
         gram[np.diag_indices_from(gram)] += lam
         factor = cho_factor(gram, lower=True, check_finite=False)
-        for (node, _), Y_dense in zip(layers, targets[name]):
+        for (node, _), Y_dense in zip(layers, targets[key]):
             tensor = inits[node.input[1]]
             W_now = weight_matrix(node, weights[tensor.name].astype(np.float64))
             W = cho_solve(factor, X_pruned.T @ Y_dense + lam * W_now, check_finite=False)
-            weights[tensor.name] = from_weight_matrix(node, W, tuple(tensor.dims)).astype(np.float32)
+            weights[tensor.name] = from_weight_matrix(node, W, tuple(tensor.dims)).astype(weights[tensor.name].dtype)
             tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
     return out
 
@@ -66,20 +70,31 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
 def _dense_targets(dense_sess, stages, feeds_list, keep, table, index) -> dict:
     """Per layer input, the dense outputs (on the kept channels) of the layers reading it, on the
     rows the pruned side will draw: one dense run per calibration batch serves every layer."""
-    rows = {name: [[] for _ in layers] for name, layers in stages.items()}
+    rows = {key: [[] for _ in layers] for key, layers in stages.items()}
     count = dict.fromkeys(stages, 0)
     kept_w = {node.name: weight_matrix(node, index.const(node.input[1]).astype(np.float64))[:, table.keep_mask(axes[1], keep)]
               for layers in stages.values() for node, axes in layers}
     for i, feeds in enumerate(feeds_list):
-        wanted = [name for name in stages if count[name] < MAX_ROWS]
+        wanted = [key for key in stages if count[key] < MAX_ROWS]
         if not wanted:
             break
-        for name, x in zip(wanted, dense_sess.run(wanted, feeds)):
-            X = layer_rows(stages[name][0][0], x, MAX_ROWS, np.random.default_rng(i), feeds).astype(np.float64)
-            for k, (node, _) in enumerate(stages[name]):
-                rows[name][k].append(X @ kept_w[node.name])
-            count[name] += len(X)
-    return {name: [np.concatenate(r)[:MAX_ROWS] for r in per_layer] for name, per_layer in rows.items()}
+        names = sorted({name for name, _ in wanted})
+        values = dict(zip(names, dense_sess.run(names, feeds)))
+        for key in wanted:
+            X = layer_rows(stages[key][0][0], values[key[0]], MAX_ROWS, np.random.default_rng(i), feeds)
+            X = X.astype(np.float64)
+            for k, (node, _) in enumerate(stages[key]):
+                rows[key][k].append(X @ kept_w[node.name])
+            count[key] += len(X)
+    return {key: [np.concatenate(r)[:MAX_ROWS] for r in per_layer] for key, per_layer in rows.items()}
+
+
+def _patch_geometry(node) -> tuple:
+    """What shapes a layer's input rows: a conv's kernel, strides, pads and dilations."""
+    if node.op_type != "Conv":
+        return ()
+    return tuple(tuple(attr(node, k) or ()) for k in ("kernel_shape", "strides", "pads", "dilations")) + \
+        (attr(node, "auto_pad", b"NOTSET"),)
 
 
 def _weights_as_inputs(model, weights) -> onnx.ModelProto:

@@ -171,6 +171,45 @@ def test_sequential_refit_corrects_what_earlier_layers_pass_on():
         sequential_refit(model, stitched, analysis, plan, fit, budget_s=0.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_sequential_refit_of_a_resnet_with_projection_shortcuts(dtype):
+    """A downsampling block's 3x3 conv and 1x1 shortcut read one tensor through different patches;
+    each is fitted on its own (one matrix for both crashed compile on ResNet-18-like models with
+    --calib). A float16 model gets float16 weights back from both refits."""
+    from onnx import numpy_helper as nh
+
+    from onnx_prune.compiler.plans import uniform_plan
+    from onnx_prune.models.registry import load
+    from onnx_prune.passes.analysis import analyze_canonical
+    from onnx_prune.passes.canonicalize import canonicalize
+    from onnx_prune.passes.sequential import sequential_refit
+    from onnx_prune.passes.surgery import apply_plan
+
+    model = load("resnet_basic").model
+    if dtype == np.float16:
+        for t in model.graph.initializer:
+            if t.data_type == TensorProto.FLOAT:
+                t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
+        for v in list(model.graph.input) + list(model.graph.output):
+            v.type.tensor_type.elem_type = TensorProto.FLOAT16
+        del model.graph.value_info[:]
+    canon = canonicalize(model, input_shapes={"input": (4, 3, 64, 64)})
+    analysis = analyze_canonical(canon.static)
+    plan = uniform_plan(analysis, 0.5)
+    fit = {"input": np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(dtype)}
+    pruned = build_error_db(canon.model, analysis, fit).stitch(apply_plan(canon.model, analysis, plan), analysis, plan)
+    assert {nh.to_array(t).dtype for t in pruned.graph.initializer if t.data_type != TensorProto.INT64} == {np.dtype(dtype)}
+    refitted = sequential_refit(canon.model, pruned, analysis, plan, fit)
+    before = {t.name: nh.to_array(t) for t in pruned.graph.initializer}
+    changed = [t.name for t in refitted.graph.initializer if not np.array_equal(nh.to_array(t), before[t.name])]
+    shortcuts = {n.input[1] for n in canon.model.graph.node if "shortcut" in n.name and n.op_type == "Conv"}
+    assert shortcuts and shortcuts <= set(changed) and len(changed) >= 10
+    assert {nh.to_array(t).dtype for t in refitted.graph.initializer if t.name in changed} == {np.dtype(dtype)}
+    from onnx_prune.compiler.fidelity import output_fidelity
+
+    assert output_fidelity(canon.model, refitted, fit, "cpu")["mean_cosine_similarity"] > 0.5  # ORT runs it
+
+
 def test_sequential_estimate_counts_runs_from_the_shapes():
     from onnx_prune.compiler.calib import batches
     from onnx_prune.passes.sequential import MAX_ROWS, _estimate_seconds
