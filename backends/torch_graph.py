@@ -52,13 +52,11 @@ class TorchGraph(nn.Module):
         self.value_hooks = dict(value_hooks or {})
         self.weight_hooks = dict(weight_hooks or {})
         self._ctx = {"training": self.training, "device": torch.device("cpu")}
-        graph = _inlined(model).graph
-        inits = {t.name: t for t in model.graph.initializer}
-        self.input_names = [v.name for v in graph.input if v.name not in inits]
+        graph, inits, nodes, attrs = _parsed(model)
+        self.input_names = _graph_inputs(graph, inits)
         self.output_names = [v.name for v in graph.output]
-        nodes = _live_nodes(graph, inits, self.input_names)
-        opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-        attrs = [self._attributes(node, opsets) for node in nodes]
+        for a in attrs:
+            a["_ctx"] = self._ctx
         _check_supported(nodes, attrs, inits)
         self._slots = {"": _NONE}
         self._template = [None, None]
@@ -126,13 +124,6 @@ class TorchGraph(nn.Module):
         return f"{len(self._steps)} nodes, inputs={self.input_names}, outputs={self.output_names}"
 
     # ------------------------------------------------------------ construction
-
-    def _attributes(self, node, opsets) -> dict:
-        a = parse_attributes(node)
-        a["_opset"] = opsets.get(node.domain or "ai.onnx", 0)
-        a["_nout"] = len(node.output)
-        a["_ctx"] = self._ctx
-        return a
 
     def _slot(self, name: str) -> int:
         if name not in self._slots:
@@ -321,18 +312,26 @@ def _live_nodes(graph, inits, inputs) -> list:
     return order
 
 
+def _graph_inputs(graph, inits) -> list[str]:
+    return [v.name for v in graph.input if v.name not in inits]
+
+
+def _parsed(model: onnx.ModelProto):
+    """(inlined graph, initializers by name, the nodes the outputs need in execution order, their
+    attributes with the op's opset and output count)."""
+    graph = _inlined(model).graph
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = _live_nodes(graph, inits, _graph_inputs(graph, inits))
+    opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+    attrs = [{**parse_attributes(node), "_opset": opsets.get(node.domain or "ai.onnx", 0), "_nout": len(node.output)}
+             for node in nodes]
+    return graph, inits, nodes, attrs
+
+
 def check_bridge(model: onnx.ModelProto):
     """What building a TorchGraph checks first (every op runnable), without building it: a
     UserError naming the ops it cannot run."""
-    graph = _inlined(model).graph
-    inits = {t.name: t for t in model.graph.initializer}
-    nodes = _live_nodes(graph, inits, [v.name for v in graph.input if v.name not in inits])
-    opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    attrs = []
-    for node in nodes:
-        a = parse_attributes(node)
-        a.update(_opset=opsets.get(node.domain or "ai.onnx", 0), _nout=len(node.output))
-        attrs.append(a)
+    _graph, inits, nodes, attrs = _parsed(model)
     _check_supported(nodes, attrs, inits)
 
 

@@ -116,8 +116,9 @@ class ErrorDB:
             gram[np.diag_indices_from(gram)] += lam
             W = cho_solve(cho_factor(gram, lower=True, check_finite=False), rhs, check_finite=False)
             tensor = inits[lay.node.input[1]]
-            tensor.CopyFrom(numpy_helper.from_array(  # in the weight's own type (float16 models)
-                from_weight_matrix(lay.node, W, tuple(tensor.dims)).astype(_np_type(tensor)), tensor.name))
+            own_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)  # float16 models stay float16
+            tensor.CopyFrom(numpy_helper.from_array(
+                from_weight_matrix(lay.node, W, tuple(tensor.dims)).astype(own_type), tensor.name))
         return out
 
     def scores(self) -> dict[str, np.ndarray]:
@@ -274,7 +275,3 @@ def _blend(refit, dropped, lay: _Layer):
     MiniLM their geometric mean tracked the refit's held-out error within about 10%."""
     alpha = min(0.5, len(lay.W) / max(lay.rows, 1))
     return refit ** (1 - alpha) * dropped ** alpha
-
-
-def _np_type(tensor: onnx.TensorProto):
-    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
