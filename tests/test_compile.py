@@ -83,8 +83,10 @@ def test_never_met_fails_with_largest_measured(model):
     timer = LyingTimer(*[1.1 + 0.01 * i for i in range(10)])
     with pytest.raises(TargetNotMet) as exc:
         compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16)
-    assert f"{max(timer.calls):.2f}x" in str(exc.value)
-    assert exc.value.report["measured_speedup"] == max(timer.calls)
+    reached = exc.value.report["measured_speedup"]
+    assert f"{reached:.2f}x" in str(exc.value)
+    # the largest measured, or, where the fastest plan was measured twice, the lower of its two
+    assert reached in timer.calls and reached >= sorted(timer.calls)[-2]
 
 
 def test_infeasible_target_is_a_usage_error(model):
@@ -309,3 +311,24 @@ def test_cli_compile_with_calibration_writes_model_report_and_summary(model, tmp
     report = json.loads(rep.read_text())
     assert report["output_fidelity"]["on"].startswith("held-out") and report["recovery"]["stages"]
     assert (tmp_path / "r.md").exists() and (tmp_path / "r_widths.png").exists() and out.exists()
+
+
+def test_plan_measured_again_is_judged_by_its_median_and_the_loop_stops_at_reach(model):
+    """Every plan measures 1.1x, short of 1.3x, except that the second measurement of any plan is a
+    fast spell (1.5x). The loop tightens until the search returns its fastest plan again; that plan's
+    measurements then disagree about the target, so it is measured a third time and the median
+    (1.1x), not the fast spell, decides, and the error says the target is out of reach."""
+    m, shapes = model
+    seen = []
+
+    def timer(dense, pruned, feeds):
+        speed = 1.5 if seen.count(pruned.ByteSize()) == 1 else 1.1
+        seen.append(pruned.ByteSize())
+        return speed, 10.0, 10.0 / speed
+
+    with pytest.raises(TargetNotMet, match="out of reach") as exc:
+        compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16)
+    r = exc.value.report
+    assert r["measured_speedup"] == 1.1 and r["target_beyond_reach"]
+    assert r["rounds"][-1]["plan_measurements"] == 3 and r["rounds"][-1]["plan_speedup_median"] == 1.1
+    assert seen.count(seen[-1]) == 3
