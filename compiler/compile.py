@@ -168,18 +168,18 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                 "summed importance removed (weight magnitude)"
             candidates = _frontier(find, cm, analysis, scores, reachable, kind)
     timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
-    rounds, built, runs = [], {}, {}  # built: plan key -> (plan, pruned, check, predicted); runs: its measurements
+    # built: plan key -> (plan, pruned, check, its prediction when first found); runs: its measurements
+    rounds, built, runs = [], {}, {}
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
     beyond_reach = 0  # measurements of the fastest plan the search finds, once the loop stops on it
     for r in range(MAX_ROUNDS):
         with steps(f"round {r + 1}: search, surgery, verify, measure"):
             plan = find(cm.dense_ms / goal)
             key = _plan_key(plan)
+            predicted = cm.predicted_speedup(plan)  # the predictor changes once calibrated
             if key not in built:
                 pruned = apply_plan(canon.model, analysis, plan)
-                built[key] = (plan, pruned, verify(canon.model, pruned, analysis, plan, feeds),
-                              cm.predicted_speedup(plan))
-            predicted = built[key][3]
+                built[key] = (plan, pruned, verify(canon.model, pruned, analysis, plan, feeds), predicted)
             measured = runs.setdefault(key, [])
             while True:
                 speedup, dense_ms, pruned_ms, *change = timer(canon.model, built[key][1], feeds)
