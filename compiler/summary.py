@@ -83,6 +83,9 @@ def markdown(report, plots) -> str:
                  f"{'%.1e' % err if err is not None else '%.1e before %s changed the weights' % (before, changed)} |")
     lines.append(f"| time | {r['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.get("phases", {}).items()) + " |")
     for stage in r.get("recovery", {}).get("stages", []):
+        if "skipped" in stage:  # e.g. the sequential refit, over its time budget on a large model
+            lines.append(f"| {stage['method']} | skipped: {stage['skipped']} |")
+            continue
         lines.append(f"| {stage['method']} | held-out cosine {stage['held_out_cosine_before']:.4f} -> "
                      f"{stage['held_out_cosine_after']:.4f}{'' if stage['applied'] else ' (not applied)'} |")
     titles = {"widths": "Kept width per group", "rounds": "Predicted vs measured speedup, per round",

@@ -141,6 +141,22 @@ def test_calibration_data_gives_output_fidelity(model, tmp_path):
     assert set(r["phases"]) >= {"analyse", "error database", "recovery"}
 
 
+def test_summary_lists_a_recovery_stage_skipped_over_its_budget(model, tmp_path, monkeypatch):
+    # a large model's sequential refit is skipped (BERT-base at seq 128: estimated 89 s); the
+    # Markdown summary crashed on the stage's missing cosines after the model was written
+    from onnx_prune.compiler.summary import write_summary
+
+    m, shapes = model
+    p = tmp_path / "c.npz"
+    np.savez(p, input=np.random.default_rng(0).standard_normal((10,) + shapes["input"][1:]).astype(np.float32))
+    monkeypatch.setattr("onnx_prune.compiler.compile.SEQUENTIAL_BUDGET_S", 0.0)
+    r = compile_model(m, "1.3x", input_shapes=shapes, calib=str(p), timer=LyingTimer(1.35), batch_size=4).report
+    skipped = [s for s in r["recovery"]["stages"] if "skipped" in s]
+    assert skipped and skipped[0]["method"].startswith("sequential")
+    text = open(write_summary(r, str(tmp_path / "r.json"))).read()
+    assert f"| {skipped[0]['method']} | skipped: over its 0 s budget" in text
+
+
 def test_full_search_scores_sensitivities_on_calibration_data(model, tmp_path):
     m, shapes = model
     p = tmp_path / "c.npz"
