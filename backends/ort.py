@@ -6,9 +6,10 @@ import contextlib
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import MAX_IR_VERSION
+from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, without_large_weights
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -151,7 +152,8 @@ def session_with_outputs(model: onnx.ModelProto, names, optimize=False):
 def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:
     """Values of intermediate tensors `names`, computed without graph optimizations."""
     if feeds is None:
-        from onnx_prune.passes.graph import dims_of
-
         feeds = random_feeds(model, {i.name: dims_of(i.type) for i in model.graph.input})
-    return dict(zip(names, session_with_outputs(model, names).run(names, feeds)))
+    # the weights go in as feeds: the same values, without serializing them into the session
+    light, large = without_large_weights(model)
+    feeds = {**feeds, **{t.name: numpy_helper.to_array(t) for t in large}}
+    return dict(zip(names, session_with_outputs(light, names).run(names, feeds)))

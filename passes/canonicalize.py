@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, load_model, opset_of
+from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of
 from onnx_prune.passes.rules import SHAPE_TARGETS
 
 MIN_OPSET = 7
@@ -134,7 +134,7 @@ def _fold_constants(model):
     meta = [(p.key, p.value) for p in model.metadata_props]
     header = (model.ir_version, model.producer_name, model.producer_version, model.doc_string, model.model_version, model.domain)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = infer_shapes(model, data_prop=True)  # canonicalize's own copy: value_info written in
     except Exception:
         inferred = model
     from onnx_prune.backends.ort import errors_only_from_ort
@@ -436,7 +436,7 @@ def make_static(model, shapes: dict) -> onnx.ModelProto:
                 d.Clear()
                 d.dim_value = int(v)
     try:
-        static = onnx.shape_inference.infer_shapes(static, strict_mode=False, data_prop=True)
+        static = infer_shapes(static, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise UserError(f"shape inference failed ({str(exc).splitlines()[0][:200]}); check --input-shape") from None
     _fill_shapes_with_ort(static)

@@ -409,3 +409,32 @@ def test_im2col_patches_times_the_weights_give_the_conv_output(pads, strides, di
     order = np.random.default_rng(5).choice(total, size=total, replace=False)  # the positions im2col drew
     expected = y.transpose(0, 2, 3, 1).reshape(total, -1)[order]
     np.testing.assert_allclose(patches @ weight_matrix(node, w), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_shape_inference_and_intermediate_values_take_large_weights_by_shape_only():
+    """Shape inference sees a large weight as a typed input and ORT gets it as a feed, so neither
+    serializes the weights; the small shape tensor stays an initializer, so the Reshape still
+    infers, and the values are the model's own."""
+    import onnx
+
+    from onnx_prune.backends.ort import run_all_outputs
+    from onnx_prune.passes.graph import LARGE_ELEMENTS, infer_shapes, without_large_weights
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    assert w.size > LARGE_ELEMENTS
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2, 8, 16], np.int64), "shape")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    light, large = without_large_weights(m)
+    assert [t.name for t in large] == ["w"] and [t.name for t in light.graph.initializer] == ["shape"]
+    expected = onnx.shape_inference.infer_shapes(m)
+    got = infer_shapes(onnx.ModelProto.FromString(m.SerializeToString()))
+    assert got.graph.value_info == expected.graph.value_info and got.graph.output == expected.graph.output
+    assert [d.dim_value for d in got.graph.output[0].type.tensor_type.shape.dim] == [2, 8, 16]
+    assert len(got.graph.initializer) == 2  # the model keeps its weights
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(run_all_outputs(m, ["h"], {"x": x})["h"], x @ w, rtol=1e-5, atol=1e-5)
