@@ -210,6 +210,38 @@ def test_sequential_refit_of_a_resnet_with_projection_shortcuts(dtype):
     assert output_fidelity(canon.model, refitted, fit, "cpu")["mean_cosine_similarity"] > 0.5  # ORT runs it
 
 
+@pytest.mark.parametrize("name", ["resnet_basic", "hf_bert"])
+def test_sequential_sweep_equals_running_the_whole_model_per_layer_input(name, monkeypatch):
+    """The segmented sweep (the pruned model once, a segment per layer input, each built with the
+    weights refitted so far) refits as running the whole pruned model per layer input does (the
+    path kept for graphs with control flow): a downsampling shortcut and attention included."""
+    import onnx_prune.passes.sequential as seq
+    from onnx_prune.backends.ort import random_feeds
+    from onnx_prune.compiler.plans import uniform_plan
+    from onnx_prune.models.registry import load
+    from onnx_prune.passes.analysis import analyze_canonical
+    from onnx_prune.passes.canonicalize import canonicalize
+    from onnx_prune.passes.surgery import apply_plan
+
+    zm = load(name)
+    canon = canonicalize(zm.model, input_shapes=dict(zm.input_shapes))
+    analysis = analyze_canonical(canon.static)
+    plan = uniform_plan(analysis, 0.5)
+    pruned = apply_plan(canon.model, analysis, plan)
+    samples = random_feeds(canon.model, {k: (20,) + tuple(v[1:]) for k, v in canon.input_shapes.items()}, seed=1)
+    assert seq._segmentable(pruned, {(n.input[0], ()): [] for n in pruned.graph.node if n.op_type == "MatMul"})
+    swept = seq.sequential_refit(canon.model, pruned, analysis, plan, samples)
+    monkeypatch.setattr(seq, "_segmentable", lambda model, stages: False)
+    whole = seq.sequential_refit(canon.model, pruned, analysis, plan, samples)
+    before = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    refitted = 0
+    for a, b in zip(swept.graph.initializer, whole.graph.initializer):
+        x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+        refitted += not np.array_equal(x, before[a.name])
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4 * max(np.abs(y).max(), 1e-6))
+    assert refitted >= 8
+
+
 def test_sequential_estimate_counts_runs_from_the_shapes():
     from onnx_prune.compiler.calib import batches
     from onnx_prune.passes.sequential import MAX_ROWS, _estimate_seconds
@@ -219,9 +251,14 @@ def test_sequential_estimate_counts_runs_from_the_shapes():
     fit = {"x": np.zeros((512, 10), np.float32)}
     feeds_list = list(batches(fit, 16))  # 32 batches of 16 rows: every batch is needed
     per_stage = min(32, -(-MAX_ROWS // 16))
-    # 2 s and 1 s per batch of 16, given per sample
-    assert _estimate_seconds(stages, feeds_list, analysis.ctx.index, (2.0 / 16, 1.0 / 16)) == \
-        per_stage * 2.0 + 3 * per_stage
+    # 2 s and 1 s per batch; the three layers' inputs are read in one sweep of each model, so the
+    # runs count the batches once, however many layer inputs there are
+    runs = _estimate_seconds(stages, feeds_list, analysis.ctx.index, (2.0, 1.0), flops_per_s=float("inf"))
+    assert runs == per_stage * (2.0 + 1.0)
+    # the least squares add their multiply-adds at the speed given
+    slow, fast = (_estimate_seconds(stages, feeds_list, analysis.ctx.index, (2.0, 1.0), flops_per_s=r)
+                  for r in (1e6, 2e6))
+    assert slow - runs > 0 and slow - runs == pytest.approx(2 * (fast - runs))
 
 
 def test_measured_gains_put_errors_on_the_loss_scale():
