@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -69,7 +70,7 @@ def _read(spec, inputs, preprocess) -> dict:
         geometry = _image_geometry(inputs[0])
         return {inputs[0].name: _from_images(spec, ",".join(filter(None, (geometry, preprocess or DEFAULT_PREPROCESS))))}
     if isinstance(spec, str) and ":" in spec:
-        return _from_callable(_import(spec), spec)
+        return _from_callable(import_callable(spec), spec)
     raise UserError(f"calibration data '{spec}' is not an .npz file, an image folder or a pkg.module:fn callable")
 
 
@@ -95,15 +96,19 @@ def _from_npz(path):
         raise UserError(f"calibration file {path} is not a readable .npz ({type(exc).__name__})") from None
 
 
-def _import(spec):
+def import_callable(spec: str, what: str = "calibration"):
+    """`pkg.module:fn` -> fn. The current folder is importable, as it is for `python -m` (the
+    console script's sys.path does not hold it). `what` names the option in messages."""
     module_name, _, fn_name = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise UserError(f"cannot import calibration module '{module_name}' ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"cannot import {what} module '{module_name}' ({type(exc).__name__}: {exc})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise UserError(f"calibration callable '{spec}': '{fn_name}' is not a function of {module_name}")
+        raise UserError(f"{what} callable '{spec}': '{fn_name}' is not a function of {module_name}")
     return fn
 
 

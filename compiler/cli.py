@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import click
@@ -29,7 +30,9 @@ def parse_input_shapes(values) -> dict:
 
 
 def load_source(model: str):
-    """A path, or `zoo:NAME` for a model of the built-in zoo; returns (model, default shapes)."""
+    """A path; `zoo:NAME` for a model of the built-in zoo; or `pkg.module:fn` whose fn returns an
+    onnx.ModelProto, a path, or (torch.nn.Module, example inputs) to export. Returns (model,
+    default shapes)."""
     if model.startswith(ZOO_PREFIX):
         from onnx_prune.models.registry import load, names
 
@@ -38,7 +41,31 @@ def load_source(model: str):
             raise UserError(f"unknown zoo model '{name}' (available: {', '.join(names())})")
         entry = load(name)
         return entry.model, dict(entry.input_shapes)
+    if not os.path.exists(model) and re.fullmatch(r"[\w.]+:\w+", model):
+        return _from_builder(model), {}
     return model, {}
+
+
+def _from_builder(spec: str):
+    from onnx_prune.compiler.calib import import_callable
+    from onnx_prune.models.torch_export import as_onnx, is_torch_module
+
+    import onnx
+
+    fn = import_callable(spec, "model")
+    try:
+        built = fn()
+    except Exception as exc:
+        raise UserError(f"model callable '{spec}' raised {type(exc).__name__}: {exc}") from None
+    if isinstance(built, tuple) and len(built) == 2 and is_torch_module(built[0]):
+        return as_onnx(*built)
+    if is_torch_module(built):
+        raise UserError(f"model callable '{spec}' returned a torch module alone: return (module, example_inputs) "
+                        "so that it can be exported")
+    if isinstance(built, (onnx.ModelProto, str, os.PathLike)):
+        return built
+    raise UserError(f"model callable '{spec}' must return an onnx.ModelProto, a path, or (torch module, "
+                    f"example inputs); it returned {type(built).__name__}")
 
 
 def _fail(exc: Exception, code: int):
@@ -71,7 +98,10 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-prune")
 def main():
-    """Structured pruning of ONNX models, verified by masked-reference equivalence."""
+    """Structured pruning of ONNX models, verified by masked-reference equivalence.
+
+    MODEL is an ONNX file, zoo:NAME, or pkg.module:fn returning an onnx.ModelProto, a path, or
+    (torch module, example inputs)."""
 
 
 input_shape_opt = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DxD...",

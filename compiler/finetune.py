@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -161,18 +160,12 @@ def load_data(data, model: onnx.ModelProto) -> FinetuneData:
 
 
 def _import_data(spec):
-    """`pkg.module:fn`, imported like calibration callables (the current folder is importable,
-    as it is for `python -m`)."""
-    from onnx_prune.compiler.calib import _import
+    """`pkg.module:fn`, imported like calibration callables."""
+    from onnx_prune.compiler.calib import import_callable
 
     if ":" not in spec:
         raise UserError(f"--data '{spec}' is not pkg.module:fn")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return _import(spec)
-    except UserError as exc:  # calib words its messages for --calib
-        raise UserError(str(exc).replace("calibration ", "--data ")) from None
+    return import_callable(spec, "--data")
 
 
 def _call(fn, name):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import warnings
 
 import onnx
+
+from onnx_prune.errors import UserError
 
 # Newest IR version every supported onnxruntime release can load.
 MAX_IR_VERSION = 10
@@ -17,9 +20,7 @@ def _import_torch():
     try:
         import torch
     except ImportError as exc:  # torch is an optional extra
-        raise ValueError(
-            "from_torch needs PyTorch; install the `torch` extra (pip install 'onnx-prune[torch]')"
-        ) from exc
+        raise UserError("exporting a torch module needs PyTorch: pip install torch (then the `zoo` extra)") from exc
     return torch
 
 
@@ -67,29 +68,66 @@ def from_torch(
     `dynamic_axes` ({name: {axis: label}}) adds further symbolic axes.
     """
     torch = _import_torch()
+    if not isinstance(module, torch.nn.Module):
+        raise UserError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
     inputs = _as_tuple(example_inputs)
     input_names = list(input_names or _default_names("input", len(inputs)))
-    module.eval()
-    with torch.no_grad():
-        n_outputs = len(_as_tuple(module(*inputs)))
-    output_names = list(output_names or _default_names("output", n_outputs))
-    axes = _batch_axes(input_names + output_names, dynamic_axes) if dynamic_batch else dynamic_axes
+    modes = [(m, m.training) for m in module.modules()]  # submodules may differ (frozen BatchNorm)
+    try:
+        module.eval()  # restored below: the caller's module is not changed
+        try:
+            with torch.no_grad():
+                n_outputs = len(_as_tuple(module(*inputs)))
+        except Exception as exc:
+            raise UserError(f"the torch module failed on its example inputs ({type(exc).__name__}: "
+                            f"{_first_line(exc)})") from None
+        output_names = list(output_names or _default_names("output", n_outputs))
+        axes = _batch_axes(input_names + output_names, dynamic_axes) if dynamic_batch else dynamic_axes
 
-    buffer = io.BytesIO()
-    # Not under no_grad: that would trace nn.MultiheadAttention's fused fast path,
-    # which has no ONNX symbolic.
-    with _quiet():
-        torch.onnx.export(
-            module,
-            inputs,
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            do_constant_folding=True,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=axes,
-        )
+        buffer = io.BytesIO()
+        # Not under no_grad: that would trace nn.MultiheadAttention's fused fast path,
+        # which has no ONNX symbolic.
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    module,
+                    inputs,
+                    buffer,
+                    dynamo=False,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_axes=axes,
+                )
+        except Exception as exc:
+            raise UserError(f"torch could not export the module to ONNX ({type(exc).__name__}: "
+                            f"{_first_line(exc)})") from None
+    finally:
+        for m, training in modes:
+            m.training = training
     model = onnx.load_from_string(buffer.getvalue())
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def is_torch_module(obj) -> bool:
+    """Without importing torch: a module can only exist if torch was imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def as_onnx(model, example_inputs=None):
+    """A torch.nn.Module is exported on `example_inputs`; a path or ModelProto passes through."""
+    if is_torch_module(model):
+        if example_inputs is None:
+            raise UserError("a torch module is exported to ONNX on example inputs: pass example_inputs= "
+                            "(a tensor, or a tuple of tensors)")
+        return from_torch(model, example_inputs)
+    if example_inputs is not None:
+        raise UserError("example_inputs is for a torch module; this model is already ONNX")
     return model

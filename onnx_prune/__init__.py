@@ -10,30 +10,39 @@ def from_torch(module, example_inputs, **kwargs):
     return _from_torch(module, example_inputs, **kwargs)
 
 
-def analyze(model, input_shapes=None):
-    """Channel dependency groups of a model (path or ModelProto)."""
+def _onnx(model, example_inputs):
+    from onnx_prune.models.torch_export import as_onnx
+
+    return as_onnx(model, example_inputs)
+
+
+def analyze(model, input_shapes=None, example_inputs=None):
+    """Channel dependency groups of a model (path, ModelProto, or a torch.nn.Module with
+    `example_inputs`, exported first)."""
     from onnx_prune.passes.analysis import analyze_model
 
-    return analyze_model(model, input_shapes=input_shapes)
+    return analyze_model(_onnx(model, example_inputs), input_shapes=input_shapes)
 
 
-def prune(model, ratio, importance="l2", input_shapes=None, verify=True, seed=0):
+def prune(model, ratio, importance="l2", input_shapes=None, verify=True, seed=0, example_inputs=None):
     """Uniform structured pruning baseline; returns a PruneResult with .model and .report."""
     from onnx_prune.compiler.prune import prune_uniform
 
-    return prune_uniform(model, ratio, importance=importance, input_shapes=input_shapes, verify=verify, seed=seed)
+    return prune_uniform(_onnx(model, example_inputs), ratio, importance=importance, input_shapes=input_shapes,
+                         verify=verify, seed=seed)
 
 
-def compile(model, target_speedup, **kwargs):  # noqa: A001  (the tool's verb)
+def compile(model, target_speedup, example_inputs=None, **kwargs):  # noqa: A001  (the tool's verb)
     """Prune until the speedup measured on ONNX Runtime meets `target_speedup` (e.g. 2.0 or "2x").
 
-    Returns a CompileResult with .model (ONNX) and .report (dict); raises TargetNotMet (with
-    .report) when the measured speedup stays below the target. Keyword arguments: provider,
-    threads, calib, preprocess, input_shapes, method, search, search_seconds, recover, batch_size,
-    finetune, epochs."""
+    `model`: a path, an onnx.ModelProto, or a torch.nn.Module exported first on `example_inputs`
+    (a tensor or a tuple of tensors; the batch axis stays dynamic). Returns a CompileResult with
+    .model (ONNX) and .report (dict); raises TargetNotMet (with .report) when the measured speedup
+    stays below the target. Keyword arguments: provider, threads, calib, preprocess, input_shapes,
+    method, search, search_seconds, recover, batch_size, finetune, epochs."""
     from onnx_prune.compiler.compile import compile_model
 
-    return compile_model(model, target_speedup, **kwargs)
+    return compile_model(_onnx(model, example_inputs), target_speedup, **kwargs)
 
 
 def torch_graph(model, **kwargs):

@@ -23,6 +23,10 @@ def load_model(path_or_model) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(path_or_model)
         return _known_ops(_within_protobuf_limit(m, "the model"), "the model")
+    if not isinstance(path_or_model, (str, bytes, os.PathLike)):
+        hint = (" (a torch.nn.Module: pass example_inputs= to export it, or use onnx_prune.from_torch)"
+                if hasattr(path_or_model, "state_dict") else "")
+        raise UserError(f"expected a model path or an onnx.ModelProto, got {type(path_or_model).__name__}{hint}")
     path = os.fspath(path_or_model)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")

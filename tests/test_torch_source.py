@@ -1,0 +1,113 @@
+"""A model given as a torch.nn.Module: from Python (example_inputs=) and on the command line
+(`pkg.module:fn` returning the module and its example inputs); callables import from the
+current folder even where the console script's sys.path lacks it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_prune
+from onnx_prune.compiler.calib import import_callable
+from onnx_prune.errors import UserError
+
+torch = pytest.importorskip("torch")
+
+BUILDER = textwrap.dedent("""
+    import torch
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
+                                   torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 1))
+
+    def build():
+        return net(), torch.randn(1, 3, 16, 16)
+
+    def bare():
+        return net()
+
+    def broken():
+        raise RuntimeError("weights not found")
+
+    def number():
+        return 3
+""")
+
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
+                               torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 1))
+
+
+def test_prune_and_analyze_take_a_torch_module_and_leave_its_modes_alone():
+    module, x = net(), torch.randn(2, 3, 16, 16)
+    module.train()
+    module[1].eval()  # a frozen BatchNorm in a training model: modes differ per submodule
+    result = onnx_prune.prune(module, 0.5, example_inputs=x)
+    assert result.report["max_abs_error_vs_masked_reference"] < 1e-4
+    kept = [g["kept"] for g in result.report["groups"]]
+    assert kept == [16], kept  # the 32 channels between the convs, halved
+    assert [m.training for m in module.modules()] == [True, True, False, True, True]
+    assert len(onnx_prune.analyze(module, example_inputs=x).groups) == 1
+
+
+def test_torch_module_without_example_inputs_or_wrong_types_are_clear_errors():
+    with pytest.raises(UserError, match="example_inputs="):
+        onnx_prune.analyze(net())
+    with pytest.raises(UserError, match="example_inputs is for a torch module"):
+        onnx_prune.analyze(onnx.ModelProto(), example_inputs=torch.zeros(1))
+    with pytest.raises(UserError, match="expected a model path or an onnx.ModelProto, got int"):
+        onnx_prune.analyze(3)
+    with pytest.raises(UserError, match="failed on its example inputs"):
+        onnx_prune.from_torch(net(), torch.zeros(1, 5, 16, 16))  # 5 channels into a 3-channel conv
+
+
+def test_callables_import_from_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "calibsrc.py").write_text("def fn():\n    return {'x': [[1.0]]}\n")
+    monkeypatch.chdir(tmp_path)
+    # as under the `onnx-prune` console script: neither '' nor the current folder on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])
+    assert import_callable("calibsrc:fn")() == {"x": [[1.0]]}
+
+
+def console_script():
+    path = os.path.join(os.path.dirname(sys.executable), "onnx-prune")
+    if not os.path.exists(path):
+        pytest.fail(f"the onnx-prune console script is not installed next to {sys.executable}")
+    return path
+
+
+def run_script(*args, cwd):
+    return subprocess.run([console_script(), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_model_from_a_torch_builder_in_the_current_folder(tmp_path):
+    (tmp_path / "netdef.py").write_text(BUILDER)
+    r = run_script("prune", "netdef:build", "-o", "small.onnx", "--ratio", "0.5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    small = onnx.load(str(tmp_path / "small.onnx"))
+    conv_out = [i for i in small.graph.initializer if list(i.dims[:2]) == [16, 3]]
+    assert conv_out, [list(i.dims) for i in small.graph.initializer]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((4, 3, 16, 16), np.float32)})[0].shape == (4, 8, 16, 16)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("netdef:bare", "returned a torch module alone: return (module, example_inputs)"),
+    ("netdef:broken", "raised RuntimeError: weights not found"),
+    ("netdef:number", "must return an onnx.ModelProto, a path, or (torch module, example inputs)"),
+    ("netdef:missing", "'missing' is not a function of netdef"),
+])
+def test_cli_model_builder_errors(tmp_path, spec, message):
+    (tmp_path / "netdef.py").write_text(BUILDER)
+    r = run_script("analyze", spec, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
