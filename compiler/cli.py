@@ -195,13 +195,24 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
               help="After pruning and recovery, distil the pruned model to the dense one on these batches "
                    "(the data contract of `finetune --data`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Epochs for --finetune.")
+@click.option("--min-fidelity", type=float, default=None, metavar="COS",
+              help="Accuracy budget: the pruned model's output cosine to the dense model's (pooled embeddings "
+                   "for sentence encoders) on held-out calibration samples must reach this, else exit 1 and "
+                   "no model is written. Needs --calib.")
+@click.option("--max-accuracy-drop", type=float, default=None, metavar="SHARE",
+              help="Accuracy budget: top-1 accuracy on held-out calibration samples may fall at most this much "
+                   "(0.01 = one point), else exit 1 and no model is written. Needs --calib with 'labels'.")
 def compile_cmd(model, output, target_speedup, provider, calib, preprocess, input_shape, batch_size, threads,
-                method, search, search_seconds, recover, report, finetune_data, epochs):
+                method, search, search_seconds, recover, report, finetune_data, epochs, min_fidelity,
+                max_accuracy_drop):
     """Prune until the speedup measured on ONNX Runtime meets the target; fail loudly otherwise."""
     from onnx_prune.compiler.compile import compile_model, parse_speedup
     from onnx_prune.passes.graph import save_model
 
+    from onnx_prune.compiler.budget import check_budget_args
+
     parse_speedup(target_speedup)
+    check_budget_args(min_fidelity, max_accuracy_drop, calib)
     _check_output(model, output)
     src, shapes = load_source(model)
     shapes.update(parse_input_shapes(input_shape))
@@ -216,7 +227,8 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
         result = compile_model(src, target_speedup, provider=provider, threads=threads, calib=calib,
                                preprocess=preprocess, input_shapes=shapes, method=method, search=search,
                                batch_size=batch_size, search_seconds=search_seconds, recover=recover, progress=True,
-                               log=_log_line, **extra)
+                               log=_log_line, min_fidelity=min_fidelity, max_accuracy_drop=max_accuracy_drop,
+                               **extra)
     except TargetNotMet as exc:
         if report and exc.report is not None:
             from onnx_prune.compiler.summary import write_summary
@@ -241,7 +253,8 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
                + (f", held-out output cosine {similarity(fid):.3f}" if fid else "")
                + (f", {ft['epochs']} fine-tuning epoch(s): output cosine to dense {ft['output_cosine_to_dense_before']:.3f}"
                   f" -> {ft['output_cosine_to_dense_after']:.3f}" + ("" if ft["applied"] else " (not applied)")
-                  if ft else ""))
+                  if ft else "")
+               + (", accuracy budget met" if r.get("accuracy_budget") else ""))
 
 
 def _verified_text(r) -> str:

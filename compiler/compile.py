@@ -11,7 +11,7 @@ the largest speedup it measured.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -19,6 +19,7 @@ import onnx
 from onnx_prune.backends.measure import STEADY, measure
 from onnx_prune.backends.ort import check_runs, random_feeds, serialized
 from onnx_prune.backends.predict import CostModel
+from onnx_prune.compiler.budget import check_budget_args, check_labels, judge_budget
 from onnx_prune.compiler.calib import batches, load_calibration_with_labels
 from onnx_prune.compiler.crossfit import CrossFitLoss, distinct_ids, fold_masks
 from onnx_prune.compiler.prune import build_report
@@ -46,6 +47,7 @@ MAX_ROUNDS = 6
 OVERSHOOT_MARGIN = 1.04  # aim inside [target, MAX_OVERSHOOT x target], nearer its low end: a plan's
 # measured speedup scatters by about 3% on this machine, and each round missed costs a measurement
 MEASURE_ATTEMPTS = 3  # a measurement the machine's speed changed during is repeated, the steadiest kept
+HELD_OUT = "held-out calibration samples (not used to fit)"
 MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
 
 
@@ -54,6 +56,7 @@ class CompileResult:
     model: onnx.ModelProto
     report: dict
     plan: dict
+    reference: Reference | None = field(default=None, repr=False)  # the dense model on held-out samples
 
 
 def parse_speedup(text) -> float:
@@ -85,10 +88,13 @@ def measured_speedup(dense, pruned, feeds, provider, threads):
 def compile_model(model, target_speedup, provider="cpu", threads=None, calib=None, preprocess=None,
                   input_shapes=None, method="spdy", search="fast", batch_size=None, timer=None,
                   search_seconds=SEARCH_SECONDS, recover="layer", log=lambda msg: None,
-                  progress=False, finetune=None, epochs=5) -> CompileResult:
+                  progress=False, finetune=None, epochs=5, min_fidelity=None,
+                  max_accuracy_drop=None) -> CompileResult:
     """Compile `model` (path or ModelProto). `timer(dense, pruned, feeds)` -> (speedup, dense ms,
     pruned ms) replaces the real measurement in tests. `finetune` (data for compiler/finetune.py):
-    afterwards, distil the pruned model to the dense one for `epochs` (shapes, so speed, unchanged)."""
+    afterwards, distil the pruned model to the dense one for `epochs` (shapes, so speed, unchanged).
+    `min_fidelity` / `max_accuracy_drop`: the accuracy budget (compiler/budget.py), judged on the
+    held-out calibration samples after recovery and fine-tuning; missed, TargetNotMet."""
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (choose: {', '.join(METHODS)})")
     if search not in SEARCHES:
@@ -98,23 +104,29 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
     if search == "full" and method != "spdy":
         raise UserError("--search full is SPDY's sensitivity search: use it with --method spdy")
     target = parse_speedup(target_speedup)
+    check_budget_args(min_fidelity, max_accuracy_drop, calib)
     steps = Steps(log, progress)
     try:
         result = _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search,
-                          batch_size, timer, search_seconds, recover, steps)
+                          batch_size, timer, search_seconds, recover, steps, max_accuracy_drop)
         if finetune is not None:
             from onnx_prune.compiler.finetune import finetune_compiled
 
             with steps("fine-tune"):
                 result.model = finetune_compiled(model, result.model, result.report, finetune, epochs,
                                                  input_shapes, log=steps.note)
+                if result.report["finetune"]["applied"] and result.reference is not None:
+                    # the budget judges the weights that are written, on the same held-out samples
+                    result.report["output_fidelity"] = dict(result.reference.fidelity(result.model),
+                                                            on=HELD_OUT + ", after fine-tuning")
+        judge_budget(result.report, min_fidelity, max_accuracy_drop)
         return result
     finally:
         steps.close()
 
 
 def _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search, batch_size,
-             timer, search_seconds, recover, steps) -> CompileResult:
+             timer, search_seconds, recover, steps, max_accuracy_drop=None) -> CompileResult:
     notes = []
     with steps("analyse"):
         canon = canonicalize(model, input_shapes=input_shapes)
@@ -125,6 +137,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             raise UserError(analysis.nothing_prunable())
         samples, labels = load_calibration_with_labels(calib, canon.model, preprocess) if calib is not None \
             else (None, None)
+        check_labels(max_accuracy_drop, labels)
         feeds = _timing_feeds(canon, samples, batch_size, notes)
         check_runs(model, feeds)
         if recover == "global" and samples is not None:  # fail now, not after the search
@@ -253,7 +266,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         raise TargetNotMet(f"measured {speedup:.2f}x after {len(rounds)} rounds, below the {target:g}x target "
                            f"(the largest speedup reached{reach}); try a lower target or another --method",
                            report=report)
-    return CompileResult(pruned, report, plan)
+    return CompileResult(pruned, report, plan, reference if samples is not None else None)
 
 
 def _planner(method, cm, analysis, widths, scores, curves):
@@ -388,7 +401,7 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
     if model is not pruned:
         report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
         report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
-    fidelity["on"] = "held-out calibration samples (not used to fit)"
+    fidelity["on"] = HELD_OUT
     return model, fidelity
 
 

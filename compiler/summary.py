@@ -76,6 +76,13 @@ def markdown(report, plots) -> str:
         from onnx_prune.compiler.fidelity import similarity
 
         lines.append(f"| output cosine to dense (held-out calibration samples) | {similarity(fid):.4f} |")
+    budget = r.get("accuracy_budget")
+    if budget:
+        parts = ([f"cosine {budget['fidelity']:.4f} vs min {budget['min_fidelity']:g}"] if "min_fidelity" in budget
+                 else []) + ([f"top-1 drop {budget['accuracy_drop']:.4f} vs max {budget['max_accuracy_drop']:g}"]
+                             if "max_accuracy_drop" in budget else [])
+        lines.append(f"| accuracy budget ({budget['samples']} held-out samples) | "
+                     f"{'met' if budget['met'] else 'MISSED'}: {', '.join(parts)} |")
     err = r.get("max_abs_error_vs_masked_reference")
     before = r.get("max_abs_error_before_recovery", r.get("max_abs_error_before_finetune"))
     changed = "recovery" if "max_abs_error_before_recovery" in r else "fine-tuning"

@@ -354,3 +354,81 @@ def test_plan_measured_again_is_judged_by_its_median_and_the_loop_stops_at_reach
     assert r["measured_speedup"] == 1.1 and r["target_beyond_reach"]
     assert r["rounds"][-1]["plan_measurements"] == 3 and r["rounds"][-1]["plan_speedup_median"] == 1.1
     assert seen.count(seen[-1]) == 3 and len(r["rounds"]) <= 3
+
+
+def calib_file(tmp_path, shapes, n=10, labels=None):
+    p = tmp_path / "c.npz"
+    x = np.random.default_rng(0).standard_normal((n,) + shapes["input"][1:]).astype(np.float32)
+    np.savez(p, input=x, **({"labels": labels} if labels is not None else {}))
+    return str(p)
+
+
+def test_accuracy_budget_is_judged_on_the_held_out_samples(model, tmp_path):
+    from onnx_prune.compiler.fidelity import similarity
+
+    m, shapes = model
+    calib = calib_file(tmp_path, shapes)
+    r = compile_model(m, "1.3x", input_shapes=shapes, calib=calib, timer=LyingTimer(1.35), batch_size=2,
+                      min_fidelity=0.01).report
+    budget, fid = r["accuracy_budget"], r["output_fidelity"]
+    assert budget["met"] and budget["fidelity"] == similarity(fid) < 1.0 and budget["samples"] == fid["samples"]
+    # the same run with a budget its pruned model cannot meet fails, with the budget in its report
+    with pytest.raises(TargetNotMet, match=r"accuracy budget missed at 1.35x measured: held-out output cosine "
+                                           r"0\.\d+ is below --min-fidelity 1") as exc:
+        compile_model(m, "1.3x", input_shapes=shapes, calib=calib, timer=LyingTimer(1.35), batch_size=2,
+                      min_fidelity=1.0)
+    assert exc.value.report["accuracy_budget"]["met"] is False
+
+
+def test_accuracy_drop_budget_reads_the_task_accuracy():
+    from onnx_prune.compiler.budget import judge_budget
+
+    def report(acc):
+        return {"measured_speedup": 2.0, "output_fidelity": {"samples": 20, "mean_cosine_similarity": 0.9,
+                                                              "accuracy": acc, "dense_accuracy": 0.8}}
+
+    ok = report(0.75)
+    judge_budget(ok, None, 0.05)
+    assert ok["accuracy_budget"]["met"] and ok["accuracy_budget"]["accuracy_drop"] == pytest.approx(0.05)
+    with pytest.raises(TargetNotMet, match=r"top-1 accuracy fell 0\.100 \(0\.800 -> 0\.700\), over "
+                                           r"--max-accuracy-drop 0\.05 \(20 held-out"):
+        judge_budget(report(0.70), 0.5, 0.05)  # the cosine part (0.9 >= 0.5) is met, the drop is not
+    unset = report(0.1)
+    judge_budget(unset, None, None)
+    assert "accuracy_budget" not in unset
+
+
+def test_accuracy_budget_arguments_fail_before_any_work(model, tmp_path):
+    m, shapes = model
+    with pytest.raises(UserError, match="give --calib"):
+        compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(), min_fidelity=0.9)
+    with pytest.raises(UserError, match=r"in \(0, 1\]"):
+        compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(), min_fidelity=95)
+    timer = LyingTimer()
+    with pytest.raises(UserError, match="needs the calibration data's 'labels'"):
+        compile_model(m, "1.3x", input_shapes=shapes, calib=calib_file(tmp_path, shapes), timer=timer,
+                      batch_size=2, max_accuracy_drop=0.01)
+    assert timer.calls == []  # stopped before the search measured anything
+
+
+def test_cli_accuracy_budget_missed_exits_1_without_a_model(model, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnx_prune.compiler.cli import main
+    from onnx_prune.passes.graph import save_model
+
+    m, shapes = model
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    save_model(m, str(src))
+    monkeypatch.setattr("onnx_prune.compiler.compile.measured_speedup",
+                        lambda d, p, f, provider, threads: (1.35, 10.0, 10.0 / 1.35))
+    shape = "x".join(str(d) for d in (2,) + tuple(shapes["input"][1:]))
+    r = CliRunner().invoke(main, ["compile", str(src), "-o", str(out), "--target-speedup", "1.3x", "--calib",
+                                  calib_file(tmp_path, shapes), "--input-shape", f"input={shape}",
+                                  "--min-fidelity", "1.0", "--report", str(rep)])
+    assert r.exit_code == 1 and not out.exists()
+    assert r.stderr.strip().splitlines()[-1].startswith("onnx-prune: error: accuracy budget missed at 1.35x")
+    assert json.loads(rep.read_text())["accuracy_budget"]["met"] is False
+    assert "| accuracy budget (" in (tmp_path / "r.md").read_text()

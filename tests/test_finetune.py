@@ -181,6 +181,17 @@ def test_compile_then_finetune(tiny, tmp_path, monkeypatch):
     if ft["applied"]:
         assert rep["max_abs_error_vs_masked_reference"] is None and rep["max_abs_error_before_finetune"] is not None
         assert "fine-tuning epoch(s)" in r.stdout
+    # with calibration data and an accuracy budget, the budget judges the fine-tuned weights
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((10,) + BATCH[1:]).astype(np.float32))
+    r = cli("compile", tiny, "-o", tmp_path / "b.onnx", "--target-speedup", "1.3x", "--finetune",
+            "finetune_fixtures:split", "--epochs", 2, "--calib", calib, "--min-fidelity", 0.01, "--report", report)
+    assert r.exit_code == 0, (r.output, r.exception)
+    rep = json.loads(report.read_text())
+    assert rep["accuracy_budget"]["met"] and "accuracy budget met" in r.stdout
+    if rep["finetune"]["applied"]:
+        assert rep["output_fidelity"]["on"].endswith("after fine-tuning") and "output_fidelity_before_finetune" in rep
+        assert rep["accuracy_budget"]["fidelity"] != rep["output_fidelity_before_finetune"]["mean_cosine_similarity"]
     bad = cli("compile", tiny, "-o", tmp_path / "d.onnx", "--target-speedup", "1.3x",
               "--finetune", "finetune_fixtures:empty")
     assert bad.exit_code == 2 and "no training batches" in bad.stderr and not (tmp_path / "d.onnx").exists()
