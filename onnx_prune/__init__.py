@@ -36,12 +36,16 @@ def compile(model, target_speedup, example_inputs=None, **kwargs):  # noqa: A001
     """Prune until the speedup measured on ONNX Runtime meets `target_speedup` (e.g. 2.0 or "2x").
 
     `model`: a path, an onnx.ModelProto, or a torch.nn.Module exported first on `example_inputs`
-    (a tensor or a tuple of tensors; the batch axis stays dynamic). Returns a CompileResult with
+    (a tensor or a tuple of tensors; the batch axis stays dynamic, and is timed at the examples'
+    batch unless `batch_size` says otherwise). Returns a CompileResult with
     .model (ONNX) and .report (dict); raises TargetNotMet (with .report) when the measured speedup
     stays below the target. Keyword arguments: provider, threads, calib, preprocess, input_shapes,
     method, search, search_seconds, recover, batch_size, finetune, epochs."""
     from onnx_prune.compiler.compile import compile_model
 
+    if example_inputs is not None and kwargs.get("batch_size") is None:
+        first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+        kwargs["batch_size"] = int(first.shape[0]) if getattr(first, "ndim", 0) else None
     return compile_model(_onnx(model, example_inputs), target_speedup, **kwargs)
 
 

@@ -111,3 +111,15 @@ def test_cli_model_builder_errors(tmp_path, spec, message):
     r = run_script("analyze", spec, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compile_takes_a_torch_module_and_times_it_at_the_examples_batch(monkeypatch):
+    from test_compile import AnalyticDB
+
+    monkeypatch.setattr("onnx_prune.backends.predict.TimingDB", lambda *a, **k: AnalyticDB())
+    module = net()
+    result = onnx_prune.compile(module, "1.3x", example_inputs=torch.randn(4, 3, 16, 16),
+                                timer=lambda d, p, f: (d.ByteSize() / p.ByteSize(), 1.0, p.ByteSize() / d.ByteSize()))
+    assert result.report["batch_size"] == 4 and result.report["measured_speedup"] >= 1.3
+    assert [i.name for i in result.model.graph.input] == ["input"]
+    assert module.training  # a fresh module trains; the export left it so
