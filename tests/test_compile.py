@@ -432,3 +432,22 @@ def test_cli_accuracy_budget_missed_exits_1_without_a_model(model, tmp_path, mon
     assert r.stderr.strip().splitlines()[-1].startswith("onnx-prune: error: accuracy budget missed at 1.35x")
     assert json.loads(rep.read_text())["accuracy_budget"]["met"] is False
     assert "| accuracy budget (" in (tmp_path / "r.md").read_text()
+
+
+def test_target_near_the_predicted_reach_measures_the_fastest_plan_first(model, monkeypatch):
+    # the predicted reach comes from a real (noisy) profile: the margins put every target between
+    # them, so that the fastest plan is always measured first
+    monkeypatch.setattr("onnx_prune.compiler.compile.REACH_MARGIN", 0.01)
+    monkeypatch.setattr("onnx_prune.compiler.compile.REACH_REFUSE", 1000.0)
+    m, shapes = model
+    # the fastest plan measures short of the target: refused, with what it measured
+    short = LyingTimer(1.2)
+    with pytest.raises(UserError, match=r"out of reach: .* measured 1.20x on cpu \(predicted [\d.]+x\)"):
+        compile_model(m, "1.3x", input_shapes=shapes, timer=short, batch_size=16)
+    assert len(short.calls) == 1
+    # it reaches the target: the predictor is calibrated on it and the search goes on
+    timer = LyingTimer(*[1.35] * 9)  # every plan, the fastest first, measures 1.35x
+    r = compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16).report
+    assert any(n.startswith("the fastest plan, predicted at") for n in r["notes"])
+    assert "measure the fastest plan" in r["phases"] and r["measured_speedup"] == 1.35
+    assert len(timer.calls) == 1 + len(r["rounds"])
