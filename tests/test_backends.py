@@ -275,6 +275,23 @@ def test_timing_curves_are_made_non_decreasing(tmp_path, monkeypatch):
     assert db.estimate(sig, (12, 32), [[4, 8, 12, 16], [32]]) == pytest.approx(250.0)
 
 
+def test_a_full_width_far_slower_than_its_extra_blocks_explain_is_an_outlier(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+    db = TimingDB("cpu", threads=1)
+    # BERT-large's FFN output MatMul: 14.8 ms at its 4096-wide input in the bulk graph, 5.4 ms at 4056
+    sig = LayerSig("MatMul", (4096, 1024), (1, 128))
+    grid = [3880, 4056, 4096]
+    for w, t in zip(grid, [5209.0, 5434.0, 14838.0]):
+        db.times[db.point_key(sig, (w, 1024))] = t
+    ratio = db.estimate(sig, (4056, 1024), [grid, [1024]]) / db.estimate(sig, sig.full, [grid, [1024]])
+    assert ratio == pytest.approx(4056 / 4096, rel=1e-6)  # the work it drops, not 2.7x
+    # one 16-channel block to two: the jump is the hardware's, and stays
+    small = LayerSig("Conv", (8, 24), (1, 32, 32), ((1, 1),))
+    for w, t in [(8, 40.0), (16, 50.0), (24, 125.0)]:
+        db.times[db.point_key(small, (8, w))] = t
+    assert db.curve(small, 1, [8, 16, 24]).tolist() == [40.0, 50.0, 125.0]
+
+
 def test_bulk_measurement_times_every_point():
     sig = LayerSig("Conv", (16, 16), (1, 8, 8), ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), ()))
     db = TimingDB("cpu", threads=1, use_cache=False)
