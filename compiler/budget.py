@@ -25,7 +25,7 @@ def check_labels(max_accuracy_drop, labels) -> None:
                         "to measure top-1 accuracy; without labels use --min-fidelity")
 
 
-def judge_budget(report: dict, min_fidelity, max_accuracy_drop) -> None:
+def judge_budget(report: dict, min_fidelity, max_accuracy_drop, model=None) -> None:
     """Record the budget in the report; raise TargetNotMet (exit 1) when it is missed."""
     if min_fidelity is None and max_accuracy_drop is None:
         return
@@ -50,4 +50,4 @@ def judge_budget(report: dict, min_fidelity, max_accuracy_drop) -> None:
         raise TargetNotMet(f"accuracy budget missed at {report['measured_speedup']:.2f}x measured: "
                            f"{'; '.join(missed)} ({fid['samples']} held-out calibration samples); try a lower "
                            f"--target-speedup, more calibration data, --search full or --recover global",
-                           report=report)
+                           report=report, model=model)

@@ -121,7 +121,7 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
                     # the budget judges the weights that are written, on the same held-out samples
                     result.report["output_fidelity"] = dict(result.reference.fidelity(result.model),
                                                             on=HELD_OUT + ", after fine-tuning")
-        judge_budget(result.report, min_fidelity, max_accuracy_drop)
+        judge_budget(result.report, min_fidelity, max_accuracy_drop, result.model)
         return result
     finally:
         steps.close()
@@ -264,7 +264,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                  f"is out of reach on {provider} at this batch size") if beyond_reach else ""
         raise TargetNotMet(f"measured {speedup:.2f}x after {len(rounds)} rounds, below the {target:g}x target "
                            f"(the largest speedup reached{reach}); try a lower target or another --method",
-                           report=report)
+                           report=report, model=pruned)
     return CompileResult(pruned, report, plan, reference if samples is not None else None)
 
 

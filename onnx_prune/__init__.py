@@ -38,9 +38,10 @@ def compile(model, target_speedup, example_inputs=None, **kwargs):  # noqa: A001
     `model`: a path, an onnx.ModelProto, or a torch.nn.Module exported first on `example_inputs`
     (a tensor or a tuple of tensors; the batch axis stays dynamic, and is timed at the examples'
     batch unless `batch_size` says otherwise). Returns a CompileResult with
-    .model (ONNX) and .report (dict); raises TargetNotMet (with .report) when the measured speedup
-    stays below the target. Keyword arguments: provider, threads, calib, preprocess, input_shapes,
-    method, search, search_seconds, recover, batch_size, finetune, epochs."""
+    .model (ONNX) and .report (dict); raises TargetNotMet (with .report, and .model: what was
+    reached) when the measured speedup stays below the target or the accuracy budget is missed.
+    Keyword arguments: provider, threads, calib, preprocess, input_shapes, method, search,
+    search_seconds, recover, batch_size, finetune, epochs, min_fidelity, max_accuracy_drop."""
     from onnx_prune.compiler.compile import compile_model
 
     if example_inputs is not None and kwargs.get("batch_size") is None:

@@ -9,10 +9,12 @@ class UserError(Exception):
 
 class TargetNotMet(Exception):
     """A verified build that misses the requested speedup or accuracy budget (exit code 1).
-    `report` holds what was reached, for the caller to write."""
+    `report` holds what was reached, for the caller to write; `model`, the model that reached it
+    (the command line does not write it)."""
 
     exit_code = 1
 
-    def __init__(self, message, report=None):
+    def __init__(self, message, report=None, model=None):
         super().__init__(message)
         self.report = report
+        self.model = model
