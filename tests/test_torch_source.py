@@ -77,9 +77,20 @@ def test_callables_import_from_the_current_folder(tmp_path, monkeypatch):
 
 
 def console_script():
-    path = os.path.join(os.path.dirname(sys.executable), "onnx-prune")
-    if not os.path.exists(path):
-        pytest.fail(f"the onnx-prune console script is not installed next to {sys.executable}")
+    """The installed `onnx-prune` script of this interpreter (its scripts folder, or the user
+    scheme's under pip --user), else the one on PATH."""
+    import shutil
+    import sysconfig
+
+    folders = [os.path.dirname(sys.executable), sysconfig.get_path("scripts"),
+               sysconfig.get_path("scripts", f"{os.name}_user")]
+    for folder in folders:
+        path = os.path.join(folder, "onnx-prune")
+        if os.path.exists(path):
+            return path
+    path = shutil.which("onnx-prune")
+    if path is None:
+        pytest.fail(f"the onnx-prune console script is not installed (looked in {folders} and on PATH)")
     return path
 
 
