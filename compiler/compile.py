@@ -47,10 +47,10 @@ MAX_ROUNDS = 6
 OVERSHOOT_MARGIN = 1.04  # aim inside [target, MAX_OVERSHOOT x target], nearer its low end: a plan's
 # measured speedup scatters by about 3% on this machine, and each round missed costs a measurement
 MEASURE_ATTEMPTS = 3  # a measurement the machine's speed changed during is repeated, the steadiest kept
-HELD_OUT = "held-out calibration samples (not used to fit)"
-MAX_OVERSHOOT = 1.10
+MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
 REACH_MARGIN = 1.15  # a target up to this far above the predicted reach is searched for at once,
-REACH_REFUSE = 1.6  # up to this far the fastest plan is measured first; beyond, refused at once  # a 2x request that delivers much more wasted accuracy: search again
+REACH_REFUSE = 1.6  # up to this far the fastest plan is measured first; beyond, refused at once
+HELD_OUT = "held-out calibration samples (not used to fit)"
 
 
 @dataclass

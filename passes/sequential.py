@@ -202,7 +202,8 @@ def _segmentable(model, stages) -> bool:
         if any(i and i not in seen for i in node.input):
             return False
         seen.update(node.output)
-    return all(key[0] in _producers(model) for key in stages)
+    at = _producers(model)
+    return all(key[0] in at for key in stages)
 
 
 def _in_graph_order(model, stages) -> list:

@@ -360,10 +360,9 @@ def test_plan_measured_again_is_judged_by_its_median_and_the_loop_stops_at_reach
     assert seen.count(seen[-1]) == 3 and len(r["rounds"]) <= 3
 
 
-def calib_file(tmp_path, shapes, n=10, labels=None):
+def calib_file(tmp_path, shapes, n=10):
     p = tmp_path / "c.npz"
-    x = np.random.default_rng(0).standard_normal((n,) + shapes["input"][1:]).astype(np.float32)
-    np.savez(p, input=x, **({"labels": labels} if labels is not None else {}))
+    np.savez(p, input=np.random.default_rng(0).standard_normal((n,) + shapes["input"][1:]).astype(np.float32))
     return str(p)
 
 
