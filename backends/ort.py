@@ -149,11 +149,15 @@ def session_with_outputs(model: onnx.ModelProto, names, optimize=False):
     return make_session(m, optimize=optimize, quiet=True)
 
 
-def run_all_outputs(model: onnx.ModelProto, names, feeds=None) -> dict:
-    """Values of intermediate tensors `names`, computed without graph optimizations."""
+def run_all_outputs(model: onnx.ModelProto, names, feeds=None, weights: onnx.ModelProto | None = None) -> dict:
+    """Values of intermediate tensors `names`, computed without graph optimizations. `weights`:
+    the model holding the large initializers' data, where `model` holds only their shapes."""
     if feeds is None:
         feeds = random_feeds(model, {i.name: dims_of(i.type) for i in model.graph.input})
     # the weights go in as feeds: the same values, without serializing them into the session
     light, large = without_large_weights(model)
+    if weights is not None:
+        source = {t.name: t for t in weights.graph.initializer}
+        large = [source[t.name] for t in large]
     feeds = {**feeds, **{t.name: numpy_helper.to_array(t) for t in large}}
     return dict(zip(names, session_with_outputs(light, names).run(names, feeds)))

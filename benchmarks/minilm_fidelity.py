@@ -43,7 +43,7 @@ def main():
     np.savez(path, **feeds)
     shapes = {k: (8, SEQ) for k in feeds}
     canon = canonicalize(model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     print("| target | method | search | measured | predicted | held-out embedding cosine, no recovery "
           "| with recovery | seconds | recovery stages (cosine on compile's held-out fifth) |")
     print("|---|---|---|---|---|---|---|---|---|")

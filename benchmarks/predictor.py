@@ -66,7 +66,7 @@ def run(name, batch, threads, n_random, rng):
     model, feeds = feeds_for(entry.model, shapes, batch)
     shapes = {k: v.shape for k, v in feeds.items()}
     canon = canonicalize(model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     t = time.time()
     cm = CostModel(canon.model, analysis, feeds, threads=threads)
     build_s = time.time() - t

@@ -141,7 +141,7 @@ def initial_model(data: Data, seed: int) -> onnx.ModelProto:
 
 def analysis_of(model: onnx.ModelProto, data: Data):
     canon = canonicalize(model, input_shapes={"x": data.shape})
-    return canon.model, analyze_canonical(canon.static)
+    return canon.model, analyze_canonical(canon)
 
 
 def train_dense(model: onnx.ModelProto, data: Data, epochs: int, lr: float, batch_size: int, seed: int):

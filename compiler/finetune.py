@@ -436,7 +436,7 @@ def finetune_model(model, data, method="pdp", pattern="unstructured", sparsity=N
 def _channel_analysis(canon):
     from onnx_prune.passes.analysis import analyze_canonical
 
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     if not analysis.groups:
         raise UserError("nothing in this model can be pruned by channel (run `onnx-prune analyze` to see why); "
                         "try --pattern unstructured or 2:4")

@@ -33,7 +33,7 @@ def check_ratio(ratio: float):
 def prune_uniform(model, ratio, importance="l2", input_shapes=None, verify=True, seed=0) -> PruneResult:
     check_ratio(ratio)
     canon = canonicalize(model, input_shapes=input_shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     if not analysis.groups:  # as compile says: a copy of the input is not what was asked for
         raise UserError(analysis.nothing_prunable())
     plan = uniform_plan(analysis, ratio, importance)

@@ -280,11 +280,14 @@ def analyze_model(model, input_shapes=None) -> Analysis:
     from onnx_prune.passes.canonicalize import canonicalize
 
     canon = canonicalize(model, input_shapes=input_shapes)
-    return analyze_canonical(canon.static)
+    return analyze_canonical(canon)
 
 
-def analyze_canonical(static_model: onnx.ModelProto) -> Analysis:
-    index = GraphIndex(static_model)
+def analyze_canonical(canon) -> Analysis:
+    """The channel groups of a canonicalized model (`canonicalize`'s result: its static copy
+    for the shapes, its model for the weights' data), or of a static model that holds its data."""
+    static, weights = (canon, None) if isinstance(canon, onnx.ModelProto) else (canon.static, canon.model)
+    index = GraphIndex(static, weights)
     ctx = run_rules(index)
     groups, frozen = collect_groups(ctx)
-    return Analysis(static_model, ctx, groups, frozen)
+    return Analysis(static, ctx, groups, frozen)

@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of
+from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of, shapes_only_copy
 from onnx_prune.passes.rules import SHAPE_TARGETS
 
 MIN_OPSET = 7
@@ -423,9 +423,9 @@ def with_batch(model, shapes: dict, batch_size: int) -> dict:
 
 
 def make_static(model, shapes: dict) -> onnx.ModelProto:
-    """A copy with fixed input dims and every tensor's shape inferred."""
-    static = onnx.ModelProto()
-    static.CopyFrom(model)
+    """A copy with fixed input dims and every tensor's shape inferred. It holds the large
+    initializers' shapes but not their data, which stays in `model` (GraphIndex(static, model))."""
+    static = shapes_only_copy(model)
     for inp in static.graph.input:
         if inp.name in shapes:
             dims = inp.type.tensor_type.shape.dim
@@ -439,11 +439,11 @@ def make_static(model, shapes: dict) -> onnx.ModelProto:
         static = infer_shapes(static, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise UserError(f"shape inference failed ({str(exc).splitlines()[0][:200]}); check --input-shape") from None
-    _fill_shapes_with_ort(static)
+    _fill_shapes_with_ort(static, model)
     return static
 
 
-def _fill_shapes_with_ort(static):
+def _fill_shapes_with_ort(static, weights):
     """Shape inference leaves gaps around some ops; run the graph once to read the rest."""
     known = {}
     for vi in list(static.graph.value_info) + list(static.graph.output) + list(static.graph.input):
@@ -457,7 +457,7 @@ def _fill_shapes_with_ort(static):
     from onnx_prune.backends.ort import run_all_outputs
 
     try:
-        values = run_all_outputs(static, missing)
+        values = run_all_outputs(static, missing, weights=weights)
     except Exception:
         return  # the analysis freezes channels around tensors whose shape stays unknown
     kept = [vi for vi in static.graph.value_info if vi.name not in values]

@@ -157,6 +157,21 @@ def without_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
     return light, large
 
 
+def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large initializers keep their name, type and dims but not their
+    data: a second full copy of the weights for shape-level work cost BERT-base 435 MB."""
+    light, large = without_large_weights(model)
+    kept = {t.name for t in large}
+    declared = [i for i in light.graph.input if i.name not in kept]
+    del light.graph.input[:]
+    light.graph.input.extend(declared)
+    light.graph.initializer.extend(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in large)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, field, getattr(model, field))
+    light.metadata_props.extend(model.metadata_props)
+    return light
+
+
 def infer_shapes(model: onnx.ModelProto, **options) -> onnx.ModelProto:
     """onnx's shape inference, given the large initializers' shapes but not their data (shape
     tensors are small, so data propagation still sees them). The inferred value_info and output
@@ -218,12 +233,16 @@ def dims_of(type_proto):
 
 
 class GraphIndex:
-    """Read-only index of a model: producers, consumers, constants, static shapes and dtypes."""
+    """Read-only index of a model: producers, consumers, constants, static shapes and dtypes.
 
-    def __init__(self, model: onnx.ModelProto):
+    `weights`: the model that holds the large initializers' data where `model` holds only their
+    shapes (a static copy: see `shapes_only_copy`)."""
+
+    def __init__(self, model: onnx.ModelProto, weights: onnx.ModelProto | None = None):
         self.model = model
         g = model.graph
         self.inits = {t.name: t for t in g.initializer}
+        self._weights = {t.name: t for t in weights.graph.initializer} if weights is not None else {}
         self._arrays: dict[str, np.ndarray] = {}
         self.producer = {}
         self.consumers = defaultdict(list)
@@ -249,9 +268,13 @@ class GraphIndex:
         """The value of an initializer, or None if `name` is computed at run time."""
         if name not in self.inits:
             return None
-        if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.inits[name])
-        return self._arrays[name]
+        if name in self._arrays:
+            return self._arrays[name]
+        t = self._weights.get(name, self.inits[name])
+        array = numpy_helper.to_array(t)
+        if array.size <= LARGE_ELEMENTS:  # shape tensors, read by many rules; weights are read once per phase
+            self._arrays[name] = array
+        return array
 
     def shape(self, name):
         s = self.shapes.get(name)

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -131,7 +132,7 @@ def test_grouped_and_depthwise_points_are_measured(tmp_path, monkeypatch):
 
 def test_layer_signature_ignores_widths_but_not_shapes():
     canon = canonicalize(two_convs())
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     nodes = {n.name: n for n in canon.static.graph.node}
     s1 = layer_sig(nodes["c1"], analysis.ctx.index)
     assert (s1.op, s1.full, s1.lead) == ("Conv", (3, 32), (1, 16, 16))
@@ -157,7 +158,7 @@ class FakeDB:
 
 def test_predictor_scales_kernels_by_plan():
     canon = canonicalize(two_convs(32))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     kernels = {"a_nchwc": Kernel("a_nchwc", "Conv", 100.0, [], []),  # named after c1's output
                "c2": Kernel("c2", "Conv", 50.0, [], []),
                "ReorderOutput": Kernel("ReorderOutput", "ReorderOutput", 10.0, [], []),
@@ -183,7 +184,7 @@ class ReorderDB(FakeDB):
 
 def test_predictor_scales_reorders_as_the_database_timed_them():
     canon = canonicalize(two_convs(32))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []), "c2": Kernel("c2", "Conv", 50.0, [], []),
                # c1's output "a" back to plain layout; the Relu's output "r" into c2's blocked one
                "ReorderOutput_token_1": Kernel("ReorderOutput_token_1", "ReorderOutput", 20.0, [], [],
@@ -200,7 +201,7 @@ def test_predictor_scales_reorders_as_the_database_timed_them():
 def test_timing_database_records_the_reorders_around_a_blocked_conv(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
     canon = canonicalize(two_convs(32))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     c2 = next(n for n in canon.static.graph.node if n.name == "c2")
     sig = layer_sig(c2, analysis.ctx.index)  # 32 -> 8 channels, 1x1
     db = TimingDB("cpu", threads=1)
@@ -220,7 +221,7 @@ class PaddedDB(FakeDB):
 
 def test_candidate_widths_drop_padded_plateaus():
     canon = canonicalize(two_convs(32))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     (group,) = analysis.groups
     light = {"c1": Kernel("c1", "Conv", 100.0, [], []), "c2": Kernel("c2", "Conv", 50.0, [], []),
              "relu": Kernel("relu", "Relu", 1.0, [], [])}
@@ -232,7 +233,7 @@ def test_candidate_widths_drop_padded_plateaus():
 
 def test_predictor_calibration_fits_the_measured_speedup():
     canon = canonicalize(two_convs(32))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []), "c2": Kernel("c2", "Conv", 50.0, [], [])}
     cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.2))
     half, quarter = uniform_plan(analysis, 0.5), uniform_plan(analysis, 0.75)
@@ -248,7 +249,7 @@ def test_predictor_calibration_fits_the_measured_speedup():
 def test_predictor_removes_profiler_inflation():
     """Kernels that sum to more than a plain run: the excess is a per-kernel profiler cost."""
     canon = canonicalize(two_convs(32))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     kernels = {"c1": Kernel("c1", "Conv", 110.0, [], []), "c2": Kernel("c2", "Conv", 60.0, [], [])}
     cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.15))
     assert cm.profiler_us == pytest.approx(10.0) and cm.overhead_ms == 0
@@ -308,7 +309,7 @@ def test_product_axes_are_timed_at_the_widths_plans_give_them():
 
     entry = load("regnety")
     canon = canonicalize(entry.model, input_shapes=dict(entry.input_shapes))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     kernels = {"k": Kernel("k", "Relu", 1.0, [], [])}
     cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.001))
     (layer,) = [lay for lay in cm.layers.values() if lay.node.endswith("features.1/c/c.0/Conv")]
@@ -391,7 +392,7 @@ def test_same_auto_pad_convs_are_timed_and_sampled_with_their_real_pads(tmp_path
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     canon = canonicalize(m)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     (conv,) = [n for n in canon.static.graph.node if n.op_type == "Conv"]
     sig = layer_sig(conv, analysis.ctx.index)
     assert sig.attrs[2] == conv_pads(conv, (4, 4), (5, 5)) == ((2, 2, 2, 2) if stride == 1 else (1, 1, 2, 2))
@@ -455,3 +456,37 @@ def test_shape_inference_and_intermediate_values_take_large_weights_by_shape_onl
     assert len(got.graph.initializer) == 2  # the model keeps its weights
     x = rng.standard_normal((2, 64)).astype(np.float32)
     np.testing.assert_allclose(run_all_outputs(m, ["h"], {"x": x})["h"], x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_static_copy_holds_large_weights_by_shape_and_the_analysis_reads_them_from_the_model():
+    """canonicalize's static copy keeps each large weight's name, type and dims but not its data
+    (a second copy of BERT-base's weights is 435 MB); the analysis reads the values from the
+    canonical model, and the importance it computes is the same as on a static copy with data."""
+    from onnx_prune.passes.graph import LARGE_ELEMENTS
+    from onnx_prune.passes.importance import group_scores
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 96)).astype(np.float32)
+    w2 = rng.standard_normal((96, 48)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert w1.size > LARGE_ELEMENTS and w2.size > LARGE_ELEMENTS
+    canon = canonicalize(m, input_shapes={"x": (4, 64)})
+    stored = {t.name: t for t in canon.static.graph.initializer}
+    assert {n: tuple(t.dims) for n, t in stored.items()} == {"w1": (64, 96), "w2": (96, 48)}
+    assert not any(t.raw_data or t.float_data for t in stored.values())
+    analysis = analyze_canonical(canon)
+    np.testing.assert_array_equal(analysis.ctx.index.const("w1"), w1)
+    full = onnx.ModelProto()
+    full.CopyFrom(canon.static)
+    full.graph.ClearField("initializer")
+    full.graph.initializer.extend(canon.model.graph.initializer)
+    with_data = analyze_canonical(full)  # a static model that holds its own data
+    [a], [b] = group_scores(analysis).values(), group_scores(with_data).values()
+    np.testing.assert_allclose(a, b)
+    assert a.shape == (96,) and np.ptp(a) > 0

@@ -194,7 +194,7 @@ def test_sequential_refit_of_a_resnet_with_projection_shortcuts(dtype):
             v.type.tensor_type.elem_type = TensorProto.FLOAT16
         del model.graph.value_info[:]
     canon = canonicalize(model, input_shapes={"input": (4, 3, 64, 64)})
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     plan = uniform_plan(analysis, 0.5)
     fit = {"input": np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(dtype)}
     pruned = build_error_db(canon.model, analysis, fit).stitch(apply_plan(canon.model, analysis, plan), analysis, plan)
@@ -225,7 +225,7 @@ def test_sequential_sweep_equals_running_the_whole_model_per_layer_input(name, m
 
     zm = load(name)
     canon = canonicalize(zm.model, input_shapes=dict(zm.input_shapes))
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     plan = uniform_plan(analysis, 0.5)
     pruned = apply_plan(canon.model, analysis, plan)
     samples = random_feeds(canon.model, {k: (20,) + tuple(v[1:]) for k, v in canon.input_shapes.items()}, seed=1)

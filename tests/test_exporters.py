@@ -39,7 +39,7 @@ def test_dynamo_exported_models_prune_and_verify(name):
     model, shapes = dynamo_export(ENTRIES[name])
     assert model.opset_import[0].version >= 18
     canon = canonicalize(model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     assert len(analysis.groups) >= 8
     feeds = random_feeds(canon.model, shapes)
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1), "keep1")):
@@ -69,7 +69,7 @@ def test_group_norm_op_prunes_whole_groups():
     model, shapes = dynamo_export(entry, opset=21)
     assert sum(n.op_type == "GroupNormalization" for n in model.graph.node) == 2
     canon = canonicalize(model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     assert sorted(g.size for g in analysis.groups) == [8, 32]
     feeds = random_feeds(canon.model, shapes)
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1)),
@@ -93,7 +93,7 @@ def test_dynamo_export_with_dynamic_batch_and_sequence_prunes_layers_apart():
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
     model, shapes = dynamo_export(entry, {"inputs": ({0: batch, 1: seq}, {0: batch, 1: seq})})
     canon = canonicalize(model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     heads = [g for g in analysis.groups if g.size == 2]  # key/value heads, one group per layer
     assert len(heads) == 2, [(g.name, g.size) for g in analysis.groups]
     feeds = random_feeds(canon.model, shapes)

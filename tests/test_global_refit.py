@@ -16,7 +16,7 @@ def test_global_refit_moves_outputs_towards_dense():
     zm = load("resnet_basic")
     shapes = dict(zm.input_shapes)
     canon = canonicalize(zm.model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     scores = group_scores(analysis)
     plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
     pruned = apply_plan(canon.model, analysis, plan)

@@ -110,7 +110,7 @@ def test_channel_training_on_random_graphs(seed, name):
     rng = np.random.default_rng(seed)
     model, shapes = build_random_graph(lambda kind, k: int(rng.integers(0, k)) if k > 1 else 0, seed, 10)
     canon = canonicalize(model, input_shapes=shapes)
-    a = analyze_canonical(canon.static)
+    a = analyze_canonical(canon)
     tg = TorchGraph(canon.model)
     method = make(name, tg.parameters_by_initializer(), sp.prunable_weights(canon.model), "channel", 0.5, 6, analysis=a)
     data = [{k: torch.from_numpy(v) for k, v in random_feeds(canon.model, shapes, seed + i).items()} for i in (1, 2, 3)]

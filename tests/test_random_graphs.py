@@ -29,7 +29,7 @@ def test_random_graph_masked_equivalence(data, seed, n_ops, mode):
     feeds = random_feeds(canon.model, shapes, seed)
     err, scale = compare_outputs(model, canon.model, feeds)
     assert err <= 1e-5 * scale, "canonicalization changed outputs"
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     assert not [f.reason for f in analysis.frozen if RULE_FAILED in f.reason]
     plan = random_plan(analysis, np.random.default_rng(seed), mode)
     pruned = apply_plan(canon.model, analysis, plan)
@@ -45,6 +45,6 @@ def test_random_graph_identity_plan_is_exact(data, seed):
 
     model, shapes = build_random_graph(draw, seed, 8)
     canon = canonicalize(model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     pruned = apply_plan(canon.model, analysis, full_plan(analysis))
     assert pruned.graph.SerializeToString() == canon.model.graph.SerializeToString()

@@ -32,7 +32,7 @@ def redundant_mlp():
 
 def test_stitched_refit_recovers_held_out_outputs():
     canon = canonicalize(redundant_mlp(), input_shapes={"x": (16, 16)})
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     plan = uniform_plan(analysis, 0.5)
     pruned = apply_plan(canon.model, analysis, plan)
     rng = np.random.default_rng(1)

@@ -166,7 +166,7 @@ FROZEN = {
 
 def _prune_and_verify(m, seeds=3):
     canon = canonicalize(m)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     feeds = random_feeds(canon.model, canon.input_shapes)
     for seed in range(seeds):
         plan = random_plan(analysis, np.random.default_rng(seed))
@@ -215,7 +215,7 @@ def test_unknown_op_freezes_what_it_touches_without_crashing():
               helper.make_node("Add", ["r", "q"], ["s"], name="add"),
               conv("c2", "s", "w2", "o")],
              {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, 4, domains=("my.domain",))
-    analysis = analyze_canonical(canonicalize(m).static)
+    analysis = analyze_canonical(canonicalize(m))
     reasons = {f.name: f.reason for f in analysis.frozen}
     assert "unsupported op MyOp 'mine'" in reasons["c1"]
 
@@ -231,7 +231,7 @@ def test_subgraph_captures_are_frozen():
               helper.make_node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g, name="if"),
               conv("c2", "i", "w2", "o")],
              {"w1": W(8, 3, 1, 1), "zero": np.float32(0), "w2": W(4, 8, 1, 1)}, 4)
-    analysis = analyze_canonical(canonicalize(m).static)
+    analysis = analyze_canonical(canonicalize(m))
     frozen_names = {f.name for f in analysis.frozen}
     assert "c1" in frozen_names
 

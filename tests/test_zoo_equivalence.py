@@ -23,7 +23,7 @@ def prepared(name):
         _PREPARED.clear()
         entry = load(name)
         canon = canonicalize(entry.model, input_shapes=entry.input_shapes)
-        _PREPARED[name] = (entry, canon, analyze_canonical(canon.static))
+        _PREPARED[name] = (entry, canon, analyze_canonical(canon))
     return _PREPARED[name]
 
 
@@ -85,7 +85,7 @@ def test_shufflenetv2_at_real_widths_prunes_across_its_shuffles():
     model = from_torch(ShuffleNetV2(widths=(116, 232), repeats=(4, 2)).eval(), (torch.randn(*shapes["x"]),),
                        ["x"], ["y"])
     canon = canonicalize(model, input_shapes=shapes)
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     assert analysis.coverage()["prunable_layers"] >= 21
     feeds = random_feeds(canon.model, shapes)
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(0)),
