@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnx_prune.backends.measure import STEADY, measure
-from onnx_prune.backends.ort import check_runs, random_feeds, serialized
+from onnx_prune.backends.ort import check_runs, make_session, random_feeds, serialized
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.budget import check_budget_args, check_labels, judge_budget
 from onnx_prune.compiler.calib import batches, load_calibration_with_labels
@@ -76,10 +76,12 @@ def measured_speedup(dense, pruned, feeds, provider, threads):
     """Dense latency / pruned latency, interleaved side by side; also both medians and how much
     the speed changed between blocks. A measurement during which the machine's speed changed is
     repeated (up to MEASURE_ATTEMPTS times in all) and the steadiest kept."""
-    dense, pruned = serialized(dense), serialized(pruned)  # once, not per attempt
+    # sessions made once, not per attempt; each from bytes that are freed as soon as it holds the
+    # weights (a second serialized BERT-large is 1.3 GB)
+    sessions = [make_session(serialized(m), provider=provider, threads=threads) for m in (dense, pruned)]
     best = None
     for _ in range(MEASURE_ATTEMPTS):
-        result = measure([dense, pruned], feeds, provider=provider, threads=threads, blocks=8)
+        result = measure([dense, pruned], feeds, provider=provider, threads=threads, blocks=8, sessions=sessions)
         if best is None or result.speed_change < best.speed_change:
             best = result
         if best.steady:
@@ -134,7 +136,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         canon = canonicalize(model, input_shapes=input_shapes)
         if batch_size:
             _rebatch(canon, batch_size)
-        analysis = analyze_canonical(canon.static)
+        analysis = analyze_canonical(canon)
         if not analysis.groups:
             raise UserError(analysis.nothing_prunable())
         samples, labels = load_calibration_with_labels(calib, canon.model, preprocess) if calib is not None \
@@ -180,8 +182,17 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             kind = "summed layer error (calibration database)" if curves is not None else \
                 "summed importance removed (weight magnitude)"
             candidates = _frontier(find, cm, analysis, scores, reachable, kind)
-    # built: plan key -> (plan, pruned, check, its prediction when first found); runs: its measurements
-    rounds, built, runs = [], {}, {}
+    # found: plan key -> (plan, its prediction when first found); runs: its measurements; built:
+    # (pruned, check) of the plans that could still be chosen (a pruned BERT-large is 0.7 GB a round)
+    rounds, found, runs, built = [], {}, {}, {}
+
+    def build(key):
+        if key not in built:
+            plan = found[key][0]
+            pruned = apply_plan(canon.model, analysis, plan)
+            built[key] = (pruned, verify(canon.model, pruned, analysis, plan, feeds))
+        return built[key]
+
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
     beyond_reach = 0  # measurements of the fastest plan the search finds, once the loop stops on it
     for r in range(MAX_ROUNDS):
@@ -189,18 +200,21 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             plan = find(cm.dense_ms / goal)
             key = _plan_key(plan)
             predicted = cm.predicted_speedup(plan)  # the predictor changes once calibrated
-            if key not in built:
-                pruned = apply_plan(canon.model, analysis, plan)
-                built[key] = (plan, pruned, verify(canon.model, pruned, analysis, plan, feeds), predicted)
+            found.setdefault(key, (plan, predicted))
+            pruned = build(key)[0]
             measured = runs.setdefault(key, [])
             while True:
-                speedup, dense_ms, pruned_ms, *change = timer(canon.model, built[key][1], feeds)
+                speedup, dense_ms, pruned_ms, *change = timer(canon.model, pruned, feeds)
                 measured.append((speedup, dense_ms, pruned_ms, change[0] if change else 1.0))
                 # measurements of one plan that disagree about the target get one more, so that a
                 # median, not one fast (or slow) spell, decides
                 speeds = [m[0] for m in measured]
                 if len(measured) % 2 or not min(speeds) < target <= max(speeds):
                     break
+            del pruned  # freed with the phase unless it could still be chosen
+            choosable = {_chosen(runs, target), max(runs, key=lambda k: _lower_median(runs[k])[0])}
+            for k in [k for k in built if k not in choosable]:
+                del built[k]  # built again if the search finds it again
         judged = _lower_median(measured)[0]
         rounds.append({"goal": goal, "predicted_speedup": predicted, "measured_speedup": speedup})
         if change:
@@ -232,12 +246,10 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             goal, short_goal, long_goal = target * OVERSHOOT_MARGIN, None, None
             continue
         goal = _next_goal(goal, judged, target, short_goal, long_goal)
-    per_plan = {k: _lower_median(v) for k, v in runs.items()}
-    met = [k for k in per_plan if per_plan[k][0] >= target]
-    # least pruning that meets the target (every extra channel removed costs accuracy)
-    chosen = min(met, key=lambda k: per_plan[k][0]) if met else max(per_plan, key=lambda k: per_plan[k][0])
-    speedup, dense_ms, pruned_ms, change = per_plan[chosen]
-    plan, pruned, check, predicted = built[chosen]
+    chosen = _chosen(runs, target)
+    speedup, dense_ms, pruned_ms, change = _lower_median(runs[chosen])
+    (plan, predicted), (pruned, check) = found[chosen], build(chosen)
+    built.clear()
     if change > STEADY:
         notes.append(f"the machine's speed changed while the speedup was measured (a model's latency varied "
                      f"{change:.2f}x between blocks, in {MEASURE_ATTEMPTS} attempts): another process or a slow "
@@ -452,6 +464,14 @@ def _split_held_out(samples, share=5, labels=None):
 def _plan_key(plan) -> tuple:
     """A plan (group -> kept channel indices) as a hashable value: the loop knows a plan it measured."""
     return tuple(sorted((group, tuple(int(i) for i in kept)) for group, kept in plan.items()))
+
+
+def _chosen(runs: dict, target: float):
+    """The plan to emit: the least pruning whose measurements meet the target (every extra channel
+    removed costs accuracy), else the fastest measured."""
+    per_plan = {k: _lower_median(v)[0] for k, v in runs.items()}
+    met = [k for k in per_plan if per_plan[k] >= target]
+    return min(met, key=per_plan.get) if met else max(per_plan, key=per_plan.get)
 
 
 def _lower_median(measurements):

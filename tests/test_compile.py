@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from onnx_prune.compiler.compile import compile_model, parse_speedup
+from onnx_prune.compiler.compile import _chosen, compile_model, parse_speedup
 from onnx_prune.errors import TargetNotMet, UserError
 from onnx_prune.models.registry import load
 
@@ -51,11 +51,12 @@ class LyingTimer:
     then the truth as told by the size of the pruned weights (stands in for a measurement)."""
 
     def __init__(self, *script):
-        self.script, self.calls = list(script), []
+        self.script, self.calls, self.sizes = list(script), [], []
 
     def __call__(self, dense, pruned, feeds):
         speed = self.script[len(self.calls)] if len(self.calls) < len(self.script) else dense.ByteSize() / pruned.ByteSize()
         self.calls.append(speed)
+        self.sizes.append(pruned.ByteSize())
         return speed, 10.0, 10.0 / speed
 
 
@@ -70,8 +71,10 @@ def test_loop_tightens_until_measured_target_is_met(model, method):
     # (gamma < 1), and the next plan must reach the goal under that predictor
     assert r["rounds"][0]["calibrated_gamma"] < 1.0
     assert r["rounds"][1]["predicted_speedup"] >= r["rounds"][1]["goal"] * 0.99
-    # the least pruning that was measured to meet the target wins
+    # the least pruning that was measured to meet the target wins, and it is the model returned
+    # (the loop keeps only the plans that could still be chosen, and builds again one found again)
     assert r["measured_speedup"] == min(c for c in timer.calls if c >= 1.5)
+    assert result.model.ByteSize() == timer.sizes[timer.calls.index(r["measured_speedup"])]
     for key in ("target_speedup", "measured_speedup", "predicted_speedup", "dense_latency_ms", "pruned_latency_ms",
                 "provider", "batch_size", "threads", "method", "groups", "max_abs_error_vs_masked_reference"):
         assert key in r
@@ -293,7 +296,7 @@ def test_cross_fitted_loss_scores_refits_on_samples_they_did_not_see(model):
 
     m, shapes = model
     canon = canonicalize(m, input_shapes={"input": (4,) + tuple(shapes["input"][1:])})
-    analysis = analyze_canonical(canon.static)
+    analysis = analyze_canonical(canon)
     samples = {"input": np.random.default_rng(1).standard_normal((8,) + shapes["input"][1:]).astype(np.float32)}
     folds = fold_masks(samples)
     db = build_error_db(canon.model, analysis, samples, folds=folds)
@@ -454,3 +457,9 @@ def test_target_near_the_predicted_reach_measures_the_fastest_plan_first(model, 
     assert any(n.startswith("the fastest plan, predicted at") for n in r["notes"])
     assert "measure the fastest plan" in r["phases"] and r["measured_speedup"] == 1.35
     assert len(timer.calls) == 1 + len(r["rounds"])
+
+
+def test_the_plan_chosen_is_the_least_pruning_measured_to_meet_the_target_else_the_fastest():
+    runs = {"a": [(1.9,), (2.2,), (2.1,)], "b": [(2.05,)], "c": [(2.6,)], "d": [(1.7,)]}
+    assert _chosen(runs, 2.0) == "b"  # a's lower median is 2.1: met, but b prunes less
+    assert _chosen(runs, 2.7) == "c"  # none met: the fastest measured

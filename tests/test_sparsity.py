@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 def canonical_cnn():
     canon = canonicalize(residual_cnn(), input_shapes={"x": (2, 3, 8, 8)})
-    return canon, analyze_canonical(canon.static)
+    return canon, analyze_canonical(canon)
 
 
 def feeds(n=2, seed=1):
@@ -135,7 +135,7 @@ def test_value_masks_follow_masked_reference():
     canon, a = canonical_cnn()
     rng = np.random.default_rng(0)
     plan = {g.name: np.sort(rng.choice(g.size, g.size // 2, replace=False)) for g in a.groups}
-    ref = masked_reference(canon.static, a, plan)
+    ref = masked_reference(canon.model, a, plan)
     want = {t.name[:-len("__keep")]: numpy_helper.to_array(t) for t in ref.graph.initializer if t.name.endswith("__keep")}
     gm = {g.name: torch.zeros(g.size).index_fill_(0, torch.as_tensor(plan[g.name]), 1.0) for g in a.groups}
     hooks = sp.group_value_masks(a, gm)
