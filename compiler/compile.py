@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnx_prune import heap
 from onnx_prune.backends.measure import STEADY, measure
 from onnx_prune.backends.ort import check_runs, make_session, random_feeds, serialized
 from onnx_prune.backends.predict import CostModel
@@ -271,6 +272,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                                                          report, steps.note)
     report["seconds"] = steps.total()
     report["phases"] = steps.seconds
+    report["process_peak_memory_mb"] = heap.peak_mb()  # of the whole process, so far
     if speedup < target:
         reach = (f"; the fastest plan the search finds, measured {beyond_reach} times, stays short: the target "
                  f"is out of reach on {provider} at this batch size") if beyond_reach else ""

@@ -89,6 +89,8 @@ def markdown(report, plots) -> str:
     lines.append(f"| masked-reference max abs error | "
                  f"{'%.1e' % err if err is not None else '%.1e before %s changed the weights' % (before, changed)} |")
     lines.append(f"| time | {r['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.get("phases", {}).items()) + " |")
+    if r.get("process_peak_memory_mb"):
+        lines.append(f"| peak memory | {r['process_peak_memory_mb'] / 1024:.1f} GB (the process's resident peak) |")
     for stage in r.get("recovery", {}).get("stages", []):
         if "skipped" in stage:  # e.g. the sequential refit, over its time budget on a large model
             lines.append(f"| {stage['method']} | skipped: {stage['skipped']} |")

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import sys
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,3 +31,12 @@ def release() -> None:
     if trim is not None:
         trim(0)
 
+
+def peak_mb() -> float | None:
+    """The process's peak resident memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KB on Linux

@@ -146,6 +146,7 @@ def test_calibration_data_gives_output_fidelity(model, tmp_path):
     assert fid["samples"] == 4 and -1 <= fid["mean_cosine_similarity"] <= 1
     assert r["importance"] == "calibration error database"
     assert set(r["phases"]) >= {"analyse", "error database", "recovery"}
+    assert r["process_peak_memory_mb"] > 50  # this process holds at least torch and ORT
 
 
 def test_summary_lists_a_recovery_stage_skipped_over_its_budget(model, tmp_path, monkeypatch):
