@@ -172,6 +172,13 @@ def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+def _shape_only(t: onnx.TensorProto) -> bool:
+    """A tensor of some elements that carries no data (a `shapes_only_copy` placeholder)."""
+    return (np.prod(t.dims, dtype=np.int64) > 0 and not t.raw_data and not t.external_data
+            and not any(len(getattr(t, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
+                                                     "uint64_data", "string_data")))
+
+
 def infer_shapes(model: onnx.ModelProto, **options) -> onnx.ModelProto:
     """onnx's shape inference, given the large initializers' shapes but not their data (shape
     tensors are small, so data propagation still sees them). The inferred value_info and output
@@ -271,6 +278,9 @@ class GraphIndex:
         if name in self._arrays:
             return self._arrays[name]
         t = self._weights.get(name, self.inits[name])
+        if _shape_only(t):
+            raise ValueError(f"initializer '{name}' is held by shape only (canonicalize's static copy): index "
+                             "the static copy with its weights, GraphIndex(static, canon.model) / analyze_canonical(canon)")
         array = numpy_helper.to_array(t)
         if array.size <= LARGE_ELEMENTS:  # shape tensors, read by many rules; weights are read once per phase
             self._arrays[name] = array

@@ -482,6 +482,8 @@ def test_static_copy_holds_large_weights_by_shape_and_the_analysis_reads_them_fr
     assert not any(t.raw_data or t.float_data for t in stored.values())
     analysis = analyze_canonical(canon)
     np.testing.assert_array_equal(analysis.ctx.index.const("w1"), w1)
+    with pytest.raises(ValueError, match="by shape only"):  # the static copy alone has no values to give
+        analyze_canonical(canon.static).ctx.index.const("w1")
     full = onnx.ModelProto()
     full.CopyFrom(canon.static)
     full.graph.ClearField("initializer")
