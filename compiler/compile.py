@@ -140,6 +140,10 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         analysis = analyze_canonical(canon)
         if not analysis.groups:
             raise UserError(analysis.nothing_prunable())
+        warning = heap.shortfall_warning(sum(t.ByteSize() for t in canon.model.graph.initializer))
+        if warning:
+            notes.append(warning)
+            steps.note(f"warning: {warning}")
         samples, labels = load_calibration_with_labels(calib, canon.model, preprocess) if calib is not None \
             else (None, None)
         check_labels(max_accuracy_drop, labels)

@@ -464,3 +464,11 @@ def test_the_plan_chosen_is_the_least_pruning_measured_to_meet_the_target_else_t
     runs = {"a": [(1.9,), (2.2,), (2.1,)], "b": [(2.05,)], "c": [(2.6,)], "d": [(1.7,)]}
     assert _chosen(runs, 2.0) == "b"  # a's lower median is 2.1: met, but b prunes less
     assert _chosen(runs, 2.7) == "c"  # none met: the fastest measured
+
+
+def test_a_compile_likely_to_need_more_memory_than_available_is_warned_about():
+    from onnx_prune import heap
+
+    warning = heap.shortfall_warning(2**30, available=4096)  # 1 GB of weights, 4 GB free
+    assert "about 8.0 GB" in warning and "4.0 GB is available" in warning
+    assert heap.shortfall_warning(2**30, available=16384) is None
