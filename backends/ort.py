@@ -154,10 +154,16 @@ def run_all_outputs(model: onnx.ModelProto, names, feeds=None, weights: onnx.Mod
     the model holding the large initializers' data, where `model` holds only their shapes."""
     if feeds is None:
         feeds = random_feeds(model, {i.name: dims_of(i.type) for i in model.graph.input})
-    # the weights go in as feeds: the same values, without serializing them into the session
+    light, weight_feeds = weights_as_inputs(model, weights)
+    return dict(zip(names, session_with_outputs(light, names).run(names, {**feeds, **weight_feeds})))
+
+
+def weights_as_inputs(model: onnx.ModelProto, weights: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, dict]:
+    """`model` with its large weights as graph inputs, and their values to feed: the same values,
+    without serializing them into a session. `weights`: the model holding their data, where
+    `model` holds only their shapes."""
     light, large = without_large_weights(model)
     if weights is not None:
         source = {t.name: t for t in weights.graph.initializer}
         large = [source[t.name] for t in large]
-    feeds = {**feeds, **{t.name: numpy_helper.to_array(t) for t in large}}
-    return dict(zip(names, session_with_outputs(light, names).run(names, feeds)))
+    return light, {t.name: numpy_helper.to_array(t) for t in large}

@@ -188,7 +188,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                 "summed importance removed (weight magnitude)"
             candidates = _frontier(find, cm, analysis, scores, reachable, kind)
     # found: plan key -> (plan, its prediction when first found); runs: its measurements; built:
-    # (pruned, check) of the plans that could still be chosen (a pruned BERT-large is 0.7 GB a round)
+    # (pruned, check) of the plan chosen so far only (a pruned BERT-large is 0.7 GB a round)
     rounds, found, runs, built = [], {}, {}, {}
 
     def build(key):
@@ -216,10 +216,10 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                 speeds = [m[0] for m in measured]
                 if len(measured) % 2 or not min(speeds) < target <= max(speeds):
                     break
-            del pruned  # freed with the phase unless it could still be chosen
-            choosable = {_chosen(runs, target), max(runs, key=lambda k: _lower_median(runs[k])[0])}
-            for k in [k for k in built if k not in choosable]:
-                del built[k]  # built again if the search finds it again
+            del pruned  # freed with the phase unless it is the plan chosen so far
+            chosen = _chosen(runs, target)
+            for k in [k for k in built if k != chosen]:
+                del built[k]  # built again if it is found, or chosen, again
         judged = _lower_median(measured)[0]
         rounds.append({"goal": goal, "predicted_speedup": predicted, "measured_speedup": speedup})
         if change:

@@ -135,13 +135,13 @@ def save_model(model: onnx.ModelProto, path: str):
 LARGE_ELEMENTS = 4096  # initializers larger than this are weights, not shape tensors
 
 
-def without_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
-    """A copy of `model` that declares its large initializers as typed graph inputs instead of
-    carrying their data, and those initializers. onnx's shape inference and ORT's session creation
-    serialize the model they are given (about 2 s per call on BERT-base's 435 MB)."""
+def _large(model: onnx.ModelProto) -> list:
+    return [t for t in model.graph.initializer if np.prod(t.dims, dtype=np.int64) > LARGE_ELEMENTS]
+
+
+def _graph_copy_without(model: onnx.ModelProto, names: set) -> onnx.ModelProto:
+    """A copy of `model` without the initializers `names` (nothing else copies their data)."""
     graph = model.graph
-    large = [t for t in graph.initializer if np.prod(t.dims, dtype=np.int64) > LARGE_ELEMENTS]
-    names = {t.name for t in large}
     light = onnx.ModelProto(ir_version=model.ir_version)
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
@@ -153,18 +153,24 @@ def without_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
     lg.value_info.extend(graph.value_info)
     lg.sparse_initializer.extend(graph.sparse_initializer)
     lg.initializer.extend(t for t in graph.initializer if t.name not in names)
-    lg.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large)
+    return light
+
+
+def without_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+    """A copy of `model` that declares its large initializers as typed graph inputs instead of
+    carrying their data, and those initializers. onnx's shape inference and ORT's session creation
+    serialize the model they are given (about 2 s per call on BERT-base's 435 MB)."""
+    large = _large(model)
+    light = _graph_copy_without(model, {t.name for t in large})
+    light.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large)
     return light, large
 
 
 def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose large initializers keep their name, type and dims but not their
     data: a second full copy of the weights for shape-level work cost BERT-base 435 MB."""
-    light, large = without_large_weights(model)
-    kept = {t.name for t in large}
-    declared = [i for i in light.graph.input if i.name not in kept]
-    del light.graph.input[:]
-    light.graph.input.extend(declared)
+    large = _large(model)
+    light = _graph_copy_without(model, {t.name for t in large})
     light.graph.initializer.extend(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in large)
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(light, field, getattr(model, field))

@@ -72,7 +72,7 @@ def test_loop_tightens_until_measured_target_is_met(model, method):
     assert r["rounds"][0]["calibrated_gamma"] < 1.0
     assert r["rounds"][1]["predicted_speedup"] >= r["rounds"][1]["goal"] * 0.99
     # the least pruning that was measured to meet the target wins, and it is the model returned
-    # (the loop keeps only the plans that could still be chosen, and builds again one found again)
+    # (the loop keeps only the plan chosen so far, and builds again one found or chosen again)
     assert r["measured_speedup"] == min(c for c in timer.calls if c >= 1.5)
     assert result.model.ByteSize() == timer.sizes[timer.calls.index(r["measured_speedup"])]
     for key in ("target_speedup", "measured_speedup", "predicted_speedup", "dense_latency_ms", "pruned_latency_ms",
