@@ -9,15 +9,21 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, without_large_weights
+from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, external_placeholders, too_large_to_serialize,
+                                     without_large_weights)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def serialized(model) -> bytes:
-    """The model as ORT reads it (IR version capped); bytes and paths pass through."""
-    if isinstance(model, (bytes, str)):
+def serialized(model) -> bytes | onnx.ModelProto:
+    """The model as ORT reads it (IR version capped); bytes and paths pass through, and so does a
+    model too large to serialize (`make_session` hands its weights over from memory)."""
+    if isinstance(model, (bytes, str)) or too_large_to_serialize(model):
         return model
+    return _to_bytes(model)
+
+
+def _to_bytes(model: onnx.ModelProto) -> bytes:
     if model.ir_version > MAX_IR_VERSION:
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -60,7 +66,13 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
     if optimized_path:  # ORT writes the graph it runs (fusions, layout reorders) there
         so.optimized_model_filepath = optimized_path
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
-    return ort.InferenceSession(serialized(model), so, providers=[ep])
+    payload = serialized(model)
+    if too_large_to_serialize(payload):  # over protobuf's 2 GiB: the weights go over from memory
+        light, large = external_placeholders(payload)
+        values = [ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t)) for t in large]
+        so.add_external_initializers([t.name for t in large], values)  # ORT copies them in
+        payload = _to_bytes(light)
+    return ort.InferenceSession(payload, so, providers=[ep])
 
 
 _NP = {

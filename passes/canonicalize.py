@@ -22,7 +22,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of, shapes_only_copy
+from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of, shapes_only_copy,
+                                     too_large_to_serialize, without_large_weights)
 from onnx_prune.passes.rules import SHAPE_TARGETS
 
 MIN_OPSET = 7
@@ -101,7 +102,18 @@ def _upgrade(model, opset):
     from onnx import version_converter
 
     try:
-        return version_converter.convert_version(model, UPGRADE_TO)
+        if not too_large_to_serialize(model):
+            return version_converter.convert_version(model, UPGRADE_TO)
+        # the converter serializes what it converts: over 2 GiB it converts the graph with the
+        # large weights as typed inputs, and they go back in as initializers
+        light, large = without_large_weights(model)
+        upgraded = version_converter.convert_version(light, UPGRADE_TO)
+        names = {t.name for t in large}
+        inputs = [i for i in upgraded.graph.input if i.name not in names]
+        del upgraded.graph.input[:]
+        upgraded.graph.input.extend(inputs)
+        upgraded.graph.initializer.extend(large)
+        return upgraded
     except Exception as exc:
         raise UserError(f"cannot upgrade opset {opset} to {UPGRADE_TO} ({str(exc).splitlines()[0][:200]}); re-export the model with opset >= {UPGRADE_BELOW}") from None
 

@@ -22,7 +22,7 @@ def load_model(path_or_model) -> onnx.ModelProto:
     if isinstance(path_or_model, onnx.ModelProto):
         m = onnx.ModelProto()
         m.CopyFrom(path_or_model)
-        return _known_ops(_within_protobuf_limit(m, "the model"), "the model")
+        return _known_ops(m, "the model")
     if not isinstance(path_or_model, (str, bytes, os.PathLike)):
         hint = (" (a torch.nn.Module: pass example_inputs= to export it, or use onnx_prune.from_torch)"
                 if hasattr(path_or_model, "state_dict") else "")
@@ -37,7 +37,7 @@ def load_model(path_or_model) -> onnx.ModelProto:
     if not model.graph.node:
         raise UserError(f"{path}: not an ONNX model (no graph nodes); check the file is complete")
     _load_external_data(model, os.path.dirname(os.path.abspath(path)), path)
-    return _known_ops(_within_protobuf_limit(model, path), path)
+    return _known_ops(model, path)
 
 
 def _known_ops(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
@@ -75,15 +75,18 @@ def _all_nodes(graph):
                 yield from _all_nodes(g)
 
 
-PROTOBUF_LIMIT = 2**31 - 1  # bytes: ORT sessions, shape inference and the checker take the model serialized
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: protobuf cannot serialize more (nor say how much: ByteSize fails)
 
 
-def _within_protobuf_limit(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
-    size = model.ByteSize()
-    if size > PROTOBUF_LIMIT:
-        raise UserError(f"{label}: {size / 1e9:.1f} GB with its weights; onnx-prune handles models under 2 GB "
-                        "(the protobuf limit of the serialized graph it checks, times and verifies)")
-    return model
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes `model` takes serialized, also past protobuf's 2 GiB (where its own ByteSize fails):
+    the main graph's initializers one by one, plus the rest of the model."""
+    inits = model.graph.initializer
+    return sum(t.ByteSize() for t in inits) + _graph_copy_without(model, {t.name for t in inits}).ByteSize()
+
+
+def too_large_to_serialize(model) -> bool:
+    return isinstance(model, onnx.ModelProto) and serialized_size(model) > PROTOBUF_LIMIT
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: str, path: str):
@@ -121,7 +124,7 @@ def save_model(model: onnx.ModelProto, path: str):
     """Write atomically (onnx_prune/files.py). Large models use external data, written beside the
     model as PATH.data (fresh: onnx appends to an existing data file)."""
     path = os.fspath(path)
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+    if serialized_size(model) > EXTERNAL_DATA_BYTES:
         with atomic_folder(path) as staging:
             name = os.path.basename(path)
             copy = onnx.ModelProto()
@@ -156,6 +159,12 @@ def _graph_copy_without(model: onnx.ModelProto, names: set) -> onnx.ModelProto:
     return light
 
 
+def _copy_header(model: onnx.ModelProto, light: onnx.ModelProto):
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, field, getattr(model, field))
+    light.metadata_props.extend(model.metadata_props)
+
+
 def without_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
     """A copy of `model` that declares its large initializers as typed graph inputs instead of
     carrying their data, and those initializers. onnx's shape inference and ORT's session creation
@@ -172,10 +181,34 @@ def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     large = _large(model)
     light = _graph_copy_without(model, {t.name for t in large})
     light.graph.initializer.extend(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in large)
-    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(light, field, getattr(model, field))
-    light.metadata_props.extend(model.metadata_props)
+    _copy_header(model, light)
     return light
+
+
+def check_model(model: onnx.ModelProto, full_check=True):
+    """onnx's checker. It serializes what it checks: a model over protobuf's 2 GiB is checked with
+    its large weights declared as typed inputs (their data cannot be wrong: numpy wrote it)."""
+    if too_large_to_serialize(model):
+        model, _ = without_large_weights(model)
+    onnx.checker.check_model(model, full_check=full_check)
+
+
+IN_MEMORY = "onnx-prune:in-memory"  # the location of a weight handed to ONNX Runtime from memory
+
+
+def external_placeholders(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+    """A copy of `model` whose large initializers are declared as external data (name, type, dims,
+    a location nothing reads), and those initializers: a model over protobuf's 2 GiB serializes
+    small this way, and ONNX Runtime takes the weights from memory (`add_external_initializers`)."""
+    large = _large(model)
+    light = _graph_copy_without(model, {t.name for t in large})
+    for t in large:
+        placeholder = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                                       data_location=onnx.TensorProto.EXTERNAL)
+        placeholder.external_data.add(key="location", value=IN_MEMORY)
+        light.graph.initializer.append(placeholder)
+    _copy_header(model, light)
+    return light, large
 
 
 def _shape_only(t: onnx.TensorProto) -> bool:

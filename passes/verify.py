@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from onnx_prune.backends.ort import make_session, weights_as_inputs
 from onnx_prune.passes.analysis import Analysis
-from onnx_prune.passes.graph import MAX_IR_VERSION
+from onnx_prune.passes.graph import MAX_IR_VERSION, check_model
 
 COPY_OPS = ("Gather", "Slice", "Concat", "Pad", "GatherElements", "GatherND", "Tile", "Expand")
 TOLERANCE = 1e-4
@@ -100,7 +100,7 @@ def check_valid(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]
     if pruned.ir_version > MAX_IR_VERSION:
         raise VerificationError(f"IR version {pruned.ir_version} is newer than ONNX Runtime accepts")
     try:
-        onnx.checker.check_model(pruned, full_check=True)
+        check_model(pruned)
         done.append("onnx.checker (full)")
     except onnx.checker.ValidationError as exc:
         ours = _first_line(exc)
@@ -134,7 +134,7 @@ def _first_line(exc) -> str:
 
 def _checker_error(model) -> str | None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_model(model)
     except onnx.checker.ValidationError as exc:
         return _first_line(exc)
     return None
