@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sys
+import tempfile
 import warnings
 
 import onnx
@@ -84,29 +86,31 @@ def from_torch(
         output_names = list(output_names or _default_names("output", n_outputs))
         axes = _batch_axes(input_names + output_names, dynamic_axes) if dynamic_batch else dynamic_axes
 
-        buffer = io.BytesIO()
+        # to a file, not a buffer: over protobuf's 2 GiB torch writes the weights beside it.
         # Not under no_grad: that would trace nn.MultiheadAttention's fused fast path,
         # which has no ONNX symbolic.
-        try:
-            with _quiet():
-                torch.onnx.export(
-                    module,
-                    inputs,
-                    buffer,
-                    dynamo=False,
-                    opset_version=opset,
-                    do_constant_folding=True,
-                    input_names=input_names,
-                    output_names=output_names,
-                    dynamic_axes=axes,
-                )
-        except Exception as exc:
-            raise UserError(f"torch could not export the module to ONNX ({type(exc).__name__}: "
-                            f"{_first_line(exc)})") from None
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.onnx")
+            try:
+                with _quiet():
+                    torch.onnx.export(
+                        module,
+                        inputs,
+                        path,
+                        dynamo=False,
+                        opset_version=opset,
+                        do_constant_folding=True,
+                        input_names=input_names,
+                        output_names=output_names,
+                        dynamic_axes=axes,
+                    )
+                model = onnx.load(path)  # with the external data torch wrote beside it, if any
+            except Exception as exc:
+                raise UserError(f"torch could not export the module to ONNX ({type(exc).__name__}: "
+                                f"{_first_line(exc)})") from None
     finally:
         for m, training in modes:
             m.training = training
-    model = onnx.load_from_string(buffer.getvalue())
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     return model
 
