@@ -140,7 +140,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         analysis = analyze_canonical(canon)
         if not analysis.groups:
             raise UserError(analysis.nothing_prunable())
-        warning = heap.shortfall_warning(sum(t.ByteSize() for t in canon.model.graph.initializer))
+        warning = heap.shortfall_warning(sum(t.ByteSize() for t in canon.model.graph.initializer),
+                                         calibrated=calib is not None)
         if warning:
             notes.append(warning)
             steps.note(f"warning: {warning}")

@@ -472,3 +472,6 @@ def test_a_compile_likely_to_need_more_memory_than_available_is_warned_about():
     warning = heap.shortfall_warning(2**30, available=4096)  # 1 GB of weights, 4 GB free
     assert "about 8.0 GB" in warning and "4.0 GB is available" in warning
     assert heap.shortfall_warning(2**30, available=16384) is None
+    # calibration data keeps the error database's Gram matrices too
+    assert "about 10.0 GB" in heap.shortfall_warning(2**30, available=9216, calibrated=True)
+    assert heap.shortfall_warning(2**30, available=9216) is None
