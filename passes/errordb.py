@@ -37,7 +37,7 @@ RIDGE = 0.3  # relative diagonal load: Gram matrices are often singular, and wit
 @dataclass
 class _Layer:
     node: onnx.NodeProto
-    W: np.ndarray  # (features, outputs): outputs = X @ W
+    W: np.ndarray | None  # (features, outputs): outputs = X @ W; read from the model while in use
     per_pos: int  # features per input channel position (kh*kw for a conv, else 1)
     coords: list  # [(space id, channel at each input position or -1)]
     axes: tuple = ()  # (input channel expr, output channel expr)
@@ -112,8 +112,8 @@ class ErrorDB:
             rows = lay.gram[feats] if without is None else lay.gram_without(without, feats)
             gram = rows[:, feats]
             lam = RIDGE * np.trace(gram) / len(gram)
-            prior = lay.W[feats][:, out_mask]
-            rhs = (rows @ lay.W[:, out_mask]) + lam * prior
+            dense = _dense_weights(analysis, lay.node)[:, out_mask]
+            rhs = (rows @ dense) + lam * dense[feats]
             gram[np.diag_indices_from(gram)] += lam
             W = cho_solve(cho_factor(gram, lower=True, check_finite=False), rhs, check_finite=False)
             tensor = inits[lay.node.input[1]]
@@ -163,11 +163,13 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
         db.order[g.name] = ranking[g.sid]
         db.curve[g.name] = np.zeros(g.size + 1)
     for lay in layers:
+        lay.W = _dense_weights(analysis, lay.node)
         for sid, coord in lay.coords:
             g = by_sid[sid]
             refit, dropped = _layer_curves(lay, coord, ranking[sid], g.size)
             db.curve[g.name] += _blend(refit, dropped, lay)
             db.source[g.name] = "refit"
+        lay.W = None
     for g in energy_groups:
         e = energy[g.sid][ranking[g.sid]]
         total = max(e.sum(), 1e-30)
@@ -185,10 +187,15 @@ def _consumer_layers(analysis, by_sid, last_fold=None) -> list[_Layer]:
         coords = [(sid, c) for sid, c in table.coords(axes[0]) if sid in by_sid]
         if not coords:
             continue
-        w = ctx.index.const(node.input[1]).astype(np.float32)
-        per_pos = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
-        out.append(_Layer(node, weight_matrix(node, w), per_pos, coords, tuple(axes), last_fold=last_fold))
+        per_pos = int(np.prod(ctx.index.shape(node.input[1])[2:])) if node.op_type == "Conv" else 1
+        out.append(_Layer(node, None, per_pos, coords, tuple(axes), last_fold=last_fold))
     return out
+
+
+def _dense_weights(analysis, node) -> np.ndarray:
+    """A weight layer's dense weights as (features, outputs), float32. Read when used, not held: the
+    database lives through the whole compile, and a copy of every weight is the model's size again."""
+    return weight_matrix(node, analysis.ctx.index.const(node.input[1]).astype(np.float32))
 
 
 def _producer_outputs(analysis, groups) -> list:
@@ -225,7 +232,7 @@ def _rank(analysis, layers, energy) -> dict[int, np.ndarray]:
     its producers' outputs for groups no layer reads."""
     score = {g.sid: np.zeros(g.size) for g in analysis.groups}
     for lay in layers:
-        contrib = np.diag(lay.gram) * (lay.W ** 2).sum(1)
+        contrib = np.diag(lay.gram) * (_dense_weights(analysis, lay.node) ** 2).sum(1)
         per_position = contrib.reshape(-1, lay.per_pos).sum(1) / max(contrib.sum(), 1e-30)
         for sid, c in lay.coords:
             sel = c >= 0
@@ -278,5 +285,5 @@ def _blend(refit, dropped, lay: _Layer):
     """In-sample refit errors are optimistic in proportion to features per calibration row
     (MiniLM's FFN: 1,536 features, ~1,250 tokens); errors without refit are pessimistic. On
     MiniLM their geometric mean tracked the refit's held-out error within about 10%."""
-    alpha = min(0.5, len(lay.W) / max(lay.rows, 1))
+    alpha = min(0.5, len(lay.gram) / max(lay.rows, 1))
     return refit ** (1 - alpha) * dropped ** alpha
