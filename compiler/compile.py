@@ -278,6 +278,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     report["seconds"] = steps.total()
     report["phases"] = steps.seconds
     report["process_peak_memory_mb"] = heap.peak_mb()  # of the whole process, so far
+    report["peak_memory_mb_after_phase"] = steps.peak_mb  # the phase that raised it holds the most
     if speedup < target:
         reach = (f"; the fastest plan the search finds, measured {beyond_reach} times, stays short: the target "
                  f"is out of reach on {provider} at this batch size") if beyond_reach else ""

@@ -17,6 +17,7 @@ class Steps:
     def __init__(self, log=lambda msg: None, progress=False):
         self.log = log
         self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}  # the process's resident peak when each phase ended
         self.start = time.time()
         self.bar = None
         if progress:
@@ -36,7 +37,10 @@ class Steps:
             heap.release()  # what the phase freed (copies of a large model) goes back to the system
         took = time.time() - began
         self.seconds[name] = round(took, 2)
-        self.note(f"{name}: {took:.1f}s (total {self.total():.1f}s)")
+        peak = heap.peak_mb()
+        if peak is not None:
+            self.peak_mb[name] = peak
+        self.note(f"{name}: {took:.1f}s (total {self.total():.1f}s" + (f", peak memory {peak / 1024:.1f} GB)" if peak else ")"))
 
     def tick(self, message: str):
         """Progress inside a long phase (shown live, not logged)."""

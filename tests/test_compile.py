@@ -147,6 +147,8 @@ def test_calibration_data_gives_output_fidelity(model, tmp_path):
     assert r["importance"] == "calibration error database"
     assert set(r["phases"]) >= {"analyse", "error database", "recovery"}
     assert r["process_peak_memory_mb"] > 50  # this process holds at least torch and ORT
+    peaks = [r["peak_memory_mb_after_phase"][k] for k in r["phases"]]  # one per phase, a running peak
+    assert peaks == sorted(peaks) and peaks[-1] <= r["process_peak_memory_mb"]
 
 
 def test_summary_lists_a_recovery_stage_skipped_over_its_budget(model, tmp_path, monkeypatch):

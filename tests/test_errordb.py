@@ -171,6 +171,26 @@ def test_sequential_refit_corrects_what_earlier_layers_pass_on():
         sequential_refit(model, stitched, analysis, plan, fit, budget_s=0.0)
 
 
+def test_sequential_refit_far_over_budget_stops_before_its_dense_session(monkeypatch):
+    # on BERT-large the session handing out every layer input was 3.5 GB of the recovery's peak
+    from onnx_prune.passes import sequential
+    from onnx_prune.passes.surgery import apply_plan
+
+    model = _mlp3()
+    analysis = analyze_model(model, {"x": (64, 10)})
+    fit = {"x": np.random.default_rng(0).normal(size=(512, 10)).astype(np.float32)}
+    plan = {g.name: np.arange(12) for g in analysis.groups}
+    pruned = apply_plan(model, analysis, plan)
+    made = []
+    real = sequential.session_with_outputs
+    monkeypatch.setattr(sequential, "session_with_outputs", lambda *a, **k: made.append(1) or real(*a, **k))
+    with pytest.raises(sequential.SequentialTooSlow):  # a second per sample: far over a 1 s budget
+        sequential.sequential_refit(model, pruned, analysis, plan, fit, budget_s=1.0, sample_s=(1.0, 0.5))
+    assert not made
+    sequential.sequential_refit(model, pruned, analysis, plan, fit, budget_s=60.0, sample_s=(1e-5, 1e-5))
+    assert made  # within budget it runs
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_sequential_refit_of_a_resnet_with_projection_shortcuts(dtype):
     """A downsampling block's 3x3 conv and 1x1 shortcut read one tensor through different patches;
