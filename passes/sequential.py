@@ -26,7 +26,7 @@ from onnx_prune.passes.errordb import MAX_ROWS, RIDGE  # rows per layer input; l
 from onnx_prune.passes.reconstruct import (feed_batches, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
 
-# a run that hands out every layer input is slower than a plain one (ResNet-50: about 1.2x): an
+# a run that hands out every layer input is slower than a plain one (it copies them all out): an
 # estimate from plain latencies decides alone only when it is this far over the budget
 ROUGH_OVER_BUDGET = 2.0
 
@@ -40,7 +40,7 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
     """A copy of `pruned` with every refittable weight layer refitted in graph order. With
     `budget_s`, it first estimates its time, from one dense run that reads every layer input and
     `sample_s` (seconds per sample of the dense and the pruned model; timed here if not given), and
-    gives up over budget."""
+    gives up over budget; far over it on `sample_s` alone, before that run."""
     keep = analysis.keep_arrays(plan)
     table, index = analysis.table, analysis.ctx.index
     # (layer input, the shape of its rows) -> the layers reading those rows: Q, K and V share one;
@@ -54,7 +54,8 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
     if budget_s is not None:
         sample_s = sample_s or _time_samples(dense, pruned, feeds_list[0])
         # far over budget on the measured latencies alone: stop before the session that hands out
-        # every layer input (a copy of the dense model, and its session: 3.5 GB on BERT-large)
+        # every layer input (a copy of the dense model, and its session: BERT-large's recovery
+        # peaked 3.6 GB above the round for it)
         batch = len(next(iter(feeds_list[0].values())))
         rough = _estimate_seconds(stages, feeds_list, index, (sample_s[0] * batch, sample_s[1] * batch))
         if rough > ROUGH_OVER_BUDGET * budget_s:
