@@ -37,7 +37,6 @@ RIDGE = 0.3  # relative diagonal load: Gram matrices are often singular, and wit
 @dataclass
 class _Layer:
     node: onnx.NodeProto
-    W: np.ndarray | None  # (features, outputs): outputs = X @ W; read from the model while in use
     per_pos: int  # features per input channel position (kh*kw for a conv, else 1)
     coords: list  # [(space id, channel at each input position or -1)]
     axes: tuple = ()  # (input channel expr, output channel expr)
@@ -163,13 +162,12 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
         db.order[g.name] = ranking[g.sid]
         db.curve[g.name] = np.zeros(g.size + 1)
     for lay in layers:
-        lay.W = _dense_weights(analysis, lay.node)
+        W = _dense_weights(analysis, lay.node)
         for sid, coord in lay.coords:
             g = by_sid[sid]
-            refit, dropped = _layer_curves(lay, coord, ranking[sid], g.size)
+            refit, dropped = _layer_curves(lay, W, coord, ranking[sid], g.size)
             db.curve[g.name] += _blend(refit, dropped, lay)
             db.source[g.name] = "refit"
-        lay.W = None
     for g in energy_groups:
         e = energy[g.sid][ranking[g.sid]]
         total = max(e.sum(), 1e-30)
@@ -188,7 +186,7 @@ def _consumer_layers(analysis, by_sid, last_fold=None) -> list[_Layer]:
         if not coords:
             continue
         per_pos = int(np.prod(ctx.index.shape(node.input[1])[2:])) if node.op_type == "Conv" else 1
-        out.append(_Layer(node, None, per_pos, coords, tuple(axes), last_fold=last_fold))
+        out.append(_Layer(node, per_pos, coords, tuple(axes), last_fold=last_fold))
     return out
 
 
@@ -243,8 +241,8 @@ def _rank(analysis, layers, energy) -> dict[int, np.ndarray]:
     return {sid: np.lexsort((np.arange(len(s)), -s)) for sid, s in score.items()}
 
 
-def _layer_curves(lay: _Layer, coord: np.ndarray, order: np.ndarray, size: int):
-    """Normalised output errors of `lay` keeping the other groups' features and the first k
+def _layer_curves(lay: _Layer, W: np.ndarray, coord: np.ndarray, order: np.ndarray, size: int):
+    """Normalised output errors of `lay` (dense weights `W`, (features, outputs)) keeping the other groups' features and the first k
     channels of this group in `order`, for k = 0..size: with the kept weights refitted by ridge
     least squares, and with the dropped channels simply removed."""
     rank = np.empty(size, dtype=np.int64)
@@ -255,7 +253,7 @@ def _layer_curves(lay: _Layer, coord: np.ndarray, order: np.ndarray, size: int):
     mine = mine[np.argsort(rank[coord[mine]], kind="stable")]
     perm = np.concatenate([_feature_index(other, lay.per_pos), _feature_index(mine, lay.per_pos)])
     gram = np.take(np.take(lay.gram, perm, 0), perm, 1)  # = gram[np.ix_(perm, perm)], in half the time
-    weights = lay.W[perm]
+    weights = W[perm]
     target = gram @ weights  # X'Y with Y = X W, the dense layer's output, in keep order
     base = float(np.sum(weights * target, dtype=np.float64))
     if base <= 0:

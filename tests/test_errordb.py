@@ -29,10 +29,10 @@ def test_curves_equal_brute_force_least_squares():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))  # correlated features
     W = rng.normal(size=(12, 5))
-    lay = _Layer(node=None, W=W, per_pos=2, coords=[], gram=X.T @ X, rows=400)
+    lay = _Layer(node=None, per_pos=2, coords=[], gram=X.T @ X, rows=400)
     coord = np.array([-1, 0, 1, 2, 3, -1])  # 6 positions x 2 features; positions 0 and 5 are another group's
     order = np.array([2, 0, 3, 1])
-    refit, dropped = _layer_curves(lay, coord, order, 4)
+    refit, dropped = _layer_curves(lay, W, coord, order, 4)
     from onnx_prune.passes import errordb
 
     Y = X @ W
