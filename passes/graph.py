@@ -178,11 +178,17 @@ def without_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
 def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose large initializers keep their name, type and dims but not their
     data: a second full copy of the weights for shape-level work cost BERT-base 435 MB."""
+    return _with_placeholders(model, lambda t: onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))[0]
+
+
+def _with_placeholders(model: onnx.ModelProto, placeholder) -> tuple[onnx.ModelProto, list]:
+    """A copy of `model` whose large initializers are replaced by `placeholder(initializer)`, and
+    those initializers."""
     large = _large(model)
     light = _graph_copy_without(model, {t.name for t in large})
-    light.graph.initializer.extend(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in large)
+    light.graph.initializer.extend(placeholder(t) for t in large)
     _copy_header(model, light)
-    return light
+    return light, large
 
 
 def check_model(model: onnx.ModelProto, full_check=True):
@@ -200,15 +206,13 @@ def external_placeholders(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list
     """A copy of `model` whose large initializers are declared as external data (name, type, dims,
     a location nothing reads), and those initializers: a model over protobuf's 2 GiB serializes
     small this way, and ONNX Runtime takes the weights from memory (`add_external_initializers`)."""
-    large = _large(model)
-    light = _graph_copy_without(model, {t.name for t in large})
-    for t in large:
-        placeholder = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
-                                       data_location=onnx.TensorProto.EXTERNAL)
-        placeholder.external_data.add(key="location", value=IN_MEMORY)
-        light.graph.initializer.append(placeholder)
-    _copy_header(model, light)
-    return light, large
+    return _with_placeholders(model, _in_memory)
+
+
+def _in_memory(t: onnx.TensorProto) -> onnx.TensorProto:
+    placeholder = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=onnx.TensorProto.EXTERNAL)
+    placeholder.external_data.add(key="location", value=IN_MEMORY)
+    return placeholder
 
 
 def _shape_only(t: onnx.TensorProto) -> bool:
