@@ -73,24 +73,20 @@ def test_compile_with_calibration_past_the_limit(model, over_the_limit, tmp_path
 
 
 def test_old_opset_past_the_limit_is_upgraded_with_its_weights(monkeypatch):
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     from onnx_prune.passes.canonicalize import UPGRADE_TO, canonicalize
     from onnx_prune.passes.graph import opset_of
 
-    rng = np.random.default_rng(0)
-    w1, w2 = rng.normal(size=(128, 96)).astype(np.float32), rng.normal(size=(96, 8)).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
-         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
-        "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 128])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
-    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", m.ByteSize() // 2)  # w1 alone is 48 KB of 52
-    canon = canonicalize(m, {"x": (4, 128)})
+    from test_errordb import _mlp
+
+    m = _mlp(hidden=512)  # w1: 5,120 elements, a large weight; w2: 3,072
+    m.opset_import[0].version, m.ir_version = 11, 6
+    w1, w2 = (numpy_helper.to_array(t) for t in m.graph.initializer)
+    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", m.ByteSize() // 2)  # w1 alone is 20 KB of 33
+    canon = canonicalize(m, {"x": (4, 10)})
     assert opset_of(canon.model) == UPGRADE_TO
     assert [i.name for i in canon.model.graph.input] == ["x"]
-    x = rng.normal(size=(4, 128)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32)
     np.testing.assert_allclose(make_session(canon.model).run(None, {"x": x})[0], np.maximum(x @ w1, 0) @ w2,
                                rtol=1e-5, atol=1e-4)
