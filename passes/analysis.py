@@ -48,9 +48,13 @@ class ValueEdit:
 
 @dataclass
 class AttrEdit:
+    """Set integer attribute `attr` of `node` to the kept count of `expr`; or, with `value`, set
+    the float attribute to that fixed value (added if the node leaves it to its default)."""
+
     node: str
     attr: str
     expr: object
+    value: float | None = None
 
 
 @dataclass

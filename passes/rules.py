@@ -150,6 +150,55 @@ def fused_attention(ctx, node):
     ctx.set(node.output[0], list(X[:-1]) + [Prod((heads, head_size))])
 
 
+@rule("Attention")
+def attention(ctx, node):
+    """ONNX's attention (opset 23): Q (B, Hq, S, D) with K (B, Hkv, T, D) and V (B, Hkv, T, Dv),
+    or the same with heads and head size merged in the last axis (3-D, the head counts then in
+    attributes). Heads prune together in Q, K, V and Y. With grouped queries (Hq = g x Hkv, query
+    head i reads key/value head i // g) a key/value head goes with its g query heads, and the g
+    within every group prune alike. D prunes in Q and K, Dv in V and Y; the scale is written out,
+    as its default 1/sqrt(D) would follow the pruned D."""
+    Q, K, V = (ctx.ax(n) for n in node.input[:3])
+    if len(Q) == 3:
+        hq, hkv = attr(node, "q_num_heads", 0), attr(node, "kv_num_heads", 0)
+        if not hq or not hkv:
+            raise Unsupported("3-D inputs without q_num_heads and kv_num_heads")
+        q_heads, d = ctx.table.split(Q[2], [hq, ctx.size(Q[2]) // hq])
+        k_heads, dk = ctx.table.split(K[2], [hkv, ctx.size(K[2]) // hkv])
+        v_heads, dv = ctx.table.split(V[2], [hkv, ctx.size(V[2]) // hkv])
+    else:
+        (q_heads, d), (k_heads, dk), (v_heads, dv) = (Q[1], Q[3]), (K[1], K[3]), (V[1], V[3])
+        hq, hkv = ctx.size(q_heads), ctx.size(k_heads)
+    if hq % hkv:
+        raise Unsupported(f"{hq} query heads over {hkv} key/value heads")
+    why = f"{_desc(node)} attends across differently laid out heads"
+    ctx.unify(d, dk, why)
+    ctx.unify(k_heads, v_heads, why)
+    ctx.unify(ctx.table.split(q_heads, [hkv, hq // hkv])[0] if hq != hkv else q_heads, k_heads, why)
+    inputs = list(node.input) + [""] * 6
+    mask = inputs[3]  # broadcast to (B, Hq, S, T): a per-head mask (or bias) loses the pruned heads'
+    if mask and len(ctx.ax(mask)) >= 3 and ctx.size(ctx.ax(mask)[-3]) == hq > 1:
+        ctx.unify(ctx.ax(mask)[-3], q_heads, why)
+    for past, last in ((inputs[4], d), (inputs[5], dv)):  # (B, Hkv, P, D) and (B, Hkv, P, Dv)
+        if past:
+            ctx.unify(ctx.ax(past)[1], k_heads, why)
+            ctx.unify(ctx.ax(past)[3], last, why)
+    for name in ("q_num_heads", "kv_num_heads"):
+        ctx.attr_edits.append(_attr_edit(node, name, q_heads if name[0] == "q" else k_heads))
+    if attr(node, "scale") is None:
+        from onnx_prune.passes.analysis import AttrEdit
+
+        ctx.attr_edits.append(AttrEdit(node.name, "scale", None, value=1.0 / np.sqrt(ctx.size(d))))
+    outputs = list(node.output) + [""] * 4
+    y = [Q[0], Q[1], Prod((q_heads, dv))] if len(Q) == 3 else [Q[0], q_heads, Q[2], dv]
+    ctx.set(outputs[0], y)
+    for o, last in ((outputs[1], d), (outputs[2], dv)):  # present key / value: (B, Hkv, P + T, D)
+        if o:
+            ctx.set(o, [Q[0], k_heads, _out_fx(ctx, o, 2), last])
+    if outputs[3]:  # QK' logits (B, Hq, S, P + T)
+        ctx.set(outputs[3], [Q[0], q_heads, _out_fx(ctx, outputs[3], 2), _out_fx(ctx, outputs[3], 3)])
+
+
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)
 def skip_layernorm(ctx, node):
     """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias): that axis is frozen, as
@@ -372,9 +421,10 @@ def _bind_or_couple(ctx, node, name, axis, e):
         ctx.unify(ctx.ax(name)[axis], e, f"{_desc(node)} parameter layout")
 
 
-@rule("LayerNormalization")
+@rule("LayerNormalization", "RMSNormalization")
 def layernorm(ctx, node):
-    """Statistics over the normalized axes mix their channels: those cannot be pruned."""
+    """Statistics over the normalized axes mix their channels: those cannot be pruned (RMSNorm,
+    opset 23, has a scale and no bias)."""
     X = ctx.ax(node.input[0])
     axis = attr(node, "axis", -1) % len(X)
     for e in X[axis:]:

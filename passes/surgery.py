@@ -59,6 +59,9 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.M
             arrays[edit.init] = arr
     nodes = {n.name: n for n in out.graph.node}
     for edit in ctx.attr_edits:
+        if edit.value is not None:
+            _set_float_attr(nodes[edit.node], edit.attr, edit.value)
+            continue
         value = int(table.keep_mask(edit.expr, keep).sum())
         for a in nodes[edit.node].attribute:
             if a.name == edit.attr:
@@ -70,6 +73,12 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.M
         inits[name].CopyFrom(numpy_helper.from_array(np.array(arr, order="C"), name))
     del out.graph.value_info[:]
     return out
+
+
+def _set_float_attr(node, name, value):
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute(name, float(value))])
 
 
 def _rewrite_split(model, node, sizes, full_sizes, arrays, inits):

@@ -201,6 +201,65 @@ def test_ort_fused_attention_prunes_whole_heads():
     assert [list(t.dims) for t in pruned.graph.initializer if t.name == "wqkv"][0][1] == 3 * 8
 
 
+def onnx_attention(layout, hq=4, hkv=4, d=8, dv=6, mask=False, **attrs):
+    """x (2, 8, 16) -> Q, K, V projections -> ONNX's Attention (opset 23) -> output projection.
+    `layout` "3d": heads merged in the last axis (q_num_heads, kv_num_heads); "4d": Reshape +
+    Transpose to (B, H, S, D) and back. `mask`: a float bias per query head, (1, hq, 8, 8)."""
+    nodes, inits = [], {"wq": W(16, hq * d), "wk": W(16, hkv * d), "wv": W(16, hkv * dv), "wo": W(hq * dv, 16)}
+    qkv = []
+    for name, heads, size in (("q", hq, d), ("k", hkv, d), ("v", hkv, dv)):
+        nodes.append(helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}2"], name=f"proj_{name}"))
+        if layout == "4d":
+            inits[f"shape_{name}"] = np.array([2, 8, heads, size], np.int64)
+            nodes += [helper.make_node("Reshape", [f"{name}2", f"shape_{name}"], [f"{name}3"], name=f"split_{name}"),
+                      helper.make_node("Transpose", [f"{name}3"], [f"{name}4"], perm=[0, 2, 1, 3], name=f"heads_{name}")]
+        qkv.append(f"{name}4" if layout == "4d" else f"{name}2")
+    if mask:
+        inits["bias"] = W(1, hq, 8, 8)
+    if layout == "3d":
+        attrs = {"q_num_heads": hq, "kv_num_heads": hkv, **attrs}
+    nodes.append(helper.make_node("Attention", qkv + (["bias"] if mask else []), ["att"], name="att", **attrs))
+    if layout == "4d":
+        inits["merged"] = np.array([2, 8, hq * dv], np.int64)
+        nodes += [helper.make_node("Transpose", ["att"], ["att_t"], perm=[0, 2, 1, 3], name="back"),
+                  helper.make_node("Reshape", ["att_t", "merged"], ["att2"], name="merge")]
+    nodes.append(helper.make_node("MatMul", ["att2" if layout == "4d" else "att", "wo"], ["y"], name="out"))
+    m = model(nodes, inits, [2, 8, 16], [2, 8, 16], opset=23)
+    m.ir_version = 10
+    return m
+
+
+ONNX_ATTENTION = {
+    "3d": dict(layout="3d"),
+    "3d_grouped_queries": dict(layout="3d", hq=4, hkv=2),
+    "3d_one_kv_head_causal_softcap": dict(layout="3d", hq=4, hkv=1, is_causal=1, softcap=5.0),
+    "4d_mask_per_head": dict(layout="4d", mask=True),
+    "4d_grouped_queries_scaled": dict(layout="4d", hq=4, hkv=2, scale=0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONNX_ATTENTION))
+def test_onnx_attention_prunes_heads_and_head_sizes(case):
+    """Heads (key/value heads with their query heads), the query/key head size and the value head
+    size each prune, and the pruned model stays equivalent (ONNX Runtime runs it)."""
+    import onnx
+
+    kw = ONNX_ATTENTION[case]
+    m = onnx_attention(**kw)
+    analysis = _prune_and_verify(m, seeds=4)
+    hq, hkv = kw.get("hq", 4), kw.get("hkv", 4)
+    sizes = sorted(g.size for g in analysis.groups)
+    heads = [hkv] + ([hq // hkv] if hq != hkv else [])  # key/value heads; query heads within a group
+    assert sizes == sorted([8, 6] + [h for h in heads if h > 1]), sizes
+    canon = canonicalize(m)
+    plan = random_plan(analysis, np.random.default_rng(0), "keep1")
+    att = next(n for n in apply_plan(canon.model, analysis, plan).graph.node if n.op_type == "Attention")
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in att.attribute}
+    assert values["scale"] == pytest.approx(kw.get("scale", 1 / np.sqrt(8)))  # not 1/sqrt(1)
+    if kw["layout"] == "3d":
+        assert (values["q_num_heads"], values["kv_num_heads"]) == (1, 1)
+
+
 @pytest.mark.parametrize("case", sorted(FROZEN))
 def test_rule_freezes_with_reason(case):
     build, reason = FROZEN[case]
