@@ -176,6 +176,8 @@ class CostModel:
         if node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
             a, b = ctx.ax(node.input[0]), ctx.ax(node.input[1])
             return [] if a is None or b is None else list(a) + list(b[-1:])
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):  # see node_ratio
+            return list(ctx.ax(node.input[0]) or []) + list(ctx.ax(node.output[0]) or [])
         return list((ctx.ax(node.output[0]) if node.output else None) or [])
 
     def _node_spaces(self, name: str) -> frozenset:
@@ -195,6 +197,13 @@ class CostModel:
                 full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
                 self._memo[name, widths] = self.db.estimate(layer.sig, widths, layer.grids) / full if full else 1.0
             return self._memo[name, widths]
+        node = self.nodes[name]
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            # ONNX's fused attention: Q K' scales with the query heads x their size, the weighted
+            # sum of V with the output's heads x value size; each about half of its time
+            ax = self.analysis.ctx.ax
+            return 0.5 * (self._kept_fraction(("attention Q", name), lambda: ax(node.input[0]), keep)
+                          + self._kept_fraction(("node", name), lambda: ax(node.output[0]), keep))
         # kept share of the elements (output) or of the multiply-adds (attention MatMul)
         return self._kept_fraction(("node", name), lambda: self._cost_axes(name), keep)
 

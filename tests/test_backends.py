@@ -302,6 +302,29 @@ def test_bulk_measurement_times_every_point():
     assert all(db.times[k] > 0 and len(db.reorders[k]) == 2 for k in keys)
 
 
+def test_onnx_attention_kernel_scales_with_heads_and_both_head_sizes():
+    """ONNX's fused Attention: Q K' costs heads x query/key size, the weighted sum of V heads x
+    value size; each counts half of the kernel's time."""
+    from test_rules import onnx_attention
+
+    canon = canonicalize(onnx_attention("4d"))
+    analysis = analyze_canonical(canon)
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(),
+                   profile=Profile({"att": Kernel("att", "Attention", 100.0, [], [])}, e2e_ms=0.1))
+    by_size = {g.size: g.name for g in analysis.groups}  # 4 heads, query/key size 8, value size 6
+    assert sorted(by_size) == [4, 6, 8]
+
+    def keep(**halved):
+        plan = {g.name: np.arange(g.size // 2 if g.size in halved.values() else g.size) for g in analysis.groups}
+        return analysis.keep_arrays(plan)
+
+    assert cm.node_ratio("att", keep()) == pytest.approx(1.0)
+    assert cm.node_ratio("att", keep(qk=8)) == pytest.approx(0.75)
+    assert cm.node_ratio("att", keep(v=6)) == pytest.approx(0.75)
+    assert cm.node_ratio("att", keep(heads=4)) == pytest.approx(0.5)
+    assert cm.node_ratio("att", keep(heads=4, qk=8, v=6)) == pytest.approx(0.25)
+
+
 def test_product_axes_are_timed_at_the_widths_plans_give_them():
     """RegNetY's grouped conv splits 16 channels into 2 groups x 8: pruning the channels per group
     to 7 leaves 14, a width the 1x1 convs around it must be timed at (their grid alone: 8, 16)."""
