@@ -448,6 +448,73 @@ def _run_softmax(f, a, x):
     return [f(X.reshape(math.prod(X.shape[:axis]), -1), 1).reshape(X.shape)]
 
 
+@_op()
+def _rms_norm(a, x):
+    """RMSNormalization (opset 23): x / sqrt(mean(x^2 over axis..) + epsilon) * scale."""
+    X, scale = x[0], x[1]
+    dims = tuple(range(_axis(a.get("axis", -1), X.dim()), X.dim()))
+    return [X * torch.rsqrt(X.pow(2).mean(dim=dims, keepdim=True) + a.get("epsilon", 1e-5)) * scale]
+
+
+def _check_attention(a):
+    if a.get("left_window_size", -1) != -1 or a.get("right_window_size", -1) != -1:
+        return "a sliding window"
+    if a.get("softmax_precision"):
+        return "softmax_precision"
+    return None
+
+
+def _heads_first(t, heads):
+    """(B, S, H * D) -> (B, H, S, D); 4-D inputs are already laid out so."""
+    if t.dim() == 4:
+        return t
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+@_op(nout=4, check=_check_attention)
+def _attention(a, x):
+    """ONNX's Attention (opset 23): scaled dot-product attention over Q, K and V, 3-D or 4-D, with
+    grouped key/value heads, an additive or boolean mask, causal masking, a soft cap and a key/value
+    cache (past in, present out)."""
+    Q, K, V, mask, past_k, past_v = (_opt(x, i) for i in range(6))
+    if _opt(x, 6) is not None:
+        raise NotImplementedError("Attention with nonpad_kv_seqlen")
+    three_d = Q.dim() == 3
+    Q, K, V = _heads_first(Q, a.get("q_num_heads")), _heads_first(K, a.get("kv_num_heads")), \
+        _heads_first(V, a.get("kv_num_heads"))
+    if past_k is not None:
+        K, V = torch.cat([past_k, K], 2), torch.cat([past_v, V], 2)
+    present = [K, V]
+    groups = Q.shape[1] // K.shape[1]
+    if groups > 1:  # query head i reads key/value head i // groups
+        K, V = K.repeat_interleave(groups, 1), V.repeat_interleave(groups, 1)
+    logits = (Q @ K.transpose(-1, -2)) * a.get("scale", 1.0 / math.sqrt(Q.shape[-1]))
+    qk = logits
+    cap = a.get("softcap", 0.0)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    allowed = None
+    if a.get("is_causal", 0):  # bottom-right aligned: query i sees key j <= i + (T - S)
+        S, T = logits.shape[-2:]
+        allowed = torch.ones(S, T, dtype=torch.bool, device=logits.device).tril(T - S)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = mask if allowed is None else allowed & mask
+        else:
+            logits = logits + mask
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if allowed is not None:  # a row with no key allowed gives zeros, not NaN
+        probs = torch.nan_to_num(probs, nan=0.0)
+    if a.get("qk_matmul_output_mode", 0) != 0 and a["_nout"] > 3:
+        raise NotImplementedError("Attention's qk_matmul_output modes other than 0")
+    Y = probs @ V
+    if three_d:
+        Y = Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)
+    return [Y] + present + [qk]
+
+
 def _softmax_like(f):
     return _op()(functools.partial(_run_softmax, f))
 
@@ -570,6 +637,20 @@ def _gather_elements(a, x):
     X, idx = x
     axis = _axis(a.get("axis", 0), X.dim())
     return [torch.gather(X, axis, torch.where(idx < 0, idx + X.shape[axis], idx))]
+
+
+@_op(frozen=(1,))
+def _gather_nd(a, x):
+    """GatherND: the last axis of the indices addresses the data's first k axes after
+    `batch_dims` shared leading axes (torch's exporter builds attention masks with it)."""
+    X, idx = x[0], x[1].long()
+    b, k = a.get("batch_dims", 0), x[1].shape[-1]
+    idx = torch.where(idx < 0, idx + torch.tensor(X.shape[b:b + k], device=idx.device), idx)
+    flat = X.reshape((-1,) + tuple(X.shape[b:]))  # the batch axes as one
+    rows = idx.reshape(flat.shape[0], -1, k)
+    batch = torch.arange(flat.shape[0], device=X.device)[:, None].expand(-1, rows.shape[1])
+    out = flat[(batch,) + tuple(rows[..., j] for j in range(k))]
+    return [out.reshape(tuple(idx.shape[:-1]) + tuple(X.shape[b + k:]))]
 
 
 @_op(host=(1,))
@@ -901,12 +982,13 @@ OPS = {
     "GlobalMaxPool": _global_max_pool,
     # normalization, softmax, dropout
     "BatchNormalization": _batch_norm, "InstanceNormalization": _instance_norm, "LayerNormalization": _layer_norm,
-    "GroupNormalization": _group_norm, "LRN": _lrn, "Softmax": _softmax_like(torch.softmax),
+    "GroupNormalization": _group_norm, "RMSNormalization": _rms_norm, "LRN": _lrn, "Softmax": _softmax_like(torch.softmax),
     "LogSoftmax": _softmax_like(torch.log_softmax), "Dropout": _dropout,
     # shapes and data movement
+    "Attention": _attention,
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
-    "GatherElements": _gather_elements, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
+    "GatherElements": _gather_elements, "GatherND": _gather_nd, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
     "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Trilu": _trilu, "NonZero": _nonzero,
     "TopK": _topk, "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,

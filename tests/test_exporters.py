@@ -102,3 +102,55 @@ def test_dynamo_export_with_dynamic_batch_and_sequence_prunes_layers_apart():
     for plan in plans:
         result = verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
         assert result.max_abs_error <= 1e-4 * result.output_scale
+
+
+def test_opset23_attention_and_rms_norm_prune_heads_and_head_sizes():
+    """At opset 23 the exporter writes scaled_dot_product_attention as ONNX's Attention op (here
+    with grouped key/value heads) and RMSNorm as RMSNormalization: key/value heads (with their
+    query heads), query heads within a group, head sizes and the FFN prune, stay equivalent, and
+    the torch bridge (recovery, fine-tuning) runs the pruned graph as ONNX Runtime does."""
+    import torch
+    import torch.nn.functional as F
+    from types import SimpleNamespace
+
+    from onnx_prune.backends.torch_graph import TorchGraph
+
+    class Block(torch.nn.Module):
+        def __init__(self, d=64, hq=4, hkv=2, size=16):
+            super().__init__()
+            self.hq, self.hkv, self.size = hq, hkv, size
+            self.q, self.k, self.v = (torch.nn.Linear(d, h * size) for h in (hq, hkv, hkv))
+            self.o, self.norm1, self.norm2 = torch.nn.Linear(hq * size, d), torch.nn.RMSNorm(d), torch.nn.RMSNorm(d)
+            self.up, self.down = torch.nn.Linear(d, 128), torch.nn.Linear(128, d)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            h = self.norm1(x)
+            q, k, v = (p(h).view(b, t, n, self.size).transpose(1, 2)
+                       for p, n in ((self.q, self.hq), (self.k, self.hkv), (self.v, self.hkv)))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+            return x + self.down(F.silu(self.up(self.norm2(x))))
+
+    torch.manual_seed(0)
+    entry = SimpleNamespace(build=Block, example_inputs=lambda: [torch.randn(2, 8, 64)], input_names=["x"],
+                            output_names=["y"])
+    model, shapes = dynamo_export(entry, opset=23)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Attention", "RMSNormalization"} <= ops, ops
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon)
+    # key/value heads, query heads per key/value head, query/key size, value size, FFN
+    assert sorted(g.size for g in analysis.groups) == [2, 2, 16, 16, 128]
+    feeds = random_feeds(canon.model, shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1)),
+                 random_plan(analysis, np.random.default_rng(2), "keep1")):
+        pruned = apply_plan(canon.model, analysis, plan)
+        verify(canon.model, pruned, analysis, plan, feeds)
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    with torch.no_grad():
+        got = TorchGraph(pruned).eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4, rtol=1e-4)

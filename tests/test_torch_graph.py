@@ -83,7 +83,7 @@ def op_model(op, inputs, attrs=None, opset=17, nout=1, consts=()):
                               inits)
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
+    model.ir_version = 8 if opset < 21 else 10
     return model, feeds
 
 
@@ -271,6 +271,21 @@ OP_CASES = {
     "nonzero": ("NonZero", [scalar([[1, 0], [0, 3]])], None, 17, 1, ()),
     "equal": ("Equal", [i64(1, 2, 3), i64(1, 0, 3)], None, 17, 1, ()),
     "and": ("And", [np.array([True, False]), np.array([True, True])], None, 17, 1, ()),
+    "gather_nd": ("GatherND", [f32(3, 4, 5), i64(0, -1, 2, 1).reshape(2, 2)], None, 17, 1, (1,)),
+    "gather_nd_batch_dims": ("GatherND", [f32(2, 3, 4, 5), np.array([[[1, 3], [-1, 0]], [[0, 0], [2, 3]]], np.int64)],
+                             dict(batch_dims=1), 17, 1, (1,)),
+    "gather_nd_whole_rows": ("GatherND", [f32(3, 4, 5), i64(2, 0, 1).reshape(3, 1)], None, 17, 1, (1,)),
+    # opset 23: ONNX's own attention and RMSNorm, as torch's exporter writes them there
+    "rms_norm": ("RMSNormalization", [f32(2, 3, 8), f32(8)], dict(epsilon=1e-5), 23, 1, (1,)),
+    "attention_4d": ("Attention", [f32(2, 4, 5, 8), f32(2, 4, 6, 8), f32(2, 4, 6, 3)], None, 23, 1, ()),
+    "attention_3d_grouped_causal": ("Attention", [f32(2, 5, 32), f32(2, 5, 16), f32(2, 5, 12)],
+                                    dict(q_num_heads=4, kv_num_heads=2, is_causal=1), 23, 1, ()),
+    "attention_bool_mask_softcap": ("Attention", [f32(2, 4, 5, 8), f32(2, 4, 6, 8), f32(2, 4, 6, 3),
+                                                  np.random.default_rng(1).random((5, 6)) > 0.3],
+                                    dict(softcap=3.0, scale=0.2), 23, 1, ()),
+    "attention_head_bias_past_present": ("Attention", [f32(2, 4, 5, 8), f32(2, 4, 5, 8), f32(2, 4, 5, 3),
+                                                       f32(1, 4, 5, 7), f32(2, 4, 2, 8), f32(2, 4, 2, 3)],
+                                         dict(is_causal=1), 23, 3, ()),
     # ONNX Runtime's fused ops, as its transformers optimizer writes them
     "ms_bias_gelu": ("com.microsoft::BiasGelu", [f32(2, 3, 8), f32(8)], None, 17, 1, (1,)),
     "ms_fast_gelu": ("com.microsoft::FastGelu", [f32(2, 3, 8), f32(8)], None, 17, 1, (1,)),
