@@ -530,7 +530,10 @@ def pooling(ctx, node):
 
 @rule("Resize", "Upsample", "Pad", "Expand", "Tile")
 def resize_like(ctx, node):
-    """Axes keep their channels where the size is unchanged; changed axes must not carry any."""
+    """Axes keep their channels where the size is unchanged; changed axes must not carry any. An
+    axis Expand broadcasts from 1 gets a space of its own (its copies are alike, so any of them
+    can go, its target size follows): where it meets channels (repeat_kv's copies of a key/value
+    head, one per query head of its group) it prunes with them, else it stays as it is."""
     X = ctx.ax(node.input[0])
     out = node.output[0]
     shape = ctx.shape(out)
@@ -543,7 +546,7 @@ def resize_like(ctx, node):
         if ctx.size(e) == shape[k]:
             res.append(e)
         elif ctx.size(e) == 1:
-            res.append(Fx(shape[k]))
+            res.append(ctx.new(shape[k], node) if node.op_type == "Expand" else Fx(shape[k]))
         else:
             ctx.freeze(e, f"{_desc(node)} changes the size of this axis")
             res.append(Fx(shape[k]))

@@ -94,11 +94,14 @@ def test_dynamo_export_with_dynamic_batch_and_sequence_prunes_layers_apart():
     model, shapes = dynamo_export(entry, {"inputs": ({0: batch, 1: seq}, {0: batch, 1: seq})})
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
-    heads = [g for g in analysis.groups if g.size == 2]  # key/value heads, one group per layer
-    assert len(heads) == 2, [(g.name, g.size) for g in analysis.groups]
+    # per layer: its key/value heads (with Q, K and V as producers) and the query heads within
+    # each key/value head's group (repeat_kv's Expand, Q alone)
+    heads = [g for g in analysis.groups if g.size == 2 and len(g.producers) == 3]
+    within = [g for g in analysis.groups if g.size == 2 and len(g.producers) == 1]
+    assert len(heads) == len(within) == 2, [(g.name, g.size) for g in analysis.groups]
     feeds = random_feeds(canon.model, shapes)
     rng = np.random.default_rng(0)
-    plans = [{heads[0].name: [1]}] + [random_plan(analysis, rng, "random") for _ in range(4)]
+    plans = [{heads[0].name: [1]}, {within[1].name: [0]}] + [random_plan(analysis, rng, "random") for _ in range(4)]
     for plan in plans:
         result = verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
         assert result.max_abs_error <= 1e-4 * result.output_scale
