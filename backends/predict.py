@@ -26,6 +26,7 @@ import numpy as np
 from onnx_prune.backends.profile import profile_model
 from onnx_prune.backends.timing import TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.passes.analysis import Analysis
+from onnx_prune.passes.rules import GATES
 from onnx_prune.passes.spaces import kept_positions
 
 
@@ -178,6 +179,8 @@ class CostModel:
             return [] if a is None or b is None else list(a) + list(b[-1:])
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):  # see node_ratio
             return list(ctx.ax(node.input[0]) or []) + list(ctx.ax(node.output[0]) or [])
+        if node.op_type in GATES and node.domain in ("", "ai.onnx"):  # see node_ratio
+            return list(ctx.ax(node.input[1]) or []) + list(ctx.ax(node.input[2]) or [])
         return list((ctx.ax(node.output[0]) if node.output else None) or [])
 
     def _node_spaces(self, name: str) -> frozenset:
@@ -204,6 +207,13 @@ class CostModel:
             ax = self.analysis.ctx.ax
             return 0.5 * (self._kept_fraction(("attention Q", name), lambda: ax(node.input[0]), keep)
                           + self._kept_fraction(("node", name), lambda: ax(node.output[0]), keep))
+        if node.op_type in GATES and node.domain in ("", "ai.onnx"):
+            # a recurrent layer: its time goes to the products with W and R at every step
+            ax, shape = self.analysis.ctx.ax, self.analysis.ctx.shape
+            w, r = node.input[1], node.input[2]
+            sizes = [float(np.prod(shape(t))) for t in (w, r)]
+            kept = [self._kept_fraction((f"recurrent {t}", name), lambda t=t: ax(t), keep) for t in (w, r)]
+            return (sizes[0] * kept[0] + sizes[1] * kept[1]) / (sizes[0] + sizes[1])
         # kept share of the elements (output) or of the multiply-adds (attention MatMul)
         return self._kept_fraction(("node", name), lambda: self._cost_axes(name), keep)
 

@@ -108,8 +108,8 @@ class Context:
         return bool(name) and name in self.index.inits
 
     # -- channels --------------------------------------------------------------------------
-    def new(self, size: int, node):
-        return self.table.new(size, node.name)
+    def new(self, size: int, node, weak: bool = False):
+        return self.table.new(size, node.name, weak)
 
     def produce(self, e, node):
         """A weight axis that becomes an activation's channels: give it a fresh space."""

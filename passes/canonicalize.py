@@ -55,6 +55,7 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
     _name_nodes(model)
     model = _fold_constants(model)
     _remove_identities(model)
+    _unshare_fills(model)
     _unshare_shape_computations(model)
     _unshare_small_initializers(model)
     _name_nodes(model)
@@ -215,6 +216,31 @@ def _remove_identities(model):
 SHAPE_ARITHMETIC = {"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Cast", "Mul", "Add", "Sub", "Div",
                     "Where", "Equal", "ConstantOfShape", "Reshape", "Abs", "Neg", "Max", "Min"}
 MAX_SHAPE_NODES = 64
+
+
+def _unshare_fills(model):
+    """A ConstantOfShape read by several nodes gets a copy per reader: one value repeated carries
+    no channels of its own, and shared it would tie the widths of everything reading it (torch's
+    exporter sizes the zero initial states of all stacked LSTM layers with one)."""
+    readers = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    outputs = {o.name for o in model.graph.output}
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
+            continue
+        for k, (reader, i) in enumerate(readers.get(node.output[0], [])[1:], start=1):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name, copy.output[0] = f"{node.name}__use{k}", f"{node.output[0]}__use{k}"
+            nodes.append(copy)
+            reader.input[i] = copy.output[0]
+    if len(nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
 
 
 def _unshare_shape_computations(model):

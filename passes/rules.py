@@ -255,6 +255,40 @@ def conv(ctx, node):
     ctx.set(out, [X[0], out_c] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
 
 
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+@rule("LSTM", "GRU", "RNN")
+def recurrent(ctx, node):
+    """Recurrent layers: W (directions, gates x hidden, input) and R (directions, gates x hidden,
+    hidden), B (directions, 2 x gates x hidden), LSTM's peepholes P (directions, 3 x hidden). A
+    hidden unit goes in every gate of W, R and B, as R's column, from the initial states and the
+    outputs, in both directions alike (`hidden_size` is one attribute, and follows). W's input
+    axis reads the input's channels."""
+    x, w, r = node.input[:3]
+    if not (ctx.is_const(w) and ctx.is_const(r)):
+        raise Unsupported("weights computed at run time")
+    X, gates = ctx.ax(x), GATES[node.op_type]
+    hidden = ctx.new(attr(node, "hidden_size"), node)
+    ctx.bind(w, 1, Cat((hidden,) * gates), "producer", node)
+    ctx.bind(w, 2, X[-1], "consumer", node)
+    ctx.bind(r, 1, Cat((hidden,) * gates), "producer", node)
+    ctx.bind(r, 2, hidden, "consumer", node)
+    inputs = list(node.input) + [""] * 8
+    if inputs[3]:
+        _bind_or_couple(ctx, node, inputs[3], 1, Cat((hidden,) * 2 * gates))
+    for state in inputs[5:7] if node.op_type == "LSTM" else inputs[5:6]:  # (.., .., hidden) either layout
+        if state:
+            _bind_or_couple(ctx, node, state, 2, hidden)
+    if node.op_type == "LSTM" and inputs[7]:
+        _bind_or_couple(ctx, node, inputs[7], 1, Cat((hidden,) * 3))
+    ctx.attr_edits.append(_attr_edit(node, "hidden_size", hidden))
+    for k, o in enumerate(node.output):  # Y (.., directions, .., hidden); Y_h and Y_c (.., .., hidden)
+        if o:
+            shape = ctx.shape(o)
+            ctx.set(o, [Fx(d) for d in shape[:-1]] + [hidden])
+
+
 def _attr_edit(node, name, e):
     from onnx_prune.passes.analysis import AttrEdit
 
@@ -546,7 +580,7 @@ def resize_like(ctx, node):
         if ctx.size(e) == shape[k]:
             res.append(e)
         elif ctx.size(e) == 1:
-            res.append(ctx.new(shape[k], node) if node.op_type == "Expand" else Fx(shape[k]))
+            res.append(ctx.new(shape[k], node, weak=True) if node.op_type == "Expand" else Fx(shape[k]))
         else:
             ctx.freeze(e, f"{_desc(node)} changes the size of this axis")
             res.append(Fx(shape[k]))
@@ -892,7 +926,7 @@ def shape_op(ctx, node):
 
 SHAPE_PLUMBING = ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "ReduceProd", "Max")
 SHAPE_JOINS = ("Concat", "Max")  # plumbing whose every input is shape data
-SHAPE_TARGETS = {("Reshape", 1), ("Expand", 1), ("Resize", 3)}
+SHAPE_TARGETS = {("Reshape", 1), ("Expand", 1), ("Resize", 3), ("ConstantOfShape", 0)}
 
 
 def _only_feeds_shape_targets(ctx, name, depth=0):
@@ -929,7 +963,16 @@ def _picked_dims(ctx, node, start, end):
     return sorted(picked)
 
 
-@rule("ConstantOfShape", "Range", "NonZero", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+@rule("ConstantOfShape")
+def constant_of_shape(ctx, node):
+    """One value repeated: any axis can shrink, its target size with it (the zero initial state of
+    a recurrent layer, sized by its hidden width)."""
+    res = [ctx.new(d, node, weak=True) for d in ctx.shape(node.output[0])]
+    _shape_target(ctx, node, node.input[0], res, [])
+    ctx.set(node.output[0], res)
+
+
+@rule("Range", "NonZero", "EyeLike", "RandomNormalLike", "RandomUniformLike")
 def value_source(ctx, node):
     """Outputs built from values, not from channels; inputs that carry channels are pinned."""
     unknown(ctx, node, f"{_desc(node)} reads values")

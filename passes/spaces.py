@@ -64,15 +64,16 @@ class Free:
 
 
 class _Space:
-    __slots__ = ("size", "parent", "kind", "children", "frozen", "origin")
+    __slots__ = ("size", "parent", "kind", "children", "frozen", "origin", "weak")
 
-    def __init__(self, size, origin):
+    def __init__(self, size, origin, weak=False):
         self.size = size
         self.parent = None
         self.kind = None  # None | "cat" | "prod"
         self.children = ()
         self.frozen = None  # reason string once frozen
         self.origin = origin
+        self.weak = weak  # a copy's axis (Expand, ConstantOfShape): channels it meets name the class
 
 
 class SpaceTable:
@@ -82,11 +83,11 @@ class SpaceTable:
         self.spaces: list[_Space] = []
 
     # -- construction --------------------------------------------------------------------
-    def new(self, size: int, origin: str):
+    def new(self, size: int, origin: str, weak: bool = False):
         """A fresh space of `size` channels; one channel is never prunable, so it is Fx(1)."""
         if size <= 1:
             return Fx(size)
-        self.spaces.append(_Space(size, origin))
+        self.spaces.append(_Space(size, origin, weak))
         return Sp(len(self.spaces) - 1)
 
     def find(self, sid: int) -> int:
@@ -117,6 +118,8 @@ class SpaceTable:
         if ra > rb:  # the older space names the class
             ra, rb = rb, ra
         A, B = self.spaces[ra], self.spaces[rb]
+        if A.weak and not B.weak:
+            A.origin, A.weak = B.origin, False
         a_ref = (A.kind, A.children)
         b_ref = (B.kind, B.children)
         B.parent = ra

@@ -325,6 +325,27 @@ def test_onnx_attention_kernel_scales_with_heads_and_both_head_sizes():
     assert cm.node_ratio("att", keep(heads=4, qk=8, v=6)) == pytest.approx(0.25)
 
 
+def test_recurrent_kernel_scales_with_its_kept_weights():
+    """An LSTM's time goes to its products with W (gates x hidden, input) and R (gates x hidden,
+    hidden) at every step: it scales with their kept elements, weighted by their sizes."""
+    from test_rules import recurrent
+
+    canon = canonicalize(recurrent("LSTM"))
+    analysis = analyze_canonical(canon)
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(),
+                   profile=Profile({"rnn": Kernel("rnn", "LSTM", 100.0, [], [])}, e2e_ms=0.1))
+    hidden, inputs = sorted(analysis.groups, key=lambda g: g.size)  # 6 hidden units, 8 input channels
+
+    def keep(*halved):
+        return analysis.keep_arrays({g.name: np.arange(g.size // 2 if g in halved else g.size) for g in analysis.groups})
+
+    w, r = 24 * 8, 24 * 6  # elements of W and R
+    assert cm.node_ratio("rnn", keep()) == pytest.approx(1.0)
+    assert cm.node_ratio("rnn", keep(inputs)) == pytest.approx((w * 0.5 + r) / (w + r))
+    assert cm.node_ratio("rnn", keep(hidden)) == pytest.approx((w * 0.5 + r * 0.25) / (w + r))
+    assert cm.node_ratio("rnn", keep(hidden, inputs)) == pytest.approx(0.25)
+
+
 def test_product_axes_are_timed_at_the_widths_plans_give_them():
     """RegNetY's grouped conv splits 16 channels into 2 groups x 8: pruning the channels per group
     to 7 leaves 14, a width the 1x1 convs around it must be timed at (their grid alone: 8, 16)."""

@@ -157,3 +157,39 @@ def test_opset23_attention_and_rms_norm_prune_heads_and_head_sizes():
         got = TorchGraph(pruned).eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     got = got[0] if isinstance(got, (tuple, list)) else got
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_lstm_and_gru_prune_each_layer_apart():
+    """torch's exporter (from_torch, dynamic batch) writes a stacked LSTM as ONNX LSTM nodes whose
+    zero initial states are slices of one ConstantOfShape sized at run time: each layer's hidden
+    units are a group of their own (canonicalize gives every reader its own fill), and so are a
+    bidirectional GRU's, both directions alike."""
+    import torch
+
+    from onnx_prune.models.torch_export import from_torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(12, 32)
+            self.lstm = torch.nn.LSTM(32, 48, num_layers=2, batch_first=True)
+            self.gru = torch.nn.GRU(48, 24, batch_first=True, bidirectional=True)
+            self.out = torch.nn.Linear(48, 5)
+
+        def forward(self, x):
+            h, _ = self.lstm(torch.relu(self.inp(x)))
+            g, _ = self.gru(h)
+            return self.out(g)
+
+    torch.manual_seed(0)
+    model = from_torch(Net(), torch.randn(3, 7, 12))
+    assert {"LSTM", "GRU", "ConstantOfShape"} <= {n.op_type for n in model.graph.node}
+    shapes = {"input": (3, 7, 12)}
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon)
+    by_producer = {tuple(g.producers): g.size for g in analysis.groups}
+    assert sorted(by_producer.values()) == [24, 32, 48, 48], by_producer  # GRU, Linear, LSTM layers 1 and 2
+    feeds = random_feeds(canon.model, shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1)),
+                 random_plan(analysis, np.random.default_rng(2), "keep1")):
+        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)

@@ -260,6 +260,69 @@ def test_onnx_attention_prunes_heads_and_head_sizes(case):
         assert (values["q_num_heads"], values["kv_num_heads"]) == (1, 1)
 
 
+def recurrent(op, hidden=6, direction="forward", bias=True, states=True, peepholes=False, **attrs):
+    """x (batch 2, seq 5, 4 features) -> MatMul (8 channels) -> an LSTM, GRU or RNN layer ->
+    MatMul of its output (directions x hidden, merged) to 3. Initial states are constants. (ONNX
+    Runtime runs only layout 0: sequence first.)"""
+    gates, dirs = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 2 if direction == "bidirectional" else 1
+    inits = {"w0": W(4, 8), "W": W(dirs, gates * hidden, 8), "R": W(dirs, gates * hidden, hidden)}
+    ins = ["a", "W", "R", "B" if bias else "", ""]
+    if bias:
+        inits["B"] = W(dirs, 2 * gates * hidden)
+    state_shape = (dirs, 2, hidden)
+    if states:
+        inits["h0"] = W(*state_shape)
+        ins.append("h0")
+        if op == "LSTM":
+            inits["c0"] = W(*state_shape)
+            ins.append("c0")
+    if peepholes:
+        ins += [""] * (7 - len(ins)) + ["P"]
+        inits["P"] = W(dirs, 3 * hidden)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a0"], name="fc0")]
+    nodes.append(helper.make_node("Transpose", ["a0"], ["a"], perm=[1, 0, 2], name="to_seq"))
+    nodes.append(helper.make_node(op, ins, ["y"], name="rnn", hidden_size=hidden, direction=direction, **attrs))
+    # Y: (seq, dirs, batch, hidden) -> (batch, seq, dirs x hidden)
+    nodes.append(helper.make_node("Transpose", ["y"], ["yt"], perm=[2, 0, 1, 3], name="to_batch"))
+    inits["merged"] = np.array([2, 5, dirs * hidden], np.int64)
+    nodes += [helper.make_node("Reshape", ["yt", "merged"], ["ym"], name="merge"),
+              helper.make_node("MatMul", ["ym", "w1"], ["out"], name="fc1")]
+    inits["w1"] = W(dirs * hidden, 3)
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 5, 3])],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+RECURRENT = {
+    "lstm": dict(op="LSTM"),
+    "lstm_bidirectional_peepholes": dict(op="LSTM", direction="bidirectional", peepholes=True),
+    "lstm_no_bias_no_states": dict(op="LSTM", bias=False, states=False),
+    "gru_linear_before_reset": dict(op="GRU", linear_before_reset=1),
+    "gru_bidirectional": dict(op="GRU", direction="bidirectional"),
+    "rnn_reverse": dict(op="RNN", direction="reverse"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECURRENT))
+def test_recurrent_layers_prune_hidden_units(case):
+    """A hidden unit goes from every gate of W, R and B, from R's columns, the initial states and
+    the peepholes, in both directions alike; the input MatMul's channels prune too. Equivalence
+    is checked by ONNX Runtime against the masked reference (R's removed columns zeroed there)."""
+    import onnx
+
+    m = recurrent(**RECURRENT[case])
+    analysis = _prune_and_verify(m, seeds=4)
+    assert sorted(g.size for g in analysis.groups) == [6, 8]  # hidden units; fc0's output
+    canon = canonicalize(m)
+    plan = random_plan(analysis, np.random.default_rng(0), "keep1")
+    pruned = apply_plan(canon.model, analysis, plan)
+    layer = next(n for n in pruned.graph.node if n.op_type == RECURRENT[case]["op"])
+    assert [onnx.helper.get_attribute_value(a) for a in layer.attribute if a.name == "hidden_size"] == [1]
+
+
 @pytest.mark.parametrize("case", sorted(FROZEN))
 def test_rule_freezes_with_reason(case):
     build, reason = FROZEN[case]
