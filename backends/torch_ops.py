@@ -456,6 +456,71 @@ def _rms_norm(a, x):
     return [X * torch.rsqrt(X.pow(2).mean(dim=dims, keepdim=True) + a.get("epsilon", 1e-5)) * scale]
 
 
+_RNN_ACTIVATIONS = {"Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
+_RNN_DEFAULTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+
+
+def _check_recurrent(a):
+    if any(f not in _RNN_ACTIVATIONS for f in a.get("activations") or []):
+        return f"activations {a['activations']}"
+    for name in ("clip", "input_forget", "layout"):
+        if a.get(name):
+            return f"{name}={a[name]}"
+    return None
+
+
+def _lstm_step(fs, g, h, c, R, rb, P):
+    i, o, f, z = (g + h @ R.T + rb).split(h.shape[-1], -1)  # ONNX's gate order: i, o, f, c
+    pi, po, pf = P.split(h.shape[-1]) if P is not None else (0, 0, 0)
+    c = fs[0](f + pf * c) * c + fs[0](i + pi * c) * fs[1](z)
+    return fs[0](o + po * c) * fs[2](c), c
+
+
+def _gru_step(fs, g, h, R, rb, linear_before_reset):
+    n = h.shape[-1]
+    xz, xr, xh = g.split(n, -1)
+    (Rz, Rr, Rh), (bz, br, bh) = R.split(n), rb.split(n)
+    z, r = fs[0](xz + h @ Rz.T + bz), fs[0](xr + h @ Rr.T + br)
+    hh = fs[1](xh + r * (h @ Rh.T + bh)) if linear_before_reset else fs[1](xh + (r * h) @ Rh.T + bh)
+    return (1 - z) * hh + z * h
+
+
+def _recurrent(op, a, x):
+    """ONNX's LSTM, GRU and RNN (sequence first), step by step in both directions; outputs Y
+    (seq, directions, batch, hidden), the last hidden state and, for LSTM, the last cell state."""
+    X, W, R = x[0], x[1], x[2]
+    B, lengths, h0 = _opt(x, 3), _opt(x, 4), _opt(x, 5)
+    c0, P = (_opt(x, 6), _opt(x, 7)) if op == "LSTM" else (None, None)
+    if lengths is not None and not bool((lengths == X.shape[0]).all()):
+        raise NotImplementedError(f"{op} with sequence_lens shorter than the sequence")
+    n, defaults = a["hidden_size"], _RNN_DEFAULTS[op]
+    names = a.get("activations") or defaults * W.shape[0]
+    direction = a.get("direction", "forward")
+    ys, hs, cs = [], [], []
+    for d in range(W.shape[0]):
+        fs = [_RNN_ACTIVATIONS[f] for f in names[d * len(defaults):(d + 1) * len(defaults)]]
+        wb, rb = B[d].split(W.shape[1]) if B is not None else (0, X.new_zeros(W.shape[1]))
+        h = h0[d] if h0 is not None else X.new_zeros(X.shape[1], n)
+        c = c0[d] if c0 is not None else X.new_zeros(X.shape[1], n)
+        g = X @ W[d].T + wb  # every step's input part at once
+        steps = range(X.shape[0])
+        if direction == "reverse" or d == 1:
+            steps = reversed(steps)
+        out = [None] * X.shape[0]
+        for t in steps:
+            if op == "LSTM":
+                h, c = _lstm_step(fs, g[t], h, c, R[d], rb, P[d] if P is not None else None)
+            elif op == "GRU":
+                h = _gru_step(fs, g[t], h, R[d], rb, a.get("linear_before_reset", 0))
+            else:
+                h = fs[0](g[t] + h @ R[d].T + rb)
+            out[t] = h
+        ys.append(torch.stack(out))
+        hs.append(h)
+        cs.append(c)
+    return [torch.stack(ys, 1), torch.stack(hs), torch.stack(cs)][:a["_nout"]]
+
+
 def _check_attention(a):
     if a.get("left_window_size", -1) != -1 or a.get("right_window_size", -1) != -1:
         return "a sliding window"
@@ -986,6 +1051,9 @@ OPS = {
     "LogSoftmax": _softmax_like(torch.log_softmax), "Dropout": _dropout,
     # shapes and data movement
     "Attention": _attention,
+    "LSTM": _op(nout=3, check=_check_recurrent)(functools.partial(_recurrent, "LSTM")),
+    "GRU": _op(nout=2, check=_check_recurrent)(functools.partial(_recurrent, "GRU")),
+    "RNN": _op(nout=2, check=_check_recurrent)(functools.partial(_recurrent, "RNN")),
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
     "GatherElements": _gather_elements, "GatherND": _gather_nd, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,

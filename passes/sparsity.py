@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # W (directions, gates x hidden, input) and R (.., hidden)
 
 
 # -- which weights ----------------------------------------------------------------------------
@@ -71,9 +72,10 @@ def parse_pattern(p) -> Pattern:
 
 
 def prunable_weights(model: onnx.ModelProto, skip_first=False, skip_last=False) -> dict[str, WeightInfo]:
-    """Float weight initializers of Conv/ConvTranspose/Gemm/MatMul, in graph order, with the axes
-    a mask reasons about. Conv (O, I/g, k..); ConvTranspose (I, O/g, k..); Gemm B (K, N), or
-    (N, K) with transB; MatMul B (.., K, N). A weight used by several layers counts once."""
+    """Float weight initializers of Conv/ConvTranspose/Gemm/MatMul and of recurrent layers, in
+    graph order, with the axes a mask reasons about. Conv (O, I/g, k..); ConvTranspose (I, O/g,
+    k..); Gemm B (K, N), or (N, K) with transB; MatMul B (.., K, N); LSTM/GRU/RNN W and R
+    (directions, gates x hidden, input or hidden). A weight used by several layers counts once."""
     inits = {t.name: t for t in model.graph.initializer}
     for s in model.graph.sparse_initializer:  # headers only: name, type, dims
         t = onnx.TensorProto(name=s.values.name, data_type=s.values.data_type, dims=s.dims)
@@ -81,6 +83,12 @@ def prunable_weights(model: onnx.ModelProto, skip_first=False, skip_last=False) 
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     out: dict[str, WeightInfo] = {}
     for node in model.graph.node:
+        if node.op_type in RECURRENT_OPS:
+            for w in node.input[1:3]:
+                t = inits.get(w)
+                if t is not None and t.data_type in floats and w not in out:
+                    out[w] = WeightInfo(node.op_type, 2, 1, tuple(int(d) for d in t.dims), node.name)
+            continue
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
             continue
         w = node.input[1]
@@ -399,6 +407,17 @@ def dynamic_value_hooks(analysis, get_masks) -> dict[str, DynamicValueMask]:
     """Like group_value_masks, for masks that change during training."""
     cm = channel_map(analysis)
     return {name: DynamicValueMask(cm, name, get_masks) for name in cm.values}
+
+
+def recurrent_weight_hooks(analysis, get_masks) -> dict[str, DynamicValueMask]:
+    """Weight hooks masking the recurrence weights R of LSTM, GRU and RNN layers: inside the node a
+    hidden unit feeds the next step through R's column, where no value hook reaches (with hard
+    masks, what `verify.recurrent_weight_masks` does to the masked reference)."""
+    from onnx_prune.passes.rules import GATES
+
+    cm = channel_map(analysis)
+    names = {n.input[2] for n in analysis.model.graph.node if n.op_type in GATES and n.domain in ("", "ai.onnx")}
+    return {name: DynamicValueMask(cm, name, get_masks) for name in sorted(names) if analysis.ctx.axes.get(name)}
 
 
 def group_weight_masks(analysis, group_masks: dict, names, roles=None) -> dict[str, torch.Tensor]:

@@ -127,6 +127,61 @@ def test_channel_training_on_random_graphs(seed, name):
     assert np.allclose(make_session(pruned).run(None, x)[0], want, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("name", ["magnitude", "pdp", "gap", "admm"])
+def test_channel_training_on_recurrent_layers(name):
+    """An LSTM's hidden units feed its next step through R's columns, inside the node: the trained
+    graph masks them there too (weight hooks on R), so it still equals the pruned model; every
+    method reaches the requested share in the LSTM's hidden units as in the MatMul before it."""
+    from test_rules import recurrent
+
+    from onnx_prune.backends.ort import random_feeds
+    from onnx_prune.passes.analysis import analyze_canonical
+    from onnx_prune.passes.canonicalize import canonicalize
+
+    canon = canonicalize(recurrent("LSTM", hidden=8, peepholes=True))
+    a = analyze_canonical(canon)
+    tg = TorchGraph(canon.model)
+    infos = sp.prunable_weights(canon.model)
+    assert {"W", "R"} <= set(infos)
+    torch.manual_seed(0)
+    method = make(name, tg.parameters_by_initializer(), infos, "channel", 0.5, 6, analysis=a)
+    data = [{k: torch.from_numpy(v) for k, v in random_feeds(canon.model, canon.input_shapes, i).items()}
+            for i in (1, 2, 3)]
+    assert np.isfinite(run(tg, method, data, epochs=2)).all()
+    plan, exported = method.final_plan(), tg.export()
+    assert sorted(len(kept) for kept in plan.values()) == [4, 4]  # half of 8 hidden units, half of 8 channels
+    pruned = apply_plan(exported, a, plan)
+    x = random_feeds(canon.model, canon.input_shapes, 0)
+    verify(exported, pruned, a, plan, x)
+    tg.eval()
+    with torch.no_grad():
+        want = tg(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
+    assert np.allclose(make_session(pruned).run(None, x)[0], want, atol=1e-4 * np.abs(want).max())
+
+
+def test_recurrent_weight_hooks_mask_what_the_reference_masks():
+    """During training a removed hidden unit must stop feeding the next step: the hook on R zeroes
+    the rows and columns the masked reference zeroes (and scales them by soft masks)."""
+    from test_rules import recurrent
+
+    from onnx_prune.compiler.plans import random_plan
+    from onnx_prune.passes.analysis import analyze_canonical
+    from onnx_prune.passes.canonicalize import canonicalize
+    from onnx_prune.passes.verify import recurrent_weight_masks
+
+    canon = canonicalize(recurrent("GRU", hidden=8, direction="bidirectional"))
+    a = analyze_canonical(canon)
+    plan = random_plan(a, np.random.default_rng(3))
+    masks = {g.name: torch.zeros(g.size).index_fill_(0, torch.as_tensor(plan.get(g.name, np.arange(g.size))), 1.0)
+             for g in a.groups}
+    hooks = sp.recurrent_weight_hooks(a, lambda: masks)
+    assert set(hooks) == {"R"}
+    got = hooks["R"](torch.ones(2, 24, 8)).numpy() != 0
+    assert (got == np.broadcast_to(recurrent_weight_masks(canon.model, a, plan)["R"], got.shape)).all()
+    soft = sp.recurrent_weight_hooks(a, lambda: {g: m * 0.5 + 0.5 for g, m in masks.items()})["R"]
+    assert set(np.unique(soft(torch.ones(2, 24, 8)).numpy())) <= {0.25, 0.5, 1.0}
+
+
 def test_layer_scope_and_per_layer_dict():
     _c, _a, tg, infos, method = train("magnitude", "unstructured", scope="layer")
     for k, m in method.final_masks().items():

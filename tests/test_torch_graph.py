@@ -275,6 +275,18 @@ OP_CASES = {
     "gather_nd_batch_dims": ("GatherND", [f32(2, 3, 4, 5), np.array([[[1, 3], [-1, 0]], [[0, 0], [2, 3]]], np.int64)],
                              dict(batch_dims=1), 17, 1, (1,)),
     "gather_nd_whole_rows": ("GatherND", [f32(3, 4, 5), i64(2, 0, 1).reshape(3, 1)], None, 17, 1, (1,)),
+    # recurrent layers, sequence first: X (5 steps, batch 2, 3 features), hidden 4
+    "lstm_peepholes_states": ("LSTM", [f32(5, 2, 3), f32(1, 16, 3), f32(1, 16, 4), f32(1, 32), i64(5, 5).astype(np.int32),
+                                       f32(1, 2, 4), f32(1, 2, 4), f32(1, 12)], dict(hidden_size=4), 17, 3, (1, 2, 3, 7)),
+    "lstm_bidirectional": ("LSTM", [f32(5, 2, 3), f32(2, 16, 3), f32(2, 16, 4), f32(2, 32)],
+                           dict(hidden_size=4, direction="bidirectional"), 17, 3, (1, 2, 3)),
+    "gru": ("GRU", [f32(5, 2, 3), f32(1, 12, 3), f32(1, 12, 4), f32(1, 24), None, f32(1, 2, 4)],
+            dict(hidden_size=4), 17, 2, (1, 2, 3)),
+    "gru_linear_before_reset_bidirectional": ("GRU", [f32(5, 2, 3), f32(2, 12, 3), f32(2, 12, 4), f32(2, 24)],
+                                              dict(hidden_size=4, linear_before_reset=1, direction="bidirectional"),
+                                              17, 2, (1, 2, 3)),
+    "rnn_reverse_relu": ("RNN", [f32(5, 2, 3), f32(1, 4, 3), f32(1, 4, 4)],
+                         dict(hidden_size=4, direction="reverse", activations=["Relu"]), 17, 2, (1, 2)),
     # opset 23: ONNX's own attention and RMSNorm, as torch's exporter writes them there
     "rms_norm": ("RMSNormalization", [f32(2, 3, 8), f32(8)], dict(epsilon=1e-5), 23, 1, (1,)),
     "attention_4d": ("Attention", [f32(2, 4, 5, 8), f32(2, 4, 6, 8), f32(2, 4, 6, 3)], None, 23, 1, ()),

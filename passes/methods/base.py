@@ -55,8 +55,8 @@ class Method:
 
     # -- the interface -----------------------------------------------------------------------
     def weight_hooks(self) -> dict:
-        if self.channel:
-            return {}
+        if self.channel:  # channels are masked on the activations; recurrent layers also inside
+            return sp.recurrent_weight_hooks(self.analysis, lambda: self.group_masks)
         return {k: _HardMask(self, k) for k in self.weights}
 
     def value_hooks(self) -> dict:

@@ -114,8 +114,8 @@ class PDP(Method):
         return soft_mask(w, t, self._tau(w * w)) * w
 
     def weight_hooks(self) -> dict:
-        if self.channel:
-            return {}
+        if self.channel:  # channels are masked on the activations; recurrent layers also inside
+            return sp.recurrent_weight_hooks(self.analysis, self.current_group_masks)
         return {k: _Soft(self, k) for k in self.weights}
 
     def current_group_masks(self) -> dict:
