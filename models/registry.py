@@ -32,7 +32,7 @@ LIGHT_SEED = 0
 @dataclass
 class ZooModel:
     name: str
-    family: str  # "cnn" | "transformer"
+    family: str  # "cnn" | "transformer" | "recurrent"
     source: str  # "torch" | "hf" | "light" | "keras" | "pretrained"
     model: onnx.ModelProto
     input_specs: dict[str, InputSpec]
@@ -89,7 +89,7 @@ def _catalogue() -> dict[str, tuple[str, str]]:
 
 
 def names(family: str | None = None, source: str | None = None) -> list[str]:
-    """Registry names, optionally filtered by family ("cnn"/"transformer") and source."""
+    """Registry names, optionally filtered by family ("cnn", "transformer", "recurrent") and source."""
     return [
         name for name, (fam, src) in _catalogue().items()
         if (family is None or fam == family) and (source is None or src == source)

@@ -816,6 +816,23 @@ class MHABlock(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
+class SpeechTagger(nn.Module):
+    """A recurrent sequence tagger, as speech and time-series models are built: frame features ->
+    Linear -> 2-layer LSTM -> bidirectional GRU -> per-frame classes."""
+
+    def __init__(self, features=40, width=64, lstm=96, gru=48, classes=10):
+        super().__init__()
+        self.inp = nn.Linear(features, width)
+        self.lstm = nn.LSTM(width, lstm, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(lstm, gru, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * gru, classes)
+
+    def forward(self, x):
+        h, _ = self.lstm(torch.relu(self.inp(x)))
+        g, _ = self.gru(h)
+        return self.out(g)
+
+
 def vit():
     return ViT()
 
@@ -834,7 +851,7 @@ def torch_mha():
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    family: str  # "cnn" | "transformer"
+    family: str  # "cnn" | "transformer" | "recurrent"
     builder: Callable[[], nn.Module]
     inputs: dict[str, InputSpec]
     output_names: tuple[str, ...] = ("output",)
@@ -886,5 +903,6 @@ ENTRIES: dict[str, ZooEntry] = {
         ZooEntry("vit", "transformer", vit, {"input": image(2, 3, 32, 32)}),
         ZooEntry("bert_encoder", "transformer", bert_encoder, TEXT_INPUTS, ("last_hidden_state",)),
         ZooEntry("torch_mha", "transformer", torch_mha, {"input": image(2, 16, 64)}),
+        ZooEntry("speech_tagger", "recurrent", SpeechTagger, {"input": image(2, 20, 40)}),
     )
 }

@@ -54,12 +54,13 @@ def test_model_prunes_and_verifies(name):
 
 
 def test_zoo_reaches_coverage_targets():
-    """CNNs: >= 90% of weight layers prunable where the architecture allows; transformers:
-    every FFN hidden layer and every attention block's heads."""
+    """CNNs and the recurrent tagger: >= 90% of weight layers prunable where the architecture
+    allows; transformers: every FFN hidden layer and every attention block's heads."""
     for name in ["resnet_basic", "resnet_bottleneck", "mobilenetv2", "mobilenetv3", "efficientnet",
                  "densenet", "inception", "shufflenetv2", "regnety", "yolo_c2f", "unet", "fpn", "hf_resnet",
                  "hf_mobilenetv2", "hf_regnet", "hf_efficientnet", "light_densenet121", "light_inception_v1",
-                 "light_inception_v2", "light_squeezenet", "light_resnet50", "light_vgg19", "keras_cnn"]:
+                 "light_inception_v2", "light_squeezenet", "light_resnet50", "light_vgg19", "keras_cnn",
+                 "speech_tagger"]:
         _entry, _canon, analysis = prepared(name)
         cov = analysis.coverage()
         assert cov["prunable_layers"] >= 0.9 * (cov["layers"] - cov["output_layers"]), (name, cov)

@@ -100,7 +100,8 @@ def test_randomize_weights_is_seeded():
 
 def test_names_filters():
     everything = registry.names()
-    assert set(registry.names(family="cnn")) | set(registry.names(family="transformer")) == set(everything)
+    assert set().union(*(registry.names(family=f) for f in ("cnn", "transformer", "recurrent"))) == set(everything)
+    assert registry.names(family="recurrent") == ["speech_tagger"]
     assert registry.names(source="light") == ["light_" + n for n in light.light_names()]
     assert registry.names(source="pretrained") == ["minilm"]
     with pytest.raises(KeyError):
