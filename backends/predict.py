@@ -26,6 +26,7 @@ import numpy as np
 from onnx_prune.backends.profile import profile_model
 from onnx_prune.backends.timing import TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.passes.analysis import Analysis
+from onnx_prune.passes.graph import CONTRIB
 from onnx_prune.passes.rules import GATES
 from onnx_prune.passes.spaces import kept_positions
 
@@ -45,6 +46,11 @@ class WeightLayer:
     def widths(self, keep: dict) -> list[int]:
         """The layer's widths under a plan (`keep`: space id -> boolean mask over its channels)."""
         return [_kept_width(c, keep, n) for c, n in zip(self.coords, self.sig.full)]
+
+
+def _fused_attention(node) -> bool:
+    """ONNX's Attention (opset 23) or ONNX Runtime's MultiHeadAttention: Q and V heads in one kernel."""
+    return (node.op_type, node.domain or "ai.onnx") in {("Attention", "ai.onnx"), ("MultiHeadAttention", CONTRIB)}
 
 
 def _kept_width(coords, keep: dict, n: int) -> int:
@@ -177,7 +183,7 @@ class CostModel:
         if node.op_type == "MatMul" and node.input[1] not in ctx.index.inits:
             a, b = ctx.ax(node.input[0]), ctx.ax(node.input[1])
             return [] if a is None or b is None else list(a) + list(b[-1:])
-        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):  # see node_ratio
+        if _fused_attention(node):  # see node_ratio
             return list(ctx.ax(node.input[0]) or []) + list(ctx.ax(node.output[0]) or [])
         if node.op_type in GATES and node.domain in ("", "ai.onnx"):  # see node_ratio
             return list(ctx.ax(node.input[1]) or []) + list(ctx.ax(node.input[2]) or [])
@@ -201,9 +207,9 @@ class CostModel:
                 self._memo[name, widths] = self.db.estimate(layer.sig, widths, layer.grids) / full if full else 1.0
             return self._memo[name, widths]
         node = self.nodes[name]
-        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            # ONNX's fused attention: Q K' scales with the query heads x their size, the weighted
-            # sum of V with the output's heads x value size; each about half of its time
+        if _fused_attention(node):
+            # Q K' scales with the query heads x their size, the weighted sum of V with the
+            # output's heads x value size; each about half of the kernel's time
             ax = self.analysis.ctx.ax
             return 0.5 * (self._kept_fraction(("attention Q", name), lambda: ax(node.input[0]), keep)
                           + self._kept_fraction(("node", name), lambda: ax(node.output[0]), keep))

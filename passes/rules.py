@@ -199,6 +199,51 @@ def attention(ctx, node):
         ctx.set(outputs[3], [Q[0], q_heads, _out_fx(ctx, outputs[3], 2), _out_fx(ctx, outputs[3], 3)])
 
 
+@rule("MultiHeadAttention", domain=CONTRIB)
+def multi_head_attention(ctx, node):
+    """ONNX Runtime's fused attention over separate Q, K and V (its transformers optimizer's output
+    for cross-attention and some encoders): query (B, S, N x H), key and value (B, T, N x H) or
+    (B, N, T, H). Heads prune in all three (num_heads follows), H in Q and K (the scale written
+    out, as for ONNX's Attention), the value head size in V and the output; the packed Q | K | V
+    bias, a per-head attention bias and the key/value cache follow."""
+    inputs = list(node.input) + [""] * 10
+    Q = ctx.ax(inputs[0])
+    if not inputs[1] or not inputs[2] or len(Q) != 3 or any(inputs[8:]):
+        raise Unsupported("packed Q, K, V, or a past sequence length or cache indirection")
+    n = attr(node, "num_heads")
+    heads, d = ctx.table.split(Q[2], [n, ctx.size(Q[2]) // n])
+    kv = []
+    for name in inputs[1:3]:
+        X = ctx.ax(name)
+        kv.append(ctx.table.split(X[2], [n, ctx.size(X[2]) // n]) if len(X) == 3 else (X[1], X[3]))
+    (k_heads, dk), (v_heads, dv) = kv
+    why = f"{_desc(node)} attends across differently laid out heads"
+    ctx.unify(heads, k_heads, why)
+    ctx.unify(heads, v_heads, why)
+    ctx.unify(d, dk, why)
+    if inputs[3]:
+        _bind_or_couple(ctx, node, inputs[3], 0, Cat((Prod((heads, d)), Prod((heads, d)), Prod((heads, dv)))))
+    bias = inputs[5]  # (B or 1, N or 1, S, T)
+    if bias and len(ctx.ax(bias)) >= 3 and ctx.size(ctx.ax(bias)[-3]) == n > 1:
+        ctx.unify(ctx.ax(bias)[-3], heads, why)
+    for past, last in ((inputs[6], d), (inputs[7], dv)):  # (B, N, P, H) and (B, N, P, Hv)
+        if past:
+            ctx.unify(ctx.ax(past)[1], heads, why)
+            ctx.unify(ctx.ax(past)[3], last, why)
+    ctx.attr_edits.append(_attr_edit(node, "num_heads", heads))
+    if attr(node, "scale") is None:
+        from onnx_prune.passes.analysis import AttrEdit
+
+        ctx.attr_edits.append(AttrEdit(node.name, "scale", None, value=1.0 / np.sqrt(ctx.size(d))))
+    outputs = list(node.output) + [""] * 4
+    ctx.set(outputs[0], [Q[0], Q[1], Prod((heads, dv))])
+    for o, last in ((outputs[1], d), (outputs[2], dv)):
+        if o:
+            ctx.set(o, [Q[0], heads, _out_fx(ctx, o, 2), last])
+    if outputs[3]:
+        ctx.set(outputs[3], [Q[0], heads, _out_fx(ctx, outputs[3], 2), _out_fx(ctx, outputs[3], 3)])
+
+
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)
 def skip_layernorm(ctx, node):
     """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias): that axis is frozen, as
@@ -283,7 +328,7 @@ def recurrent(ctx, node):
     if node.op_type == "LSTM" and inputs[7]:
         _bind_or_couple(ctx, node, inputs[7], 1, Cat((hidden,) * 3))
     ctx.attr_edits.append(_attr_edit(node, "hidden_size", hidden))
-    for k, o in enumerate(node.output):  # Y (.., directions, .., hidden); Y_h and Y_c (.., .., hidden)
+    for o in node.output:  # Y (.., directions, .., hidden); Y_h and Y_c (.., .., hidden)
         if o:
             shape = ctx.shape(o)
             ctx.set(o, [Fx(d) for d in shape[:-1]] + [hidden])

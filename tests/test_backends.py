@@ -302,15 +302,18 @@ def test_bulk_measurement_times_every_point():
     assert all(db.times[k] > 0 and len(db.reorders[k]) == 2 for k in keys)
 
 
-def test_onnx_attention_kernel_scales_with_heads_and_both_head_sizes():
-    """ONNX's fused Attention: Q K' costs heads x query/key size, the weighted sum of V heads x
-    value size; each counts half of the kernel's time."""
-    from test_rules import onnx_attention
+@pytest.mark.parametrize("fused", ["onnx", "ort"])
+def test_fused_attention_kernel_scales_with_heads_and_both_head_sizes(fused):
+    """ONNX's Attention and ONNX Runtime's MultiHeadAttention: Q K' costs heads x query/key size,
+    the weighted sum of V heads x value size; each counts half of the kernel's time."""
+    from test_rules import onnx_attention, ort_multi_head_attention
 
-    canon = canonicalize(onnx_attention("4d"))
+    m = onnx_attention("4d") if fused == "onnx" else ort_multi_head_attention(dv=6)
+    canon = canonicalize(m)
     analysis = analyze_canonical(canon)
+    node = "att" if fused == "onnx" else "mha"
     cm = CostModel(canon.model, analysis, None, db=FakeDB(),
-                   profile=Profile({"att": Kernel("att", "Attention", 100.0, [], [])}, e2e_ms=0.1))
+                   profile=Profile({node: Kernel(node, "Attention", 100.0, [], [])}, e2e_ms=0.1))
     by_size = {g.size: g.name for g in analysis.groups}  # 4 heads, query/key size 8, value size 6
     assert sorted(by_size) == [4, 6, 8]
 
@@ -318,11 +321,11 @@ def test_onnx_attention_kernel_scales_with_heads_and_both_head_sizes():
         plan = {g.name: np.arange(g.size // 2 if g.size in halved.values() else g.size) for g in analysis.groups}
         return analysis.keep_arrays(plan)
 
-    assert cm.node_ratio("att", keep()) == pytest.approx(1.0)
-    assert cm.node_ratio("att", keep(qk=8)) == pytest.approx(0.75)
-    assert cm.node_ratio("att", keep(v=6)) == pytest.approx(0.75)
-    assert cm.node_ratio("att", keep(heads=4)) == pytest.approx(0.5)
-    assert cm.node_ratio("att", keep(heads=4, qk=8, v=6)) == pytest.approx(0.25)
+    assert cm.node_ratio(node, keep()) == pytest.approx(1.0)
+    assert cm.node_ratio(node, keep(qk=8)) == pytest.approx(0.75)
+    assert cm.node_ratio(node, keep(v=6)) == pytest.approx(0.75)
+    assert cm.node_ratio(node, keep(heads=4)) == pytest.approx(0.5)
+    assert cm.node_ratio(node, keep(heads=4, qk=8, v=6)) == pytest.approx(0.25)
 
 
 def test_recurrent_kernel_scales_with_its_kept_weights():

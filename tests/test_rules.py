@@ -229,6 +229,37 @@ def onnx_attention(layout, hq=4, hkv=4, d=8, dv=6, mask=False, **attrs):
     return m
 
 
+def ort_multi_head_attention(dv=8, bias=True, attention_bias=True, **attrs):
+    """x (2, 8, 16) -> Q, K, V projections -> ONNX Runtime's MultiHeadAttention (4 heads of 8; a
+    packed Q | K | V bias; an additive bias per head) -> output projection."""
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=f"proj_{n}") for n in "qkv"]
+    inits = {"wq": W(16, 32), "wk": W(16, 32), "wv": W(16, 4 * dv), "wo": W(4 * dv, 16)}
+    ins = ["q", "k", "v", "", "", ""]
+    if bias:
+        inits["qkv_bias"], ins[3] = W(64 + 4 * dv), "qkv_bias"
+    if attention_bias:
+        inits["head_bias"], ins[5] = W(1, 4, 8, 8), "head_bias"
+    nodes += [helper.make_node("MultiHeadAttention", ins, ["att"], num_heads=4, name="mha", domain="com.microsoft",
+                               **attrs),
+              helper.make_node("MatMul", ["att", "wo"], ["y"], name="out")]
+    return model(nodes, inits, [2, 8, 16], [2, 8, 16], domains=("com.microsoft",))
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False, "attention_bias": False, "unidirectional": 1}, {"scale": 0.3},
+                                {"dv": 6}])
+def test_ort_multi_head_attention_prunes_heads_and_head_sizes(kw):
+    import onnx
+
+    m = ort_multi_head_attention(**kw)
+    analysis = _prune_and_verify(m, seeds=4)
+    assert sorted(g.size for g in analysis.groups) == sorted([4, 8, kw.get("dv", 8)])  # heads, query/key, value size
+    canon = canonicalize(m)
+    plan = random_plan(analysis, np.random.default_rng(0), "keep1")
+    att = next(n for n in apply_plan(canon.model, analysis, plan).graph.node if n.op_type == "MultiHeadAttention")
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in att.attribute}
+    assert values["num_heads"] == 1 and values["scale"] == pytest.approx(kw.get("scale", 1 / np.sqrt(8)))
+
+
 ONNX_ATTENTION = {
     "3d": dict(layout="3d"),
     "3d_grouped_queries": dict(layout="3d", hq=4, hkv=2),
