@@ -221,6 +221,8 @@ def multi_head_attention(ctx, node):
     ctx.unify(heads, k_heads, why)
     ctx.unify(heads, v_heads, why)
     ctx.unify(d, dk, why)
+    if len(ctx.ax(inputs[1])) == 4:  # ORT wants key and value of one shape in that layout
+        ctx.unify(dk, dv, f"{_desc(node)} takes key and value of one shape")
     if inputs[3]:
         _bind_or_couple(ctx, node, inputs[3], 0, Cat((Prod((heads, d)), Prod((heads, d)), Prod((heads, dv)))))
     bias = inputs[5]  # (B or 1, N or 1, S, T)

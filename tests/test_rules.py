@@ -229,12 +229,19 @@ def onnx_attention(layout, hq=4, hkv=4, d=8, dv=6, mask=False, **attrs):
     return m
 
 
-def ort_multi_head_attention(dv=8, bias=True, attention_bias=True, **attrs):
+def ort_multi_head_attention(dv=8, bias=True, attention_bias=True, bnsh=False, **attrs):
     """x (2, 8, 16) -> Q, K, V projections -> ONNX Runtime's MultiHeadAttention (4 heads of 8; a
-    packed Q | K | V bias; an additive bias per head) -> output projection."""
+    packed Q | K | V bias; an additive bias per head) -> output projection. `bnsh`: key and value
+    reshaped to (batch, heads, seq, head size) first, as cross-attention caches hold them."""
     nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=f"proj_{n}") for n in "qkv"]
     inits = {"wq": W(16, 32), "wk": W(16, 32), "wv": W(16, 4 * dv), "wo": W(4 * dv, 16)}
     ins = ["q", "k", "v", "", "", ""]
+    if bnsh:
+        for n, size in (("k", 8), ("v", dv)):
+            inits[f"{n}_heads"] = np.array([2, 8, 4, size], np.int64)
+            nodes += [helper.make_node("Reshape", [n, f"{n}_heads"], [f"{n}3"], name=f"split_{n}"),
+                      helper.make_node("Transpose", [f"{n}3"], [f"{n}4"], perm=[0, 2, 1, 3], name=f"bnsh_{n}")]
+        ins[1:3] = ["k4", "v4"]
     if bias:
         inits["qkv_bias"], ins[3] = W(64 + 4 * dv), "qkv_bias"
     if attention_bias:
@@ -246,13 +253,14 @@ def ort_multi_head_attention(dv=8, bias=True, attention_bias=True, **attrs):
 
 
 @pytest.mark.parametrize("kw", [{}, {"bias": False, "attention_bias": False, "unidirectional": 1}, {"scale": 0.3},
-                                {"dv": 6}])
+                                {"dv": 6}, {"bnsh": True, "bias": False, "attention_bias": False}])
 def test_ort_multi_head_attention_prunes_heads_and_head_sizes(kw):
     import onnx
 
     m = ort_multi_head_attention(**kw)
     analysis = _prune_and_verify(m, seeds=4)
-    assert sorted(g.size for g in analysis.groups) == sorted([4, 8, kw.get("dv", 8)])  # heads, query/key, value size
+    # heads, query/key size, value size (one with the key's in the (batch, heads, seq, size) layout)
+    assert sorted(g.size for g in analysis.groups) == ([4, 8] if kw.get("bnsh") else sorted([4, 8, kw.get("dv", 8)]))
     canon = canonicalize(m)
     plan = random_plan(analysis, np.random.default_rng(0), "keep1")
     att = next(n for n in apply_plan(canon.model, analysis, plan).graph.node if n.op_type == "MultiHeadAttention")
