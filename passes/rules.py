@@ -175,28 +175,35 @@ def attention(ctx, node):
     ctx.unify(d, dk, why)
     ctx.unify(k_heads, v_heads, why)
     ctx.unify(ctx.table.split(q_heads, [hkv, hq // hkv])[0] if hq != hkv else q_heads, k_heads, why)
-    inputs = list(node.input) + [""] * 6
-    mask = inputs[3]  # broadcast to (B, Hq, S, T): a per-head mask (or bias) loses the pruned heads'
-    if mask and len(ctx.ax(mask)) >= 3 and ctx.size(ctx.ax(mask)[-3]) == hq > 1:
-        ctx.unify(ctx.ax(mask)[-3], q_heads, why)
-    for past, last in ((inputs[4], d), (inputs[5], dv)):  # (B, Hkv, P, D) and (B, Hkv, P, Dv)
-        if past:
-            ctx.unify(ctx.ax(past)[1], k_heads, why)
-            ctx.unify(ctx.ax(past)[3], last, why)
     for name in ("q_num_heads", "kv_num_heads"):
         ctx.attr_edits.append(_attr_edit(node, name, q_heads if name[0] == "q" else k_heads))
-    if attr(node, "scale") is None:
-        from onnx_prune.passes.analysis import AttrEdit
+    inputs = list(node.input) + [""] * 6
+    _attention_tail(ctx, node, why, inputs[3], inputs[4:6], (q_heads, hq), k_heads, d, dv)
+    ctx.set(node.output[0], [Q[0], Q[1], Prod((q_heads, dv))] if len(Q) == 3 else [Q[0], q_heads, Q[2], dv])
 
+
+def _attention_tail(ctx, node, why, bias, pasts, q_heads, kv_heads, d, dv):
+    """What ONNX's Attention and ORT's MultiHeadAttention share past Q, K and V: a mask or bias
+    per query head (broadcast to (B, heads, S, T)) loses the pruned heads'; the key/value cache
+    (B, kv heads, P, size) in and out; the logits (B, heads, S, T); and the scale is written out,
+    as its default 1/sqrt(D) would follow the pruned D. `q_heads`: (expression, count)."""
+    from onnx_prune.passes.analysis import AttrEdit
+
+    (heads, n), batch = q_heads, ctx.ax(node.input[0])[0]
+    if bias and len(ctx.ax(bias)) >= 3 and ctx.size(ctx.ax(bias)[-3]) == n > 1:
+        ctx.unify(ctx.ax(bias)[-3], heads, why)
+    for past, last in zip(pasts, (d, dv)):
+        if past:
+            ctx.unify(ctx.ax(past)[1], kv_heads, why)
+            ctx.unify(ctx.ax(past)[3], last, why)
+    if attr(node, "scale") is None:
         ctx.attr_edits.append(AttrEdit(node.name, "scale", None, value=1.0 / np.sqrt(ctx.size(d))))
     outputs = list(node.output) + [""] * 4
-    y = [Q[0], Q[1], Prod((q_heads, dv))] if len(Q) == 3 else [Q[0], q_heads, Q[2], dv]
-    ctx.set(outputs[0], y)
-    for o, last in ((outputs[1], d), (outputs[2], dv)):  # present key / value: (B, Hkv, P + T, D)
+    for o, last in ((outputs[1], d), (outputs[2], dv)):
         if o:
-            ctx.set(o, [Q[0], k_heads, _out_fx(ctx, o, 2), last])
-    if outputs[3]:  # QK' logits (B, Hq, S, P + T)
-        ctx.set(outputs[3], [Q[0], q_heads, _out_fx(ctx, outputs[3], 2), _out_fx(ctx, outputs[3], 3)])
+            ctx.set(o, [batch, kv_heads, _out_fx(ctx, o, 2), last])
+    if outputs[3]:
+        ctx.set(outputs[3], [batch, heads, _out_fx(ctx, outputs[3], 2), _out_fx(ctx, outputs[3], 3)])
 
 
 @rule("MultiHeadAttention", domain=CONTRIB)
@@ -225,25 +232,9 @@ def multi_head_attention(ctx, node):
         ctx.unify(dk, dv, f"{_desc(node)} takes key and value of one shape")
     if inputs[3]:
         _bind_or_couple(ctx, node, inputs[3], 0, Cat((Prod((heads, d)), Prod((heads, d)), Prod((heads, dv)))))
-    bias = inputs[5]  # (B or 1, N or 1, S, T)
-    if bias and len(ctx.ax(bias)) >= 3 and ctx.size(ctx.ax(bias)[-3]) == n > 1:
-        ctx.unify(ctx.ax(bias)[-3], heads, why)
-    for past, last in ((inputs[6], d), (inputs[7], dv)):  # (B, N, P, H) and (B, N, P, Hv)
-        if past:
-            ctx.unify(ctx.ax(past)[1], heads, why)
-            ctx.unify(ctx.ax(past)[3], last, why)
     ctx.attr_edits.append(_attr_edit(node, "num_heads", heads))
-    if attr(node, "scale") is None:
-        from onnx_prune.passes.analysis import AttrEdit
-
-        ctx.attr_edits.append(AttrEdit(node.name, "scale", None, value=1.0 / np.sqrt(ctx.size(d))))
-    outputs = list(node.output) + [""] * 4
-    ctx.set(outputs[0], [Q[0], Q[1], Prod((heads, dv))])
-    for o, last in ((outputs[1], d), (outputs[2], dv)):
-        if o:
-            ctx.set(o, [Q[0], heads, _out_fx(ctx, o, 2), last])
-    if outputs[3]:
-        ctx.set(outputs[3], [Q[0], heads, _out_fx(ctx, outputs[3], 2), _out_fx(ctx, outputs[3], 3)])
+    _attention_tail(ctx, node, why, inputs[5], inputs[6:8], (heads, n), heads, d, dv)
+    ctx.set(node.output[0], [Q[0], Q[1], Prod((heads, dv))])
 
 
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)
