@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
+from onnx_prune.errors import UserError
 from onnx_prune.passes.graph import CONTRIB, same_pads
 
 DTYPES = {
@@ -492,7 +493,8 @@ def _recurrent(op, a, x):
     B, lengths, h0 = _opt(x, 3), _opt(x, 4), _opt(x, 5)
     c0, P = (_opt(x, 6), _opt(x, 7)) if op == "LSTM" else (None, None)
     if lengths is not None and not bool((lengths == X.shape[0]).all()):
-        raise NotImplementedError(f"{op} with sequence_lens shorter than the sequence")
+        raise UserError(f"the torch bridge runs {op} only over whole sequences (sequence_lens shorter than "
+                        f"the sequence): use --recover layer")
     n, defaults = a["hidden_size"], _RNN_DEFAULTS[op]
     names = a.get("activations") or defaults * W.shape[0]
     direction = a.get("direction", "forward")
@@ -524,6 +526,8 @@ def _recurrent(op, a, x):
 def _check_attention(a):
     if a.get("left_window_size", -1) != -1 or a.get("right_window_size", -1) != -1:
         return "a sliding window"
+    if a.get("qk_matmul_output_mode", 0) and a["_nout"] > 3:
+        return f"qk_matmul_output_mode {a['qk_matmul_output_mode']}"
     if a.get("softmax_precision"):
         return "softmax_precision"
     return None
@@ -543,7 +547,7 @@ def _attention(a, x):
     cache (past in, present out)."""
     Q, K, V, mask, past_k, past_v = (_opt(x, i) for i in range(6))
     if _opt(x, 6) is not None:
-        raise NotImplementedError("Attention with nonpad_kv_seqlen")
+        raise UserError("the torch bridge does not run Attention with nonpad_kv_seqlen: use --recover layer")
     three_d = Q.dim() == 3
     Q, K, V = _heads_first(Q, a.get("q_num_heads")), _heads_first(K, a.get("kv_num_heads")), \
         _heads_first(V, a.get("kv_num_heads"))
@@ -572,8 +576,6 @@ def _attention(a, x):
     probs = torch.softmax(logits, -1)
     if allowed is not None:  # a row with no key allowed gives zeros, not NaN
         probs = torch.nan_to_num(probs, nan=0.0)
-    if a.get("qk_matmul_output_mode", 0) != 0 and a["_nout"] > 3:
-        raise NotImplementedError("Attention's qk_matmul_output modes other than 0")
     Y = probs @ V
     if three_d:
         Y = Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)

@@ -319,6 +319,17 @@ def test_single_op_matches_onnxruntime(case):
     assert_matches_ort(model, TorchGraph(model).eval(), feeds, 1e-5)
 
 
+def test_recurrent_layer_over_shorter_sequences_is_refused_clearly():
+    """Variable sequence lengths are not run by the bridge: a UserError that names the way out
+    (exit 2 from the CLI), not a wrong result."""
+    from onnx_prune.errors import UserError
+
+    model, feeds = op_model("LSTM", [f32(5, 2, 3), f32(1, 16, 3), f32(1, 16, 4), None,
+                                     np.array([5, 3], np.int32)], dict(hidden_size=4), 17, 1, (1, 2))
+    with pytest.raises(UserError, match="--recover layer"):
+        TorchGraph(model).eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+
+
 # ---------------------------------------------------------------- the zoo
 
 
