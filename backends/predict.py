@@ -27,7 +27,7 @@ from onnx_prune.backends.profile import profile_model
 from onnx_prune.backends.timing import TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.passes.analysis import Analysis
 from onnx_prune.passes.graph import CONTRIB
-from onnx_prune.passes.rules import GATES
+from onnx_prune.passes.rules import recurrent_weight
 from onnx_prune.passes.spaces import kept_positions
 
 
@@ -185,7 +185,7 @@ class CostModel:
             return [] if a is None or b is None else list(a) + list(b[-1:])
         if _fused_attention(node):  # see node_ratio
             return list(ctx.ax(node.input[0]) or []) + list(ctx.ax(node.output[0]) or [])
-        if node.op_type in GATES and node.domain in ("", "ai.onnx"):  # see node_ratio
+        if recurrent_weight(node):  # see node_ratio
             return list(ctx.ax(node.input[1]) or []) + list(ctx.ax(node.input[2]) or [])
         return list((ctx.ax(node.output[0]) if node.output else None) or [])
 
@@ -213,7 +213,7 @@ class CostModel:
             ax = self.analysis.ctx.ax
             return 0.5 * (self._kept_fraction(("attention Q", name), lambda: ax(node.input[0]), keep)
                           + self._kept_fraction(("node", name), lambda: ax(node.output[0]), keep))
-        if node.op_type in GATES and node.domain in ("", "ai.onnx"):
+        if recurrent_weight(node):
             # a recurrent layer: its time goes to the products with W and R at every step
             ax, shape = self.analysis.ctx.ax, self.analysis.ctx.shape
             w, r = node.input[1], node.input[2]

@@ -296,6 +296,12 @@ def conv(ctx, node):
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
+def recurrent_weight(node) -> str | None:
+    """The recurrence weight R of an LSTM, GRU or RNN node (it reads the node's own hidden units),
+    else None."""
+    return node.input[2] if node.op_type in GATES and node.domain in ("", "ai.onnx") else None
+
+
 @rule("LSTM", "GRU", "RNN")
 def recurrent(ctx, node):
     """Recurrent layers: W (directions, gates x hidden, input) and R (directions, gates x hidden,

@@ -24,8 +24,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from onnx_prune.passes.rules import recurrent_weight
+
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # W (directions, gates x hidden, input) and R (.., hidden)
 
 
 # -- which weights ----------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def prunable_weights(model: onnx.ModelProto, skip_first=False, skip_last=False) 
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     out: dict[str, WeightInfo] = {}
     for node in model.graph.node:
-        if node.op_type in RECURRENT_OPS:
+        if recurrent_weight(node):  # W (directions, gates x hidden, input) and R (.., hidden)
             for w in node.input[1:3]:
                 t = inits.get(w)
                 if t is not None and t.data_type in floats and w not in out:
@@ -248,7 +249,7 @@ class ChannelMap:
         self.names = {g.sid: g.name for g in analysis.groups}
         self._coords: dict[str, list] = {}
         ctx, index = analysis.ctx, analysis.ctx.index
-        self.values = []  # the tensors masked_reference masks
+        self.values = []  # the activations masked_reference masks (its recurrent R: recurrent_weight_hooks)
         for name, axes in ctx.axes.items():
             if axes is None or name in index.inits or name in index.graph_inputs:
                 continue
@@ -412,11 +413,9 @@ def dynamic_value_hooks(analysis, get_masks) -> dict[str, DynamicValueMask]:
 def recurrent_weight_hooks(analysis, get_masks) -> dict[str, DynamicValueMask]:
     """Weight hooks masking the recurrence weights R of LSTM, GRU and RNN layers: inside the node a
     hidden unit feeds the next step through R's column, where no value hook reaches (with hard
-    masks, what `verify.recurrent_weight_masks` does to the masked reference)."""
-    from onnx_prune.passes.rules import GATES
-
+    masks, what `verify.masked_reference` does to R)."""
     cm = channel_map(analysis)
-    names = {n.input[2] for n in analysis.model.graph.node if n.op_type in GATES and n.domain in ("", "ai.onnx")}
+    names = {r for r in map(recurrent_weight, analysis.model.graph.node) if r}
     return {name: DynamicValueMask(cm, name, get_masks) for name in sorted(names) if analysis.ctx.axes.get(name)}
 
 

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from onnx_prune.backends.ort import make_session, weights_as_inputs
 from onnx_prune.passes.analysis import Analysis
 from onnx_prune.passes.graph import MAX_IR_VERSION, check_model
-from onnx_prune.passes.rules import GATES
+from onnx_prune.passes.rules import recurrent_weight
 
 COPY_OPS = ("Gather", "Slice", "Concat", "Pad", "GatherElements", "GatherND", "Tile", "Expand")
 TOLERANCE = 1e-4
@@ -40,17 +40,21 @@ class Verification:
 
 
 def masked_reference(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.ModelProto:
-    """The dense model with removed channels zeroed on every tensor that carries them."""
+    """The dense model with removed channels zeroed on every tensor that carries them. A recurrent
+    layer reads its own hidden units inside the node, through the columns of its recurrence weight
+    R: there a removed unit is zeroed in R (an initializer, or an input where large weights are
+    fed), as it is on every tensor outside."""
     keep = analysis.keep_arrays(plan)
     table, ctx = analysis.table, analysis.ctx
     index = ctx.index
     ref = onnx.ModelProto()
     ref.CopyFrom(model)
     g = ref.graph
+    recurrent = {r for r in map(recurrent_weight, g.node) if r}
     renames = {}
     new_nodes = {}
     for name, axes in ctx.axes.items():
-        if axes is None or name in index.inits or name in index.graph_inputs:
+        if axes is None or (name in index.inits or name in index.graph_inputs) and name not in recurrent:
             continue
         mask = np.ones([1] * len(axes), dtype=bool)
         for k, e in enumerate(axes):
@@ -65,11 +69,7 @@ def masked_reference(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> 
         g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), f"{name}__zero"))
         new_nodes[name] = onnx.helper.make_node("Where", [f"{name}__keep", name, f"{name}__zero"], [masked], name=f"{name}__mask")
         renames[name] = masked
-    recurrent = recurrent_weight_masks(ref, analysis, plan)
-    for t in g.initializer:
-        if t.name in recurrent:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * recurrent[t.name], t.name))
-    nodes = []
+    nodes = [new_nodes[r] for r in sorted(recurrent) if r in new_nodes]  # weights: masked first
     for node in g.node:
         for i, inp in enumerate(node.input):
             if inp in renames:
@@ -81,32 +81,6 @@ def masked_reference(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> 
     del g.node[:]
     g.node.extend(nodes)
     return ref
-
-
-def recurrent_weight_masks(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> dict:
-    """A recurrent layer reads its own hidden units inside the node, through the columns of its
-    recurrence weight R: there a removed unit is zeroed in R, as it is on every tensor outside.
-    R's name -> its keep mask (rows and columns of removed units off)."""
-    keep = analysis.keep_arrays(plan)
-    table, axes = analysis.table, analysis.ctx.axes
-    masks = {}
-    for node in model.graph.node:
-        r = node.input[2] if node.op_type in GATES and node.domain in ("", "ai.onnx") else None
-        if not axes.get(r):
-            continue
-        mask = np.ones([1] * len(axes[r]), dtype=bool)
-        for k, e in enumerate(axes[r]):
-            m = table.keep_mask(e, keep)
-            mask = mask & m.reshape([len(m) if j == k else 1 for j in range(len(axes[r]))])
-        if not mask.all():
-            masks[r] = mask
-    return masks
-
-
-def _mask_fed_weights(reference, weights: dict, analysis, plan) -> dict:
-    """Recurrent weights fed as inputs (large ones) get their masks too."""
-    masks = recurrent_weight_masks(reference, analysis, plan)
-    return {k: v * masks[k] if k in masks else v for k, v in weights.items()}
 
 
 def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, a_weights=None) -> tuple[float, float]:
@@ -177,8 +151,7 @@ def verify(canonical: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analys
     # the reference reads the large weights as inputs, fed from `canonical`: no second copy of
     # them in a model, its serialized bytes and its session
     light, weight_feeds = weights_as_inputs(canonical)
-    reference = masked_reference(light, analysis, plan)
-    err, scale = compare_outputs(reference, pruned, feeds, _mask_fed_weights(reference, weight_feeds, analysis, plan))
+    err, scale = compare_outputs(masked_reference(light, analysis, plan), pruned, feeds, weight_feeds)
     if err > TOLERANCE * scale:
         raise VerificationError(f"pruned model differs from the masked reference: max abs error {err:.3g} (output scale {scale:.3g})")
     checks.append(f"masked-reference equivalence (max abs error {err:.2e}, scale {scale:.2e})")

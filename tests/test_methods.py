@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from onnx import numpy_helper
 from test_sparsity import canonical_cnn, feeds
 
 from onnx_prune.backends.ort import make_session
@@ -167,7 +168,7 @@ def test_recurrent_weight_hooks_mask_what_the_reference_masks():
     from onnx_prune.compiler.plans import random_plan
     from onnx_prune.passes.analysis import analyze_canonical
     from onnx_prune.passes.canonicalize import canonicalize
-    from onnx_prune.passes.verify import recurrent_weight_masks
+    from onnx_prune.passes.verify import masked_reference
 
     canon = canonicalize(recurrent("GRU", hidden=8, direction="bidirectional"))
     a = analyze_canonical(canon)
@@ -177,7 +178,8 @@ def test_recurrent_weight_hooks_mask_what_the_reference_masks():
     hooks = sp.recurrent_weight_hooks(a, lambda: masks)
     assert set(hooks) == {"R"}
     got = hooks["R"](torch.ones(2, 24, 8)).numpy() != 0
-    assert (got == np.broadcast_to(recurrent_weight_masks(canon.model, a, plan)["R"], got.shape)).all()
+    ref = {t.name: numpy_helper.to_array(t) for t in masked_reference(canon.model, a, plan).graph.initializer}
+    assert (got == np.broadcast_to(ref["R__keep"], got.shape)).all()
     soft = sp.recurrent_weight_hooks(a, lambda: {g: m * 0.5 + 0.5 for g, m in masks.items()})["R"]
     assert set(np.unique(soft(torch.ones(2, 24, 8)).numpy())) <= {0.25, 0.5, 1.0}
 
