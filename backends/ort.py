@@ -9,16 +9,17 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, external_placeholders, too_large_to_serialize,
+from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, external_placeholders, has_large_weights,
                                      without_large_weights)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def serialized(model) -> bytes | onnx.ModelProto:
-    """The model as ORT reads it (IR version capped); bytes and paths pass through, and so does a
-    model too large to serialize (`make_session` hands its weights over from memory)."""
-    if isinstance(model, (bytes, str)) or too_large_to_serialize(model):
+def session_input(model) -> bytes | str | onnx.ModelProto:
+    """What `make_session` takes, prepared once for several sessions: bytes and paths pass
+    through, and so does a model with weights (`make_session` hands them over from memory);
+    a model without weights is serialized (IR version capped)."""
+    if isinstance(model, (bytes, str)) or has_large_weights(model):
         return model
     return _to_bytes(model)
 
@@ -66,13 +67,25 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
     if optimized_path:  # ORT writes the graph it runs (fusions, layout reorders) there
         so.optimized_model_filepath = optimized_path
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
-    payload = serialized(model)
-    if too_large_to_serialize(payload):  # over protobuf's 2 GiB: the weights go over from memory
+    payload, weights = session_input(model), []
+    if isinstance(payload, onnx.ModelProto):
+        # The weights go over from memory, not serialized: serializing ResNet-50's 100 MB took
+        # 0.25-0.9 s per session, and protobuf cannot serialize a model over 2 GiB at all.
         light, large = external_placeholders(payload)
-        values = [ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t)) for t in large]
-        so.add_external_initializers([t.name for t in large], values)  # ORT copies them in
+        weights = [ort.OrtValue.ortvalue_from_numpy(_array_of(t)) for t in large]
+        so.add_external_initializers([t.name for t in large], weights)
         payload = _to_bytes(light)
-    return ort.InferenceSession(payload, so, providers=[ep])
+    session = ort.InferenceSession(payload, so, providers=[ep])
+    session.weights_held = weights  # ORT may read the weights from these buffers: they live as long
+    return session
+
+
+def _array_of(t: onnx.TensorProto) -> np.ndarray:
+    """A weight's values; raw data is read without numpy_helper's second copy."""
+    dtype = _NP.get(t.data_type)
+    if t.raw_data and dtype is not None and dtype is not np.bool_:
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
 
 
 _NP = {

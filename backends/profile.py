@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_prune.backends.ort import make_session, serialized
+from onnx_prune.backends.ort import make_session, session_input
 
 
 @dataclass
@@ -107,7 +107,7 @@ def profile_model(model, feeds, provider="cpu", threads=None, runs=10, rounds=3)
     and keep the fastest, whose kernel times and end-to-end time come from the same spell."""
     from onnx_prune.backends.measure import measure
 
-    model = serialized(model)  # once: ResNet-50 is 100 MB to serialize per session
+    model = session_input(model)  # once for the sessions below
     plain = make_session(model, provider=provider, threads=threads)
     best, values = None, {}
     for r in range(rounds):

@@ -18,7 +18,7 @@ import onnx
 
 from onnx_prune import heap
 from onnx_prune.backends.measure import STEADY, measure
-from onnx_prune.backends.ort import check_runs, make_session, random_feeds, serialized
+from onnx_prune.backends.ort import check_runs, make_session, random_feeds
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.budget import check_budget_args, check_labels, judge_budget
 from onnx_prune.compiler.calib import batches, load_calibration_with_labels
@@ -77,9 +77,8 @@ def measured_speedup(dense, pruned, feeds, provider, threads):
     """Dense latency / pruned latency, interleaved side by side; also both medians and how much
     the speed changed between blocks. A measurement during which the machine's speed changed is
     repeated (up to MEASURE_ATTEMPTS times in all) and the steadiest kept."""
-    # sessions made once, not per attempt; each from bytes that are freed as soon as it holds the
-    # weights (a second serialized BERT-large is 1.3 GB)
-    sessions = [make_session(serialized(m), provider=provider, threads=threads) for m in (dense, pruned)]
+    # sessions made once, not per attempt
+    sessions = [make_session(m, provider=provider, threads=threads) for m in (dense, pruned)]
     best = None
     for _ in range(MEASURE_ATTEMPTS):
         result = measure([dense, pruned], feeds, provider=provider, threads=threads, blocks=8, sessions=sessions)

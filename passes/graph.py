@@ -138,6 +138,10 @@ def save_model(model: onnx.ModelProto, path: str):
 LARGE_ELEMENTS = 4096  # initializers larger than this are weights, not shape tensors
 
 
+def has_large_weights(model) -> bool:
+    return isinstance(model, onnx.ModelProto) and bool(_large(model))
+
+
 def _large(model: onnx.ModelProto) -> list:
     return [t for t in model.graph.initializer if np.prod(t.dims, dtype=np.int64) > LARGE_ELEMENTS]
 
