@@ -237,6 +237,40 @@ def multi_head_attention(ctx, node):
     ctx.set(node.output[0], [Q[0], Q[1], Prod((heads, dv))])
 
 
+@rule("GroupQueryAttention", domain=CONTRIB)
+def group_query_attention(ctx, node):
+    """ONNX Runtime's grouped-query attention (its generative-AI builder's LLMs): query (B, S, N x H)
+    with key and value (B, S, Nkv x H), or Q | K | V packed in the query. Query head i reads
+    key/value head i // (N / Nkv): a key/value head prunes with its query heads, and the query heads
+    within every group prune alike (num_heads and kv_num_heads follow), with the cache (B, Nkv, P,
+    H), a per-head attention bias and the head sinks. The one head size H of Q, K, V and the output
+    stays: ORT's kernel takes only multiples of 16 (and rotary embeddings pair its dimensions)."""
+    inputs = list(node.input) + [""] * 17
+    if any(inputs[12:14]) or attr(node, "kv_cache_bit_width", 0):
+        raise Unsupported("quantized key/value cache")
+    n, nkv = attr(node, "num_heads"), attr(node, "kv_num_heads")
+    Q = ctx.ax(inputs[0])
+    if inputs[1]:
+        h = ctx.size(Q[2]) // n
+        parts = [Q[2], ctx.ax(inputs[1])[2], ctx.ax(inputs[2])[2]]
+    else:  # packed: Q | K | V along the last axis
+        h = ctx.size(Q[2]) // (n + 2 * nkv)
+        parts = ctx.table.cut(Q[2], np.cumsum([0, n * h, nkv * h, nkv * h]))
+    (q_heads, d), (k_heads, dk), (v_heads, dv) = (ctx.table.split(p, [c, h]) for p, c in zip(parts, (n, nkv, nkv)))
+    why = f"{_desc(node)} attends across differently laid out heads"
+    ctx.unify(d, dk, why)
+    ctx.unify(d, dv, f"{_desc(node)} has one head size for query, key and value")
+    ctx.unify(k_heads, v_heads, why)
+    ctx.unify(ctx.table.split(q_heads, [nkv, n // nkv])[0] if n != nkv else q_heads, k_heads, why)
+    ctx.freeze(d, f"{_desc(node)} takes head sizes in multiples of 16 only")
+    if inputs[11]:
+        _bind_or_couple(ctx, node, inputs[11], 0, q_heads)
+    for name, heads in (("num_heads", q_heads), ("kv_num_heads", k_heads)):
+        ctx.attr_edits.append(_attr_edit(node, name, heads))
+    _attention_tail(ctx, node, why, inputs[10], inputs[3:5], (q_heads, n), k_heads, d, d)
+    ctx.set(node.output[0], [Q[0], Q[1], Prod((q_heads, d))])
+
+
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)
 def skip_layernorm(ctx, node):
     """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias): that axis is frozen, as
@@ -499,10 +533,11 @@ def _bind_or_couple(ctx, node, name, axis, e):
         ctx.unify(ctx.ax(name)[axis], e, f"{_desc(node)} parameter layout")
 
 
-@rule("LayerNormalization", "RMSNormalization")
+@rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layernorm(ctx, node):
     """Statistics over the normalized axes mix their channels: those cannot be pruned (RMSNorm,
-    opset 23, has a scale and no bias)."""
+    opset 23, and ONNX Runtime's SimplifiedLayerNormalization, in the ONNX domain, have a scale and
+    no bias)."""
     X = ctx.ax(node.input[0])
     axis = attr(node, "axis", -1) % len(X)
     for e in X[axis:]:

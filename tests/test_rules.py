@@ -439,3 +439,58 @@ def test_shape_constant_that_cannot_be_copied_freezes_what_it_sizes(monkeypatch)
     monkeypatch.setattr(canonical, "MAX_SHAPE_NODES", 0)
     analysis = _prune_and_verify(_shared_shape_model())
     assert any("sizes differently pruned axes" in f.reason for f in analysis.frozen), analysis.frozen
+
+
+def ort_group_query_attention(n=4, nkv=2, h=16, packed=False, rotary=False, past=False, **attrs):
+    """x (2, 8, 16) -> Q, K, V projections (or one packed Q | K | V projection) -> ONNX Runtime's
+    GroupQueryAttention (n query heads over nkv key/value heads of size h; a prompt of 8 tokens, or
+    one of them after a cache of 3) -> output projection."""
+    b, s, p = (1, 8, 3) if past else (2, 8, 0)  # ORT: a prompt after a cache is one sequence
+    inits = {"seqlens_k": np.full(b, p + s - 1, np.int32), "total": np.array(p + s, np.int32),
+             "wo": W(n * h, 16)}
+    if packed:
+        nodes = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv"], name="proj_qkv")]
+        inits["wqkv"], ins = W(16, (n + 2 * nkv) * h), ["qkv", "", ""]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", f"w{c}"], [c], name=f"proj_{c}") for c in "qkv"]
+        inits.update(wq=W(16, n * h), wk=W(16, nkv * h), wv=W(16, nkv * h))
+        ins = ["q", "k", "v"]
+    ins += ["past_k", "past_v"] if past else ["", ""]
+    ins += ["seqlens_k", "total"]
+    if past:
+        inits.update(past_k=W(b, nkv, p, h), past_v=W(b, nkv, p, h))
+    if rotary:
+        angles = np.outer(np.arange(16), 1.0 / 10000 ** (np.arange(h // 2) / (h // 2)))
+        inits.update(cos=np.cos(angles).astype(np.float32), sin=np.sin(angles).astype(np.float32))
+        ins += ["cos", "sin"]
+    nodes += [helper.make_node("GroupQueryAttention", ins, ["att", "present_k", "present_v"], num_heads=n,
+                               kv_num_heads=nkv, do_rotary=int(rotary), name="gqa", domain="com.microsoft", **attrs),
+              helper.make_node("MatMul", ["att", "wo"], ["y"], name="out")]
+    return model(nodes, inits, [b, s, 16], [b, s, 16], domains=("com.microsoft",))
+
+
+GQA = {
+    "grouped": {}, "one_kv_head": dict(nkv=1), "as_many_kv_heads": dict(nkv=4), "packed": dict(packed=True),
+    "rotary": dict(rotary=True), "cache_scaled_softcap": dict(past=True, scale=0.3, softcap=5.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GQA))
+def test_ort_group_query_attention_prunes_heads_and_head_size(case):
+    """Key/value heads (with their query heads) and the query heads within every group prune, and
+    the pruned model stays equivalent (ONNX Runtime runs it); the head size stays (ORT's kernel
+    takes multiples of 16 only)."""
+    import onnx
+
+    kw = GQA[case]
+    m = ort_group_query_attention(**kw)
+    analysis = _prune_and_verify(m, seeds=4)
+    n, nkv = 4, kw.get("nkv", 2)
+    heads = [h for h in (nkv, n // nkv) if h > 1]
+    assert sorted(g.size for g in analysis.groups) == sorted(heads)
+    assert any("multiples of 16" in f.reason for f in analysis.frozen)
+    canon = canonicalize(m)
+    plan = random_plan(analysis, np.random.default_rng(0), "keep1")
+    att = next(n for n in apply_plan(canon.model, analysis, plan).graph.node if n.op_type == "GroupQueryAttention")
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in att.attribute}
+    assert values["num_heads"] == 1 and values["kv_num_heads"] == 1
