@@ -582,6 +582,71 @@ def _attention(a, x):
     return [Y] + present + [qk]
 
 
+def _rotary(t, cos, sin, interleaved):
+    """Rotary embedding of (B, heads, S, H) by cos/sin (B, S, R/2) over the first R dimensions:
+    pairs (i, i + R/2), or (2i, 2i + 1) interleaved."""
+    r = 2 * cos.shape[-1]
+    cos, sin, rot, rest = cos[:, None], sin[:, None], t[..., :r], t[..., r:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+    else:
+        a, b = rot[..., : r // 2], rot[..., r // 2:]
+        rot = torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    return torch.cat([rot, rest], -1)
+
+
+def _check_group_query_attention(a):
+    for name in ("smooth_softmax", "qk_output", "kv_cache_bit_width"):
+        if a.get(name, 0):
+            return f"{name}={a[name]}"
+    if a.get("local_window_size", -1) != -1:
+        return "a local window"
+    return None
+
+
+@_op(nout=3, check=_check_group_query_attention)
+def _group_query_attention(a, x):
+    """ONNX Runtime's GroupQueryAttention: query (B, S, N x H) with key and value (B, S, Nkv x H),
+    or the three packed in the query; rotary embedding of Q and K from the cos/sin caches; a
+    key/value cache (B, Nkv, P, H) in and out; keys past each sequence's length (seqlens_k + 1)
+    masked, causal masking (the last query sees every key), a soft cap and an additive bias."""
+    Q, K, V, past_k, past_v, seqlens_k, total = (_opt(x, i) for i in range(7))
+    if any(_opt(x, i) is not None for i in (9, 11, 12, 13, 14, 15, 16)):
+        raise UserError("the torch bridge runs GroupQueryAttention without position ids, head sinks, a quantized "
+                        "cache or per-head norms: use --recover layer")
+    n, nkv = a["num_heads"], a["kv_num_heads"]
+    if K is None:  # packed Q | K | V
+        size = Q.shape[-1] // (n + 2 * nkv)
+        Q, K, V = Q.split([n * size, nkv * size, nkv * size], -1)
+    Q, K, V = _heads_first(Q, n), _heads_first(K, nkv), _heads_first(V, nkv)
+    if a.get("do_rotary", 0):
+        S = Q.shape[2]
+        # a first prompt starts at position 0; later tokens follow each sequence's cache
+        start = torch.zeros_like(seqlens_k.long()) if int(host(total)) == S else seqlens_k.long() + 1 - S
+        positions = start[:, None] + torch.arange(S, device=Q.device)
+        Q, K = (_rotary(t, x[7][positions], x[8][positions], a.get("rotary_interleaved", 0)) for t in (Q, K))
+    if past_k is not None:
+        K, V = torch.cat([past_k, K], 2), torch.cat([past_v, V], 2)
+    present = [K, V]
+    groups = n // nkv
+    K, V = K.repeat_interleave(groups, 1), V.repeat_interleave(groups, 1)
+    logits = (Q @ K.transpose(-1, -2)) * a.get("scale", 1.0 / math.sqrt(Q.shape[-1]))
+    cap = a.get("softcap", 0.0)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    if _opt(x, 10) is not None:
+        logits = logits + x[10]
+    S, T = logits.shape[-2:]
+    keys = torch.arange(T, device=logits.device)
+    allowed = (keys < (seqlens_k.long() + 1)[:, None])[:, None, None, :]
+    if a.get("causal", 1):  # bottom-right aligned: query i sees key j <= i + (T - S)
+        allowed = allowed & torch.ones(S, T, dtype=torch.bool, device=logits.device).tril(T - S)
+    probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1), nan=0.0)
+    Y = probs @ V
+    return [Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)] + present
+
+
 def _softmax_like(f):
     return _op()(functools.partial(_run_softmax, f))
 
@@ -1049,7 +1114,8 @@ OPS = {
     "GlobalMaxPool": _global_max_pool,
     # normalization, softmax, dropout
     "BatchNormalization": _batch_norm, "InstanceNormalization": _instance_norm, "LayerNormalization": _layer_norm,
-    "GroupNormalization": _group_norm, "RMSNormalization": _rms_norm, "LRN": _lrn, "Softmax": _softmax_like(torch.softmax),
+    "GroupNormalization": _group_norm, "RMSNormalization": _rms_norm,
+    "SimplifiedLayerNormalization": _rms_norm, "LRN": _lrn, "Softmax": _softmax_like(torch.softmax),
     "LogSoftmax": _softmax_like(torch.log_softmax), "Dropout": _dropout,
     # shapes and data movement
     "Attention": _attention,
@@ -1106,6 +1172,7 @@ CONTRIB_OPS = {
     "Gelu": _unary(F.gelu), "FastGelu": _bias_then(lambda v: F.gelu(v, approximate="tanh")),
     "BiasGelu": _bias_then(F.gelu), "QuickGelu": _quick_gelu,
     "SkipLayerNormalization": _skip_layer_norm, "SkipSimplifiedLayerNormalization": _skip_simplified_layer_norm,
+    "GroupQueryAttention": _group_query_attention,
 }
 
 

@@ -309,6 +309,32 @@ OP_CASES = {
                                dict(epsilon=1e-5), 17, 4, (2,)),
     "ms_skip_simplified_layer_norm": ("com.microsoft::SkipSimplifiedLayerNormalization",
                                       [f32(2, 3, 8), f32(2, 3, 8), f32(8)], dict(epsilon=1e-5), 17, 1, (2,)),
+    "ms_simplified_layer_norm": ("SimplifiedLayerNormalization", [f32(2, 3, 8), f32(8)], dict(epsilon=1e-5), 17, 1,
+                                 (1,)),
+    # grouped-query attention (4 query heads over 2 key/value heads of 16; the second sequence padded), as
+    # ORT's LLM builder writes it
+    "ms_group_query_attention": ("com.microsoft::GroupQueryAttention",
+                                 [f32(2, 5, 64), f32(2, 5, 32), f32(2, 5, 32), None, None, np.array([4, 2], np.int32),
+                                  np.array(5, np.int32)], dict(num_heads=4, kv_num_heads=2), 17, 3, (5, 6)),
+    "ms_group_query_attention_packed_past_softcap": (
+        "com.microsoft::GroupQueryAttention", [f32(1, 5, 128), None, None, f32(1, 2, 3, 16), f32(1, 2, 3, 16),
+                                               np.array([7], np.int32), np.array(8, np.int32)],
+        dict(num_heads=4, kv_num_heads=2, softcap=5.0, scale=0.3), 17, 3, (5, 6)),
+    "ms_group_query_attention_rotary": (
+        "com.microsoft::GroupQueryAttention", [f32(2, 5, 64), f32(2, 5, 32), f32(2, 5, 32), None, None,
+                                               np.array([4, 2], np.int32), np.array(5, np.int32), f32(16, 8),
+                                               f32(16, 8)], dict(num_heads=4, kv_num_heads=2, do_rotary=1),
+        17, 3, (5, 6, 7, 8)),
+    "ms_group_query_attention_rotary_interleaved_past": (
+        "com.microsoft::GroupQueryAttention", [f32(1, 3, 128), f32(1, 3, 64), f32(1, 3, 64), f32(1, 2, 4, 32),
+                                               f32(1, 2, 4, 32), np.array([6], np.int32), np.array(7, np.int32),
+                                               f32(16, 8), f32(16, 8)],  # rotates 16 of 32 dimensions
+        dict(num_heads=4, kv_num_heads=2, do_rotary=1, rotary_interleaved=1), 17, 3, (5, 6, 7, 8)),
+    "ms_group_query_attention_bias_bidirectional": (
+        "com.microsoft::GroupQueryAttention", [f32(2, 5, 64), f32(2, 5, 16), f32(2, 5, 16), None, None,
+                                               np.array([4, 4], np.int32), np.array(5, np.int32), None, None, None,
+                                               f32(1, 4, 5, 5)],
+        dict(num_heads=4, kv_num_heads=1, causal=0), 17, 3, (5, 6)),
 }
 
 
