@@ -119,6 +119,13 @@ FROZEN = {
          helper.make_node("MatMul", ["n", "w2"], ["y"], name="fc2")],
         {"w1": W(3, 8), "g": W(8) + 1, "b": W(8), "w2": W(8, 5)}, [1, 3, 4, 4], [1, 4, 4, 5]),
         "normalized over by LayerNormalization"),
+    # ONNX Runtime's RMSNorm (its optimizer's fusion for LLaMA-like models), in the ONNX domain
+    "simplified_layernorm_channels": (lambda: model(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+         helper.make_node("SimplifiedLayerNormalization", ["a", "g"], ["n"], axis=-1, name="rms"),
+         helper.make_node("MatMul", ["n", "w2"], ["y"], name="fc2")],
+        {"w1": W(16, 8), "g": W(8) + 1, "w2": W(8, 5)}, [2, 4, 16], [2, 4, 5]),
+        "normalized over by SimplifiedLayerNormalization"),
     "softmax_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                        helper.make_node("Softmax", ["a"], ["s"], axis=1, name="sm"),
                                        conv("c2", "s", "w2", "o")],
