@@ -91,28 +91,35 @@ def from_torch(
         # which has no ONNX symbolic.
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "model.onnx")
+            names = dict(input_names=input_names, output_names=output_names, dynamic_axes=axes)
             try:
                 with _quiet():
-                    torch.onnx.export(
-                        module,
-                        inputs,
-                        path,
-                        dynamo=False,
-                        opset_version=opset,
-                        do_constant_folding=True,
-                        input_names=input_names,
-                        output_names=output_names,
-                        dynamic_axes=axes,
-                    )
-                model = onnx.load(path)  # with the external data torch wrote beside it, if any
+                    torch.onnx.export(module, inputs, path, dynamo=False, opset_version=opset,
+                                      do_constant_folding=True, **names)
             except Exception as exc:
-                raise UserError(f"torch could not export the module to ONNX ({type(exc).__name__}: "
-                                f"{_first_line(exc)})") from None
+                # The TorchScript exporter lacks some ops that current models use (transformers'
+                # decoder masks call aten::diff); torch's dynamo exporter has them.
+                _export_with_dynamo(torch, module, inputs, path, max(opset, DYNAMO_MIN_OPSET), names, exc)
+            model = onnx.load(path)  # with the external data torch wrote beside it, if any
     finally:
         for m, training in modes:
             m.training = training
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     return model
+
+
+DYNAMO_MIN_OPSET = 18  # the oldest opset torch's dynamo exporter writes
+
+
+def _export_with_dynamo(torch, module, inputs, path, opset, names, first_error):
+    """torch.onnx.export through dynamo, after the TorchScript exporter failed with `first_error`;
+    a UserError naming both failures if this one fails too."""
+    try:
+        with _quiet():
+            torch.onnx.export(module, inputs, path, dynamo=True, opset_version=opset, **names)
+    except Exception as exc:
+        raise UserError(f"torch could not export the module to ONNX ({type(first_error).__name__}: "
+                        f"{_first_line(first_error)}; with dynamo: {type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _first_line(exc: Exception) -> str:

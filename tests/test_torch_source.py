@@ -68,6 +68,28 @@ def test_torch_module_without_example_inputs_or_wrong_types_are_clear_errors():
         onnx_prune.from_torch(net(), torch.zeros(1, 5, 16, 16))  # 5 channels into a 3-channel conv
 
 
+def test_an_op_the_torchscript_exporter_lacks_exports_through_dynamo():
+    """torch.diff (as transformers' decoder masks use it) has no TorchScript symbolic: from_torch
+    exports through dynamo instead, and the model runs as the module does and prunes."""
+    import onnxruntime as ort
+
+    class DiffNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(9, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(torch.diff(x, dim=-1))))
+
+    module, x = DiffNet().eval(), torch.randn(2, 10)
+    model = onnx_prune.from_torch(module, x)
+    assert any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import)  # dynamo's opset
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(y, module(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert [g.size for g in onnx_prune.analyze(model, input_shapes={sess.get_inputs()[0].name: (2, 10)}).groups] == [32]
+
+
 def test_callables_import_from_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "calibsrc.py").write_text("def fn():\n    return {'x': [[1.0]]}\n")
     monkeypatch.chdir(tmp_path)
