@@ -328,11 +328,15 @@ def _parsed(model: onnx.ModelProto):
     return graph, inits, nodes, attrs
 
 
-def check_bridge(model: onnx.ModelProto):
-    """What building a TorchGraph checks first (every op runnable), without building it: a
-    UserError naming the ops it cannot run."""
+def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
+    """What building a TorchGraph checks first (every op runnable): a UserError naming the ops it
+    cannot run. With `sample` (one batch of inputs), also one run of it, so that what only real
+    inputs show (a recurrent layer's shorter sequence_lens) stops a compile before its search."""
     _graph, inits, nodes, attrs = _parsed(model)
     _check_supported(nodes, attrs, inits)
+    if sample is not None:
+        with torch.no_grad():
+            TorchGraph(model).eval()(**{k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
 
 
 def _check_supported(nodes, attrs, inits):

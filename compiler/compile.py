@@ -151,8 +151,9 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         check_runs(model, feeds)
         if recover == "global" and samples is not None:  # fail now, not after the search
             from onnx_prune.backends.torch_graph import check_bridge
+            from onnx_prune.passes.reconstruct import feed_batches
 
-            check_bridge(canon.model)
+            check_bridge(canon.model, feed_batches(canon.model, samples)[0])
     with steps("profile + timing database"):
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
         widths = cm.candidate_widths()

@@ -137,6 +137,32 @@ def test_global_recovery_the_torch_bridge_cannot_run_fails_before_the_search(tmp
     assert timer.calls == []
 
 
+def test_global_recovery_the_bridge_cannot_run_on_the_data_fails_before_the_search(tmp_path):
+    """What the bridge refuses only on real inputs (an LSTM's sequence_lens shorter than the
+    sequence, fed with the calibration data) also stops --recover global before the search."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in [("w1", (3, 8)), ("W", (1, 16, 8)), ("R", (1, 16, 4)), ("w2", (4, 2))]}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+             helper.make_node("Transpose", ["a"], ["t"], perm=[1, 0, 2], name="time_first"),
+             helper.make_node("LSTM", ["t", "W", "R", "", "lens"], ["", "h"], hidden_size=4, name="lstm"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 3]),
+                                       helper.make_tensor_value_info("lens", TensorProto.INT32, ["b"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "b", 2])], list(w.values()))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    p = tmp_path / "c.npz"
+    np.savez(p, x=rng.standard_normal((10, 5, 3)).astype(np.float32), lens=np.full(10, 3, np.int32))
+    timer = LyingTimer()
+    with pytest.raises(UserError, match="--recover layer"):
+        compile_model(m, "1.3x", calib=str(p), recover="global", timer=timer)
+    assert timer.calls == []
+    compile_model(m, "1.3x", calib=str(p), recover="layer", timer=LyingTimer(1.35))  # runs without the bridge
+
+
 def test_calibration_data_gives_output_fidelity(model, tmp_path):
     m, shapes = model
     p = tmp_path / "c.npz"
