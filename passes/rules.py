@@ -486,7 +486,8 @@ def gemm(ctx, node):
 
 @rule("Gather")
 def gather(ctx, node):
-    """Embedding lookup from a table creates channels; indexing a channel axis pins it."""
+    """Embedding lookup from a table creates channels; constant indices into a channel axis pin
+    the channels they pick, indices computed at run time the whole axis."""
     data, idx = node.input[0], node.input[1]
     D = ctx.ax(data)
     axis = attr(node, "axis", 0) % len(D)
@@ -496,9 +497,53 @@ def gather(ctx, node):
             if k != axis:
                 ctx.produce(e, node)
                 ctx.roles.setdefault(data, []).append((k, "producer", node.name))
-    else:
+    elif not _pin_picked(ctx, node, D[axis], idx):
         ctx.freeze(D[axis], f"{_desc(node)} picks channels by index")
     ctx.set(node.output[0], list(D[:axis]) + [Fx(ctx.size(e)) for e in I] + list(D[axis + 1:]))
+
+
+@rule("GatherND")
+def gather_nd(ctx, node):
+    """The indices' last axis (of length k) indexes data's k axes after its batch_dims leading
+    ones; the axes after those pass through. One indexed axis under constant indices pins only
+    the channels they pick (as Gather: torch's dynamo export of x[:, [-2]]); otherwise every
+    indexed axis is pinned."""
+    data, idx = node.input[:2]
+    D, lead = ctx.ax(data), ctx.shape(idx)[:-1]
+    b, k = attr(node, "batch_dims", 0), ctx.shape(idx)[-1]
+    if not (k == 1 and b == 0 and _pin_picked(ctx, node, D[0], idx)):
+        for e in D[b:b + k]:
+            ctx.freeze(e, f"{_desc(node)} picks channels by index")
+    ctx.set(node.output[0], [D[j] if j < b else Fx(n) for j, n in enumerate(lead)] + list(D[b + k:]))
+
+
+PIN_MAX = 64  # constant indices pinned one by one at most; more pin the whole axis
+
+
+def _pin_picked(ctx, node, e, idx) -> bool:
+    """Constant indices into channel axis `e` pin only the channels they pick: the axis is cut
+    around them, those pieces freeze and the rest stays prunable. A non-negative index then
+    counts the channels kept before it (rewritten by surgery); a negative one counts from the
+    end, so every channel from it on is pinned. False, with nothing done, for indices computed
+    at run time, out of range, or too many."""
+    from onnx_prune.passes.analysis import ValueEdit
+
+    if not ctx.has_channels(e) or not ctx.is_const(idx):
+        return False
+    flat, n = np.ravel(ctx.const(idx)).astype(np.int64), ctx.size(e)
+    if not 0 < len(flat) <= PIN_MAX or np.any(flat >= n) or np.any(flat < -n):
+        return False
+    picked = {int(v) % n for v in flat}
+    tail = min((int(v) % n for v in flat if v < 0), default=n)
+    points = sorted({0, n, tail} | picked | {p + 1 for p in picked})
+    pieces = dict(zip(points, ctx.table.cut(e, points)))
+    for start, piece in pieces.items():
+        if start in picked or start >= tail:
+            ctx.freeze(piece, f"{_desc(node)} picks channels by index")
+    for pos, v in enumerate(flat):
+        if v > 0:
+            ctx.value_edits.append(ValueEdit(idx, pos, [p for start, p in pieces.items() if start < v]))
+    return True
 
 
 # -- normalization ----------------------------------------------------------------------------

@@ -501,3 +501,55 @@ def test_ort_group_query_attention_prunes_heads_and_head_size(case):
     att = next(n for n in apply_plan(canon.model, analysis, plan).graph.node if n.op_type == "GroupQueryAttention")
     values = {a.name: onnx.helper.get_attribute_value(a) for a in att.attribute}
     assert values["num_heads"] == 1 and values["kv_num_heads"] == 1
+
+
+def picked_channels(indices):
+    """x (2, 16) -> fc1 (24 channels) -> Gather of constant channel `indices`, and ReLU -> fc2;
+    both concatenated into the output: the picked channels stay, the others prune."""
+    idx = np.array(indices, np.int64)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+             helper.make_node("Gather", ["a", "idx"], ["g"], axis=1, name="pick"),
+             helper.make_node("Relu", ["a"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["f"], name="fc2"),
+             helper.make_node("Concat", ["g" if idx.ndim else "g1", "f"], ["y"], axis=1, name="cat")]
+    inits = {"w1": W(16, 24), "idx": idx, "w2": W(24, 8)}
+    if not idx.ndim:  # a scalar index drops the axis
+        nodes.insert(2, helper.make_node("Unsqueeze", ["g", "one"], ["g1"], name="unsq"))
+        inits["one"] = np.array([1], np.int64)
+    return model(nodes, inits, [2, 16], [2, idx.size + 8])
+
+
+@pytest.mark.parametrize("indices", [[3, 10], [20], [-3], 7])
+def test_constant_gather_pins_only_the_channels_it_picks(indices):
+    """Pruning channels before a picked one moves its index (surgery rewrites it); a negative
+    index counts from the end, so the channels from it on stay too. Equivalent on random plans."""
+    analysis = _prune_and_verify(picked_channels(indices), seeds=4)
+    picked = np.ravel(indices)
+    pinned = len(picked) if all(picked >= 0) else -int(picked.min())
+    assert sum(g.size for g in analysis.groups) == 24 - pinned  # before: 0, the whole axis pinned
+
+
+def fused_multi_query():
+    """Falcon's attention as torch's dynamo exporter writes it: one projection packs 4 query heads,
+    then the one key and the one value head (6 slots of 4); the query heads are sliced, key and
+    value picked by GatherND; q * k + v stands in for the attention; an output projection."""
+    nodes = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv"], name="proj"),
+             helper.make_node("Reshape", ["qkv", "slots"], ["r"], name="split_slots"),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 1, 3], name="slots_first"),
+             helper.make_node("Slice", ["t", "zero", "four", "zero"], ["q"], name="queries"),
+             helper.make_node("GatherND", ["t", "key_at"], ["k"], name="key"),
+             helper.make_node("GatherND", ["t", "value_at"], ["v"], name="value"),
+             helper.make_node("Mul", ["q", "k"], ["qk"], name="mix"),
+             helper.make_node("Add", ["qk", "v"], ["o"], name="attend"),
+             helper.make_node("Transpose", ["o"], ["o2"], perm=[1, 2, 0, 3], name="heads_last"),
+             helper.make_node("Reshape", ["o2", "merged"], ["m"], name="merge"),
+             helper.make_node("MatMul", ["m", "wo"], ["y"], name="out")]
+    inits = {"wqkv": W(16, 24), "slots": np.array([2, 5, 6, 4], np.int64), "zero": np.array([0], np.int64),
+             "four": np.array([4], np.int64), "key_at": np.array([[4]], np.int64),
+             "value_at": np.array([[-1]], np.int64), "merged": np.array([2, 5, 16], np.int64), "wo": W(16, 16)}
+    return model(nodes, inits, [2, 5, 16], [2, 5, 16])
+
+
+def test_gather_nd_of_fused_key_and_value_leaves_the_query_heads_prunable():
+    analysis = _prune_and_verify(fused_multi_query(), seeds=4)
+    assert sorted(g.size for g in analysis.groups) == [4, 4]  # query heads; head size
