@@ -29,6 +29,9 @@ class Kernel:
 class Profile:
     kernels: dict  # name -> Kernel
     e2e_ms: float  # median wall time of a run without profiling
+    # median wall time of a profiled run outside its kernels, measured within the same runs: unlike
+    # e2e_ms - kernel_ms, not moved by this machine's speed changing between two measurements
+    run_overhead_ms: float | None = None
 
     @property
     def kernel_ms(self) -> float:
@@ -36,7 +39,7 @@ class Profile:
 
 
 def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, warmup=3, node_values=False,
-                         min_seconds=0.0, max_runs=None) -> dict:
+                         min_seconds=0.0, max_runs=None, run_overheads_ms: list | None = None) -> dict:
     """Median kernel time per node over `runs` profiled runs (warm-up runs are dropped; the
     median, as a run hit by a slow spell of this shared machine must not move it). With
     `min_seconds`, runs go on until they have taken that long, up to `max_runs`: cheap graphs get
@@ -44,8 +47,11 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
 
     With `node_values`, each kernel also gets the value names its node reads and writes, from
     the optimized graph ORT saves: nodes ORT inserts itself (layout reorders) are named after
-    nothing in the model, but the values they convert are the model's."""
+    nothing in the model, but the values they convert are the model's.
+
+    `run_overheads_ms`, if given, receives each measured run's wall time outside its kernels."""
     folder = tempfile.mkdtemp(prefix="onnx-prune-prof-")
+    walls = []
     values = {}
     try:
         optimized = os.path.join(folder, "optimized.onnx") if node_values else None
@@ -55,7 +61,9 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
             sess.run(None, feeds)
         done, start = 0, time.perf_counter()
         while done < runs or (done < (max_runs or runs) and time.perf_counter() - start < min_seconds):
+            t = time.perf_counter()
             sess.run(None, feeds)
+            walls.append((time.perf_counter() - t) * 1e3)
             done += 1
         path = sess.end_profiling()
         with open(path) as f:
@@ -67,6 +75,8 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)
+    if run_overheads_ms is not None:
+        run_overheads_ms.extend(_outside_kernels_ms(events, walls))
     per_run = defaultdict(list)
     info = {}
     for ev in events:
@@ -82,6 +92,21 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         op, ins, outs = info[name]
         kernels[name] = Kernel(name, op, float(np.median(durs)), ins, outs, values.get(name, ()))
     return kernels
+
+
+def _outside_kernels_ms(events, walls) -> list:
+    """Per measured run (the last len(walls) of the profile's runs): its wall time minus the
+    kernel times recorded within it (ORT's model_run event bounds a run)."""
+    runs = sorted((ev["ts"], ev["ts"] + ev["dur"]) for ev in events if ev.get("name") == "model_run")
+    runs = runs[len(runs) - len(walls):] if len(runs) >= len(walls) else []
+    inside = [0.0] * len(runs)
+    starts = [a for a, _ in runs]
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            i = int(np.searchsorted(starts, ev["ts"], side="right")) - 1
+            if i >= 0 and ev["ts"] <= runs[i][1]:
+                inside[i] += ev["dur"] / 1e3
+    return [wall - k for wall, k in zip(walls[-len(runs):], inside)] if runs else []
 
 
 # ORT CPU runs a float16 model's float16-less kernels in float32, between Casts it inserts, and
@@ -112,11 +137,13 @@ def profile_model(model, feeds, provider="cpu", threads=None, runs=10, rounds=3)
     best, values = None, {}
     for r in range(rounds):
         # ORT's optimized graph is the same every round: written and read in the first only
-        kernels = profile_session_runs(model, feeds, provider, threads, runs, node_values=r == 0)
+        overheads = []
+        kernels = profile_session_runs(model, feeds, provider, threads, runs, node_values=r == 0,
+                                       run_overheads_ms=overheads)
         values = values or {name: k.values for name, k in kernels.items()}
         e2e = measure([model], feeds, blocks=4, sessions=[plain]).latencies[0].median_ms
         if best is None or e2e < best.e2e_ms:
-            best = Profile(kernels, e2e)
+            best = Profile(kernels, e2e, float(np.median(overheads)) if overheads else None)
     for name, kernel in best.kernels.items():
         kernel.values = values.get(name, ())
     return best

@@ -245,6 +245,32 @@ def test_candidate_widths_drop_padded_plateaus():
     assert cm.candidate_widths()[group.name] == width_grid(32)  # layers faster at every width
 
 
+def test_predictor_overhead_is_bounded_by_what_the_profiled_runs_spent_outside_kernels():
+    """The plain end-to-end time is measured after the profile, maybe in a slower spell of the
+    machine: the constant overhead is at most what the profiled runs themselves spent outside
+    their kernels, which a slower spell cannot inflate."""
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon)
+    kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []), "c2": Kernel("c2", "Conv", 50.0, [], [])}
+    slow_spell = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, 0.5, 0.04))
+    assert slow_spell.overhead_ms == pytest.approx(0.04)
+    assert CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, 0.5)).overhead_ms == \
+        pytest.approx(0.35)
+    assert CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, 0.17, 0.04)).overhead_ms \
+        == pytest.approx(0.02)
+
+
+def test_profiled_runs_report_their_time_outside_kernels():
+    from onnx_prune.backends.profile import profile_session_runs
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    overheads = []
+    kernels = profile_session_runs(two_convs(32), feeds, threads=1, runs=5, warmup=2, run_overheads_ms=overheads)
+    assert len(overheads) == 5 and all(np.isfinite(overheads))
+    assert 0 < np.median(overheads) < 1.0  # python's run call and ORT's executor: well under a millisecond
+    assert sum(k.time_us for k in kernels.values()) > 0
+
+
 def test_predictor_calibration_fits_the_measured_speedup():
     canon = canonicalize(two_convs(32))
     analysis = analyze_canonical(canon)
