@@ -344,7 +344,7 @@ def _check_supported(nodes, attrs, inits):
     problems = {}
     for node, a in zip(nodes, attrs):
         fn = op_for(node.op_type, node.domain)
-        label = node.op_type if fn is not None or not node.domain else f"{node.domain}::{node.op_type}"
+        label = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         reason = None
         if fn is not None:
             reason = fn.check(a) if getattr(fn, "check", None) else None

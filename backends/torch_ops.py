@@ -1168,11 +1168,107 @@ def _skip_simplified_layer_norm(a, x):
     return _skip_layer_norm(a, [x[0], x[1], x[2], None, _opt(x, 3)], simplified=True)
 
 
+def _check_fused_attention(a):
+    for name in ("qkv_hidden_sizes", "do_rotary", "past_present_share_buffer"):
+        if a.get(name):
+            return name
+    return None
+
+
+@_op(check=_check_fused_attention)
+def _fused_attention(a, x):
+    """ONNX Runtime's fused self-attention: one (hidden, Q | K | V) weight and bias, num_heads
+    heads, a mask index (sequence lengths, lengths and starts, or a 2-D, 3-D or 4-D 0/1 mask) and
+    causal masking; masked scores get mask_filter_value added, as ORT does."""
+    if any(_opt(x, i) is not None for i in range(4, 8)):
+        raise UserError("the torch bridge runs ONNX Runtime's Attention without a past state or attention bias: "
+                        "use --recover layer")
+    X = x[0]
+    qkv = X @ x[1] + (x[2] if _opt(x, 2) is not None else 0)
+    Q, K, V = (_heads_first(t, a["num_heads"]) for t in qkv.chunk(3, -1))
+    return [_ort_attend(a, Q, K, V, _opt(x, 3))]
+
+
+def _ort_attend(a, Q, K, V, mask, bias=None):
+    """What ORT's Attention and MultiHeadAttention share past Q, K, V (B, heads, seq, size): masked
+    scores get mask_filter_value added (a query whose every key is masked sees them all alike),
+    future keys are left out under `unidirectional`; the output is (B, S, heads x size)."""
+    logits = (Q @ K.transpose(-1, -2)) * a.get("scale", 1.0 / math.sqrt(Q.shape[-1]))
+    S, T = logits.shape[-2:]
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        keep = _mask_index_keep(mask, Q.shape[0], S, T)
+        logits = logits + (~keep).to(logits.dtype) * a.get("mask_filter_value", -10000.0)
+    if a.get("unidirectional", 0):
+        causal = torch.ones(S, T, dtype=torch.bool, device=Q.device).tril(T - S)
+        logits = logits.masked_fill(~causal, torch.finfo(logits.dtype).min)
+    Y = torch.softmax(logits, -1) @ V
+    return Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)
+
+
+@_op(nout=3)
+def _multi_head_attention(a, x):
+    """ONNX Runtime's MultiHeadAttention over separate Q (B, S, N x H), K and V ((B, T, N x size) or
+    (B, N, T, size)): a packed Q | K | V bias, a key padding mask, an attention bias per head and a
+    key/value cache (past in, present out)."""
+    Q, K, V, bias, mask, attention_bias, past_k, past_v = (_opt(x, i) for i in range(8))
+    if K is None or any(_opt(x, i) is not None for i in (8, 9)):
+        raise UserError("the torch bridge runs MultiHeadAttention over separate Q, K and V, without a past sequence "
+                        "length or cache indirection: use --recover layer")
+    n = a["num_heads"]
+    if bias is not None:
+        if K.dim() == 4:
+            raise UserError("the torch bridge runs MultiHeadAttention's bias with 3-D key and value only: "
+                            "use --recover layer")
+        bq, bk, bv = bias.split([Q.shape[-1], K.shape[-1], V.shape[-1]])
+        Q, K, V = Q + bq, K + bk, V + bv
+    Q, K, V = _heads_first(Q, n), _heads_first(K, n), _heads_first(V, n)
+    if past_k is not None:
+        K, V = torch.cat([past_k, K], 2), torch.cat([past_v, V], 2)
+    return [_ort_attend(a, Q, K, V, mask, attention_bias), K, V]
+
+
+def _mask_index_keep(mask, batch, S, T):
+    """ORT's mask_index as a boolean (B, 1 | S, S | 1, T) of the keys each query may see."""
+    keys = torch.arange(T, device=mask.device)
+    if mask.dim() == 1:  # end positions, then (2B) start positions
+        end = mask[:batch].long()[:, None]
+        keep = keys < end
+        if mask.shape[0] == 2 * batch:
+            keep = keep & (keys >= mask[batch:].long()[:, None])
+        return keep[:, None, None, :]
+    if mask.dim() == 2:  # (B, T) of 0/1
+        return (mask != 0)[:, None, None, :]
+    if mask.dim() == 3:  # (B, S, T)
+        return (mask != 0)[:, None]
+    return mask[:, :, :S, :T] != 0  # (B, 1, M, M), M at least the total length
+
+
+@_op(nout=3)
+def _embed_layer_norm(a, x):
+    """ONNX Runtime's fused BERT embedding: word, position and segment embeddings summed, then
+    LayerNorm; outputs the normalized sum, the mask's count of tokens per sequence, the sum."""
+    ids, segments, words, positions = x[0], _opt(x, 1), x[2], x[3]
+    position_ids = _opt(x, 8)
+    if position_ids is None:
+        position_ids = torch.arange(ids.shape[1], device=ids.device)[None]
+    total = words[ids] + positions[position_ids]
+    if segments is not None and _opt(x, 4) is not None:
+        total = total + x[4][segments]
+    y = F.layer_norm(total, (total.shape[-1],), x[5], x[6], a.get("epsilon", 1e-12))
+    mask = _opt(x, 7)
+    count = mask.sum(1).to(torch.int32) if mask is not None else torch.zeros(ids.shape[0], dtype=torch.int32)
+    return [y, count, total]
+
+
 CONTRIB_OPS = {
     "Gelu": _unary(F.gelu), "FastGelu": _bias_then(lambda v: F.gelu(v, approximate="tanh")),
     "BiasGelu": _bias_then(F.gelu), "QuickGelu": _quick_gelu,
     "SkipLayerNormalization": _skip_layer_norm, "SkipSimplifiedLayerNormalization": _skip_simplified_layer_norm,
-    "GroupQueryAttention": _group_query_attention,
+    "GroupQueryAttention": _group_query_attention, "Attention": _fused_attention,
+    "MultiHeadAttention": _multi_head_attention,
+    "EmbedLayerNormalization": _embed_layer_norm,
 }
 
 

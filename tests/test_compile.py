@@ -113,8 +113,8 @@ def test_calibration_mismatch_and_failing_callable(model, tmp_path):
 
 
 def test_global_recovery_the_torch_bridge_cannot_run_fails_before_the_search(tmp_path):
-    """A fused op the bridge has no function for (ONNX Runtime's Attention) stops --recover global
-    at once, naming the op, before any profiling or measurement."""
+    """A fused op the bridge cannot run (ONNX Runtime's Attention with explicit Q/K/V sizes) stops
+    --recover global at once, naming the op, before any profiling or measurement."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -124,7 +124,7 @@ def test_global_recovery_the_torch_bridge_cannot_run_fails_before_the_search(tmp
              helper.make_node("Relu", ["a"], ["r"], name="act"),
              helper.make_node("MatMul", ["r", "w2"], ["h"], name="fc2"),
              helper.make_node("Attention", ["h", "wqkv", "bqkv"], ["y"], num_heads=2, name="att",
-                              domain="com.microsoft")]
+                              qkv_hidden_sizes=[16, 16, 16], domain="com.microsoft")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8, 16])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8, 16])], list(w.values()))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
