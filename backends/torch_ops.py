@@ -1092,6 +1092,19 @@ def _upsample(a, x):
 
 # ---------------------------------------------------------------- the table
 
+@_op()
+def _is_inf(a, x):
+    """IsInf: +inf and -inf, each unless its detect_ attribute is 0 (torch's dynamo export guards
+    its attention softmax with IsNaN and IsInf)."""
+    X = x[0]
+    out = torch.zeros_like(X, dtype=torch.bool)
+    if a.get("detect_positive", 1):
+        out = out | torch.isposinf(X)
+    if a.get("detect_negative", 1):
+        out = out | torch.isneginf(X)
+    return [out]
+
+
 OPS = {
     # activations and elementwise math
     "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
@@ -1100,6 +1113,7 @@ OPS = {
     "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Round": _unary(torch.round),
     "Sign": _unary(torch.sign), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos),
     "Not": _unary(torch.logical_not), "Softplus": _unary(F.softplus), "Softsign": _unary(F.softsign),
+    "IsNaN": _unary(torch.isnan), "IsInf": _is_inf,
     "Mish": _unary(F.mish), "HardSwish": _unary(F.hardswish), "HardSigmoid": _hard_sigmoid,
     "LeakyRelu": _leaky_relu, "Elu": _elu, "Celu": _celu, "Selu": _selu, "ThresholdedRelu": _thresholded_relu,
     "PRelu": _prelu, "Gelu": _gelu, "Identity": _identity,
