@@ -118,11 +118,14 @@ def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0) -> dict:
     return feeds
 
 
+USER_SHAPES_HINT = "check --input-shape and --batch-size"
+
+
 @contextlib.contextmanager
-def runs_at_user_shapes(feeds: dict):
+def runs_at_user_shapes(feeds: dict, hint: str = USER_SHAPES_HINT):
     """Around the first run of the user's model at the shapes asked for: a model that does not run
     there (a sequence longer than its position table, a wrong image size) is the input's fault,
-    said in one line, not a crash deep in canonicalization or profiling."""
+    said in one line (with `hint`), not a crash deep in canonicalization or profiling."""
     try:
         yield
     except UserError:
@@ -132,13 +135,12 @@ def runs_at_user_shapes(feeds: dict):
             raise
         shapes = ", ".join(f"{k}={'x'.join(map(str, np.shape(v)))}" for k, v in feeds.items())
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"the model does not run at input shapes {shapes} (check --input-shape and "
-                        f"--batch-size): {first}") from None
+        raise UserError(f"the model does not run at input shapes {shapes} ({hint}): {first}") from None
 
 
-def check_runs(model, feeds: dict) -> None:
+def check_runs(model, feeds: dict, hint: str = USER_SHAPES_HINT) -> None:
     """Run the user's model once on `feeds` (see runs_at_user_shapes)."""
-    with runs_at_user_shapes(feeds):
+    with runs_at_user_shapes(feeds, hint):
         make_session(model, optimize=False, quiet=True).run(None, feeds)
 
 

@@ -149,6 +149,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         check_labels(max_accuracy_drop, labels)
         feeds = _timing_feeds(canon, samples, batch_size, notes)
         check_runs(model, feeds)
+        if samples is not None:
+            _check_calibration_batches(canon.model, samples, feeds)
         if recover == "global" and samples is not None:  # fail now, not after the search
             from onnx_prune.backends.torch_graph import check_bridge
             from onnx_prune.passes.reconstruct import feed_batches
@@ -504,6 +506,19 @@ def _rebatch(canon, batch_size):
 
     canon.input_shapes = with_batch(canon.model, canon.input_shapes, batch_size)
     canon.static = make_static(canon.model, canon.input_shapes)
+
+
+def _check_calibration_batches(model, samples, feeds):
+    """Calibration runs in batches of its own size where the graph declares a dynamic batch; a graph
+    whose exporter fixed the batch it traced (torch.export does with a batch of 1) runs at no other
+    size: say so now, in one line, not as an internal error in the error database."""
+    from onnx_prune.passes.reconstruct import feed_batches
+
+    first = feed_batches(model, samples)[0]
+    if len(next(iter(first.values()))) != len(next(iter(feeds.values()))):
+        check_runs(model, first, hint="a batch of calibration samples, as the graph declares its batch dynamic; "
+                                      "its exporter may have fixed the batch it traced: export it with a static "
+                                      "batch or a truly dynamic one")
 
 
 def _timing_feeds(canon, samples, batch_size, notes):

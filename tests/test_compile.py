@@ -163,6 +163,31 @@ def test_global_recovery_the_bridge_cannot_run_on_the_data_fails_before_the_sear
     compile_model(m, "1.3x", calib=str(p), recover="layer", timer=LyingTimer(1.35))  # runs without the bridge
 
 
+def test_a_batch_the_graph_only_declares_dynamic_is_a_clear_error_with_calibration(tmp_path):
+    """A graph that declares its batch dynamic but fixed it inside (a Reshape to the traced batch of
+    1) cannot take calibration batches of 16: one line that says so, not an internal error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1, 8], np.int64), "traced")]
+    nodes = [helper.make_node("Reshape", ["x", "traced"], ["r"], name="fixed_batch"),
+             helper.make_node("MatMul", ["r", "w1"], ["a"], name="fc1"),
+             helper.make_node("Relu", ["a"], ["h"], name="act"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    p = tmp_path / "c.npz"
+    np.savez(p, x=rng.standard_normal((20, 8)).astype(np.float32))
+    timer = LyingTimer()
+    with pytest.raises(UserError, match="batch of calibration samples.*exporter may have fixed the batch"):
+        compile_model(m, "1.3x", input_shapes={"x": (1, 8)}, calib=str(p), timer=timer)
+    assert timer.calls == []
+
+
 def test_calibration_data_gives_output_fidelity(model, tmp_path):
     m, shapes = model
     p = tmp_path / "c.npz"
