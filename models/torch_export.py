@@ -99,6 +99,7 @@ def from_torch(
             except Exception as exc:
                 # The TorchScript exporter lacks some ops that current models use (transformers'
                 # decoder masks call aten::diff); torch's dynamo exporter has them.
+                names["dynamic_axes"] = _without_unit_axes(axes, input_names, inputs)
                 _export_with_dynamo(torch, module, inputs, path, max(opset, DYNAMO_MIN_OPSET), names, exc)
             model = onnx.load(path)  # with the external data torch wrote beside it, if any
     finally:
@@ -109,6 +110,24 @@ def from_torch(
 
 
 DYNAMO_MIN_OPSET = 18  # the oldest opset torch's dynamo exporter writes
+
+
+def _without_unit_axes(axes, input_names, inputs):
+    """Dynamic axes less those torch.export fixes: it specializes a dim of size 1, so a graph traced
+    on a batch of 1 runs at that batch only, and must not declare it dynamic (its inputs' axes of
+    size 1, and the outputs' batch when every input's batch is 1)."""
+    if not axes:
+        return axes
+    shapes = {name: tuple(getattr(x, "shape", ())) for name, x in zip(input_names, inputs)}
+    unit_batch = all(s[:1] == (1,) for s in shapes.values())
+    out = {}
+    for name, dims in axes.items():
+        kept = {k: v for k, v in dims.items()
+                if not (name in shapes and len(shapes[name]) > k and shapes[name][k] == 1)
+                and not (name not in shapes and k == 0 and unit_batch)}
+        if kept:
+            out[name] = kept
+    return out
 
 
 def _export_with_dynamo(torch, module, inputs, path, opset, names, first_error):

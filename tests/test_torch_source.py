@@ -88,6 +88,9 @@ def test_an_op_the_torchscript_exporter_lacks_exports_through_dynamo():
     y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(y, module(x).detach().numpy(), rtol=1e-5, atol=1e-5)
     assert [g.size for g in onnx_prune.analyze(model, input_shapes={sess.get_inputs()[0].name: (2, 10)}).groups] == [32]
+    # torch.export fixes a batch of 1: the graph says so instead of declaring a batch it cannot run
+    one = onnx_prune.from_torch(module, x[:1])
+    assert [d.dim_value for d in one.graph.input[0].type.tensor_type.shape.dim] == [1, 10]
 
 
 def test_callables_import_from_the_current_folder(tmp_path, monkeypatch):
