@@ -12,15 +12,15 @@ from onnx_prune.passes.graph import attr, conv_pads
 
 def refittable_layers(analysis):
     """(node, (input channel expr, output channel expr)) of the weight layers least squares can
-    refit: Conv with group 1, Gemm without transA, MatMul with a 2-D weight as its second input;
-    each weight read by that layer only."""
+    refit: Conv (1-D or 2-D) with group 1, Gemm without transA, MatMul with a 2-D weight as its
+    second input; each weight read by that layer only."""
     ctx = analysis.ctx
     out = []
     for node in ctx.index.model.graph.node:
         axes = ctx.layer_axes.get(node.name)
         if axes is None or len(axes) != 2 or node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
-        if node.op_type == "Conv" and attr(node, "group", 1) != 1:
+        if node.op_type == "Conv" and (attr(node, "group", 1) != 1 or len(ctx.shape(node.input[1])) not in (3, 4)):
             continue
         if node.op_type == "Gemm" and attr(node, "transA", 0):
             continue
@@ -33,13 +33,21 @@ def refittable_layers(analysis):
 
 
 def im2col(x, node, rows, rng):
-    """(rows, C*kh*kw) patches of an NCHW input, sampled over batch and positions. Only the
-    sampled patches are gathered (no padded copy of the whole input): out-of-range taps are 0."""
-    kh, kw = attr(node, "kernel_shape")
-    sh, sw = attr(node, "strides", [1, 1])
-    dh, dw = attr(node, "dilations", [1, 1])
+    """(rows, C*kh*kw) patches of an NCHW input (or C*kw of an NCW one: a 1-D conv is a 2-D one of
+    height 1), sampled over batch and positions. Only the sampled patches are gathered (no padded
+    copy of the whole input): out-of-range taps are 0."""
+    kernel = tuple(attr(node, "kernel_shape"))
+    strides, dilations = attr(node, "strides", [1] * len(kernel)), attr(node, "dilations", [1] * len(kernel))
+    pads = conv_pads(node, x.shape[2:], kernel)
+    if len(kernel) == 1:
+        x, kernel, strides, dilations = x[:, :, None, :], (1,) + kernel, [1] + strides, [1] + dilations
+        pads = (0, pads[0], 0, pads[1])
+    return _patches(x, kernel, strides, dilations, pads, rows, rng)
+
+
+def _patches(x, kernel, strides, dilations, p, rows, rng):
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
     n, c, h, w = x.shape
-    p = conv_pads(node, (h, w), (kh, kw))
     oh = (h + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (w + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1
     total = n * oh * ow

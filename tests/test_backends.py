@@ -493,13 +493,14 @@ def test_same_auto_pad_convs_are_timed_and_sampled_with_their_real_pads(tmp_path
 
 
 @pytest.mark.parametrize("pads,strides,dilations,kernel", [
-    ([1, 1, 1, 1], [1, 1], [1, 1], [3, 3]), ([0, 2, 1, 0], [2, 1], [1, 2], [3, 2]), ([1, 0, 1, 0], [2, 2], [1, 1], [1, 1])])
+    ([1, 1, 1, 1], [1, 1], [1, 1], [3, 3]), ([0, 2, 1, 0], [2, 1], [1, 2], [3, 2]), ([1, 0, 1, 0], [2, 2], [1, 1], [1, 1]),
+    ([2, 1], [2], [1], [4]), ([0, 0], [1], [2], [3])])  # the last two: 1-D convs (ConvBERT's)
 def test_im2col_patches_times_the_weights_give_the_conv_output(pads, strides, dilations, kernel):
     """Every sampled patch, padded taps included, reproduces ORT's conv output at its position."""
     from onnx_prune.passes.reconstruct import im2col, weight_matrix
 
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 7, 6)[:2 + len(kernel)]).astype(np.float32)
     w = rng.standard_normal((4, 3, *kernel)).astype(np.float32)
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=pads, strides=strides, dilations=dilations,
                             kernel_shape=kernel)
@@ -509,10 +510,10 @@ def test_im2col_patches_times_the_weights_give_the_conv_output(pads, strides, di
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    total = y.shape[0] * y.shape[2] * y.shape[3]
+    total = y.size // y.shape[1]
     patches = im2col(x, node, total, np.random.default_rng(5))
     order = np.random.default_rng(5).choice(total, size=total, replace=False)  # the positions im2col drew
-    expected = y.transpose(0, 2, 3, 1).reshape(total, -1)[order]
+    expected = np.moveaxis(y, 1, -1).reshape(total, -1)[order]
     np.testing.assert_allclose(patches @ weight_matrix(node, w), expected, rtol=1e-4, atol=1e-4)
 
 
