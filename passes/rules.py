@@ -237,6 +237,9 @@ def multi_head_attention(ctx, node):
     ctx.set(node.output[0], [Q[0], Q[1], Prod((heads, dv))])
 
 
+GQA_BLOCK = 16  # ORT's GroupQueryAttention kernel takes head sizes in multiples of this
+
+
 @rule("GroupQueryAttention", domain=CONTRIB)
 def group_query_attention(ctx, node):
     """ONNX Runtime's grouped-query attention (its generative-AI builder's LLMs): query (B, S, N x H)
@@ -244,7 +247,8 @@ def group_query_attention(ctx, node):
     key/value head i // (N / Nkv): a key/value head prunes with its query heads, and the query heads
     within every group prune alike (num_heads and kv_num_heads follow), with the cache (B, Nkv, P,
     H), a per-head attention bias and the head sinks. The one head size H of Q, K, V and the output
-    stays: ORT's kernel takes only multiples of 16 (and rotary embeddings pair its dimensions)."""
+    prunes in blocks of 16 dimensions (ORT's kernel takes only multiples of 16; the scale is written
+    out), unless a rotary embedding pairs its dimensions or a per-head norm mixes them."""
     inputs = list(node.input) + [""] * 17
     if any(inputs[12:14]) or attr(node, "kv_cache_bit_width", 0):
         raise Unsupported("quantized key/value cache")
@@ -262,7 +266,11 @@ def group_query_attention(ctx, node):
     ctx.unify(d, dv, f"{_desc(node)} has one head size for query, key and value")
     ctx.unify(k_heads, v_heads, why)
     ctx.unify(ctx.table.split(q_heads, [nkv, n // nkv])[0] if n != nkv else q_heads, k_heads, why)
-    ctx.freeze(d, f"{_desc(node)} takes head sizes in multiples of 16 only")
+    if attr(node, "do_rotary", 0) or inputs[14]:
+        ctx.freeze(d, f"{_desc(node)} rotates or normalizes the heads' dimensions together")
+    else:  # whole blocks of 16 dimensions, the same in every head
+        ctx.freeze(ctx.table.split(d, [h // GQA_BLOCK, GQA_BLOCK])[1] if h % GQA_BLOCK == 0 else d,
+                   f"{_desc(node)} takes head sizes in multiples of {GQA_BLOCK} only")
     if inputs[11]:
         _bind_or_couple(ctx, node, inputs[11], 0, q_heads)
     for name, heads in (("num_heads", q_heads), ("kv_num_heads", k_heads)):

@@ -479,14 +479,16 @@ def ort_group_query_attention(n=4, nkv=2, h=16, packed=False, rotary=False, past
 GQA = {
     "grouped": {}, "one_kv_head": dict(nkv=1), "as_many_kv_heads": dict(nkv=4), "packed": dict(packed=True),
     "rotary": dict(rotary=True), "cache_scaled_softcap": dict(past=True, scale=0.3, softcap=5.0),
+    "head_size_48": dict(h=48), "packed_head_size_32_rotary": dict(packed=True, h=32, rotary=True),
+    "packed_head_size_32": dict(packed=True, h=32),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GQA))
 def test_ort_group_query_attention_prunes_heads_and_head_size(case):
-    """Key/value heads (with their query heads) and the query heads within every group prune, and
-    the pruned model stays equivalent (ONNX Runtime runs it); the head size stays (ORT's kernel
-    takes multiples of 16 only)."""
+    """Key/value heads (with their query heads), the query heads within every group and the head
+    size, in blocks of 16 (ORT's kernel takes multiples of 16 only; not under a rotary embedding),
+    prune, and the pruned model stays equivalent (ONNX Runtime runs it)."""
     import onnx
 
     kw = GQA[case]
@@ -494,13 +496,16 @@ def test_ort_group_query_attention_prunes_heads_and_head_size(case):
     analysis = _prune_and_verify(m, seeds=4)
     n, nkv = 4, kw.get("nkv", 2)
     heads = [h for h in (nkv, n // nkv) if h > 1]
-    assert sorted(g.size for g in analysis.groups) == sorted(heads)
-    assert any("multiples of 16" in f.reason for f in analysis.frozen)
+    blocks = kw.get("h", 16) // 16
+    assert sorted(g.size for g in analysis.groups) == sorted(heads + ([blocks] if blocks > 1 and not kw.get("rotary")
+                                                                     else []))
+    assert any("multiples of 16" in f.reason or "rotates" in f.reason for f in analysis.frozen)
     canon = canonicalize(m)
     plan = random_plan(analysis, np.random.default_rng(0), "keep1")
     att = next(n for n in apply_plan(canon.model, analysis, plan).graph.node if n.op_type == "GroupQueryAttention")
     values = {a.name: onnx.helper.get_attribute_value(a) for a in att.attribute}
     assert values["num_heads"] == 1 and values["kv_num_heads"] == 1
+    assert values["scale"] == pytest.approx(kw.get("scale", 1 / np.sqrt(kw.get("h", 16))))  # not 1/sqrt(16)
 
 
 def picked_channels(indices):
