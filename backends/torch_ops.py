@@ -553,33 +553,38 @@ def _attention(a, x):
         _heads_first(V, a.get("kv_num_heads"))
     if past_k is not None:
         K, V = torch.cat([past_k, K], 2), torch.cat([past_v, V], 2)
-    present = [K, V]
+    boolean = mask is not None and mask.dtype == torch.bool
+    Y, qk = _attend(a, Q, K, V, bias=None if boolean else mask, allowed=mask if boolean else None,
+                    causal=a.get("is_causal", 0))
+    if three_d:
+        Y = Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)
+    return [Y, K, V, qk]
+
+
+def _attend(a, Q, K, V, bias=None, allowed=None, causal=False):
+    """Scaled dot-product attention over (B, heads, seq, size), as ONNX's Attention and ORT's
+    GroupQueryAttention share it: key/value heads repeated for their groups of query heads (query
+    head i reads key/value head i // groups), the scale (default 1/sqrt(size)), a soft cap, an
+    additive bias, then the keys not `allowed` left out, with `causal` the later ones too (bottom-
+    right aligned: query i sees key j <= i + (T - S)); a query with no key left gives zeros, not
+    NaN. Returns the output (B, heads, S, value size) and the scaled logits before the soft cap."""
     groups = Q.shape[1] // K.shape[1]
-    if groups > 1:  # query head i reads key/value head i // groups
+    if groups > 1:
         K, V = K.repeat_interleave(groups, 1), V.repeat_interleave(groups, 1)
-    logits = (Q @ K.transpose(-1, -2)) * a.get("scale", 1.0 / math.sqrt(Q.shape[-1]))
-    qk = logits
+    qk = logits = (Q @ K.transpose(-1, -2)) * a.get("scale", 1.0 / math.sqrt(Q.shape[-1]))
     cap = a.get("softcap", 0.0)
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    allowed = None
-    if a.get("is_causal", 0):  # bottom-right aligned: query i sees key j <= i + (T - S)
+    if bias is not None:
+        logits = logits + bias
+    if causal:
         S, T = logits.shape[-2:]
-        allowed = torch.ones(S, T, dtype=torch.bool, device=logits.device).tril(T - S)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            allowed = mask if allowed is None else allowed & mask
-        else:
-            logits = logits + mask
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    if allowed is not None:  # a row with no key allowed gives zeros, not NaN
-        probs = torch.nan_to_num(probs, nan=0.0)
-    Y = probs @ V
-    if three_d:
-        Y = Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)
-    return [Y] + present + [qk]
+        later = torch.ones(S, T, dtype=torch.bool, device=logits.device).tril(T - S)
+        allowed = later if allowed is None else allowed & later
+    if allowed is None:
+        return torch.softmax(logits, -1) @ V, qk
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    return torch.nan_to_num(probs, nan=0.0) @ V, qk
 
 
 def _rotary(t, cos, sin, interleaved):
@@ -628,23 +633,10 @@ def _group_query_attention(a, x):
         Q, K = (_rotary(t, x[7][positions], x[8][positions], a.get("rotary_interleaved", 0)) for t in (Q, K))
     if past_k is not None:
         K, V = torch.cat([past_k, K], 2), torch.cat([past_v, V], 2)
-    present = [K, V]
-    groups = n // nkv
-    K, V = K.repeat_interleave(groups, 1), V.repeat_interleave(groups, 1)
-    logits = (Q @ K.transpose(-1, -2)) * a.get("scale", 1.0 / math.sqrt(Q.shape[-1]))
-    cap = a.get("softcap", 0.0)
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    if _opt(x, 10) is not None:
-        logits = logits + x[10]
-    S, T = logits.shape[-2:]
-    keys = torch.arange(T, device=logits.device)
-    allowed = (keys < (seqlens_k.long() + 1)[:, None])[:, None, None, :]
-    if a.get("causal", 1):  # bottom-right aligned: query i sees key j <= i + (T - S)
-        allowed = allowed & torch.ones(S, T, dtype=torch.bool, device=logits.device).tril(T - S)
-    probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1), nan=0.0)
-    Y = probs @ V
-    return [Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)] + present
+    keys = torch.arange(K.shape[2], device=K.device)
+    within = (keys < (seqlens_k.long() + 1)[:, None])[:, None, None, :]  # each sequence's length
+    Y, _ = _attend(a, Q, K, V, bias=_opt(x, 10), allowed=within, causal=a.get("causal", 1))
+    return [Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1), K, V]
 
 
 def _softmax_like(f):

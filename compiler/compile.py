@@ -33,6 +33,7 @@ from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import build_error_db
 from onnx_prune.passes.importance import group_scores, keep_top
+from onnx_prune.passes.reconstruct import feed_batches
 from onnx_prune.passes.sequential import SequentialTooSlow, sequential_refit
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
@@ -150,12 +151,12 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         feeds = _timing_feeds(canon, samples, batch_size, notes)
         check_runs(model, feeds)
         if samples is not None:
-            _check_calibration_batches(canon.model, samples, feeds)
-        if recover == "global" and samples is not None:  # fail now, not after the search
-            from onnx_prune.backends.torch_graph import check_bridge
-            from onnx_prune.passes.reconstruct import feed_batches
+            first_batch = feed_batches(canon.model, samples)[0]
+            _check_calibration_batch(canon.model, first_batch, feeds)
+            if recover == "global":  # fail now, not after the search
+                from onnx_prune.backends.torch_graph import check_bridge
 
-            check_bridge(canon.model, feed_batches(canon.model, samples)[0])
+                check_bridge(canon.model, first_batch)
     with steps("profile + timing database"):
         cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
         widths = cm.candidate_widths()
@@ -508,13 +509,10 @@ def _rebatch(canon, batch_size):
     canon.static = make_static(canon.model, canon.input_shapes)
 
 
-def _check_calibration_batches(model, samples, feeds):
+def _check_calibration_batch(model, first, feeds):
     """Calibration runs in batches of its own size where the graph declares a dynamic batch; a graph
     whose exporter fixed the batch it traced (torch.export does with a batch of 1) runs at no other
     size: say so now, in one line, not as an internal error in the error database."""
-    from onnx_prune.passes.reconstruct import feed_batches
-
-    first = feed_batches(model, samples)[0]
     if len(next(iter(first.values()))) != len(next(iter(feeds.values()))):
         check_runs(model, first, hint="a batch of calibration samples, as the graph declares its batch dynamic; "
                                       "its exporter may have fixed the batch it traced: export it with a static "
