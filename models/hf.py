@@ -46,6 +46,12 @@ def _convnext():
     return transformers.ConvNextForImageClassification(config)
 
 
+def _convnextv2():
+    # global response norm: each channel scaled by its spatial norm over the mean of all channels'
+    config = transformers.ConvNextV2Config(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_labels=10)
+    return transformers.ConvNextV2ForImageClassification(config)
+
+
 def _mobilenetv2():
     # tf_padding=False: TF "same" padding traces to ~900 shape-arithmetic nodes;
     # hf_efficientnet already covers that dynamic-Pad pattern.
@@ -102,6 +108,7 @@ ENTRIES: dict[str, ZooEntry] = {
     for e in (
         _entry("hf_resnet", "cnn", _resnet, PIXELS),
         _entry("hf_convnext", "cnn", _convnext, PIXELS),
+        _entry("hf_convnextv2", "cnn", _convnextv2, PIXELS),
         _entry("hf_mobilenetv2", "cnn", _mobilenetv2, PIXELS),
         _entry("hf_regnet", "cnn", _regnet, PIXELS),
         _entry("hf_efficientnet", "cnn", _efficientnet, PIXELS),

@@ -66,6 +66,10 @@ def init_weights(model: nn.Module) -> nn.Module:
                 # Real layer scales start at 1e-6, which would hide the residual
                 # branch from any pruning check.
                 param.uniform_(0.1, 1.0)
+            elif ".grn." in name:
+                # ConvNeXt V2's global response norm starts as the identity (zeros), which
+                # would hide its mean over channels from any pruning check.
+                param.normal_(0.0, 0.5)
     return model
 
 

@@ -65,6 +65,16 @@ class SplitEdit:
     pieces: list
 
 
+@dataclass
+class MeanEdit:
+    """A ReduceMean over channels a plan prunes: its output is rescaled by kept/full of `exprs` so
+    that it still divides by the dense count, as the masked reference (zeros included) does."""
+
+    node: str
+    exprs: list
+    dtype: int  # the output's ONNX element type, for the scale
+
+
 class Context:
     """What a rule sees: axis expressions of tensors, the space table, and edit recorders."""
 
@@ -76,6 +86,7 @@ class Context:
         self.value_edits: list[ValueEdit] = []
         self.attr_edits: list[AttrEdit] = []
         self.split_edits: list[SplitEdit] = []
+        self.mean_edits: list[MeanEdit] = []
         self.where = ""  # the node being analysed, for freeze reasons
         # weight layer -> the channel expressions of the widths its time depends on, in the
         # timing database's order: (cin, cout); depthwise (channels,); grouped (groups, cin/g, cout/g)

@@ -9,6 +9,7 @@ touch. Nothing here edits the graph.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnx_prune.passes.graph import CONTRIB, attr
 from onnx_prune.passes.spaces import Cat, Fx, Prod, Unsupported
@@ -650,6 +651,19 @@ def softmax(ctx, node):
 REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare".split()
 
 
+# Reductions that the masked reference's zeros do not change: a removed channel adds nothing to a
+# sum, and a mean keeps its dense divisor through MeanEdit. Max, min, product and log-sum-exp see
+# the zeros, so their channels stay.
+ZERO_BLIND = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceMean"}
+
+
+def _mean_edit(ctx, node, exprs):
+    from onnx_prune.passes.analysis import MeanEdit
+
+    dtype = ctx.index.dtypes.get(node.output[0]) or ctx.index.dtypes.get(node.input[0]) or onnx.TensorProto.FLOAT
+    return MeanEdit(node.name, exprs, dtype)
+
+
 @rule(*REDUCE)
 def reduce(ctx, node):
     X = ctx.ax(node.input[0])
@@ -662,8 +676,12 @@ def reduce(ctx, node):
     if attr(node, "noop_with_empty_axes", 0) and axes == list(range(len(X))) and attr(node, "axes") is None and len(node.input) < 2:
         ctx.set(node.output[0], X)
         return
-    for a in axes:
-        ctx.freeze(X[a], f"{_desc(node)} reduces over these channels")
+    if node.op_type in ZERO_BLIND:
+        if node.op_type == "ReduceMean":
+            ctx.mean_edits.append(_mean_edit(ctx, node, [X[a] for a in axes]))
+    else:
+        for a in axes:
+            ctx.freeze(X[a], f"{_desc(node)} reduces over these channels")
     keep = attr(node, "keepdims", 1)
     out = [Fx(1) if k in axes else e for k, e in enumerate(X) if keep or k not in axes]
     ctx.set(node.output[0], out)

@@ -2,7 +2,8 @@
 
 Slices weights, per-channel parameters and constants along the axes the analysis tied to
 channels, and rewrites the few non-weight numbers that depend on widths (Reshape/Expand targets,
-Split sizes, Slice bounds, Conv groups). It adds no node, so no activation copy.
+Split sizes, Slice bounds, Conv groups). The one node it adds is a scalar Mul after a mean over
+pruned channels (it keeps the dense divisor); never an activation copy.
 """
 
 from __future__ import annotations
@@ -69,10 +70,28 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.M
     for edit in ctx.split_edits:
         _rewrite_split(out, nodes[edit.node], [int(table.keep_mask(p, keep).sum()) for p in edit.pieces],
                        [table.size(p) for p in edit.pieces], arrays, inits)
+    for edit in ctx.mean_edits:
+        kept = np.prod([int(table.keep_mask(e, keep).sum()) for e in edit.exprs])
+        full = np.prod([table.size(e) for e in edit.exprs])
+        if kept != full:
+            _rescale_output(out, nodes[edit.node], kept / full, edit.dtype)
     for name, arr in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.array(arr, order="C"), name))
     del out.graph.value_info[:]
     return out
+
+
+def _rescale_output(model, node, factor, dtype):
+    """Multiply `node`'s output by `factor` (a scalar Mul after it, under the output's name)."""
+    result = node.output[0]
+    node.output[0] = f"{result}__unscaled"
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    scale = numpy_helper.from_array(np.array(factor, dtype=np_type), f"{result}__scale")
+    model.graph.initializer.append(scale)
+    mul = onnx.helper.make_node("Mul", [node.output[0], scale.name], [result], name=f"{node.name}__rescale")
+    nodes = model.graph.node
+    position = next(i for i, n in enumerate(nodes) if n is node)
+    nodes.insert(position + 1, mul)
 
 
 def _set_float_attr(node, name, value):

@@ -164,11 +164,52 @@ FROZEN = {
         {"w1": W(16, 8) + np.eye(16, 8, dtype=np.float32) * 4}, [2, 8, 16], [2, 8, 8], domains=("com.microsoft",)),
         "prune the model before ORT's transformers optimizer fuses it"),
     "reduce_channels": (lambda: body([conv("c1", "x", "w1", "a"),
-                                      helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
+                                      helper.make_node("ReduceMax", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
                                       helper.make_node("Sub", ["a", "m"], ["s"], name="sub"),
                                       conv("c2", "s", "w2", "o")],
                                      {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, 4), "reduces over"),
 }
+
+
+def channel_mean_model(op="ReduceMean", opset=17):
+    """ConvNeXt V2's global response norm: x * gamma * (Gx / (mean over channels of Gx)) + beta + x,
+    Gx the L2 norm over space; with `op` ReduceL2, an L2 normalization over channels instead."""
+    axes = {"axes": [1]} if opset < 18 else {}
+    extra = [] if opset < 18 else ["ax1"]
+    if op == "ReduceMean":
+        nodes = [helper.make_node("ReduceL2", ["a"] + ([] if opset < 18 else ["ax23"]), ["g"], keepdims=1, name="gx",
+                                  **({"axes": [2, 3]} if opset < 18 else {})),
+                 helper.make_node("ReduceMean", ["g"] + extra, ["m"], keepdims=1, name="mean", **axes),
+                 helper.make_node("Add", ["m", "eps"], ["me"], name="eps_add"),
+                 helper.make_node("Div", ["g", "me"], ["nx"], name="div"),
+                 helper.make_node("Mul", ["a", "nx"], ["xn"], name="mul"),
+                 helper.make_node("Mul", ["xn", "gamma"], ["xg"], name="scale"),
+                 helper.make_node("Add", ["xg", "beta"], ["xb"], name="shift"),
+                 helper.make_node("Add", ["xb", "a"], ["n"], name="res")]
+    else:
+        nodes = [helper.make_node(op, ["a"] + extra, ["m"], keepdims=1, name="norm", **axes),
+                 helper.make_node("Add", ["m", "eps"], ["me"], name="eps_add"),
+                 helper.make_node("Div", ["a", "me"], ["n"], name="div")]
+    return body([conv("c1", "x", "w1", "a", pads=[1] * 4)] + nodes + [conv("c2", "n", "w2", "o")],
+                {"w1": W(8, 3, 3, 3), "eps": np.float32(1e-6), "gamma": W(1, 8, 1, 1) + 1, "beta": W(1, 8, 1, 1),
+                 "w2": W(4, 8, 1, 1), "ax1": np.array([1]), "ax23": np.array([2, 3])}, 4, opset=opset)
+
+
+@pytest.mark.parametrize("op,opset", [("ReduceMean", 17), ("ReduceMean", 18), ("ReduceL2", 17), ("ReduceSum", 18),
+                                      ("ReduceSumSquare", 17)])
+def test_sums_and_means_over_channels_prune_and_a_mean_keeps_its_dense_divisor(op, opset):
+    m = channel_mean_model(op, opset)
+    analysis = _prune_and_verify(m)  # the masked reference's zeros count in the dense mean
+    assert sorted(g.size for g in analysis.groups) == [4, 8]  # c1's output is no longer frozen
+    canon = canonicalize(m)
+    everything = apply_plan(canon.model, analysis, {g.name: np.arange(g.size) for g in analysis.groups})
+    halved = apply_plan(canon.model, analysis, {g.name: np.arange(g.size // 2) for g in analysis.groups})
+    rescales = [n for n in halved.graph.node if n.name.endswith("__rescale")]
+    assert len(rescales) == (op == "ReduceMean")
+    assert not any(n.name.endswith("__rescale") for n in everything.graph.node)
+    if rescales:
+        scale = next(t for t in halved.graph.initializer if t.name == rescales[0].input[1])
+        assert numpy_helper.to_array(scale) == np.float32(0.5)
 
 
 def _prune_and_verify(m, seeds=3):
