@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -43,16 +45,37 @@ def _batch_axes(names: list[str], extra: dict | None) -> dict:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence the exporter's warnings and diagnostic prints; errors still raise."""
+    """Silence the exporter's warnings and diagnostic prints; errors still raise. Also at the
+    file-descriptor level: on a failed op, torch's C++ side prints the whole TorchScript graph
+    (hundreds of KB) to the process's stdout."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _descriptors_muted():
             warnings.simplefilter("ignore")
             yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _descriptors_muted():
+    """Point file descriptors 1 and 2 at the null device, restoring them after."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = []
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in (1, 2):
+                saved.append((fd, os.dup(fd)))
+                os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def from_torch(
@@ -133,16 +156,47 @@ def _without_unit_axes(axes, input_names, inputs):
 def _export_with_dynamo(torch, module, inputs, path, opset, names, first_error):
     """torch.onnx.export through dynamo, after the TorchScript exporter failed with `first_error`;
     a UserError naming both failures if this one fails too."""
+    names = dict(names)
+    varargs = _varargs_shapes(torch, module, names["input_names"], names["dynamic_axes"])
+    if varargs is not None:  # torch.export binds dynamic_axes by parameter name, and *args has none
+        names["dynamic_axes"] = None
     try:
         with _quiet():
-            torch.onnx.export(module, inputs, path, dynamo=True, opset_version=opset, **names)
+            torch.onnx.export(module, inputs, path, dynamo=True, opset_version=opset, dynamic_shapes=varargs, **names)
     except Exception as exc:
         raise UserError(f"torch could not export the module to ONNX ({type(first_error).__name__}: "
                         f"{_first_line(first_error)}; with dynamo: {type(exc).__name__}: {_first_line(exc)})") from None
 
 
+def _varargs_shapes(torch, module, input_names, axes):
+    """For a forward(*inputs): the inputs' dynamic axes as torch.export's dynamic_shapes, in the
+    structure of forward's signature (plain parameters first, then a tuple for *args); else None."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    if not axes or not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    dims = {}
+    specs = [{k: dims.setdefault(label, torch.export.Dim(label)) for k, label in axes.get(name, {}).items()} or None
+             for name in input_names]
+    shapes = []
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            shapes.append(tuple(specs))
+            break
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and specs:
+            shapes.append(specs.pop(0))
+    return tuple(shapes)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]
+    """The line of an exporter's error that says what failed (dynamo's own first line is a generic
+    preamble; its cause follows "## Exception summary"), without terminal colours."""
+    lines = [line.strip() for line in ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    if "## Exception summary" in lines[:-1]:
+        lines = lines[lines.index("## Exception summary") + 1:]
+    return (lines or [""])[0][:300]
 
 
 def is_torch_module(obj) -> bool:

@@ -93,6 +93,33 @@ def test_an_op_the_torchscript_exporter_lacks_exports_through_dynamo():
     assert [d.dim_value for d in one.graph.input[0].type.tensor_type.shape.dim] == [1, 10]
 
 
+def test_dynamo_fallback_keeps_a_varargs_forwards_dynamic_batch_and_prints_nothing(capfd):
+    """A forward(*inputs) (as the zoo's wrappers of transformers models have): torch.export binds
+    dynamic axes by parameter name, so from_torch gives it dynamic_shapes in the signature's
+    structure. The TorchScript exporter's failure dumps its whole graph on the process's stdout
+    from C++: none of it reaches the user."""
+    import onnxruntime as ort
+
+    class VarargsDiff(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(9, 4)
+
+        def forward(self, *inputs):
+            return self.fc(torch.diff(inputs[0], dim=-1)) + inputs[1]
+
+    module, a, b = VarargsDiff().eval(), torch.randn(2, 10), torch.randn(2, 4)
+    capfd.readouterr()
+    model = onnx_prune.from_torch(module, (a, b), input_names=["a", "b"])
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out[:200], err[:200])
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["batch", 10]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a3, b3 = torch.randn(3, 10), torch.randn(3, 4)
+    y = sess.run(None, {"a": a3.numpy(), "b": b3.numpy()})[0]
+    np.testing.assert_allclose(y, module(a3, b3).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_callables_import_from_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "calibsrc.py").write_text("def fn():\n    return {'x': [[1.0]]}\n")
     monkeypatch.chdir(tmp_path)
