@@ -922,6 +922,22 @@ def _depth_to_space(a, x):
     return [y.reshape(n, c // (b * b), h * b, w * b)]
 
 
+def _check_col2im(a):
+    pads = list(a.get("pads") or [])
+    return "asymmetric pads" if pads[:len(pads) // 2] != pads[len(pads) // 2:] else None
+
+
+@_op(host=(1, 2), check=_check_col2im)
+def _col2im(a, x):
+    """Col2Im: sums sliding blocks back into an image (torch's fold; 2-D images only)."""
+    image, block = _list(x[1]), _list(x[2])
+    if len(image) != 2:
+        raise UserError(f"the torch bridge runs Col2Im on 2-D images only (got {len(image)}-D): use --recover layer")
+    pads = list(a.get("pads") or [0, 0, 0, 0])
+    return [F.fold(x[0], image, block, dilation=list(a.get("dilations") or [1, 1]), padding=pads[:2],
+                   stride=list(a.get("strides") or [1, 1]))]
+
+
 def _space_to_depth(a, x):
     X = x[0]
     b = a["blocksize"]
@@ -1012,7 +1028,7 @@ _NEAREST = {
 
 
 def _check_resize(a):
-    if a.get("mode", "nearest") not in ("nearest", "linear", "bilinear", "trilinear"):
+    if a.get("mode", "nearest") not in ("nearest", "linear", "bilinear", "trilinear", "cubic"):
         return f"mode '{a['mode']}'"
     if a.get("coordinate_transformation_mode", "half_pixel") not in _COORDINATES:
         return f"coordinate_transformation_mode '{a['coordinate_transformation_mode']}'"
@@ -1039,12 +1055,33 @@ def _resize_axis(X, axis, out, scale, a):
             idx = _NEAREST[mode](src)
         idx = torch.from_numpy(np.clip(idx, 0, n - 1).astype(np.int64)).to(X.device)
         return X.index_select(axis, idx)
+    if a.get("mode") == "cubic":
+        return _cubic_axis(X, axis, src, n, shape, a)
     src = np.clip(src, 0, n - 1)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
     w = torch.from_numpy((src - lo).astype(np.float32)).to(X.device, X.dtype).reshape(shape)
     lo, hi = torch.from_numpy(lo).to(X.device), torch.from_numpy(hi).to(X.device)
     return X.index_select(axis, lo) * (1 - w) + X.index_select(axis, hi) * w
+
+
+def _cubic_axis(X, axis, src, n, shape, a):
+    """Cubic convolution over the 4 nearest samples of each source coordinate (ONNX's cubic mode:
+    coefficient `cubic_coeff_a`; edge samples repeat, or with exclude_outside the taps outside
+    the axis get no weight and the rest are renormalized)."""
+    A = float(a.get("cubic_coeff_a", -0.75))
+    taps = np.floor(src)[:, None] + np.arange(-1, 3)
+    d = np.abs(taps - src[:, None]).astype(np.float64)
+    w = np.where(d <= 1, ((A + 2) * d - (A + 3)) * d * d + 1, ((A * d - 5 * A) * d + 8 * A) * d - 4 * A)
+    if a.get("exclude_outside", 0):
+        w = np.where((taps < 0) | (taps > n - 1), 0.0, w)
+        w = w / w.sum(axis=1, keepdims=True)
+    idx = np.clip(taps, 0, n - 1).astype(np.int64)
+    out = 0
+    for k in range(4):
+        wk = torch.from_numpy(w[:, k].astype(np.float32)).to(X.device, X.dtype).reshape(shape)
+        out = out + X.index_select(axis, torch.from_numpy(idx[:, k]).to(X.device)) * wk
+    return out
 
 
 def _resample(X, scales, sizes, a):
@@ -1133,7 +1170,7 @@ OPS = {
     "GatherElements": _gather_elements, "GatherND": _gather_nd, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
     "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Trilu": _trilu, "NonZero": _nonzero,
-    "TopK": _topk, "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
+    "TopK": _topk, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,
     "Resize": _resize, "Upsample": _upsample,
     # reductions
     **{name: _reduce(f) for name, f in _REDUCERS.items()},

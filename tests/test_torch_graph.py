@@ -184,6 +184,19 @@ OP_CASES = {
                                     17, 1, (3,)),
     "resize_linear_down": ("Resize", [f32(1, 2, 10, 12), None, scalar([1, 1, 0.5, 0.6])], dict(mode="linear"),
                            17, 1, (2,)),
+    "resize_cubic_half_pixel": ("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 1.5])], dict(mode="cubic"),
+                                17, 1, (2,)),
+    "resize_cubic_down_exclude_outside": ("Resize", [f32(1, 2, 10, 12), None, scalar([1, 1, 0.5, 0.7])],
+                                          dict(mode="cubic", exclude_outside=1, cubic_coeff_a=-0.5), 17, 1, (2,)),
+    "resize_cubic_align_corners_sizes": ("Resize", [f32(1, 2, 5, 6), None, None, i64(1, 2, 9, 4)],
+                                         dict(mode="cubic", coordinate_transformation_mode="align_corners"),
+                                         17, 1, (3,)),
+    "resize_cubic_pytorch_half_pixel": ("Resize", [f32(1, 2, 5, 6), None, None, i64(1, 2, 7, 11)],
+                                        dict(mode="cubic", coordinate_transformation_mode="pytorch_half_pixel"),
+                                        17, 1, (3,)),
+    "col2im": ("Col2Im", [f32(2, 3 * 2 * 3, 12), i64(5, 6), i64(2, 3)], dict(strides=[1, 2], pads=[1, 0, 1, 0]),
+               18, 1, (1, 2)),
+    "col2im_dilated": ("Col2Im", [f32(1, 2 * 4, 4), i64(4, 4), i64(2, 2)], dict(dilations=[2, 2]), 18, 1, (1, 2)),
     "resize_opset11": ("Resize", [f32(1, 2, 5, 6), np.zeros(0, np.float32), scalar([1, 1, 2, 2])],
                        dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
                        11, 1, (1, 2)),
@@ -649,8 +662,9 @@ def test_unsupported_ops_fail_at_construction_naming_op_and_node():
 
 
 def test_unsupported_attributes_fail_at_construction():
-    model, _ = op_model("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 2])], dict(mode="cubic"), consts=(2,))
-    with pytest.raises(UserError, match="Resize.*n0.*cubic"):
+    model, _ = op_model("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 2])], dict(mode="linear", antialias=1),
+                        consts=(2,), opset=18)
+    with pytest.raises(UserError, match="Resize.*n0.*antialias"):
         TorchGraph(model)
 
 
