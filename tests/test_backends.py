@@ -91,10 +91,11 @@ class _SleepySession:
 
 def test_measure_flags_a_change_of_speed_between_blocks():
     kw = dict(warmup=1, blocks=6, min_block_s=0.0, max_runs_per_block=3, pause_s=0.0)
-    even = measure([None, None], {}, sessions=[_SleepySession(2), _SleepySession(1)], **kw)
+    # sleeps of 10-20 ms, not 1-2: the scheduler's jitter on a busy machine is a millisecond or so
+    even = measure([None, None], {}, sessions=[_SleepySession(20), _SleepySession(10)], **kw)
     assert even.steady and 1.3 < even.ratio < 3.0
     # the first model slows down 3x half way: its block medians differ by 3x
-    spell = measure([None, None], {}, sessions=[_SleepySession(2, slow=3.0, slow_after=13), _SleepySession(1)], **kw)
+    spell = measure([None, None], {}, sessions=[_SleepySession(20, slow=3.0, slow_after=13), _SleepySession(10)], **kw)
     assert not spell.steady and spell.speed_change > 2.0
 
 
