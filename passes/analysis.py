@@ -75,6 +75,18 @@ class MeanEdit:
     dtype: int  # the output's ONNX element type, for the scale
 
 
+@dataclass
+class NormEdit:
+    """An RMS norm over channels a plan prunes: the masked reference divides the sum of squares by
+    the dense count C, the pruned node by the kept count C'. Scaling `epsilon` by C/C' and the
+    `scale` initializer by sqrt(C/C') gives the same output exactly."""
+
+    node: str
+    exprs: list
+    scale: str
+    epsilon: float  # the node's epsilon, its schema's default if unset
+
+
 class Context:
     """What a rule sees: axis expressions of tensors, the space table, and edit recorders."""
 
@@ -87,6 +99,7 @@ class Context:
         self.attr_edits: list[AttrEdit] = []
         self.split_edits: list[SplitEdit] = []
         self.mean_edits: list[MeanEdit] = []
+        self.norm_edits: list[NormEdit] = []
         self.where = ""  # the node being analysed, for freeze reasons
         # weight layer -> the channel expressions of the widths its time depends on, in the
         # timing database's order: (cin, cout); depthwise (channels,); grouped (groups, cin/g, cout/g)

@@ -501,6 +501,10 @@ def _fill_shapes_with_ort(static, weights):
     kept = [vi for vi in static.graph.value_info if vi.name not in values]
     del static.graph.value_info[:]
     static.graph.value_info.extend(kept)
+    outputs = {o.name: o for o in static.graph.output}
     for name, arr in values.items():
         dtype = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
-        static.graph.value_info.append(onnx.helper.make_tensor_value_info(name, dtype, arr.shape))
+        measured = onnx.helper.make_tensor_value_info(name, dtype, arr.shape)
+        # a graph output's declared type (symbolic dims the inference could not resolve) is what
+        # the index reads for it: it takes the measured shape
+        (outputs[name] if name in outputs else static.graph.value_info.add()).CopyFrom(measured)

@@ -283,14 +283,16 @@ def group_query_attention(ctx, node):
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)
 def skip_layernorm(ctx, node):
     """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias): that axis is frozen, as
-    by LayerNormalization. Outputs: the normalized sum, mean, inverse std, and the sum itself."""
+    by LayerNormalization (an RMSNorm's prunes, see `_rms_norm`). Outputs: the normalized sum,
+    mean, inverse std, and the sum itself."""
     ins = [i for i in node.input[:2] if i]
     X = ctx.ax(ins[0])
     for other in ins[1:]:
         for a, b in zip(X, ctx.ax(other)[-len(X):]):
             if ctx.size(a) == ctx.size(b):
                 ctx.unify(a, b, f"{_desc(node)} adds differently laid out channels")
-    ctx.freeze(X[-1], f"normalized over by {_desc(node)}")
+    if node.op_type != "SkipSimplifiedLayerNormalization" or not _rms_norm(ctx, node, X[-1:], node.input[2], (1, 2)):
+        ctx.freeze(X[-1], f"normalized over by {_desc(node)}")
     for p in node.input[2:]:
         if p:
             _bind_or_couple(ctx, node, p, 0, X[-1])
@@ -589,13 +591,14 @@ def _bind_or_couple(ctx, node, name, axis, e):
 
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layernorm(ctx, node):
-    """Statistics over the normalized axes mix their channels: those cannot be pruned (RMSNorm,
-    opset 23, and ONNX Runtime's SimplifiedLayerNormalization, in the ONNX domain, have a scale and
-    no bias)."""
+    """A LayerNorm's mean and variance over the normalized axes mix their channels: those cannot be
+    pruned. An RMS norm's can (`_rms_norm`): RMSNormalization (opset 23) and ONNX Runtime's
+    SimplifiedLayerNormalization (in the ONNX domain) have a scale and no bias."""
     X = ctx.ax(node.input[0])
     axis = attr(node, "axis", -1) % len(X)
-    for e in X[axis:]:
-        ctx.freeze(e, f"normalized over by {_desc(node)}")
+    if node.op_type == "LayerNormalization" or not _rms_norm(ctx, node, X[axis:], node.input[1], (1,)):
+        for e in X[axis:]:
+            ctx.freeze(e, f"normalized over by {_desc(node)}")
     for p in node.input[1:3]:
         if p:
             P = ctx.ax(p)
@@ -607,6 +610,38 @@ def layernorm(ctx, node):
     for o in node.output[1:]:
         if o:
             ctx.set(o, [Fx(d) for d in ctx.shape(o)])
+
+
+def _rms_norm(ctx, node, normalized, scale, stat_outputs) -> bool:
+    """Record a NormEdit for an RMS norm over `normalized` (the masked reference's zeros add
+    nothing to its sum of squares; epsilon and scale absorb the smaller count), when the edit is
+    safe: a constant scale read by this node alone, and no statistics output in use (the inverse
+    std would change)."""
+    from onnx_prune.passes.analysis import NormEdit
+
+    def used(k):
+        o = node.output[k] if k < len(node.output) else ""
+        return bool(o) and (bool(ctx.index.consumers.get(o)) or o in ctx.index.graph_outputs)
+
+    if not ctx.is_const(scale) or len(ctx.index.consumers.get(scale, ())) != 1 or any(map(used, stat_outputs)):
+        return False
+    epsilon = attr(node, "epsilon")
+    ctx.norm_edits.append(NormEdit(node.name, list(normalized), scale,
+                                   _schema_default(node, "epsilon") if epsilon is None else epsilon))
+    return True
+
+
+def _schema_default(node, name):
+    """An attribute's default as ONNX Runtime (which runs the model) declares it: contrib ops'
+    schemas are not in the onnx package."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    for schema in ort_c.get_all_operator_schema():
+        if schema.name == node.op_type and schema.domain == domain and name in schema.attributes:
+            proto = onnx.AttributeProto.FromString(schema.attributes[name]._default_value)
+            return onnx.helper.get_attribute_value(proto)
+    raise Unsupported(f"no default for attribute '{name}' in ONNX Runtime's schema")
 
 
 @rule("GroupNormalization")

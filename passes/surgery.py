@@ -75,6 +75,13 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.M
         full = np.prod([table.size(e) for e in edit.exprs])
         if kept != full:
             _rescale_output(out, nodes[edit.node], kept / full, edit.dtype)
+    for edit in ctx.norm_edits:
+        kept = np.prod([int(table.keep_mask(e, keep).sum()) for e in edit.exprs])
+        full = np.prod([table.size(e) for e in edit.exprs])
+        if kept != full:
+            _set_float_attr(nodes[edit.node], "epsilon", edit.epsilon * full / kept)
+            scale = array(edit.scale)
+            arrays[edit.scale] = (scale * np.sqrt(full / kept)).astype(scale.dtype)
     for name, arr in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.array(arr, order="C"), name))
     del out.graph.value_info[:]

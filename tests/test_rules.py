@@ -119,10 +119,12 @@ FROZEN = {
          helper.make_node("MatMul", ["n", "w2"], ["y"], name="fc2")],
         {"w1": W(3, 8), "g": W(8) + 1, "b": W(8), "w2": W(8, 5)}, [1, 3, 4, 4], [1, 4, 4, 5]),
         "normalized over by LayerNormalization"),
-    # ONNX Runtime's RMSNorm (its optimizer's fusion for LLaMA-like models), in the ONNX domain
+    # ONNX Runtime's RMSNorm (its optimizer's fusion for LLaMA-like models), in the ONNX domain,
+    # with its inverse std read: that changes with the kept count
     "simplified_layernorm_channels": (lambda: model(
         [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
-         helper.make_node("SimplifiedLayerNormalization", ["a", "g"], ["n"], axis=-1, name="rms"),
+         helper.make_node("SimplifiedLayerNormalization", ["a", "g"], ["n1", "inv"], axis=-1, name="rms"),
+         helper.make_node("Mul", ["n1", "inv"], ["n"], name="use_stats"),
          helper.make_node("MatMul", ["n", "w2"], ["y"], name="fc2")],
         {"w1": W(16, 8), "g": W(8) + 1, "w2": W(8, 5)}, [2, 4, 16], [2, 4, 5]),
         "normalized over by SimplifiedLayerNormalization"),
@@ -210,6 +212,63 @@ def test_sums_and_means_over_channels_prune_and_a_mean_keeps_its_dense_divisor(o
     if rescales:
         scale = next(t for t in halved.graph.initializer if t.name == rescales[0].input[1])
         assert numpy_helper.to_array(scale) == np.float32(0.5)
+
+
+def rms_norm_model(kind, stats_used=False):
+    """Two projections summed into a residual stream of 24, RMS-normalized, projected back: by
+    ORT's SimplifiedLayerNormalization, its SkipSimplifiedLayerNormalization (reading its sum
+    output too) or opset 23's RMSNormalization. `stats_used` (skip): the inverse std feeds the output."""
+    eps = {} if kind == "skip" else {"epsilon": 0.3}  # large, so that a wrong epsilon shows
+    mm = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+          helper.make_node("MatMul", ["x", "w2"], ["b"], name="fc2")]
+    if kind == "skip":
+        norm = [helper.make_node("SkipSimplifiedLayerNormalization", ["a", "b", "gamma"],
+                                 ["n0", "", "inv" if stats_used else "", "s"], name="norm", domain="com.microsoft"),
+                helper.make_node("Add", ["n0", "s"], ["n"], name="plus_sum")]
+    else:
+        op = "RMSNormalization" if kind == "rms23" else "SimplifiedLayerNormalization"
+        norm = [helper.make_node("Add", ["a", "b"], ["s"], name="res"),
+                helper.make_node(op, ["s", "gamma"], ["n"], name="norm", axis=-1, **eps)]
+    tail = [helper.make_node("MatMul", ["n", "w3"], ["p"], name="fc3")]
+    tail += [helper.make_node("Add", ["p", "inv"], ["y"], name="use_stats")] if stats_used else \
+        [helper.make_node("Identity", ["p"], ["y"], name="out")]
+    return model(mm + norm + tail, {"w1": W(16, 24), "w2": W(16, 24), "gamma": W(24) + 1, "w3": W(24, 16)},
+                 [2, 8, 16], [2, 8, 16], opset=23 if kind == "rms23" else 17,
+                 domains=("com.microsoft",) if kind == "skip" else ())
+
+
+@pytest.mark.parametrize("kind", ["simplified", "skip", "rms23"])
+def test_an_rms_norm_prunes_its_channels_with_epsilon_and_scale_rescaled(kind):
+    m = rms_norm_model(kind)
+    analysis = _prune_and_verify(m)  # the masked reference divides by the dense count
+    assert [g.size for g in analysis.groups] == [24]
+    canon = canonicalize(m)
+    halved = apply_plan(canon.model, analysis, {g.name: np.arange(g.size // 2) for g in analysis.groups})
+    norm = next(n for n in halved.graph.node if n.name == "norm")
+    epsilon = next(a.f for a in norm.attribute if a.name == "epsilon")
+    assert epsilon == pytest.approx(2e-12 if kind == "skip" else 0.6, rel=1e-6)  # ORT's default 1e-12 doubled
+    gamma = numpy_helper.to_array(next(t for t in halved.graph.initializer if t.name == "gamma"))
+    dense_gamma = numpy_helper.to_array(next(t for t in canon.model.graph.initializer if t.name == "gamma"))
+    np.testing.assert_allclose(gamma, dense_gamma[:12] * np.sqrt(2), rtol=1e-6)
+
+
+def test_a_graph_output_declared_with_symbolic_dims_takes_its_measured_shape():
+    # ORT's transformers optimizer writes outputs as (batch, sequence, ...); onnx's inference
+    # cannot see past its contrib ops, so the output's shape comes from running the graph
+    m = rms_norm_model("skip")
+    fc3 = next(n for n in m.graph.node if n.name == "fc3")
+    fc3.output[0] = "y"  # the projection reading the normalized channels writes the output
+    m.graph.node.remove(next(n for n in m.graph.node if n.name == "out"))
+    dims = m.graph.output[0].type.tensor_type.shape.dim
+    dims[0].dim_param, dims[1].dim_param = "batch", "sequence"
+    analysis = _prune_and_verify(m)
+    assert [g.size for g in analysis.groups] == [24]
+
+
+def test_a_skip_rms_norm_whose_inverse_std_is_read_keeps_its_channels():
+    analysis = analyze_canonical(canonicalize(rms_norm_model("skip", stats_used=True)))
+    assert not analysis.groups
+    assert any("normalized over by" in f.reason for f in analysis.frozen)
 
 
 def _prune_and_verify(m, seeds=3):
