@@ -23,8 +23,10 @@ def parse_input_shapes(values) -> dict:
             parsed = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             parsed = ()
-        if not sep or not name or not parsed or any(d <= 0 for d in parsed):
-            raise UserError(f"--input-shape '{v}' is not NAME=DxDx...; e.g. --input-shape input=1x3x224x224")
+        # 0 is a length, as of an empty key/value cache (an LLM's prefill); not a batch
+        if not sep or not name or not parsed or parsed[0] <= 0 or any(d < 0 for d in parsed):
+            raise UserError(f"--input-shape '{v}' is not NAME=DxDx... (positive batch, other dims >= 0); "
+                            "e.g. --input-shape input=1x3x224x224")
         shapes[name] = parsed
     return shapes
 

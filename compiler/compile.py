@@ -516,7 +516,9 @@ def _check_calibration_batch(model, first, feeds):
     if len(next(iter(first.values()))) != len(next(iter(feeds.values()))):
         check_runs(model, first, hint="a batch of calibration samples, as the graph declares its batch dynamic; "
                                       "its exporter may have fixed the batch it traced: export it with a static "
-                                      "batch or a truly dynamic one")
+                                      "batch or a truly dynamic one; a language model's attention may batch "
+                                      "several tokens only without a key/value cache: calibrate with an empty "
+                                      "one (past length 0)")
 
 
 def _timing_feeds(canon, samples, batch_size, notes):

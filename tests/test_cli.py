@@ -128,6 +128,9 @@ def test_input_shapes_repeated_or_comma_separated():
     assert parse_input_shapes(["ids=1x128,mask=1x128"]) == both
     with pytest.raises(UserError, match="'mask' is not NAME"):
         parse_input_shapes(["ids=1x128,mask"])
+    assert parse_input_shapes(["past=1x4x0x32"]) == {"past": (1, 4, 0, 32)}  # an empty cache
+    with pytest.raises(UserError, match="positive batch"):
+        parse_input_shapes(["ids=0x128"])
 
 
 def test_analyze_text_and_json(model_path):

@@ -608,6 +608,26 @@ def test_ort_group_query_attention_prunes_heads_and_head_size(case):
     assert values["scale"] == pytest.approx(kw.get("scale", 1 / np.sqrt(kw.get("h", 16))))  # not 1/sqrt(16)
 
 
+def test_an_empty_key_value_cache_given_as_input_prunes_and_verifies():
+    """An LLM's prefill (ORT's generative-AI builder): the cache inputs at past length 0, as
+    `--input-shape past_k=2x2x0x16` gives them."""
+    from onnx_prune.compiler.cli import parse_input_shapes
+
+    m = ort_group_query_attention()
+    att = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    att.input[3], att.input[4] = "past_k", "past_v"
+    m.graph.input.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 2, "past", 16])
+                         for name in ("past_k", "past_v"))
+    shapes = parse_input_shapes(["past_k=2x2x0x16,past_v=2x2x0x16"])
+    canon = canonicalize(m, input_shapes=shapes)
+    analysis = analyze_canonical(canon)
+    assert sorted(g.size for g in analysis.groups) == [2]  # query heads per group; the cache's kv heads stay
+    feeds = random_feeds(canon.model, canon.input_shapes)
+    assert feeds["past_k"].shape == (2, 2, 0, 16)
+    plan = random_plan(analysis, np.random.default_rng(0), "keep1")
+    verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+
+
 def picked_channels(indices):
     """x (2, 16) -> fc1 (24 channels) -> Gather of constant channel `indices`, and ReLU -> fc2;
     both concatenated into the output: the picked channels stay, the others prune."""
