@@ -249,7 +249,7 @@ def group_query_attention(ctx, node):
     within every group prune alike (num_heads and kv_num_heads follow), with the cache (B, Nkv, P,
     H), a per-head attention bias and the head sinks. The one head size H of Q, K, V and the output
     prunes in blocks of 16 dimensions (ORT's kernel takes only multiples of 16; the scale is written
-    out), unless a rotary embedding pairs its dimensions or a per-head norm mixes them."""
+    out), under a rotary embedding in whole pairs (`_rotary_head_size`); a per-head norm keeps it."""
     inputs = list(node.input) + [""] * 17
     if any(inputs[12:14]) or attr(node, "kv_cache_bit_width", 0):
         raise Unsupported("quantized key/value cache")
@@ -267,17 +267,43 @@ def group_query_attention(ctx, node):
     ctx.unify(d, dv, f"{_desc(node)} has one head size for query, key and value")
     ctx.unify(k_heads, v_heads, why)
     ctx.unify(ctx.table.split(q_heads, [nkv, n // nkv])[0] if n != nkv else q_heads, k_heads, why)
-    if attr(node, "do_rotary", 0) or inputs[14]:
-        ctx.freeze(d, f"{_desc(node)} rotates or normalizes the heads' dimensions together")
+    if attr(node, "do_rotary", 0):
+        _rotary_head_size(ctx, node, d, h, inputs[7:9])
+    elif h % GQA_BLOCK:
+        ctx.freeze(d, f"{_desc(node)} takes head sizes in multiples of {GQA_BLOCK} only")
     else:  # whole blocks of 16 dimensions, the same in every head
-        ctx.freeze(ctx.table.split(d, [h // GQA_BLOCK, GQA_BLOCK])[1] if h % GQA_BLOCK == 0 else d,
+        ctx.freeze(ctx.table.split(d, [h // GQA_BLOCK, GQA_BLOCK])[1],
                    f"{_desc(node)} takes head sizes in multiples of {GQA_BLOCK} only")
+    if inputs[14]:
+        ctx.freeze(d, f"{_desc(node)} normalizes the heads' dimensions together")
     if inputs[11]:
         _bind_or_couple(ctx, node, inputs[11], 0, q_heads)
     for name, heads in (("num_heads", q_heads), ("kv_num_heads", k_heads)):
         ctx.attr_edits.append(_attr_edit(node, name, heads))
     _attention_tail(ctx, node, why, inputs[10], inputs[3:5], (q_heads, n), k_heads, d, d)
     ctx.set(node.output[0], [Q[0], Q[1], Prod((q_heads, d))])
+
+
+def _rotary_head_size(ctx, node, d, h, caches):
+    """A rotary embedding turns dimension pairs by one angle per frequency: (i, i + h/2), or (2i,
+    2i + 1) when interleaved, with the caches' column i (cos and sin, (positions, h/2)). A pair
+    prunes whole, with its columns; frequencies go in blocks of 8 (16 dimensions, ORT's multiple).
+    A partial rotary embedding (fewer columns than h/2) keeps the head size."""
+    cos, sin = caches
+    pairs = h // 2
+    if h % GQA_BLOCK or not (cos and sin) or any(ctx.size(ctx.ax(c)[1]) != pairs for c in caches):
+        ctx.freeze(d, f"{_desc(node)} rotates the heads' dimensions in pairs over part of the head or in "
+                      f"sizes off its multiples of {GQA_BLOCK}")
+        return
+    if attr(node, "rotary_interleaved", 0):
+        freq, turn = ctx.table.split(d, [pairs, 2])
+    else:
+        turn, freq = ctx.table.split(d, [2, pairs])
+    ctx.freeze(turn, f"{_desc(node)} rotates these dimensions together")
+    ctx.freeze(ctx.table.split(freq, [pairs // (GQA_BLOCK // 2), GQA_BLOCK // 2])[1],
+               f"{_desc(node)} takes head sizes in multiples of {GQA_BLOCK} only")
+    for c in caches:
+        _bind_or_couple(ctx, node, c, 1, freq)
 
 
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)

@@ -580,14 +580,16 @@ GQA = {
     "grouped": {}, "one_kv_head": dict(nkv=1), "as_many_kv_heads": dict(nkv=4), "packed": dict(packed=True),
     "rotary": dict(rotary=True), "cache_scaled_softcap": dict(past=True, scale=0.3, softcap=5.0),
     "head_size_48": dict(h=48), "packed_head_size_32_rotary": dict(packed=True, h=32, rotary=True),
-    "packed_head_size_32": dict(packed=True, h=32),
+    "packed_head_size_32": dict(packed=True, h=32), "rotary_head_size_64": dict(h=64, rotary=True),
+    "interleaved_rotary_head_size_48": dict(h=48, rotary=True, rotary_interleaved=1),
+    "rotary_cache_head_size_32": dict(h=32, rotary=True, past=True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GQA))
 def test_ort_group_query_attention_prunes_heads_and_head_size(case):
     """Key/value heads (with their query heads), the query heads within every group and the head
-    size, in blocks of 16 (ORT's kernel takes multiples of 16 only; not under a rotary embedding),
+    size, in blocks of 16 (ORT's kernel takes multiples of 16 only; under a rotary embedding, in pairs),
     prune, and the pruned model stays equivalent (ONNX Runtime runs it)."""
     import onnx
 
@@ -597,8 +599,7 @@ def test_ort_group_query_attention_prunes_heads_and_head_size(case):
     n, nkv = 4, kw.get("nkv", 2)
     heads = [h for h in (nkv, n // nkv) if h > 1]
     blocks = kw.get("h", 16) // 16
-    assert sorted(g.size for g in analysis.groups) == sorted(heads + ([blocks] if blocks > 1 and not kw.get("rotary")
-                                                                     else []))
+    assert sorted(g.size for g in analysis.groups) == sorted(heads + ([blocks] if blocks > 1 else []))
     assert any("multiples of 16" in f.reason or "rotates" in f.reason for f in analysis.frozen)
     canon = canonicalize(m)
     plan = random_plan(analysis, np.random.default_rng(0), "keep1")
