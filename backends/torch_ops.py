@@ -601,6 +601,38 @@ def _rotary(t, cos, sin, interleaved):
     return torch.cat([rot, rest], -1)
 
 
+def _check_rotary_embedding(a):
+    for name, plain in (("scale", 1.0), ("is_packed_batching", 0)):
+        if a.get(name, plain) != plain:
+            return f"{name}={a[name]}"
+    return None
+
+
+def _run_rotary_embedding(order, a, x):
+    """ONNX's RotaryEmbedding (opset 23: X, cos, sin, position ids) or ONNX Runtime's (input,
+    position ids, cos, sin; `order` maps them): X (B, S, N x H) or (B, N, S, H); the caches
+    indexed by position ids (ORT's may be one offset), or ONNX's given per token without them."""
+    X, cos, sin, ids = (_opt(x, i) for i in order)
+    three_d = X.dim() == 3
+    if three_d:
+        n = a.get("num_heads", 0) or X.shape[-1] // (2 * cos.shape[-1])
+        X = X.reshape(X.shape[0], X.shape[1], n, -1).transpose(1, 2)
+    if ids is not None:
+        if ids.numel() == 1:  # ORT: one offset for every sequence
+            ids = ids.reshape(1, 1) + torch.arange(X.shape[2], device=X.device)[None]
+        cos, sin = cos[ids.long()], sin[ids.long()]
+    r = a.get("rotary_embedding_dim", 0) or X.shape[-1]
+    if cos.shape[-1] * 2 != r:
+        raise UserError(f"RotaryEmbedding: caches of {cos.shape[-1]} angles for {r} rotated dimensions")
+    batch = (X.shape[0],) + tuple(cos.shape[1:])
+    Y = _rotary(X, cos.expand(batch), sin.expand(batch), a.get("interleaved", 0))
+    return [Y.transpose(1, 2).reshape(X.shape[0], X.shape[2], -1) if three_d else Y]
+
+
+def _rotary_embedding(order):
+    return _op(check=_check_rotary_embedding)(functools.partial(_run_rotary_embedding, order))
+
+
 def _check_group_query_attention(a):
     for name in ("smooth_softmax", "qk_output", "kv_cache_bit_width"):
         if a.get(name, 0):
@@ -1158,6 +1190,7 @@ OPS = {
     # normalization, softmax, dropout
     "BatchNormalization": _batch_norm, "InstanceNormalization": _instance_norm, "LayerNormalization": _layer_norm,
     "GroupNormalization": _group_norm, "RMSNormalization": _rms_norm,
+    "RotaryEmbedding": _rotary_embedding((0, 1, 2, 3)),
     "SimplifiedLayerNormalization": _rms_norm, "LRN": _lrn, "Softmax": _softmax_like(torch.softmax),
     "LogSoftmax": _softmax_like(torch.log_softmax), "Dropout": _dropout,
     # shapes and data movement
@@ -1311,7 +1344,7 @@ CONTRIB_OPS = {
     "SkipLayerNormalization": _skip_layer_norm, "SkipSimplifiedLayerNormalization": _skip_simplified_layer_norm,
     "GroupQueryAttention": _group_query_attention, "Attention": _fused_attention,
     "MultiHeadAttention": _multi_head_attention,
-    "EmbedLayerNormalization": _embed_layer_norm,
+    "EmbedLayerNormalization": _embed_layer_norm, "RotaryEmbedding": _rotary_embedding((0, 2, 3, 1)),
 }
 
 

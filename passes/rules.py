@@ -295,15 +295,53 @@ def _rotary_head_size(ctx, node, d, h, caches):
         ctx.freeze(d, f"{_desc(node)} rotates the heads' dimensions in pairs over part of the head or in "
                       f"sizes off its multiples of {GQA_BLOCK}")
         return
-    if attr(node, "rotary_interleaved", 0):
-        freq, turn = ctx.table.split(d, [pairs, 2])
-    else:
-        turn, freq = ctx.table.split(d, [2, pairs])
-    ctx.freeze(turn, f"{_desc(node)} rotates these dimensions together")
+    freq = _rotary_pairs(ctx, node, d, pairs, attr(node, "rotary_interleaved", 0), caches)
     ctx.freeze(ctx.table.split(freq, [pairs // (GQA_BLOCK // 2), GQA_BLOCK // 2])[1],
                f"{_desc(node)} takes head sizes in multiples of {GQA_BLOCK} only")
+
+
+def _rotary_pairs(ctx, node, d, pairs, interleaved, caches):
+    """Head dimensions `d` turned in pairs, (i, i + H/2) or interleaved (2i, 2i + 1), by the caches'
+    column i: the pair's two members stay together, and the pair space (returned) owns the columns."""
+    freq, turn = ctx.table.split(d, [pairs, 2]) if interleaved else ctx.table.split(d, [2, pairs])[::-1]
+    ctx.freeze(turn, f"{_desc(node)} rotates these dimensions together")
     for c in caches:
-        _bind_or_couple(ctx, node, c, 1, freq)
+        _bind_or_couple(ctx, node, c, len(ctx.ax(c)) - 1, freq)
+    return freq
+
+
+@rule("RotaryEmbedding")
+def rotary_embedding(ctx, node):
+    """ONNX's (opset 23): X, cos, sin, position ids (see `_rotary_heads`)."""
+    _rotary_heads(ctx, node, node.input[1:3])
+
+
+@rule("RotaryEmbedding", domain=CONTRIB)
+def rotary_embedding_ort(ctx, node):
+    """ONNX Runtime's: input, position ids, cos, sin (see `_rotary_heads`)."""
+    _rotary_heads(ctx, node, node.input[2:4])
+
+
+def _rotary_heads(ctx, node, caches):
+    """A rotary embedding of X (B, S, N x H) or (B, N, S, H): heads pass through (num_heads
+    follows), each head's dimensions turn in pairs, one angle per cache column (cos and sin,
+    (positions, H/2) or per token (B, S, H/2)): a pair prunes whole, with its columns. A partial
+    rotation (fewer columns than H/2) keeps the head size."""
+    X = ctx.ax(node.input[0])
+    pairs = ctx.shape(caches[0])[-1]
+    if len(X) == 3:
+        n = attr(node, "num_heads", 0) or ctx.size(X[2]) // (2 * pairs)
+        heads, d = ctx.table.split(X[2], [n, ctx.size(X[2]) // n])
+        if attr(node, "num_heads", 0):
+            ctx.attr_edits.append(_attr_edit(node, "num_heads", heads))
+    else:
+        d = X[3]
+    h = ctx.size(d)
+    if (attr(node, "rotary_embedding_dim", 0) or h) != h or 2 * pairs != h:
+        ctx.freeze(d, f"{_desc(node)} rotates part of each head")
+    else:
+        _rotary_pairs(ctx, node, d, pairs, attr(node, "interleaved", 0), caches)
+    ctx.set(node.output[0], X)
 
 
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=CONTRIB)

@@ -609,6 +609,49 @@ def test_ort_group_query_attention_prunes_heads_and_head_size(case):
     assert values["scale"] == pytest.approx(kw.get("scale", 1 / np.sqrt(kw.get("h", 16))))  # not 1/sqrt(16)
 
 
+def rotary_model(kind, h=8):
+    """x (2, 8, 16) -> a projection to 4 heads of h -> a rotary embedding (ONNX's at opset 23, or
+    ORT's; 3-D, or 4-D after a reshape and transpose) -> back -> an output projection."""
+    n, pairs = 4, h // 2
+    ort = kind.startswith("ort")
+    rot = h // 2 if kind == "onnx_partial" else h
+    angles = np.outer(np.arange(16), 1.0 / 10000 ** (np.arange(rot // 2) / max(rot // 2, 1)))
+    inits = {"wq": W(16, n * h), "wo": W(n * h, 16), "cos": np.cos(angles).astype(np.float32),
+             "sin": np.sin(angles).astype(np.float32), "ids": np.tile(np.arange(8), (2, 1)) + np.array([[0], [3]]),
+             "heads": np.array([2, 8, n, h]), "back": np.array([2, 8, n * h])}
+    attrs = {"interleaved": int(kind.endswith("interleaved"))}
+    four_d = "4d" in kind
+    if not four_d:
+        attrs["num_heads"] = n
+    if kind == "onnx_partial":
+        attrs["rotary_embedding_dim"] = rot
+    if kind == "onnx_4d_interleaved":  # per-token caches, no position ids
+        inits["cos"], inits["sin"] = (f(np.outer(np.arange(8), np.ones(pairs)))[None].repeat(2, 0).astype(np.float32)
+                                      for f in (np.cos, np.sin))
+    ins = ["q", "ids", "cos", "sin"] if ort else ["q", "cos", "sin"] + ([] if kind == "onnx_4d_interleaved" else ["ids"])
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="proj_q")]
+    if four_d:
+        nodes += [helper.make_node("Reshape", ["q", "heads"], ["q4"], name="split_heads"),
+                  helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3], name="heads_first")]
+        ins[0] = "qt"
+    nodes.append(helper.make_node("RotaryEmbedding", ins, ["r"], name="rope", domain="com.microsoft" if ort else "",
+                                  **attrs))
+    if four_d:
+        nodes += [helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 1, 3], name="seq_first"),
+                  helper.make_node("Reshape", ["rt", "back"], ["r3"], name="merge_heads")]
+    nodes.append(helper.make_node("MatMul", ["r3" if four_d else "r", "wo"], ["y"], name="out"))
+    return model(nodes, inits, [2, 8, 16], [2, 8, 16], opset=23, domains=("com.microsoft",) if ort else ())
+
+
+@pytest.mark.parametrize("kind", ["onnx_3d", "onnx_4d_interleaved", "onnx_partial", "ort_3d", "ort_4d_interleaved"])
+def test_a_rotary_embedding_prunes_heads_and_whole_pairs_of_dimensions(kind):
+    m = rotary_model(kind)
+    analysis = _prune_and_verify(m, seeds=4)
+    sizes = sorted(g.size for g in analysis.groups)
+    assert sizes == ([4] if kind == "onnx_partial" else [4, 4])  # 4 heads; 4 pairs of each head's 8 dims
+    assert any("rotates" in f.reason for f in analysis.frozen)
+
+
 def test_an_empty_key_value_cache_given_as_input_prunes_and_verifies():
     """An LLM's prefill (ORT's generative-AI builder): the cache inputs at past length 0, as
     `--input-shape past_k=2x2x0x16` gives them."""

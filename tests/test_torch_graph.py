@@ -377,6 +377,19 @@ OP_CASES = {
                                                f32(1, 2, 4, 32), np.array([6], np.int32), np.array(7, np.int32),
                                                f32(16, 8), f32(16, 8)],  # rotates 16 of 32 dimensions
         dict(num_heads=4, kv_num_heads=2, do_rotary=1, rotary_interleaved=1), 17, 3, (5, 6, 7, 8)),
+    # rotary embeddings on their own: ONNX's (opset 23) and ORT's, 3-D (heads packed) or 4-D
+    "rotary_3d_position_ids": ("RotaryEmbedding", [f32(2, 5, 32), f32(16, 4), f32(16, 4), i64(0, 1, 2, 3, 4, 3, 4, 5, 6, 7)
+                                                   .reshape(2, 5)], dict(num_heads=4), 23, 1, (1, 2)),
+    "rotary_4d_per_token_interleaved": ("RotaryEmbedding", [f32(2, 4, 5, 8), f32(2, 5, 4), f32(2, 5, 4)],
+                                        dict(interleaved=1), 23, 1, ()),
+    "rotary_3d_partial": ("RotaryEmbedding", [f32(2, 5, 32), f32(16, 2), f32(16, 2), i64(*range(5), *range(5))
+                                              .reshape(2, 5)], dict(num_heads=4, rotary_embedding_dim=4), 23, 1, (1, 2)),
+    "ms_rotary_3d": ("com.microsoft::RotaryEmbedding", [f32(2, 5, 32), i64(2, 3, 4, 5, 6, 0, 1, 2, 3, 4).reshape(2, 5),
+                                                        f32(16, 4), f32(16, 4)], dict(num_heads=4), 17, 1, (2, 3)),
+    "ms_rotary_offset_interleaved": ("com.microsoft::RotaryEmbedding", [f32(2, 5, 32), i64(3), f32(16, 4), f32(16, 4)],
+                                     dict(num_heads=4, interleaved=1), 17, 1, (2, 3)),
+    "ms_rotary_4d": ("com.microsoft::RotaryEmbedding", [f32(2, 4, 5, 8), i64(*range(5), *range(5)).reshape(2, 5),
+                                                        f32(16, 4), f32(16, 4)], {}, 17, 1, (2, 3)),
     "ms_group_query_attention_bias_bidirectional": (
         "com.microsoft::GroupQueryAttention", [f32(2, 5, 64), f32(2, 5, 16), f32(2, 5, 16), None, None,
                                                np.array([4, 4], np.int32), np.array(5, np.int32), None, None, None,
