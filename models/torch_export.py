@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -124,6 +125,9 @@ def from_torch(
                 # decoder masks call aten::diff); torch's dynamo exporter has them.
                 names["dynamic_axes"] = _without_unit_axes(axes, input_names, inputs)
                 _export_with_dynamo(torch, module, inputs, path, max(opset, DYNAMO_MIN_OPSET), names, exc)
+            else:
+                _redo_if_invalid(torch, module, inputs, path, max(opset, DYNAMO_MIN_OPSET),
+                                 dict(names, dynamic_axes=_without_unit_axes(axes, input_names, inputs)))
             model = onnx.load(path)  # with the external data torch wrote beside it, if any
     finally:
         for m, training in modes:
@@ -166,6 +170,20 @@ def _export_with_dynamo(torch, module, inputs, path, opset, names, first_error):
     except Exception as exc:
         raise UserError(f"torch could not export the module to ONNX ({type(first_error).__name__}: "
                         f"{_first_line(first_error)}; with dynamo: {type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _redo_if_invalid(torch, module, inputs, path, opset, names):
+    """The TorchScript exporter can write a graph that breaks ONNX's schemas (torch.onnx.ops'
+    rotary_embedding becomes a RotaryEmbedding with its attributes as 4 extra inputs): export again
+    through dynamo; if that fails too, keep the first graph, whose error will surface on loading."""
+    try:
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as invalid:
+        shutil.copyfile(path, path + ".torchscript")
+        try:
+            _export_with_dynamo(torch, module, inputs, path, opset, names, invalid)
+        except UserError:
+            os.replace(path + ".torchscript", path)
 
 
 def _varargs_shapes(torch, module, input_names, axes):

@@ -120,6 +120,33 @@ def test_dynamo_fallback_keeps_a_varargs_forwards_dynamic_batch_and_prints_nothi
     np.testing.assert_allclose(y, module(a3, b3).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_an_invalid_torchscript_export_is_redone_through_dynamo():
+    """torch.onnx.ops.rotary_embedding through the TorchScript exporter becomes a RotaryEmbedding
+    with its attributes as extra inputs, which ONNX's schema (and ORT) reject: from_torch checks the
+    graph and exports again through dynamo, whose RotaryEmbedding prunes its heads."""
+    import onnxruntime as ort
+
+    class Rope(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = torch.nn.Linear(32, 32), torch.nn.Linear(32, 8)
+            angles = torch.outer(torch.arange(16).float(), 1.0 / 100 ** (torch.arange(4) / 4))
+            self.register_buffer("cos", angles.cos())
+            self.register_buffer("sin", angles.sin())
+
+        def forward(self, x, pos):
+            return self.o(torch.onnx.ops.rotary_embedding(self.q(x), self.cos, self.sin, pos, num_heads=4))
+
+    module, x, pos = Rope().eval(), torch.randn(2, 6, 32), torch.arange(6).repeat(2, 1)
+    model = onnx_prune.from_torch(module, (x, pos), input_names=["x", "pos"], opset=23)
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x.numpy(), "pos": pos.numpy()})[0]
+    np.testing.assert_allclose(y, module(x, pos).detach().numpy(), rtol=1e-5, atol=1e-5)
+    groups = onnx_prune.analyze(model, input_shapes={"x": (2, 6, 32), "pos": (2, 6)}).groups
+    assert sorted(g.size for g in groups) == [4, 4]  # heads; each head's 4 pairs of dimensions
+
+
 def test_callables_import_from_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "calibsrc.py").write_text("def fn():\n    return {'x': [[1.0]]}\n")
     monkeypatch.chdir(tmp_path)
