@@ -8,6 +8,8 @@ touch. Nothing here edits the graph.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 
@@ -698,14 +700,21 @@ def _rms_norm(ctx, node, normalized, scale, stat_outputs) -> bool:
 def _schema_default(node, name):
     """An attribute's default as ONNX Runtime (which runs the model) declares it: contrib ops'
     schemas are not in the onnx package."""
+    value = _ort_default(node.op_type, "" if node.domain in ("", "ai.onnx") else node.domain, name)
+    if value is None:
+        raise Unsupported(f"no default for attribute '{name}' in ONNX Runtime's schema")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _ort_default(op_type, domain, name):
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
     for schema in ort_c.get_all_operator_schema():
-        if schema.name == node.op_type and schema.domain == domain and name in schema.attributes:
+        if schema.name == op_type and schema.domain == domain and name in schema.attributes:
             proto = onnx.AttributeProto.FromString(schema.attributes[name]._default_value)
             return onnx.helper.get_attribute_value(proto)
-    raise Unsupported(f"no default for attribute '{name}' in ONNX Runtime's schema")
+    return None
 
 
 @rule("GroupNormalization")
