@@ -12,6 +12,12 @@ import numpy as np
 from onnx_prune.backends.ort import make_session
 from onnx_prune.errors import UserError
 from onnx_prune.passes.reconstruct import token_mask
+from onnx_prune.passes.verify import numeric
+
+
+def _arrays(outs):
+    """Outputs as arrays (a sequence of maps, as scikit-learn's ZipMap gives, in numbers)."""
+    return [o if isinstance(o, np.ndarray) else numeric(o) for o in outs]
 
 
 def _mask_for(out, feeds):
@@ -57,7 +63,7 @@ class Reference:
         self.samples = int(len(next(iter(samples.values()))))
         self.feeds = _batches(dense, samples)
         sess = make_session(dense, provider=provider, quiet=True)
-        self.dense_outs = [sess.run(None, f) for f in self.feeds]
+        self.dense_outs = [_arrays(sess.run(None, f)) for f in self.feeds]
         self.labels = labels
         if labels is not None:
             first = np.concatenate([outs[0] for outs in self.dense_outs])
@@ -73,7 +79,7 @@ class Reference:
         firsts = []
         used = max(1, round(share * len(self.feeds)))
         for feeds, dense in zip(self.feeds[:used], self.dense_outs):
-            outs = sess.run(None, feeds)
+            outs = _arrays(sess.run(None, feeds))
             firsts.append(outs[0])
             for k, v in compare(dense, outs, feeds).items():
                 parts[k].extend(v)

@@ -9,12 +9,13 @@ a random value of sensible scale so outputs depend on every channel.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from onnx_prune.passes.graph import quiet_graphsurgeon
 
 from .feeds import InputSpec
 
@@ -50,18 +51,6 @@ def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
     }
 
 
-@contextlib.contextmanager
-def _quiet_graphsurgeon():
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    level = G_LOGGER.severity
-    G_LOGGER.severity = G_LOGGER.ERROR  # its large-constant warnings are expected here
-    try:
-        yield
-    finally:
-        G_LOGGER.severity = level
-
-
 def constant_fold(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold ConstantOfShape, Unsqueeze-of-constant etc. into initializers.
 
@@ -69,7 +58,7 @@ def constant_fold(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     import onnx_graphsurgeon as gs
 
-    with _quiet_graphsurgeon():
+    with quiet_graphsurgeon():
         graph = gs.import_onnx(model)
         graph.fold_constants().cleanup()
         folded = gs.export_onnx(graph)

@@ -22,8 +22,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of, shapes_only_copy,
-                                     too_large_to_serialize, without_large_weights)
+from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of, quiet_graphsurgeon,
+                                     shapes_only_copy, too_large_to_serialize, without_large_weights)
 from onnx_prune.passes.rules import SHAPE_TARGETS
 
 MIN_OPSET = 7
@@ -153,13 +153,14 @@ def _fold_constants(model):
     from onnx_prune.backends.ort import errors_only_from_ort
 
     errors_only_from_ort()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_graphsurgeon():
         warnings.simplefilter("ignore")
         graph = gs.import_onnx(inferred)
         graph.fold_constants(fold_shapes=True, error_ok=True)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         folded = gs.export_onnx(graph, do_type_check=False)
     del folded.graph.value_info[:]
+    _keep_non_tensor_types(model, folded)
     folded.ir_version = min(max(header[0], 7), MAX_IR_VERSION)
     folded.producer_name, folded.producer_version, folded.doc_string, folded.model_version, folded.domain = header[1:]
     del folded.metadata_props[:]
@@ -167,6 +168,17 @@ def _fold_constants(model):
         folded.metadata_props.add(key=k, value=v)
     _constants_to_initializers(folded)
     return folded
+
+
+def _keep_non_tensor_types(original, folded):
+    """onnx-graphsurgeon knows tensors only: it writes a sequence or map input or output (scikit-
+    learn's ZipMap output, a sequence of maps) back as a sequence of untyped tensors, which ORT
+    refuses. Those take their declared types again."""
+    declared = {vi.name: vi.type for vi in list(original.graph.input) + list(original.graph.output)
+                if vi.type.WhichOneof("value") != "tensor_type"}
+    for vi in list(folded.graph.input) + list(folded.graph.output):
+        if vi.name in declared:
+            vi.type.CopyFrom(declared[vi.name])
 
 
 def _constants_to_initializers(model):
@@ -489,7 +501,11 @@ def _fill_shapes_with_ort(static, weights):
         if dims is not None and all(d is not None for d in dims):
             known[vi.name] = dims
     known.update({t.name: tuple(t.dims) for t in static.graph.initializer})
-    missing = [o for n in static.graph.node for o in n.output if o and o not in known]
+    # a sequence or map (scikit-learn's ZipMap) carries no channels, and a session cannot return it
+    # beside the tensors: asking for it lost every shape
+    not_tensors = {vi.name for vi in list(static.graph.value_info) + list(static.graph.output)
+                   if vi.type.WhichOneof("value") not in (None, "tensor_type")}
+    missing = [o for n in static.graph.node for o in n.output if o and o not in known and o not in not_tensors]
     if not missing:
         return
     from onnx_prune.backends.ort import run_all_outputs

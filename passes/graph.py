@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 
@@ -224,6 +225,20 @@ def _shape_only(t: onnx.TensorProto) -> bool:
     return (np.prod(t.dims, dtype=np.int64) > 0 and not t.raw_data and not t.external_data
             and not any(len(getattr(t, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
                                                      "uint64_data", "string_data")))
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon():
+    """onnx-graphsurgeon's warnings (large constants, types it cannot map, its missing `colored`
+    module) describe its internals, not the user's model: errors only."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    level = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = level
 
 
 def infer_shapes(model: onnx.ModelProto, **options) -> onnx.ModelProto:

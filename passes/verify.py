@@ -90,13 +90,25 @@ def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, a_weigh
     out_b = make_session(b).run(None, feeds)
     err, scale = 0.0, 0.0
     for x, y in zip(out_a, out_b):
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        x, y = numeric(x), numeric(y)
         if x.shape != y.shape:
             raise VerificationError(f"output shape changed: {x.shape} -> {y.shape}")
         if x.size:
             err = max(err, float(np.max(np.abs(x - y))))
             scale = max(scale, float(np.max(np.abs(x))))
     return err, max(scale, 1e-12)
+
+
+def numeric(value) -> np.ndarray:
+    """An output as float64 numbers: a map's values in key order, a sequence's elements one after
+    another (scikit-learn's ZipMap gives a sequence of maps, one per sample)."""
+    if isinstance(value, dict):
+        return np.asarray([value[k] for k in sorted(value)], dtype=np.float64)
+    if isinstance(value, list):
+        parts = [numeric(v) for v in value]
+        return np.stack(parts) if parts and len({p.shape for p in parts}) == 1 else \
+            np.concatenate([p.ravel() for p in parts] or [np.zeros(0)])
+    return np.asarray(value, dtype=np.float64)
 
 
 def check_valid(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]:

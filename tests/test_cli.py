@@ -133,6 +133,47 @@ def test_input_shapes_repeated_or_comma_separated():
         parse_input_shapes(["ids=0x128"])
 
 
+def classifier_with_zipmap():
+    """A scikit-learn MLP classifier as skl2onnx writes it: a label, and the class probabilities as
+    a sequence of maps (ZipMap, in the ai.onnx.ml domain)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (12, 32)), ("b1", (32,)), ("w2", (32, 3)))]
+    nodes = [helper.make_node("MatMul", ["X", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2"),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=1, name="softmax"),
+             helper.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0, name="argmax"),
+             helper.make_node("ZipMap", ["p"], ["probabilities"], classlabels_int64s=[0, 1, 2], name="zipmap",
+                              domain="ai.onnx.ml")]
+    per_class = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, None))
+    probabilities = helper.make_value_info("probabilities", helper.make_sequence_type_proto(per_class))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 12])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]), probabilities], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_sequence_of_maps_output_keeps_its_type_and_the_rest_prunes(tmp_path):
+    src, out = tmp_path / "clf.onnx", tmp_path / "clf.pruned.onnx"
+    onnx.save(classifier_with_zipmap(), src)
+    r = run_cli("prune", src, "-o", out, "--ratio", "0.5", "--input-shape", "X=8x12")
+    assert r.returncode == 0, r.stderr
+    assert "verified" in r.stdout and "[W]" not in r.stdout + r.stderr  # no graphsurgeon chatter
+    pruned = onnx.load(out)
+    assert pruned.graph.output[1].type == onnx.load(src).graph.output[1].type  # a sequence of maps still
+    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "w1")).shape == (12, 16)
+    import onnxruntime as ort
+
+    probabilities = ort.InferenceSession(str(out)).run(None, {"X": np.ones((2, 12), np.float32)})[1]
+    assert len(probabilities) == 2 and sorted(probabilities[0]) == [0, 1, 2]
+    from onnx_prune.passes.verify import numeric  # how verification and fidelity read it
+
+    np.testing.assert_allclose(numeric(probabilities).sum(1), 1.0, rtol=1e-5)
+
+
 def test_analyze_text_and_json(model_path):
     r = run_cli("analyze", model_path)
     assert r.returncode == 0, r.stderr
