@@ -26,7 +26,6 @@ from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, infer_shapes, load
                                      shapes_only_copy, too_large_to_serialize, without_large_weights)
 from onnx_prune.passes.rules import SHAPE_TARGETS
 
-MIN_OPSET = 7
 UPGRADE_BELOW = 13
 UPGRADE_TO = 17
 UNSHARE_MAX_ELEMENTS = 1 << 16
@@ -45,11 +44,11 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
     notes = []
     opset = opset_of(model)
     newest = max_ort_opset()
-    if not MIN_OPSET <= opset <= newest:
-        raise UserError(f"opset {opset} is not supported (supported: {MIN_OPSET} to {newest}, what this onnxruntime "
-                        f"accepts); convert the model with onnx.version_converter")
+    if opset > newest:
+        raise UserError(f"opset {opset} is newer than this onnxruntime runs (up to {newest}); upgrade onnxruntime "
+                        f"or convert the model down with onnx.version_converter")
     _drop_initializer_inputs(model)
-    if opset < UPGRADE_BELOW:
+    if opset < UPGRADE_BELOW:  # opsets before 7, which ORT does not run, included
         model = _upgrade(model, opset)
         notes.append(f"upgraded opset {opset} -> {UPGRADE_TO}")
     _name_nodes(model)

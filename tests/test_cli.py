@@ -254,6 +254,29 @@ def test_unsupported_opset(tmp_path):
     assert_clean_failure(run_cli("prune", p, "-o", out, "--ratio", "0.5"), out, words=("opset 40",))
 
 
+def test_an_opset_onnxruntime_no_longer_runs_is_upgraded_first(tmp_path):
+    """Opset 6 (the onnx package's oldest PyTorch exports: BatchNormalization still with is_test):
+    ORT runs opset 7 and up, so onnx's version converter upgrades the model before the analysis."""
+    rng = np.random.default_rng(0)
+    w = {"w1": rng.standard_normal((16, 3, 3, 3)), "s": rng.random(16) + 0.5, "b": rng.standard_normal(16),
+         "mean": rng.standard_normal(16) * 0.1, "var": rng.random(16) + 0.5, "w2": rng.standard_normal((8, 16, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("BatchNormalization", ["a", "s", "b", "mean", "var"], ["n"], is_test=1, name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()])
+    src, out = tmp_path / "old.onnx", tmp_path / "old.pruned.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3), src)
+    r = run_cli("prune", src, "-o", out, "--ratio", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "verified" in r.stdout
+    pruned = onnx.load(out)
+    assert pruned.opset_import[0].version >= 7
+    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "w1")).shape[0] == 8
+
+
 def test_ops_the_exporter_left_unconverted(tmp_path):
     """tf2onnx on a Keras version it does not know leaves TF's calls and ops it cannot map in the
     ONNX domain: analyze (which runs no session) names them instead of failing inside a parser."""
