@@ -378,6 +378,7 @@ def conv(ctx, node):
     if not ctx.is_const(w):
         raise Unsupported("weight computed at run time")
     X = ctx.ax(x)
+    _slides_over(ctx, node, X[2:])
     g = attr(node, "group", 1)
     W = ctx.shape(w)
     transposed = node.op_type == "ConvTranspose"
@@ -402,6 +403,13 @@ def conv(ctx, node):
         ctx.layer_axes[node.name] = (gs,) if depthwise else (gs, within, out_within)
     out = node.output[0]
     ctx.set(out, [X[0], out_c] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
+
+
+def _slides_over(ctx, node, spatial):
+    """Spatial axes are positions, not channels: a window slides over them, so one cannot go
+    (a generator's Linear reshaped to (C, 4, 4) gave its 4 x 4 positions channel spaces)."""
+    for e in spatial:
+        ctx.freeze(e, f"{_desc(node)} slides over these positions")
 
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -813,6 +821,7 @@ def pooling(ctx, node):
     if node.op_type in ("SpaceToDepth", "DepthToSpace", "MaxRoiPool"):
         raise Unsupported("rearranges channels")
     X = ctx.ax(node.input[0])
+    _slides_over(ctx, node, X[2:])
     out = node.output[0]
     ctx.set(out, [X[0], X[1]] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
     if len(node.output) > 1 and node.output[1]:

@@ -111,6 +111,10 @@ def numeric(value) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
+# the full check runs shape inference, whose errors are not ValidationErrors
+CHECKER_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+
+
 def check_valid(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]:
     """Checker, ORT load, drop-in interface and metadata, no copies inserted."""
     done = []
@@ -119,10 +123,10 @@ def check_valid(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]
     try:
         check_model(pruned)
         done.append("onnx.checker (full)")
-    except onnx.checker.ValidationError as exc:
+    except CHECKER_ERRORS as exc:
         ours = _first_line(exc)
         if _checker_error(original) != ours:
-            raise
+            raise VerificationError(f"the pruned model fails onnx's checker: {ours}") from None
         # e.g. GroupNormalization at opset 18-20, deprecated by opset 21 but run by ORT
         done.append(f"onnx.checker (full) fails as on the input model: {ours}")
     make_session(pruned)
@@ -152,7 +156,7 @@ def _first_line(exc) -> str:
 def _checker_error(model) -> str | None:
     try:
         check_model(model)
-    except onnx.checker.ValidationError as exc:
+    except CHECKER_ERRORS as exc:
         return _first_line(exc)
     return None
 

@@ -652,6 +652,28 @@ def test_a_rotary_embedding_prunes_heads_and_whole_pairs_of_dimensions(kind):
     assert any("rotates" in f.reason for f in analysis.frozen)
 
 
+@pytest.mark.parametrize("op", ["ConvTranspose", "Conv", "MaxPool", "GlobalAveragePool"])
+def test_positions_a_linear_layer_reshapes_into_a_map_stay(op):
+    """A generator's Linear reshaped to (B, 8, 4, 4), then a window over the 4 x 4 positions: the
+    positions are not channels (pruning them shrank the map, and a 32 x 32 image came out 16 x 16)."""
+    layer = {"ConvTranspose": dict(kernel_shape=[4, 4], pads=[1, 1, 1, 1], strides=[2, 2]),
+             "Conv": dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), "MaxPool": dict(kernel_shape=[2, 2], strides=[2, 2]),
+             "GlobalAveragePool": {}}[op]
+    weights = {"ConvTranspose": [W(8, 6, 4, 4)], "Conv": [W(6, 8, 3, 3)]}.get(op, [])
+    inits = {"w1": W(16, 128), "shape": np.array([-1, 8, 4, 4]), "flat": np.array([2, -1])}
+    inits.update({"wl": w for w in weights})
+    out = {"ConvTranspose": [2, 6, 8, 8], "Conv": [2, 6, 4, 4], "MaxPool": [2, 8, 2, 2], "GlobalAveragePool": [2, 8, 1, 1]}[op]
+    inits["w2"] = W(int(np.prod(out[1:])), 5)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Reshape", ["h", "shape"], ["m"], name="to_map"),
+             helper.make_node(op, ["m"] + (["wl"] if weights else []), ["s"], name="window", **layer),
+             helper.make_node("Reshape", ["s", "flat"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "w2"], ["y"], name="fc2")]
+    analysis = _prune_and_verify(model(nodes, inits, [2, 16], [2, 5]))
+    assert 8 in [g.size for g in analysis.groups] and 4 not in [g.size for g in analysis.groups]
+    assert any("slides over these positions" in f.reason for f in analysis.frozen)
+
+
 def test_an_empty_key_value_cache_given_as_input_prunes_and_verifies():
     """An LLM's prefill (ORT's generative-AI builder): the cache inputs at past length 0, as
     `--input-shape past_k=2x2x0x16` gives them."""
