@@ -815,11 +815,10 @@ def argreduce(ctx, node):
 # -- spatial ops: channels pass, spatial axes are fixed --------------------------------------
 
 
-@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
-      "MaxRoiPool", "SpaceToDepth", "DepthToSpace")
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 def pooling(ctx, node):
-    if node.op_type in ("SpaceToDepth", "DepthToSpace", "MaxRoiPool"):
-        raise Unsupported("rearranges channels")
+    if node.op_type == "MaxRoiPool":
+        raise Unsupported("pools regions of interest")
     X = ctx.ax(node.input[0])
     _slides_over(ctx, node, X[2:])
     out = node.output[0]
@@ -827,6 +826,28 @@ def pooling(ctx, node):
     if len(node.output) > 1 and node.output[1]:
         ctx.freeze(X[1], f"{_desc(node)} returns indices")
         ctx.set(node.output[1], [Fx(d) for d in ctx.shape(node.output[1])])
+
+
+@rule("DepthToSpace", "SpaceToDepth")
+def depth_space(ctx, node):
+    """DepthToSpace (a super-resolution net's pixel shuffle) spreads each output channel over r x r
+    input channels: channel-major in mode CRD (c, r x r), block-major in DCR (r x r, c). An output
+    channel prunes with its r x r inputs. SpaceToDepth gathers the blocks back, block-major."""
+    X = ctx.ax(node.input[0])
+    _slides_over(ctx, node, X[2:])
+    blocks = attr(node, "blocksize") ** 2
+    out = node.output[0]
+    spatial = [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))]
+    if node.op_type == "SpaceToDepth":
+        ctx.set(out, [X[0], Prod((Fx(blocks), X[1]))] + spatial)
+        return
+    channels = ctx.size(X[1]) // blocks
+    if attr(node, "mode", b"DCR") == b"CRD":
+        c, block = ctx.table.split(X[1], [channels, blocks])
+    else:
+        block, c = ctx.table.split(X[1], [blocks, channels])
+    ctx.freeze(block, f"{_desc(node)} spreads these channels over one block of positions")
+    ctx.set(out, [X[0], c] + spatial)
 
 
 @rule("Resize", "Upsample", "Pad", "Expand", "Tile")

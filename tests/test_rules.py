@@ -674,6 +674,19 @@ def test_positions_a_linear_layer_reshapes_into_a_map_stay(op):
     assert any("slides over these positions" in f.reason for f in analysis.frozen)
 
 
+@pytest.mark.parametrize("op,mode", [("DepthToSpace", "CRD"), ("DepthToSpace", "DCR"), ("SpaceToDepth", None)])
+def test_pixel_shuffles_prune_whole_blocks_of_channels(op, mode):
+    """A super-resolution net's pixel shuffle: an output channel of DepthToSpace comes from r x r
+    input channels (interleaved per the mode), which prune together; SpaceToDepth's inputs prune
+    with their r x r outputs."""
+    c1_out, c2_in = (16, 4) if op == "DepthToSpace" else (8, 32)
+    shuffle = helper.make_node(op, ["a"], ["s"], blocksize=2, name="shuffle", **({"mode": mode} if mode else {}))
+    m = body([conv("c1", "x", "w1", "a", pads=[1] * 4), shuffle, conv("c2", "s", "w2", "o")],
+             {"w1": W(c1_out, 3, 3, 3), "w2": W(6, c2_in, 1, 1)}, 6)
+    analysis = _prune_and_verify(m, seeds=4)
+    assert sorted(g.size for g in analysis.groups) == ([4, 6] if op == "DepthToSpace" else [6, 8])
+
+
 def test_an_empty_key_value_cache_given_as_input_prunes_and_verifies():
     """An LLM's prefill (ORT's generative-AI builder): the cache inputs at past length 0, as
     `--input-shape past_k=2x2x0x16` gives them."""
