@@ -334,9 +334,23 @@ def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
     inputs show (a recurrent layer's shorter sequence_lens) stops a compile before its search."""
     _graph, inits, nodes, attrs = _parsed(model)
     _check_supported(nodes, attrs, inits)
+    check_trainable(model)
     if sample is not None:
         with torch.no_grad():
             TorchGraph(model).eval()(**{k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
+
+
+HALF_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def check_trainable(model: onnx.ModelProto, instead: str = "use --recover layer"):
+    """Training runs Adam on the model's own weights; in half precision its steps underflow and
+    the loss turns to NaN at the first update: a UserError that says what to do instead."""
+    half = next((t for t in model.graph.initializer if t.data_type in HALF_TYPES), None)
+    if half is not None:
+        kind = onnx.TensorProto.DataType.Name(half.data_type).lower()
+        raise UserError(f"the torch bridge trains float32 weights, and this model's are {kind} ({half.name}, ...): "
+                        f"train the float32 model and convert it after, or {instead}")
 
 
 def _check_supported(nodes, attrs, inits):

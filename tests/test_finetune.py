@@ -227,3 +227,19 @@ def test_two_process_gloo_run_matches_single_process(tiny, tmp_path):
     assert r2["steps"] == 4 and r1["steps"] == 8  # 4 batches: 2 per rank per epoch
     assert [(t.name, tuple(t.dims)) for t in ddp.graph.initializer] == \
         [(t.name, tuple(t.dims)) for t in single.graph.initializer]
+
+
+def test_half_precision_weights_are_refused_before_training():
+    """Adam's steps underflow in float16 (the loss was NaN at the second step): finetune and
+    compile's global AdaPrune say so in one line instead, and name what works."""
+    from finetune_fixtures import good
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from onnx_prune.backends.torch_graph import check_bridge
+
+    half = convert_float_to_float16(tiny_cnn(), keep_io_types=True)
+    with pytest.raises(UserError, match="float16 .*train the float32 model and convert it after, or prune it"):
+        finetune_model(half, good, pattern="channel", sparsity=0.5, epochs=1, measure_latency=False)
+    with pytest.raises(UserError, match="float16 .*use --recover layer"):
+        check_bridge(half)
+    check_bridge(tiny_cnn())  # float32: nothing to say
