@@ -126,6 +126,7 @@ def analyze(model, input_shape, as_json):
                    for g in a.groups],
         "frozen": [{"name": f.name, "channels": f.size, "reason": f.reason} for f in a.frozen],
         "coverage": a.coverage(),
+        "ops_without_rule": a.ctx.unruled,
     }
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -142,6 +143,10 @@ def analyze(model, input_shape, as_json):
         click.echo("\nfrozen:")
         for f in data["frozen"]:
             click.echo(f"  {f['name']}  [{f['channels']}]  {f['reason']}")
+    if data["ops_without_rule"]:  # what they touch stays, channels or not
+        click.echo("\nops without a rule:")
+        for op, why in data["ops_without_rule"].items():
+            click.echo(f"  {op}: {why}")
 
 
 @main.command()

@@ -100,6 +100,7 @@ class Context:
         self.split_edits: list[SplitEdit] = []
         self.mean_edits: list[MeanEdit] = []
         self.norm_edits: list[NormEdit] = []
+        self.unruled: dict[str, str] = {}  # op type without a rule -> why, for the user
         self.where = ""  # the node being analysed, for freeze reasons
         # weight layer -> the channel expressions of the widths its time depends on, in the
         # timing database's order: (cin, cout); depthwise (channels,); grouped (groups, cin/g, cout/g)
@@ -209,6 +210,9 @@ class Analysis:
         if quantized:
             return (f"nothing in this model can be pruned: it is quantized ({', '.join(quantized)}); prune the "
                     f"float model, then quantize the result")
+        if self.ctx.unruled:
+            op, why = next(iter(self.ctx.unruled.items()))
+            return f"nothing in this model can be pruned: {op}: {why}"
         return "nothing in this model can be pruned (run `onnx-prune analyze` to see why)"
 
     def coverage(self) -> dict:

@@ -25,6 +25,7 @@ from onnx_prune.errors import UserError
 from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of, quiet_graphsurgeon,
                                      shapes_only_copy, too_large_to_serialize, without_large_weights)
 from onnx_prune.passes.rules import SHAPE_TARGETS
+from onnx_prune.passes.unfuse import unfuse_ort_ops
 
 UPGRADE_BELOW = 13
 UPGRADE_TO = 17
@@ -51,6 +52,7 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
     if opset < UPGRADE_BELOW:  # opsets before 7, which ORT does not run, included
         model = _upgrade(model, opset)
         notes.append(f"upgraded opset {opset} -> {UPGRADE_TO}")
+    notes.extend(unfuse_ort_ops(model))
     _name_nodes(model)
     model = _fold_constants(model)
     _remove_identities(model)

@@ -40,9 +40,15 @@ def apply_rule(ctx, node):
     ctx.where = _desc(node)
     if fn is None:
         if node.domain == CONTRIB:  # e.g. Attention: its weights pack Q, K and V, its heads an attribute
-            return unknown(ctx, node, f"ONNX Runtime's fused op {_desc(node)} has no rule: prune the model "
-                                      "before ORT's transformers optimizer fuses it")
-        return unknown(ctx, node, f"unsupported op {_desc(node)}")
+            why = "ONNX Runtime's fused op has no rule: prune the model before ORT fuses it"
+        elif node.domain == CONTRIB + ".nchwc":
+            why = ("ONNX Runtime's blocked layout (a model saved at optimization level all, for one CPU): "
+                   "save it at level extended, or prune the model first")
+        else:
+            why = "unsupported op"
+        label = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        ctx.unruled.setdefault(label, why)
+        return unknown(ctx, node, f"{why} ({_desc(node)})")
     ins = [i for i in node.input if i]
     if any(ctx.ax(i) is None for i in ins) or any(ctx.shape(o) is None for o in node.output if o):
         return unknown(ctx, node, f"shape unknown around {_desc(node)}")

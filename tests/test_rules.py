@@ -164,7 +164,7 @@ FROZEN = {
         [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
          helper.make_node("Inverse", ["a"], ["y"], name="inv", domain="com.microsoft")],
         {"w1": W(16, 8) + np.eye(16, 8, dtype=np.float32) * 4}, [2, 8, 16], [2, 8, 8], domains=("com.microsoft",)),
-        "prune the model before ORT's transformers optimizer fuses it"),
+        "prune the model before ORT fuses it"),
     "reduce_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                       helper.make_node("ReduceMax", ["a"], ["m"], axes=[1], keepdims=1, name="rm"),
                                       helper.make_node("Sub", ["a", "m"], ["s"], name="sub"),
@@ -485,7 +485,8 @@ def test_unknown_op_freezes_what_it_touches_without_crashing():
              {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, 4, domains=("my.domain",))
     analysis = analyze_canonical(canonicalize(m))
     reasons = {f.name: f.reason for f in analysis.frozen}
-    assert "unsupported op MyOp 'mine'" in reasons["c1"]
+    assert "unsupported op (MyOp 'mine')" in reasons["c1"]
+    assert analysis.ctx.unruled == {"my.domain::MyOp": "unsupported op"}  # analyze lists it
 
 
 def test_subgraph_captures_are_frozen():
