@@ -49,6 +49,7 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
         raise UserError(f"opset {opset} is newer than this onnxruntime runs (up to {newest}); upgrade onnxruntime "
                         f"or convert the model down with onnx.version_converter")
     _drop_initializer_inputs(model)
+    _import_used_domains(model)
     if opset < UPGRADE_BELOW:  # opsets before 7, which ORT does not run, included
         model = _upgrade(model, opset)
         notes.append(f"upgraded opset {opset} -> {UPGRADE_TO}")
@@ -88,6 +89,15 @@ def max_ort_opset() -> int:
         except Exception:
             continue
     return UPGRADE_TO
+
+
+def _import_used_domains(model):
+    """A domain the nodes use but the model does not import (ORT's transformers optimizer hands
+    back its model so, and adds com.microsoft only when saving it): onnx's shape inference then
+    skips those nodes, and every shape after them was read differently. Import it at version 1."""
+    imported = {o.domain for o in model.opset_import} | {"", "ai.onnx"}
+    for domain in sorted({n.domain for n in model.graph.node} - imported):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
 
 
 def _drop_initializer_inputs(model):

@@ -237,6 +237,28 @@ def rms_norm_model(kind, stats_used=False):
                  domains=("com.microsoft",) if kind == "skip" else ())
 
 
+def test_a_contrib_domain_the_model_forgot_to_import_is_imported(tmp_path):
+    """ORT's transformers optimizer hands back its model without importing com.microsoft (saving
+    it adds the import): onnx's shape inference skipped the fused RMS norms, and the zoo's LLaMA,
+    fused so in memory, lost a group (9 instead of the 10 of its unfused self)."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from onnx_prune.models import registry
+
+    zoo = registry.load("hf_llama_gqa")
+    onnx.save(zoo.model, tmp_path / "llama.onnx")
+    fused = optimize_model(str(tmp_path / "llama.onnx"), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    assert "com.microsoft" not in {o.domain for o in fused.model.opset_import}
+    assert any(n.op_type == "SkipSimplifiedLayerNormalization" for n in fused.model.graph.node)
+    canon = canonicalize(fused.model, input_shapes=zoo.input_shapes)
+    analysis = analyze_canonical(canon)
+    assert len(analysis.groups) == len(analyze_canonical(canonicalize(zoo.model, input_shapes=zoo.input_shapes)).groups)
+    assert "com.microsoft" not in {o.domain for o in fused.model.opset_import}  # the caller's model is left alone
+    plan = random_plan(analysis, np.random.default_rng(0))
+    verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, zoo.make_feeds())
+
+
 @pytest.mark.parametrize("kind", ["simplified", "skip", "rms23"])
 def test_an_rms_norm_prunes_its_channels_with_epsilon_and_scale_rescaled(kind):
     m = rms_norm_model(kind)
