@@ -59,9 +59,14 @@ def load_calibration_with_labels(spec, model: onnx.ModelProto, preprocess: str |
 
 
 def _read(spec, inputs, preprocess) -> dict:
-    """The arrays `spec` holds, not yet checked against the inputs."""
+    """The arrays `spec` holds, not yet checked against the inputs. From Python, also the data
+    itself: {input name: samples}, or a list of such batches; and paths as Path objects."""
+    if isinstance(spec, (dict, list, tuple)):
+        return _from_callable(lambda: spec, "calibration data")
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if callable(spec):
-        return _from_callable(spec, getattr(spec, "__name__", "callable"))
+        return _from_callable(spec, f"calibration callable '{getattr(spec, '__name__', 'callable')}'")
     if isinstance(spec, str) and spec.endswith(".npz"):
         return _from_npz(spec)
     if isinstance(spec, str) and os.path.isdir(spec):
@@ -70,8 +75,10 @@ def _read(spec, inputs, preprocess) -> dict:
         geometry = _image_geometry(inputs[0])
         return {inputs[0].name: _from_images(spec, ",".join(filter(None, (geometry, preprocess or DEFAULT_PREPROCESS))))}
     if isinstance(spec, str) and ":" in spec:
-        return _from_callable(import_callable(spec), spec)
-    raise UserError(f"calibration data '{spec}' is not an .npz file, an image folder or a pkg.module:fn callable")
+        return _from_callable(import_callable(spec), f"calibration callable '{spec}'")
+    what = f"'{spec}'" if isinstance(spec, str) else f"of type {type(spec).__name__}"
+    raise UserError(f"calibration data {what} is not an .npz file, an image folder, a pkg.module:fn callable "
+                    "or (from Python) a dict of arrays")
 
 
 def batches(samples: dict, batch_size: int):
@@ -112,7 +119,7 @@ def import_callable(spec: str, what: str = "calibration"):
     return fn
 
 
-def _from_callable(fn, name):
+def _from_callable(fn, who):
     try:
         out = fn()
         if isinstance(out, dict):
@@ -121,18 +128,18 @@ def _from_callable(fn, name):
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"calibration callable '{name}' raised {type(exc).__name__}: {exc}") from None
+        raise UserError(f"{who} raised {type(exc).__name__}: {exc}") from None
     if not parts:
-        raise UserError(f"calibration callable '{name}' returned no batches")
+        raise UserError(f"{who} returned no batches")
     if any(not isinstance(p, dict) for p in parts):
-        raise UserError(f"calibration callable '{name}' must return a dict of arrays or an iterable of such dicts")
+        raise UserError(f"{who} must return a dict of arrays or an iterable of such dicts")
     keys = set(parts[0])
     if any(set(p) != keys for p in parts):
-        raise UserError(f"calibration callable '{name}' returned batches with different input names")
+        raise UserError(f"{who} returned batches with different input names")
     try:
         return {k: np.concatenate([p[k] for p in parts]) for k in keys}
     except ValueError as exc:
-        raise UserError(f"calibration callable '{name}' returned batches whose shapes differ ({exc})") from None
+        raise UserError(f"{who} returned batches whose shapes differ ({exc})") from None
 
 
 def parse_preprocess(text: str) -> dict:

@@ -65,6 +65,19 @@ def test_callable_batches_and_errors():
         load_calibration("no_such_module_xyz:fn", model())
 
 
+def test_python_callers_pass_the_data_itself_or_a_path(tmp_path):
+    """From a deployment pipeline: {input: samples}, a list of batches, or a pathlib.Path."""
+    x = np.ones((5, 3, 8, 8), np.float32)
+    assert load_calibration({"x": x}, model())["x"].shape == (5, 3, 8, 8)
+    assert load_calibration([{"x": x[:2]}, {"x": x[2:]}], model())["x"].shape == (5, 3, 8, 8)
+    np.savez(tmp_path / "c.npz", x=x)
+    assert load_calibration(tmp_path / "c.npz", model())["x"].shape == (5, 3, 8, 8)
+    with pytest.raises(UserError, match="batches with different input names"):
+        load_calibration([{"x": x}, {"image": x}], model())
+    with pytest.raises(UserError, match="calibration data of type ndarray is not"):
+        load_calibration(x, model())  # one line, not the array's repr
+
+
 def test_image_folder(tmp_path):
     from PIL import Image
 
