@@ -209,6 +209,21 @@ FORMS = {  # name -> (build, compile target)
 }
 
 
+def _calibration(feeds, n=32, seed=1):
+    """n random samples like the example feeds: normal floats, token ids in the examples' range,
+    constant inputs (attention masks, positions) as given."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in feeds.items():
+        if np.all(v == v.flat[0]) or (v.dtype.kind in "iu" and np.all(v == v[:1])):
+            out[k] = np.repeat(v[:1], n, axis=0)
+        elif v.dtype.kind == "f":
+            out[k] = rng.standard_normal((n,) + v.shape[1:]).astype(v.dtype)
+        else:
+            out[k] = rng.integers(0, int(v.max()) + 1, (n,) + v.shape[1:]).astype(v.dtype)
+    return out
+
+
 def row(name, compile_too):
     build, target = FORMS[name]
     model, shapes, feeds = build()
@@ -217,7 +232,7 @@ def row(name, compile_too):
     out = {"form": name, "groups": len(analysis.groups), "prune_error": pruned.report["max_abs_error_vs_masked_reference"]}
     if compile_too:
         t = time.time()
-        calib = {k: np.concatenate([v] * (32 // len(v) + 1))[:32] for k, v in feeds.items()}
+        calib = _calibration(feeds)
         try:
             report = onnx_prune.compile(model, target, input_shapes=shapes, calib=calib).report
         except TargetNotMet as exc:
