@@ -42,6 +42,9 @@ from .torch_ops import DTYPES, ELEMENTWISE, FLOAT_TYPES, host, op_for, parse_att
 _NONE, _TRASH = 0, 1  # slots: an omitted optional input (always None); an output nobody reads
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # weights trained through a float32 master copy
+
+
 class TorchGraph(nn.Module):
     """An nn.Module executing an ONNX graph: forward(*inputs, **named_inputs) takes tensors for the
     graph inputs (graph order, or by name) and returns the output, or a tuple of them."""
@@ -61,8 +64,9 @@ class TorchGraph(nn.Module):
         self._slots = {"": _NONE}
         self._template = [None, None]
         self.param_names, self.buffer_names = {}, {}
-        self._consts = []  # (slot, attribute name, is parameter), filled at every forward
+        self._consts = []  # (slot, attribute name, is parameter, dtype to run in), filled at every forward
         self._const_of = {}  # slot -> (attribute name, is parameter)
+        self._run_as = {}  # parameter kept in float32 -> the half type the graph computes in
         self._register_initializers(model.graph.initializer, nodes)
         self._input_slots = [self._slot(name) for name in self.input_names]
         self._steps = self._compile(nodes, attrs)
@@ -76,8 +80,9 @@ class TorchGraph(nn.Module):
         for slot, value in zip(self._input_slots, self._bind(inputs, named_inputs)):
             env[slot] = value
         params, buffers = self._parameters, self._buffers
-        for slot, key, is_param in self._consts:
-            env[slot] = params[key] if is_param else buffers[key]
+        for slot, key, is_param, run_as in self._consts:
+            value = params[key] if is_param else buffers[key]
+            env[slot] = value if run_as is None else value.to(run_as)
         hooks = self._apply_read_hooks(env)
         for fn, a, ins, outs, free in self._steps:
             results = fn(a, [env[i] for i in ins])
@@ -143,6 +148,9 @@ class TorchGraph(nn.Module):
             value = _to_torch(t)
             if _trainable(t, uses.get(t.name, [])):
                 attr = _attribute_name("p_", t.name, taken, self)
+                if value.dtype in HALF_DTYPES:  # a float32 master copy: Adam's steps underflow in half
+                    self._run_as[attr] = value.dtype
+                    value = value.float()
                 self.register_parameter(attr, nn.Parameter(value))
                 self.param_names[t.name] = attr
             else:
@@ -182,7 +190,7 @@ class TorchGraph(nn.Module):
 
     def _add_const(self, name: str, attr: str, is_param: bool):
         slot = self._slot(name)
-        self._consts.append((slot, attr, is_param))
+        self._consts.append((slot, attr, is_param, self._run_as.get(attr) if is_param else None))
         self._const_of[slot] = (attr, is_param)
 
     def _is_const(self, name: str) -> bool:
@@ -190,7 +198,8 @@ class TorchGraph(nn.Module):
 
     def _const_value(self, name: str) -> torch.Tensor:
         key, is_param = self._const_of[self._slots[name]]
-        return self._parameters[key] if is_param else self._buffers[key]
+        value = self._parameters[key] if is_param else self._buffers[key]
+        return value.to(self._run_as[key]) if is_param and key in self._run_as else value
 
     def _with_frees(self, steps) -> list:
         activations = set(self._input_slots)
@@ -334,23 +343,9 @@ def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
     inputs show (a recurrent layer's shorter sequence_lens) stops a compile before its search."""
     _graph, inits, nodes, attrs = _parsed(model)
     _check_supported(nodes, attrs, inits)
-    check_trainable(model)
     if sample is not None:
         with torch.no_grad():
             TorchGraph(model).eval()(**{k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
-
-
-HALF_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-
-
-def check_trainable(model: onnx.ModelProto, instead: str = "use --recover layer"):
-    """Training runs Adam on the model's own weights; in half precision its steps underflow and
-    the loss turns to NaN at the first update: a UserError that says what to do instead."""
-    half = next((t for t in model.graph.initializer if t.data_type in HALF_TYPES), None)
-    if half is not None:
-        kind = onnx.TensorProto.DataType.Name(half.data_type).lower()
-        raise UserError(f"the torch bridge trains float32 weights, and this model's are {kind} ({half.name}, ...): "
-                        f"train the float32 model and convert it after, or {instead}")
 
 
 def _check_supported(nodes, attrs, inits):

@@ -445,12 +445,11 @@ def _channel_analysis(canon):
 
 
 def _train(canon, analysis, data, method, pat, sparsity, epochs, teacher, device, lr, options, d, log) -> dict:
-    from onnx_prune.backends.torch_graph import TorchGraph, check_trainable
+    from onnx_prune.backends.torch_graph import TorchGraph
     from onnx_prune.passes import sparsity as sp
     from onnx_prune.passes.methods import make
     from onnx_prune.passes.methods.train import run
 
-    check_trainable(canon.model, "prune it with `compile`, whose recovery refits by least squares")
     net = TorchGraph(canon.model).to(device)
     teacher_net = TorchGraph(canon.model).to(device).eval() if teacher == "dense" else None
     shard = d.shard(data.train)

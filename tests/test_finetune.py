@@ -229,17 +229,22 @@ def test_two_process_gloo_run_matches_single_process(tiny, tmp_path):
         [(t.name, tuple(t.dims)) for t in single.graph.initializer]
 
 
-def test_half_precision_weights_are_refused_before_training():
-    """Adam's steps underflow in float16 (the loss was NaN at the second step): finetune and
-    compile's global AdaPrune say so in one line instead, and name what works."""
+def test_half_precision_weights_train_through_a_float32_master_copy():
+    """A float16 model (ORT's converter, float32 I/O): Adam on the float16 weights themselves
+    underflows (the loss was NaN at the second step). The bridge trains a float32 copy and runs the
+    graph in float16; the emitted model is float16 again, at the sparsity asked for."""
     from finetune_fixtures import good
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from onnx_prune.backends.torch_graph import check_bridge
+    from onnx_prune.backends.torch_graph import TorchGraph
 
     half = convert_float_to_float16(tiny_cnn(), keep_io_types=True)
-    with pytest.raises(UserError, match="float16 .*train the float32 model and convert it after, or prune it"):
-        finetune_model(half, good, pattern="channel", sparsity=0.5, epochs=1, measure_latency=False)
-    with pytest.raises(UserError, match="float16 .*use --recover layer"):
-        check_bridge(half)
-    check_bridge(tiny_cnn())  # float32: nothing to say
+    net = TorchGraph(half)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    res = finetune_model(half, good, method="magnitude", pattern="channel", sparsity=0.5, epochs=2,
+                         measure_latency=False)
+    assert all(np.isfinite(res.report["losses_per_epoch"]))
+    weights = [t for t in res.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(weights) == len([t for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16])
+    out = make_session(res.model).run(None, X)[0]
+    assert out.dtype == np.float32 and np.isfinite(out).all()
