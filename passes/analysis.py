@@ -113,8 +113,9 @@ class Context:
             shape = self.index.shapes.get(name)
             if name in self.index.inits:
                 self.axes[name] = [Free(d) for d in shape]
-            elif shape is not None and all(d is not None for d in shape):
-                self.axes[name] = [Fx(d) for d in shape]  # graph inputs: nothing to prune
+            elif shape is not None and all(d is not None for d in shape):  # graph inputs: nothing to prune
+                origin = f"graph input '{name}'" if name in self.index.graph_inputs else ""
+                self.axes[name] = [Fx(d, origin) for d in shape]
             else:
                 self.axes[name] = None
         return self.axes[name]

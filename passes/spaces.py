@@ -20,7 +20,7 @@ which is always safe: a frozen space is simply kept whole.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 import numpy as np
@@ -38,6 +38,7 @@ class Sp:
 @dataclass(frozen=True)
 class Fx:
     n: int
+    origin: str = field(default="", compare=False)  # e.g. "graph input 'past'", for freeze reasons
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class SpaceTable:
             return
         if isinstance(a, Fx) or isinstance(b, Fx):
             fixed, other = (a, b) if isinstance(a, Fx) else (b, a)
-            self.freeze(other, why)
+            self.freeze(other, f"{why}: {fixed.origin}" if fixed.origin else why)
             return
         if isinstance(a, Sp) and isinstance(b, Sp):
             self._union(a.sid, b.sid)

@@ -724,6 +724,7 @@ def test_an_empty_key_value_cache_given_as_input_prunes_and_verifies():
     canon = canonicalize(m, input_shapes=shapes)
     analysis = analyze_canonical(canon)
     assert sorted(g.size for g in analysis.groups) == [2]  # query heads per group; the cache's kv heads stay
+    assert any("graph input 'past_k'" in f.reason for f in analysis.frozen)  # the reason names the cache
     feeds = random_feeds(canon.model, canon.input_shapes)
     assert feeds["past_k"].shape == (2, 2, 0, 16)
     plan = random_plan(analysis, np.random.default_rng(0), "keep1")
