@@ -7,7 +7,8 @@ Forms: zoo models saved from an ONNX Runtime session at level extended (FusedCon
 converted to float16 by ORT's converter, fused by ORT's transformers optimizer (a LLaMA: RMS norms
 as SimplifiedLayerNormalization); torch modules exported by `from_torch`: a stack with opset 23's
 RMSNormalization, one with `torch.onnx.ops.rotary_embedding`, a GAN-style generator and an
-EDSR-like super-resolution net. Random weights; figures vary by machine and by run.
+EDSR-like super-resolution net; and, where onnxruntime-genai is installed, a LLaMA written by its
+model builder. Random weights; figures vary by machine and by run.
 """
 
 import sys
@@ -195,6 +196,37 @@ def super_resolution():
     return _torch(EDSR(), (torch.randn(1, 3, 48, 48),), ["image"])
 
 
+def genai_llama():
+    """A LLaMA as `onnxruntime_genai`'s model builder writes it (fp32, CPU: GroupQueryAttention with
+    rotary embedding, the key/value cache as graph inputs and outputs), timed at a prompt's prefill
+    (an empty cache). Needs `pip install onnxruntime-genai` (not a dependency)."""
+    import subprocess
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, vocab_size=2000,
+                                      max_position_embeddings=256, tie_word_embeddings=False)
+    source, built = WORK / "llama_hf", WORK / "llama_genai"
+    transformers.LlamaForCausalLM(config).save_pretrained(source)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(2000)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", bos_token="w1",
+                                         eos_token="w2").save_pretrained(source)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built),
+                    "-p", "fp32", "-e", "cpu", "-c", str(WORK / "cache")], check=True, capture_output=True)
+    model = onnx.load(built / "model.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 2000, (1, 16)), "attention_mask": np.ones((1, 16), np.int64)}
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros((1, 4, 0, 32), np.float32)
+    return model, {k: v.shape for k, v in feeds.items()}, feeds
+
+
 FORMS = {  # name -> (build, compile target)
     "resnet_basic_ort_saved": (lambda: ort_saved("resnet_basic"), 1.5),
     "mobilenetv3_ort_saved": (lambda: ort_saved("mobilenetv3"), 1.5),
@@ -206,6 +238,7 @@ FORMS = {  # name -> (build, compile target)
     "rotary_opset23": (rotary_opset23, 2.0),
     "generator": (generator, 2.0),
     "super_resolution": (super_resolution, 2.0),
+    "genai_llama": (genai_llama, 1.5),  # only where onnxruntime-genai is installed
 }
 
 
@@ -215,7 +248,7 @@ def _calibration(feeds, n=32, seed=1):
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in feeds.items():
-        if np.all(v == v.flat[0]) or (v.dtype.kind in "iu" and np.all(v == v[:1])):
+        if v.size == 0 or np.all(v == v.flat[0]) or (v.dtype.kind in "iu" and np.all(v == v[:1])):
             out[k] = np.repeat(v[:1], n, axis=0)
         elif v.dtype.kind == "f":
             out[k] = rng.standard_normal((n,) + v.shape[1:]).astype(v.dtype)
