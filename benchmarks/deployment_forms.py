@@ -248,7 +248,8 @@ def _calibration(feeds, n=32, seed=1):
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in feeds.items():
-        if v.size == 0 or np.all(v == v.flat[0]) or (v.dtype.kind in "iu" and np.all(v == v[:1])):
+        same_rows = len(v) > 1 and np.all(v == v[:1])  # positions given alike for every sample
+        if v.size == 0 or np.all(v == v.flat[0]) or (v.dtype.kind in "iu" and same_rows):
             out[k] = np.repeat(v[:1], n, axis=0)
         elif v.dtype.kind == "f":
             out[k] = rng.standard_normal((n,) + v.shape[1:]).astype(v.dtype)
