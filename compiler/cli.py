@@ -107,7 +107,8 @@ def main():
 
 
 input_shape_opt = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DxD...",
-                               help="Static shape for a dynamic input, for the analysis (repeatable, or comma-separated).")
+                               help="Static shape for a dynamic input, for the analysis (repeatable, or comma-separated; "
+                                    "a length may be 0, as an empty key/value cache).")
 
 
 @main.command()
