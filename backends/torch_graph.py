@@ -36,6 +36,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from onnx_prune.errors import UserError
+from onnx_prune.passes.graph import op_label
 
 from .torch_ops import DTYPES, ELEMENTWISE, FLOAT_TYPES, host, op_for, parse_attributes
 
@@ -65,7 +66,7 @@ class TorchGraph(nn.Module):
         self._template = [None, None]
         self.param_names, self.buffer_names = {}, {}
         self._consts = []  # (slot, attribute name, is parameter, dtype to run in), filled at every forward
-        self._const_of = {}  # slot -> (attribute name, is parameter)
+        self._const_of = {}  # slot -> (attribute name, is parameter, dtype to run in or None)
         self._run_as = {}  # parameter kept in float32 -> the half type the graph computes in
         self._register_initializers(model.graph.initializer, nodes)
         self._input_slots = [self._slot(name) for name in self.input_names]
@@ -190,16 +191,16 @@ class TorchGraph(nn.Module):
 
     def _add_const(self, name: str, attr: str, is_param: bool):
         slot = self._slot(name)
-        self._consts.append((slot, attr, is_param, self._run_as.get(attr) if is_param else None))
-        self._const_of[slot] = (attr, is_param)
+        self._const_of[slot] = (attr, is_param, self._run_as.get(attr) if is_param else None)
+        self._consts.append((slot,) + self._const_of[slot])
 
     def _is_const(self, name: str) -> bool:
         return self._slots.get(name) in self._const_of
 
     def _const_value(self, name: str) -> torch.Tensor:
-        key, is_param = self._const_of[self._slots[name]]
+        key, is_param, run_as = self._const_of[self._slots[name]]
         value = self._parameters[key] if is_param else self._buffers[key]
-        return value.to(self._run_as[key]) if is_param and key in self._run_as else value
+        return value if run_as is None else value.to(run_as)
 
     def _with_frees(self, steps) -> list:
         activations = set(self._input_slots)
@@ -353,7 +354,7 @@ def _check_supported(nodes, attrs, inits):
     problems = {}
     for node, a in zip(nodes, attrs):
         fn = op_for(node.op_type, node.domain)
-        label = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        label = op_label(node)
         reason = None
         if fn is not None:
             reason = fn.check(a) if getattr(fn, "check", None) else None

@@ -227,6 +227,11 @@ def _shape_only(t: onnx.TensorProto) -> bool:
                                                      "uint64_data", "string_data")))
 
 
+def op_label(node) -> str:
+    """An op as messages name it: its type, prefixed by its domain outside ONNX's own."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
 @contextlib.contextmanager
 def quiet_graphsurgeon():
     """onnx-graphsurgeon's warnings (large constants, types it cannot map, its missing `colored`

@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import onnx
 
-from onnx_prune.passes.graph import CONTRIB, attr
+from onnx_prune.passes.graph import CONTRIB, attr, op_label
 from onnx_prune.passes.spaces import Cat, Fx, Prod, Unsupported
 
 RULES = {}  # op type of the ONNX domain -> rule
@@ -46,8 +46,7 @@ def apply_rule(ctx, node):
                    "save it at level extended, or prune the model first")
         else:
             why = "unsupported op"
-        label = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        ctx.unruled.setdefault(label, why)
+        ctx.unruled.setdefault(op_label(node), why)
         return unknown(ctx, node, f"{why} ({_desc(node)})")
     ins = [i for i in node.input if i]
     if any(ctx.ax(i) is None for i in ins) or any(ctx.shape(o) is None for o in node.output if o):

@@ -70,14 +70,16 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: dict) -> onnx.M
     for edit in ctx.split_edits:
         _rewrite_split(out, nodes[edit.node], [int(table.keep_mask(p, keep).sum()) for p in edit.pieces],
                        [table.size(p) for p in edit.pieces], arrays, inits)
+    def counts(exprs):  # kept and dense number of the positions a reduction runs over
+        return (np.prod([int(table.keep_mask(e, keep).sum()) for e in exprs]),
+                np.prod([table.size(e) for e in exprs]))
+
     for edit in ctx.mean_edits:
-        kept = np.prod([int(table.keep_mask(e, keep).sum()) for e in edit.exprs])
-        full = np.prod([table.size(e) for e in edit.exprs])
+        kept, full = counts(edit.exprs)
         if kept != full:
             _rescale_output(out, nodes[edit.node], kept / full, edit.dtype)
     for edit in ctx.norm_edits:
-        kept = np.prod([int(table.keep_mask(e, keep).sum()) for e in edit.exprs])
-        full = np.prod([table.size(e) for e in edit.exprs])
+        kept, full = counts(edit.exprs)
         if kept != full:
             _set_float_attr(nodes[edit.node], "epsilon", edit.epsilon * full / kept)
             scale = array(edit.scale)

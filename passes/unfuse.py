@@ -43,8 +43,7 @@ def _activation(node, x, y, params, consts):
 def _fused_conv(node, consts):
     inputs = list(node.input) + [""] * 4
     conv_out = f"{node.name}__conv"
-    conv = helper.make_node("Conv", [i for i in inputs[:3] if i] if inputs[2] else inputs[:2], [conv_out],
-                            name=node.name)
+    conv = helper.make_node("Conv", inputs[:3] if inputs[2] else inputs[:2], [conv_out], name=node.name)
     conv.attribute.extend(a for a in node.attribute if a.name in CONV_ATTRS)
     nodes, last = [conv], conv_out
     if inputs[3]:  # the residual input ORT fused in: added before the activation
