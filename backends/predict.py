@@ -68,13 +68,15 @@ class CostModel:
         self.nodes = {n.name: n for n in ctx.index.model.graph.node}
         self._spaces = {}
         self.layers = {}
-        points = []
+        found = []  # (node, signature, axes, coords) of each weight layer
         for node in ctx.index.model.graph.node:
             sig = layer_sig(node, ctx.index)
             axes = ctx.layer_axes.get(node.name)
-            if sig is None or axes is None or len(axes) != len(sig.full):
-                continue
-            coords = [analysis.table.coords(e) for e in axes]
+            if sig is not None and axes is not None and len(axes) == len(sig.full):
+                found.append((node, sig, axes, [analysis.table.coords(e) for e in axes]))
+        self.group_grids = _group_grids(analysis, [c for *_, coords in found for c in coords])
+        points = []
+        for node, sig, axes, coords in found:
             grids = [self._axis_grid(c, n) for c, n in zip(coords, sig.full)]
             layer = WeightLayer(node.name, sig, axes, grids, coords)
             self.layers[node.name] = layer
@@ -157,7 +159,7 @@ class CostModel:
         grid, which spans the widths where every group is pruned."""
         spaces = list(dict.fromkeys(sid for sid, _ in coords))
         size = {sid: self.analysis.table.spaces[sid].size for sid in spaces}
-        grids = [width_grid(size[sid]) for sid in spaces]
+        grids = [self.group_grids.get(sid) or width_grid(size[sid]) for sid in spaces]
         if np.prod([len(g) for g in grids]) <= MAX_COMBINATIONS:
             combos = (dict(zip(spaces, combo)) for combo in itertools.product(*grids))
         else:
@@ -283,7 +285,7 @@ class CostModel:
         in proportion to its width re-admitted the off-block widths of conv chains, whose layout
         changes a lone-layer measurement cannot see -- on the zoo's small CNNs, plans that measured
         up to 30% slower than predicted (where the layers alone keep them within 10-15%)."""
-        grid = {g.sid: width_grid(g.size) for g in self.analysis.groups}
+        grid = {g.sid: self.group_grids[g.sid] for g in self.analysis.groups}
         cost = {sid: np.zeros(len(widths)) for sid, widths in grid.items()}
         used = set()  # groups some layer reads
         size = {g.sid: g.size for g in self.analysis.groups}
@@ -300,6 +302,27 @@ class CostModel:
                         used.add(sid)
         return {g.name: fast_widths(grid[g.sid], cost[g.sid]) if g.sid in used else grid[g.sid]
                 for g in self.analysis.groups}
+
+
+def _group_grids(analysis: Analysis, axis_coords) -> dict:
+    """Per group, the widths to measure and choose from: on the hardware's channel grid as the
+    group's layers see it. A group whose every channel spans a run of positions on the axes it
+    shares (an attention head: head-size contiguous columns of the Q, K, V and output
+    projections) keeps that many columns per unit, so any count of heads stays on the grid; a
+    width grid over the count itself (8 or 12 of 12 heads) would never drop more than a third."""
+    span = {}
+    for coords in axis_coords:
+        for sid, c in coords:
+            span[sid] = min(span.get(sid, c.size), _shortest_run(c))
+    return {g.sid: width_grid(g.size, span=span.get(g.sid, 1)) for g in analysis.groups}
+
+
+def _shortest_run(c: np.ndarray) -> int:
+    """The shortest run of equal channel indices (-1: positions of other groups, not counted)."""
+    edges = np.flatnonzero(np.diff(c)) + 1
+    starts, ends = np.r_[0, edges], np.r_[edges, c.size]
+    runs = (ends - starts)[c[starts] >= 0]
+    return int(runs.min()) if runs.size else 1
 
 
 def _fused_head(name, op, nodes, by_output):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -276,14 +277,16 @@ def _nondecreasing(y):
     return np.concatenate([np.full(n, m) for m, n in blocks]) if blocks else y
 
 
-def width_grid(n: int, max_points=MAX_GRID) -> list[int]:
+def width_grid(n: int, max_points=MAX_GRID, span=1) -> list[int]:
     """Widths to measure for n channels: every width up to 8, then multiples of 8 (ORT's CPU
     kernels work in 8/16-channel blocks; a width off the block breaks the blocked layout of the
     whole chain, which a lone-layer measurement cannot see), thinned to at most `max_points`,
-    always with n itself."""
-    if n <= 8:
+    always with n itself. A unit that spans `span` channels of its layers (a head of 32) needs
+    fewer units to fill a block: every count whose channels do."""
+    step = 8 // math.gcd(8, span)
+    if n <= step:
         return list(range(1, n + 1))
-    grid = sorted({w for w in range(8, n, 8)} | {n})
+    grid = sorted({w for w in range(step, n, step)} | {n})
     if len(grid) > max_points:
         step = int(np.ceil(len(grid) / max_points))
         grid = sorted(set(grid[::step]) | {n})

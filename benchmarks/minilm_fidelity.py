@@ -45,8 +45,8 @@ def main():
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
     print("| target | method | search | measured | predicted | held-out embedding cosine, no recovery "
-          "| with recovery | seconds | recovery stages (cosine on compile's held-out fifth) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| with recovery | seconds | recovery stages (cosine on compile's held-out fifth) | kept per layer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         for method in args.methods:
             search = args.search if method == "spdy" else "fast"
@@ -64,7 +64,19 @@ def main():
             stages = "; ".join(f"{st['method'].split(' (')[0]} {st.get('held_out_cosine_after', float('nan')):.3f}"
                                + ("" if st["applied"] else " (not applied)") for st in r["recovery"]["stages"])
             print(f"| {target:g}x | {method} | {search} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
-                  f"| {before:.3f} | {after:.3f} | {r['seconds']:.0f} | {stages} |", flush=True)
+                  f"| {before:.3f} | {after:.3f} | {r['seconds']:.0f} | {stages} | {_kept_per_layer(result.plan)} |",
+                  flush=True)
+
+
+def _kept_per_layer(plan) -> str:
+    """Per encoder layer, what the plan keeps: heads, query/key and value dims per head, FFN width."""
+    kinds = {"prod0": "h", "query/MatMul/prod1": "qk", "value/MatMul/prod1": "v", "intermediate": "ffn"}
+    layers = {}
+    for name, keep in plan.items():
+        layer = name.split("layer.")[1].split("/")[0] if "layer." in name else "?"
+        kind = next((k for pat, k in kinds.items() if pat in name), name)
+        layers.setdefault(layer, []).append(f"{kind}{len(keep)}")
+    return " ".join(f"L{k}:" + ",".join(v) for k, v in sorted(layers.items()))
 
 
 if __name__ == "__main__":

@@ -246,6 +246,27 @@ def test_candidate_widths_drop_padded_plateaus():
     assert cm.candidate_widths()[group.name] == width_grid(32)  # layers faster at every width
 
 
+def test_heads_take_every_count_while_channels_keep_the_block_grid():
+    """A head is head-size contiguous columns of its projections, so any count of heads keeps
+    them on the hardware's block; channels of a conv chain keep the multiples of 8. (A grid over
+    the count of 12 heads itself would offer only 8 and 12.)"""
+    from test_rules import onnx_attention
+
+    canon = canonicalize(onnx_attention("4d", hq=12, hkv=12, d=8, dv=16))
+    analysis = analyze_canonical(canon)
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile({}, e2e_ms=0.1))
+    by_size = {g.size: g.sid for g in analysis.groups}  # 12 heads, query/key size 8, value size 16
+    assert sorted(by_size) == [8, 12, 16]
+    assert cm.group_grids[by_size[12]] == list(range(1, 13))
+    assert cm.group_grids[by_size[8]] == list(range(1, 9))
+    assert cm.group_grids[by_size[16]] == [8, 16]  # a value dim spans one column of each head
+    assert 11 * 16 in cm.layers["out"].grids[0]  # 11 heads of 16 values: timed for the output projection
+    canon = canonicalize(two_convs(48))
+    analysis = analyze_canonical(canon)
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile({}, e2e_ms=0.1))
+    assert list(cm.group_grids.values()) == [[8, 16, 24, 32, 40, 48]]
+
+
 def test_predictor_overhead_is_bounded_by_what_the_profiled_runs_spent_outside_kernels():
     """The plain end-to-end time is measured after the profile, maybe in a slower spell of the
     machine: the constant overhead is at most what the profiled runs themselves spent outside
