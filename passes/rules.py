@@ -607,6 +607,27 @@ def gather_nd(ctx, node):
     ctx.set(node.output[0], [D[j] if j < b else Fx(n) for j, n in enumerate(lead)] + list(D[b + k:]))
 
 
+@rule("GatherElements")
+def gather_elements(ctx, node):
+    """out[.., i, ..] = data[.., indices[.., i, ..], ..] along `axis`: every other axis pairs data,
+    indices and output position by position (a channel prunes in all three, the indices sliced
+    with it), where their lengths agree; the gathered axis is picked by value, and the output
+    takes the indices' positions there (sentence-transformers' position ids)."""
+    data, idx = node.input[:2]
+    D, I = ctx.ax(data), ctx.ax(idx)
+    axis = attr(node, "axis", 0) % len(D)
+    ctx.freeze(D[axis], f"{_desc(node)} picks channels by index")
+    out = []
+    for k, (d, i) in enumerate(zip(D, I)):
+        if k != axis and ctx.size(d) == ctx.size(i):
+            ctx.unify(d, i, f"{_desc(node)} pairs data and indices position by position")
+        elif k != axis:  # indices shorter than the data: the output reads the data's first positions
+            ctx.freeze(d, f"{_desc(node)} reads only the first positions of this axis")
+            ctx.freeze(i, f"{_desc(node)} reads only the first positions of this axis")
+        out.append(I[k])
+    ctx.set(node.output[0], out)
+
+
 PIN_MAX = 64  # constant indices pinned one by one at most; more pin the whole axis
 
 

@@ -710,6 +710,26 @@ def test_pixel_shuffles_prune_whole_blocks_of_channels(op, mode):
     assert sorted(g.size for g in analysis.groups) == ([4, 6] if op == "DepthToSpace" else [6, 8])
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_gather_elements_prunes_the_axes_it_pairs_and_pins_the_one_it_picks(axis):
+    """x (2, 16) -> fc1 (24 channels) -> GatherElements with constant indices -> fc2. Along axis 0
+    each channel reads its own column of the indices: the channels prune with them (the indices
+    are sliced); along axis 1 the indices pick channels, which stay."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 2, (2, 24)) if axis == 0 else rng.integers(0, 24, (2, 24))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+             helper.make_node("GatherElements", ["a", "idx"], ["g"], axis=axis, name="pick"),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2")]
+    m = model(nodes, {"w1": W(16, 24), "idx": idx.astype(np.int64), "w2": W(24, 5)}, [2, 16], [2, 5])
+    if axis == 0:
+        analysis = _prune_and_verify(m)
+        assert [g.size for g in analysis.groups] == [24]
+    else:
+        analysis = analyze_canonical(canonicalize(m))
+        assert not analysis.groups
+        assert any("picks channels by index" in f.reason for f in analysis.frozen)
+
+
 def test_an_empty_key_value_cache_given_as_input_prunes_and_verifies():
     """An LLM's prefill (ORT's generative-AI builder): the cache inputs at past length 0, as
     `--input-shape past_k=2x2x0x16` gives them."""
