@@ -622,8 +622,8 @@ def gather_elements(ctx, node):
         if k != axis and ctx.size(d) == ctx.size(i):
             ctx.unify(d, i, f"{_desc(node)} pairs data and indices position by position")
         elif k != axis:  # indices shorter than the data: the output reads the data's first positions
-            ctx.freeze(d, f"{_desc(node)} reads only the first positions of this axis")
-            ctx.freeze(i, f"{_desc(node)} reads only the first positions of this axis")
+            for e in (d, i):
+                ctx.freeze(e, f"{_desc(node)} reads only the first positions of this axis")
         out.append(I[k])
     ctx.set(node.output[0], out)
 
