@@ -353,6 +353,10 @@ class GraphIndex:
             self._arrays[name] = array
         return array
 
+    def forget(self, name):
+        """Drop the value cached for initializer `name`: its data was rewritten (passes/rotate.py)."""
+        self._arrays.pop(name, None)
+
     def shape(self, name):
         s = self.shapes.get(name)
         if s is None or any(d is None for d in s):
