@@ -34,6 +34,7 @@ from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import build_error_db
 from onnx_prune.passes.importance import group_scores, keep_top
 from onnx_prune.passes.reconstruct import feed_batches
+from onnx_prune.passes.rotate import rotate_heads
 from onnx_prune.passes.sequential import SequentialTooSlow, sequential_refit
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
@@ -163,12 +164,16 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     timer = timer or (lambda d, p, f: measured_speedup(d, p, f, provider, threads))
     # before the error database: an unreachable target fails fast
     reachable = _check_reach(cm, canon.model, analysis, widths, target, feeds, timer, provider, notes, steps)
-    scores, curves, db = group_scores(analysis), None, None
+    curves, db, rotation = None, None, None
     fit = fit_labels = None
     if samples is not None:
         # a held-out fifth judges recovery; everything that fits (the database, its refits and
         # the search's loss) sees only the rest
         fit, held, fit_labels, held_labels = _split_held_out(samples, labels=labels)
+        with steps("head rotation"):  # before anything ranks channels: it reorders head dimensions
+            rotation = rotate_heads(canon.model, analysis, fit, log=steps.note)
+    scores = group_scores(analysis)
+    if samples is not None:
         # the sensitivity search scores refits on samples they were not fitted on (compiler/crossfit.py)
         folds = fold_masks(fit) if method == "spdy" and search == "full" else None
         if method == "spdy" or recover != "none":  # its errors, or its refits, are used
@@ -273,6 +278,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         "candidates": candidates, "max_abs_error_vs_masked_reference": check.max_abs_error,
         "verification": check.checks,
     })
+    if rotation is not None:
+        report["head_rotation"] = rotation.as_report()
     if samples is not None:
         with steps("recovery" if recover != "none" else "output fidelity"):
             reference = Reference(canon.model, held, provider, labels=held_labels)

@@ -83,6 +83,12 @@ def markdown(report, plots) -> str:
                              if "max_accuracy_drop" in budget else [])
         lines.append(f"| accuracy budget ({budget['samples']} held-out samples) | "
                      f"{'met' if budget['met'] else 'MISSED'}: {', '.join(parts)} |")
+    rotation = r.get("head_rotation")
+    if rotation and rotation["groups"]:
+        lines.append(f"| head rotation | {len(rotation['groups'])} head-dimension groups ordered by weighted SVD, "
+                     f"outputs moved {rotation['max_abs_output_change_relative']:.1e} (relative) |")
+    elif rotation and rotation["put_back"]:
+        lines.append(f"| head rotation | put back: {next(iter(rotation['put_back'].values()))} |")
     err = r.get("max_abs_error_vs_masked_reference")
     before = r.get("max_abs_error_before_recovery", r.get("max_abs_error_before_finetune"))
     changed = "recovery" if "max_abs_error_before_recovery" in r else "fine-tuning"
