@@ -178,7 +178,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         folds = fold_masks(fit) if method == "spdy" and search == "full" else None
         if method == "spdy" or recover != "none":  # its errors, or its refits, are used
             with steps("error database"):
-                db = build_error_db(canon.model, analysis, fit, folds=folds)
+                db = build_error_db(canon.model, analysis, fit, folds=folds, channel_energy=rotation.logit_energy)
         if method == "spdy":  # the baselines keep their magnitude ranking; all share the refits
             scores, curves = db.scores(), db.curve
     goal = target * OVERSHOOT_MARGIN

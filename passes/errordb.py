@@ -132,10 +132,12 @@ class ErrorDB:
 
 
 def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg: None,
-                   folds: list | None = None) -> ErrorDB:
+                   folds: list | None = None, channel_energy: dict | None = None) -> ErrorDB:
     """Measure the error database of `model` (canonical, dense) on calibration `samples`. With
     `folds` (boolean masks over the samples), each fold's share of every Gram matrix is kept too,
-    so that `stitch(..., without=k)` refits on the other folds alone."""
+    so that `stitch(..., without=k)` refits on the other folds alone. `channel_energy` (group name
+    -> per channel) replaces the producers' output energy of groups no layer reads: for rotated
+    query/key dimensions, the logits' variance each carries (passes/rotate.py)."""
     by_sid = {g.sid: g for g in analysis.groups}
     layers = _consumer_layers(analysis, by_sid, last_fold=len(folds) - 1 if folds else None)
     energy_groups = [g for g in analysis.groups if not any(g.sid == sid for lay in layers for sid, _ in lay.coords)]
@@ -155,6 +157,9 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
             _add_energy(energy, values[name], coords)
     for lay in layers:
         lay.flush()
+    for g in energy_groups:
+        if g.name in (channel_energy or {}):
+            energy[g.sid] = np.asarray(channel_energy[g.name], dtype=np.float64)
     log(f"error database: {len(layers)} layers, {len(feeds_list)} calibration batches")
     db = ErrorDB(layers=layers)
     ranking = _rank(analysis, layers, energy)

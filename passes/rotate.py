@@ -53,6 +53,8 @@ class _Candidate:
     kind: str  # "query/key" or "value/output"
     sides: list
     grams: list = field(default_factory=list)  # per side that has a statistic: per head (D, D)
+    # query/key: per rotated dimension, the logits' variance it carries, summed over heads (s^2)
+    logit_energy: np.ndarray | None = None
 
 
 @dataclass
@@ -62,6 +64,9 @@ class Rotation:
     rotated: list  # group names
     put_back: dict  # group name -> why
     max_output_change: float
+    # query/key group -> per dimension, the logits' variance it carries: the error database's
+    # curve for a group no weight layer reads (passes/errordb.py)
+    logit_energy: dict = field(default_factory=dict)
 
     def as_report(self) -> dict:
         return {"groups": self.rotated, "put_back": self.put_back,
@@ -91,7 +96,8 @@ def rotate_heads(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg
         why = f"rotating changed the outputs by {change:.1e} (relative to their largest magnitude)"
         return Rotation([], {c.name: why for c in candidates}, 0.0)
     log(f"head rotation: {len(candidates)} groups, outputs changed by {change:.1e} (relative)")
-    return Rotation([c.name for c in candidates], {}, change)
+    energy = {c.name: c.logit_energy for c in candidates if c.logit_energy is not None}
+    return Rotation([c.name for c in candidates], {}, change, energy)
 
 
 # -- which groups ----------------------------------------------------------------------------------
@@ -183,8 +189,9 @@ def _follow(index, value):
         node, _slot = uses[0]
         if node.op_type == "MatMul":
             return node, value
-        scalar = node.op_type in ("Mul", "Div") and any(
-            i != value and index.const(i) is not None and index.const(i).size == 1 for i in node.input)
+        other = [i for i in node.input if i != value]
+        scalar = (node.op_type == "Mul" or node.op_type == "Div" and node.input[0] == value) and len(other) == 1 \
+            and index.const(other[0]) is not None and index.const(other[0]).size == 1
         if node.op_type not in _LAYOUT and not scalar:
             return None
         value = node.output[0]
@@ -255,12 +262,15 @@ def _head_transforms(cand: _Candidate, original: dict) -> list:
     """Per head, one matrix per side: what that side's weights are multiplied by."""
     out = []
     if cand.kind == "query/key":
+        cand.logit_energy = 0.0
         for gq, gk in zip(*cand.grams):
             # logits q'k = x' (Wq Wk') y: with Rq'Rq and Rk'Rk the heads' Gram matrices, the SVD of
             # Rq Rk' = U S V' gives the weighted best rank r; Tq Tk' = I keeps the logits
             Rq, Rk = _factor(gq), _factor(gk)
             U, s, Vt = np.linalg.svd(Rq @ Rk.T)
             root = np.sqrt(np.maximum(s, 1e-30))
+            # rotated, q_j and k_j are uncorrelated with variance s_j: q_j k_j carries s_j^2
+            cand.logit_energy = cand.logit_energy + s ** 2
             out.append((np.linalg.solve(Rq, U * root), np.linalg.solve(Rk, Vt.T * root)))
         return out
     consumer = cand.sides[1]

@@ -116,3 +116,17 @@ def test_compile_with_calibration_rotates_heads_and_still_verifies(tmp_path):
     # the plan on the rotated model against its mask (before recovery changed the weights, if it did)
     assert report.get("max_abs_error_before_recovery", report["max_abs_error_vs_masked_reference"]) < 1e-3
     assert "head rotation | 2 head-dimension groups" in markdown(report, {})
+
+
+def test_the_error_database_reads_a_rotated_query_key_group_by_the_logits_it_carries():
+    from onnx_prune.passes.errordb import build_error_db
+
+    canon, analysis, samples = _setup()
+    rotation = rotate_heads(canon.model, analysis, samples)
+    (name, energy), = rotation.logit_energy.items()
+    assert {c.name: c.kind for c in _candidates(analysis)}[name] == "query/key"
+    assert np.all(np.diff(energy) <= 0) and energy[-1] < 0.1 * energy[0]  # the weights' decaying scales
+    db = build_error_db(canon.model, analysis, samples, channel_energy=rotation.logit_energy)
+    assert list(db.order[name]) == list(range(HEAD))  # the rotated order: first dimensions first
+    tail = energy[::-1].cumsum()[::-1] / energy.sum()  # what dropping from each width on loses
+    assert np.allclose(db.curve[name], np.append(tail, 0.0))
