@@ -29,6 +29,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.backends.ort import make_session, session_with_outputs
+from onnx_prune.passes.graph import attr
+from onnx_prune.passes.spaces import Fx, Prod
 from onnx_prune.passes.reconstruct import (feed_batches, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
 
@@ -50,7 +52,7 @@ class _Side:
 @dataclass
 class _Candidate:
     name: str
-    kind: str  # "query/key" or "value/output"
+    kind: str  # "query/key", "value/output", or "packed" (both, from one Q | K | V projection)
     sides: list
     grams: list = field(default_factory=list)  # per side that has a statistic: per head (D, D)
     # query/key: per rotated dimension, the logits' variance it carries, summed over heads (s^2)
@@ -112,47 +114,78 @@ def _candidates(analysis) -> list[_Candidate]:
               if node.op_type in ("MatMul", "Gemm")}
     out = []
     for g in analysis.groups:
+        if g.size < 2 or any(n not in layers for n in g.producers + g.consumers):
+            continue
         if len(g.producers) == 2 and not g.consumers:
             kind = "query/key"
         elif len(g.producers) == 1 and len(g.consumers) == 1:
-            kind = "value/output"
+            packed = _parts(table, layers[g.producers[0]][1][1])
+            kind = "packed" if packed is not None else "value/output"
         else:
             continue
-        if g.size < 2 or any(n not in layers for n in g.producers + g.consumers):
-            continue
-        sides = [_Side(layers[n][0], "producer", _blocks(table, layers[n][1][1], g)) for n in g.producers] + \
-                [_Side(layers[n][0], "consumer", _blocks(table, layers[n][1][0], g)) for n in g.consumers]
+        consumers = [_Side(layers[n][0], "consumer", _blocks(table, layers[n][1][0], g)) for n in g.consumers]
+        if kind == "packed":  # one producer, its axis Q | K | V: a side per part, roles from the graph
+            node, axes = layers[g.producers[0]]
+            sides = [_Side(node, "producer", _blocks(table, axes[1], g, packed == p)) for p in range(3)] + consumers
+        else:
+            sides = [_Side(layers[n][0], "producer", _blocks(table, layers[n][1][1], g)) for n in g.producers] \
+                + consumers
         if any(s.blocks is None for s in sides) or len({len(s.blocks) for s in sides}) != 1 \
                 or len(sides[0].blocks) < 2 or not _attach_biases(ctx, table, g, sides):
             continue  # one block is a plain layer's channels (an FFN's), not heads
-        if not _linear_path(ctx.index, kind, sides):
+        if kind == "packed":
+            roles = _packed_roles(ctx.index, sides)
+            if roles is None:
+                continue
+            sides = [sides[p] for p in roles] + consumers  # queries, keys, values, the output layer
+        elif not _linear_path(ctx.index, kind, sides):
             continue
-        for side in sides:  # weighted by what each query/key head outputs, what the output layer reads
-            if kind == "query/key":
-                side.stat = _biased_output(ctx.index, side)
-            elif side.role == "consumer":
-                side.stat = side.node.input[0]
+        for side in sides[:2] if kind != "value/output" else ():  # weighted by what query/key heads output
+            side.stat = _biased_output(ctx.index, side)
+        for side in consumers:  # and by what the output layer reads
+            side.stat = side.node.input[0] if kind != "query/key" else ""
         out.append(_Candidate(g.name, kind, sides))
     return out
 
 
-def _blocks(table, e, g) -> list | None:
-    """Positions of the heads on axis `e`: the k-th position of each channel of `g` is head k's.
-    None when the axis holds anything but whole heads of `g`."""
+def _parts(table, e, n=3):
+    """Each position's part on an axis laid out as n parts x ... (a packed Q | K | V projection),
+    or None when the axis has no fixed factor of n."""
+    e = table.norm(e)
+    if not isinstance(e, Prod):
+        return None
+    sizes = [table.size(it) for it in e.items]
+    fixed = [k for k, it in enumerate(e.items) if isinstance(it, Fx) and sizes[k] == n]
+    if len(fixed) != 1:
+        return None
+    inner = int(np.prod(sizes[fixed[0] + 1:]))
+    return (np.arange(int(np.prod(sizes))) // inner) % n
+
+
+def _blocks(table, e, g, part=None) -> list | None:
+    """Positions of the heads on axis `e` (among the positions `part` marks): the k-th position of
+    each channel of `g` is head k's. None when the axis holds anything but whole heads of `g`."""
     coord = dict(table.coords(e)).get(g.sid)
     if coord is None or (coord < 0).any():
         return None
+    if part is not None:
+        coord = np.where(part, coord, -1)
     where = [np.flatnonzero(coord == c) for c in range(g.size)]
     if len({len(w) for w in where}) != 1:
         return None
-    return [np.array([w[k] for w in where]) for k in range(len(where[0]))]
+    blocks = [np.array([w[k] for w in where]) for k in range(len(where[0]))]
+    # a head's dimensions lie side by side (heads x head size); the heads' own group does not
+    return blocks if all((np.diff(b) == 1).all() for b in blocks) else None
 
 
 def _attach_biases(ctx, table, g, sides) -> bool:
     """Every other initializer carrying `g` must be a producer's bias (an Add of a 1-D constant to
     its output); anything else (a norm's scale, a per-channel Mul) does not commute with T."""
     weights = {s.node.input[1] for s in sides}
-    by_output = {s.node.output[0]: s for s in sides if s.role == "producer"}
+    by_output = {}  # a packed producer's output is every part's
+    for s in sides:
+        if s.role == "producer":
+            by_output.setdefault(s.node.output[0], []).append(s)
     for name in ctx.index.inits:
         axes = ctx.axes.get(name)
         if name in weights or not axes or not any(g.sid in dict(table.coords(e)) for e in axes):
@@ -161,10 +194,11 @@ def _attach_biases(ctx, table, g, sides) -> bool:
         if len(axes) != 1 or len(uses) != 1 or uses[0][0].op_type != "Add":
             return False
         other = [i for i in uses[0][0].input if i != name]
-        side = by_output.get(other[0]) if len(other) == 1 else None
-        if side is None or side.bias is not None:
+        owners = by_output.get(other[0], []) if len(other) == 1 else []
+        if not owners or any(s.bias is not None for s in owners):
             return False
-        side.bias = name
+        for s in owners:
+            s.bias = name
     return True
 
 
@@ -208,10 +242,15 @@ def _linear_path(index, kind, sides) -> bool:
     if kind == "query/key":
         (m1, v1), (m2, v2) = ends
         return m1 is m2 and {v1, v2} == set(m1.input[:2])
-    (mix, read), = ends
-    if mix.input[1] != read or mix.input[1] in index.inits:
+    return _mixes_into(index, ends[0], sides[1].node)
+
+
+def _mixes_into(index, end, consumer) -> bool:
+    """`end` (a MatMul, the value it reads) mixes tokens of its second input, and its output reaches
+    `consumer`'s input through layout ops."""
+    mix, read = end
+    if mix.input[1] != read:
         return False
-    consumer = sides[1].node
     value = mix.output[0]
     for _ in range(16):
         if value == consumer.input[0]:
@@ -221,6 +260,39 @@ def _linear_path(index, kind, sides) -> bool:
             return False
         value = uses[0][0].output[0]
     return False
+
+
+def _packed_roles(index, sides) -> list | None:
+    """The parts of a packed projection in the order queries, keys, values: its output, through
+    layout ops, is picked apart along the axis of the parts (three Gathers of constant index 0, 1,
+    2, or a Split in three); two picks meet in one MatMul (queries and keys), the third is mixed
+    into the output layer."""
+    value = _biased_output(index, sides[0])
+    for _ in range(16):
+        uses = _uses(index, value)
+        if len(uses) != 1 or uses[0][0].op_type not in _LAYOUT:
+            break
+        value = uses[0][0].output[0]
+    shape = index.shape(value)
+    ends = {}
+    if len(uses) == 1 and uses[0][0].op_type == "Split" and len(uses[0][0].output) == 3:  # torch's unbind
+        split = uses[0][0]
+        if shape is None or shape[attr(split, "axis", 0)] != 3:
+            return None
+        ends = {p: _follow(index, out) for p, out in enumerate(split.output)}
+    for node, slot in uses if not ends else ():
+        pick = index.const(node.input[1]) if node.op_type == "Gather" and slot == 0 else None
+        if pick is None or pick.size != 1 or shape is None or shape[attr(node, "axis", 0)] != 3:
+            return None
+        ends[int(pick)] = _follow(index, node.output[0])
+    if sorted(ends) != [0, 1, 2] or any(e is None for e in ends.values()):
+        return None
+    for v in range(3):
+        q, k = [p for p in range(3) if p != v]
+        (m1, r1), (m2, r2) = ends[q], ends[k]
+        if m1 is m2 and {r1, r2} == set(m1.input[:2]) and _mixes_into(index, ends[v], sides[3].node):
+            return [q, k, v]
+    return None
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -258,29 +330,39 @@ def _factor(gram: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(gram + load * np.eye(len(gram))).T
 
 
+def _query_key(gq, gk) -> tuple:
+    """(Tq, Tk, s) of one head. Logits q'k = x' (Wq Wk') y: with Rq'Rq and Rk'Rk the head's Gram
+    matrices, the SVD of Rq Rk' = U S V' gives the weighted best rank r; Tq Tk' = I keeps the logits."""
+    Rq, Rk = _factor(gq), _factor(gk)
+    U, s, Vt = np.linalg.svd(Rq @ Rk.T)
+    root = np.sqrt(np.maximum(s, 1e-30))
+    return np.linalg.solve(Rq, U * root), np.linalg.solve(Rk, Vt.T * root), s
+
+
+def _value_output(gz, rows) -> tuple:
+    """(T, T^-1) of one head. Output z O: with Rz'Rz the Gram matrix of the head's z, the SVD of
+    Rz O = U S V' orders the directions; T = Rz^-1 U makes the rotated z orthonormal, O's rows S V'."""
+    Rz = _factor(gz)
+    U, _, _ = np.linalg.svd(Rz @ rows, full_matrices=False)
+    return np.linalg.solve(Rz, U), U.T @ Rz
+
+
 def _head_transforms(cand: _Candidate, original: dict) -> list:
     """Per head, one matrix per side: what that side's weights are multiplied by."""
     out = []
     if cand.kind == "query/key":
         cand.logit_energy = 0.0
         for gq, gk in zip(*cand.grams):
-            # logits q'k = x' (Wq Wk') y: with Rq'Rq and Rk'Rk the heads' Gram matrices, the SVD of
-            # Rq Rk' = U S V' gives the weighted best rank r; Tq Tk' = I keeps the logits
-            Rq, Rk = _factor(gq), _factor(gk)
-            U, s, Vt = np.linalg.svd(Rq @ Rk.T)
-            root = np.sqrt(np.maximum(s, 1e-30))
+            Tq, Tk, s = _query_key(gq, gk)
             # rotated, q_j and k_j are uncorrelated with variance s_j: q_j k_j carries s_j^2
             cand.logit_energy = cand.logit_energy + s ** 2
-            out.append((np.linalg.solve(Rq, U * root), np.linalg.solve(Rk, Vt.T * root)))
+            out.append((Tq, Tk))
         return out
-    consumer = cand.sides[1]
+    consumer = cand.sides[-1]
     W = weight_matrix(consumer.node, original[consumer.node.input[1]])
-    for gz, rows in zip(cand.grams[0], consumer.blocks):
-        # output z O: with Rz'Rz the Gram matrix of the head's z, the SVD of Rz O = U S V' orders
-        # the directions; T = Rz^-1 U makes the rotated z orthonormal and O's rows S V'
-        Rz = _factor(gz)
-        U, _, _ = np.linalg.svd(Rz @ W[rows], full_matrices=False)
-        out.append((np.linalg.solve(Rz, U), U.T @ Rz))  # T and its inverse
+    for h, (gz, rows) in enumerate(zip(cand.grams[-1], consumer.blocks)):
+        pair = _value_output(gz, W[rows])
+        out.append(_query_key(cand.grams[0][h], cand.grams[1][h])[:2] + pair if cand.kind == "packed" else pair)
     return out
 
 

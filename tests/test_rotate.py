@@ -17,9 +17,10 @@ HEADS, HEAD, WIDTH, TOKENS = 4, 8, 32, 6
 
 
 class Attention(torch.nn.Module):
-    """One self-attention block with an FFN; `rope_like` puts a rotate-half on the queries and keys."""
+    """One self-attention block with an FFN; `rope_like` puts a rotate-half on the queries and keys;
+    `packed` computes Q | K | V in one projection and unbinds them (timm's ViT)."""
 
-    def __init__(self, rope_like=False):
+    def __init__(self, rope_like=False, packed=False):
         super().__init__()
         torch.manual_seed(0)  # the output and FFN layers' initialisation
         g = torch.Generator().manual_seed(0)
@@ -34,13 +35,19 @@ class Attention(torch.nn.Module):
                     scale = torch.logspace(0, -2, HEAD)
                     lin.weight[h * HEAD:(h + 1) * HEAD] = rot @ (scale[:, None] * torch.randn(HEAD, WIDTH, generator=g))
                 lin.bias.normal_(0, 0.1, generator=g)
-        self.rope_like = rope_like
+        self.rope_like, self.packed = rope_like, packed
 
     def heads(self, x):
         return x.view(x.shape[0], TOKENS, HEADS, HEAD).transpose(1, 2)
 
     def forward(self, x):
-        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        if self.packed:
+            w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+            qkv = torch.nn.functional.linear(x, w, b).reshape(x.shape[0], TOKENS, 3, HEADS, HEAD)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
         if self.rope_like:
             q = torch.cat([-q[..., HEAD // 2:], q[..., :HEAD // 2]], -1) + q
             k = torch.cat([-k[..., HEAD // 2:], k[..., :HEAD // 2]], -1) + k
@@ -49,9 +56,9 @@ class Attention(torch.nn.Module):
         return h + self.down(torch.relu(self.up(h)))
 
 
-def _setup(rope_like=False):
+def _setup(rope_like=False, packed=False):
     x = torch.randn(1, TOKENS, WIDTH)
-    model = onnx_prune.from_torch(Attention(rope_like).eval(), x)
+    model = onnx_prune.from_torch(Attention(rope_like, packed).eval(), x)
     canon = canonicalize(model, input_shapes={model.graph.input[0].name: (16, TOKENS, WIDTH)})
     analysis = analyze_canonical(canon)
     name = model.graph.input[0].name
@@ -68,12 +75,14 @@ def _halve_head_dims(analysis, names):
     return {g.name: np.arange(g.size // 2 if g.name in names else g.size) for g in analysis.groups}
 
 
-def test_rotation_keeps_the_function_and_makes_half_the_head_dims_carry_more():
-    canon, analysis, samples = _setup()
+@pytest.mark.parametrize("packed", [False, True])
+def test_rotation_keeps_the_function_and_makes_half_the_head_dims_carry_more(packed):
+    canon, analysis, samples = _setup(packed=packed)
     feeds = {k: v[:16] for k, v in samples.items()}
     dense = _run(canon.model, feeds)
     kinds = {c.name: c.kind for c in _candidates(analysis)}
-    assert sorted(kinds.values()) == ["query/key", "value/output"]  # not the FFN: one block, a Relu between
+    # not the FFN (one block, a Relu between), nor the heads' own group
+    assert sorted(kinds.values()) == (["packed"] if packed else ["query/key", "value/output"])
     plans = {name: _halve_head_dims(analysis, [name]) for name in kinds}
 
     def errors():
