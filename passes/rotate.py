@@ -130,7 +130,7 @@ def _candidates(analysis) -> list[_Candidate]:
         else:
             sides = [_Side(layers[n][0], "producer", _blocks(table, layers[n][1][1], g)) for n in g.producers] \
                 + consumers
-        if any(s.blocks is None for s in sides) or len({len(s.blocks) for s in sides}) != 1 \
+        if any(s.blocks is None for s in sides) or not _heads_match(kind, sides) \
                 or len(sides[0].blocks) < 2 or not _attach_biases(ctx, table, g, sides):
             continue  # one block is a plain layer's channels (an FFN's), not heads
         if kind == "packed":
@@ -146,6 +146,15 @@ def _candidates(analysis) -> list[_Candidate]:
             side.stat = side.node.input[0] if kind != "query/key" else ""
         out.append(_Candidate(g.name, kind, sides))
     return out
+
+
+def _heads_match(kind, sides) -> bool:
+    """Every side has the same heads; or, grouped-query values, the output layer reads each value
+    head once per query head of its group (repeat_kv: query head h reads value head h // group)."""
+    counts = [len(s.blocks) for s in sides]
+    if len(set(counts)) == 1:
+        return True
+    return kind == "value/output" and counts[1] % counts[0] == 0
 
 
 def _parts(table, e, n=3):
@@ -223,6 +232,9 @@ def _follow(index, value):
         node, _slot = uses[0]
         if node.op_type == "MatMul":
             return node, value
+        if node.op_type == "Expand":  # grouped-query attention repeats key/value heads
+            value = node.output[0]
+            continue
         other = [i for i in node.input if i != value]
         scalar = (node.op_type == "Mul" or node.op_type == "Div" and node.input[0] == value) and len(other) == 1 \
             and index.const(other[0]) is not None and index.const(other[0]).size == 1
@@ -360,8 +372,11 @@ def _head_transforms(cand: _Candidate, original: dict) -> list:
         return out
     consumer = cand.sides[-1]
     W = weight_matrix(consumer.node, original[consumer.node.input[1]])
-    for h, (gz, rows) in enumerate(zip(cand.grams[-1], consumer.blocks)):
-        pair = _value_output(gz, W[rows])
+    group = len(consumer.blocks) // len(cand.sides[0].blocks)  # query heads per value head
+    for h in range(len(cand.sides[0].blocks)):
+        readers = range(h * group, (h + 1) * group)  # the value head's readers weigh it together
+        gz = sum(cand.grams[-1][r] for r in readers)
+        pair = _value_output(gz, np.hstack([W[consumer.blocks[r]] for r in readers]))
         out.append(_query_key(cand.grams[0][h], cand.grams[1][h])[:2] + pair if cand.kind == "packed" else pair)
     return out
 
@@ -374,7 +389,8 @@ def _transform(cand: _Candidate, original: dict, updates: dict):
         w = updates.get(name, original[name])
         W = np.array(weight_matrix(side.node, w), dtype=np.float64)
         bias = np.array(updates.get(side.bias, original[side.bias]), dtype=np.float64) if side.bias else None
-        for b, pair in zip(side.blocks, per_head):
+        for n, b in enumerate(side.blocks):
+            pair = per_head[n * len(per_head) // len(side.blocks)]  # a repeated value head's transform
             if side.role == "consumer":
                 W[b] = pair[k] @ W[b]
                 continue

@@ -139,3 +139,16 @@ def test_the_error_database_reads_a_rotated_query_key_group_by_the_logits_it_car
     assert list(db.order[name]) == list(range(HEAD))  # the rotated order: first dimensions first
     tail = energy[::-1].cumsum()[::-1] / energy.sum()  # what dropping from each width on loses
     assert np.allclose(db.curve[name], np.append(tail, 0.0))
+
+
+def test_grouped_query_values_rotate_and_rotary_queries_keys_stay_in_a_llama():
+    from onnx_prune.models.registry import load
+
+    entry = load("hf_llama_gqa")  # 4 query heads share 2 key/value heads; rotary queries and keys
+    canon = canonicalize(entry.model, input_shapes=entry.input_shapes)
+    analysis = analyze_canonical(canon)
+    feeds = entry.make_feeds()
+    dense = _run(canon.model, feeds)
+    rotation = rotate_heads(canon.model, analysis, feeds)
+    assert len(rotation.rotated) == 2 and all("v_proj" in name for name in rotation.rotated)  # one per layer
+    assert np.abs(_run(canon.model, feeds) - dense).max() <= 1e-4 * np.abs(dense).max()
