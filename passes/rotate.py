@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from onnx_prune.backends.ort import make_session, session_with_outputs
 from onnx_prune.passes.graph import attr
-from onnx_prune.passes.spaces import Fx, Prod
+from onnx_prune.passes.spaces import Cat, Fx, Prod
 from onnx_prune.passes.reconstruct import (feed_batches, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
 
@@ -45,7 +45,8 @@ class _Side:
     node: onnx.NodeProto
     role: str  # "producer" (the group is its output axis) or "consumer" (its input axis)
     blocks: list  # per head: positions on the axis, in the group's channel order
-    bias: str | None = None  # a per-channel bias added to a producer's output
+    bias: str | None = None  # a per-channel bias added to a producer's output (or a Gemm's own C)
+    piece: int | None = None  # the Split output its part of a fused projection leaves by (GPT-2)
     stat: str = ""  # the tensor whose per-head Gram matrix the transform is weighted by
 
 
@@ -116,7 +117,9 @@ def _candidates(analysis) -> list[_Candidate]:
     for g in analysis.groups:
         if g.size < 2 or any(n not in layers for n in g.producers + g.consumers):
             continue
-        if len(g.producers) == 2 and not g.consumers:
+        pieces = _pieces(table, layers[g.producers[0]][1][1], g) if len(g.producers) == 1 else [None]
+        split_pair = len(pieces) == 2 and None not in pieces  # queries and keys of one projection (GPT-2)
+        if not g.consumers and (len(g.producers) == 2 or split_pair):
             kind = "query/key"
         elif len(g.producers) == 1 and len(g.consumers) == 1:
             packed = _parts(table, layers[g.producers[0]][1][1])
@@ -127,6 +130,9 @@ def _candidates(analysis) -> list[_Candidate]:
         if kind == "packed":  # one producer, its axis Q | K | V: a side per part, roles from the graph
             node, axes = layers[g.producers[0]]
             sides = [_Side(node, "producer", _blocks(table, axes[1], g, packed == p)) for p in range(3)] + consumers
+        elif len(g.producers) == 1:
+            node, axes = layers[g.producers[0]]
+            sides = [_Side(node, "producer", _blocks(table, axes[1], g, piece=k), piece=k) for k in pieces] + consumers
         else:
             sides = [_Side(layers[n][0], "producer", _blocks(table, layers[n][1][1], g)) for n in g.producers] \
                 + consumers
@@ -171,14 +177,36 @@ def _parts(table, e, n=3):
     return (np.arange(int(np.prod(sizes))) // inner) % n
 
 
-def _blocks(table, e, g, part=None) -> list | None:
-    """Positions of the heads on axis `e` (among the positions `part` marks): the k-th position of
-    each channel of `g` is head k's. None when the axis holds anything but whole heads of `g`."""
-    coord = dict(table.coords(e)).get(g.sid)
-    if coord is None or (coord < 0).any():
+def _coord(table, e, sid):
+    """Channel of space `sid` at each position of axis `e` (-1 where another space is), or None;
+    a space that appears in several pieces of a concatenation is in each."""
+    found = [c for s, c in table.coords(e) if s == sid]
+    return np.max(found, axis=0) if found else None
+
+
+def _pieces(table, e, g) -> list:
+    """The pieces of a concatenated axis (a projection split apart) that carry `g`; [None] if the
+    axis is not a concatenation."""
+    e = table.norm(e)
+    if not isinstance(e, Cat):
+        return [None]
+    return [k for k, it in enumerate(e.items) if _coord(table, it, g.sid) is not None]
+
+
+def _blocks(table, e, g, part=None, piece=None) -> list | None:
+    """Positions of the heads on axis `e` (among the positions `part` marks, or in concatenated
+    piece `piece`): the k-th position of each channel of `g` is head k's. None when they hold
+    anything but whole heads of `g`."""
+    coord = _coord(table, e, g.sid)
+    if coord is None:
         return None
     if part is not None:
         coord = np.where(part, coord, -1)
+    if piece is not None:
+        items = table.norm(e).items
+        start = sum(table.size(it) for it in items[:piece])
+        inside = (np.arange(len(coord)) >= start) & (np.arange(len(coord)) < start + table.size(items[piece]))
+        coord = np.where(inside, coord, -1)
     where = [np.flatnonzero(coord == c) for c in range(g.size)]
     if len({len(w) for w in where}) != 1:
         return None
@@ -197,13 +225,17 @@ def _attach_biases(ctx, table, g, sides) -> bool:
             by_output.setdefault(s.node.output[0], []).append(s)
     for name in ctx.index.inits:
         axes = ctx.axes.get(name)
-        if name in weights or not axes or not any(g.sid in dict(table.coords(e)) for e in axes):
+        if name in weights or not axes or all(_coord(table, e, g.sid) is None for e in axes):
             continue
         uses = ctx.index.consumers.get(name, [])
-        if len(axes) != 1 or len(uses) != 1 or uses[0][0].op_type != "Add":
+        if len(axes) != 1 or len(uses) != 1:
             return False
-        other = [i for i in uses[0][0].input if i != name]
-        owners = by_output.get(other[0], []) if len(other) == 1 else []
+        node, slot = uses[0]
+        other = [i for i in node.input if i != name]
+        if node.op_type == "Gemm" and slot == 2:  # a Gemm's own bias
+            owners = [s for s in sides if s.node is node and s.role == "producer"]
+        else:
+            owners = by_output.get(other[0], []) if node.op_type == "Add" and len(other) == 1 else []
         if not owners or any(s.bias is not None for s in owners):
             return False
         for s in owners:
@@ -212,9 +244,28 @@ def _attach_biases(ctx, table, g, sides) -> bool:
 
 
 def _biased_output(index, side) -> str:
-    if side.bias is None:
+    if side.bias is None or side.bias in side.node.input:
         return side.node.output[0]
     return index.consumers[side.bias][0][0].output[0]
+
+
+def _start(index, side) -> str | None:
+    """Where a producer's head dimensions begin their way: its biased output, or, for a piece of a
+    projection split apart, the Split's output of that piece."""
+    value = _biased_output(index, side)
+    if side.piece is None:
+        return value
+    for _ in range(16):
+        uses = _uses(index, value)
+        if len(uses) != 1:
+            return None
+        node = uses[0][0]
+        if node.op_type == "Split":
+            return node.output[side.piece] if side.piece < len(node.output) else None
+        if node.op_type not in _LAYOUT:
+            return None
+        value = node.output[0]
+    return None
 
 
 def _uses(index, value) -> list:
@@ -248,7 +299,8 @@ def _linear_path(index, kind, sides) -> bool:
     """Query/key: both producers' outputs meet as the two inputs of one MatMul. Value/output: the
     producer's output is the second input of a MatMul (the attention weights mix its tokens) whose
     output reaches the consumer's input the same way."""
-    ends = [_follow(index, _biased_output(index, s)) for s in sides if s.role == "producer"]
+    starts = [_start(index, s) for s in sides if s.role == "producer"]
+    ends = [_follow(index, v) if v else None for v in starts]
     if any(e is None for e in ends):
         return False
     if kind == "query/key":
@@ -417,8 +469,8 @@ def _change(before: list, after: list) -> float:
     """Largest output change, relative to the largest magnitude of that output."""
     worst = 0.0
     for a, b in zip(before, after):
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        if a.dtype.kind not in "fc" or a.size == 0:
+        if np.asarray(a).dtype.kind not in "fc" or np.asarray(a).size == 0:
             continue
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)))
     return worst

@@ -18,7 +18,8 @@ HEADS, HEAD, WIDTH, TOKENS = 4, 8, 32, 6
 
 class Attention(torch.nn.Module):
     """One self-attention block with an FFN; `rope_like` puts a rotate-half on the queries and keys;
-    `packed` computes Q | K | V in one projection and unbinds them (timm's ViT)."""
+    `packed` computes Q | K | V in one projection and unbinds them ("unbind": timm's ViT) or splits
+    the projection's output ("split": GPT-2)."""
 
     def __init__(self, rope_like=False, packed=False):
         super().__init__()
@@ -44,8 +45,11 @@ class Attention(torch.nn.Module):
         if self.packed:
             w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
             b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-            qkv = torch.nn.functional.linear(x, w, b).reshape(x.shape[0], TOKENS, 3, HEADS, HEAD)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = torch.nn.functional.linear(x, w, b)
+            if self.packed == "split":
+                q, k, v = (self.heads(part) for part in qkv.split(WIDTH, dim=-1))
+            else:
+                q, k, v = qkv.reshape(x.shape[0], TOKENS, 3, HEADS, HEAD).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
         if self.rope_like:
@@ -75,14 +79,14 @@ def _halve_head_dims(analysis, names):
     return {g.name: np.arange(g.size // 2 if g.name in names else g.size) for g in analysis.groups}
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, "unbind", "split"])
 def test_rotation_keeps_the_function_and_makes_half_the_head_dims_carry_more(packed):
     canon, analysis, samples = _setup(packed=packed)
     feeds = {k: v[:16] for k, v in samples.items()}
     dense = _run(canon.model, feeds)
     kinds = {c.name: c.kind for c in _candidates(analysis)}
     # not the FFN (one block, a Relu between), nor the heads' own group
-    assert sorted(kinds.values()) == (["packed"] if packed else ["query/key", "value/output"])
+    assert sorted(kinds.values()) == (["packed"] if packed == "unbind" else ["query/key", "value/output"])
     plans = {name: _halve_head_dims(analysis, [name]) for name in kinds}
 
     def errors():
