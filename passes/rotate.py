@@ -83,14 +83,13 @@ def rotate_heads(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg
     if not candidates:
         return Rotation([], {}, 0.0)
     batches = feed_batches(model, samples)
-    _collect_grams(model, candidates, batches)
+    reference = _collect_grams(model, candidates, batches)
     inits = {t.name: t for t in model.graph.initializer}
-    original = {name: numpy_helper.to_array(inits[name]).copy()
+    original = {name: numpy_helper.to_array(inits[name])
                 for cand in candidates for side in cand.sides for name in (side.node.input[1], side.bias) if name}
     updates = {}
     for cand in candidates:
         _transform(cand, original, updates)
-    reference = _outputs(model, batches[0])
     _write(model, analysis, updates)
     change = _change(reference, _outputs(model, batches[0]))
     if change > TOLERANCE:  # the graph did something the path check did not see: undo it all
@@ -361,17 +360,22 @@ def _packed_roles(index, sides) -> list | None:
 
 # -- statistics ------------------------------------------------------------------------------------
 
-def _collect_grams(model, candidates, batches):
-    """Per side with a statistic, per head: the Gram matrix of the head's columns over real tokens."""
+def _collect_grams(model, candidates, batches) -> list:
+    """Per side with a statistic, per head: the Gram matrix of the head's columns over real tokens.
+    Returns the model's outputs on the first batch, to check the rotation against."""
     stats = list(dict.fromkeys(s.stat for c in candidates for s in c.sides if s.stat))
+    outputs = [o.name for o in model.graph.output]
     sess = session_with_outputs(model, stats, optimize=True)
+    first = None
     per_batch = max(MAX_ROWS // len(batches), 8)
     rng = np.random.default_rng(0)
     rows = 0
     for cand in candidates:
         cand.grams = [[0.0] * len(s.blocks) for s in cand.sides if s.stat]
+    wanted = list(dict.fromkeys(stats + outputs))
     for feeds in batches:
-        values = dict(zip(stats, sess.run(stats, feeds)))
+        values = dict(zip(wanted, sess.run(wanted, feeds)))
+        first = first or [values[o] for o in outputs]
         X = {name: layer_rows(_AS_MATMUL, values[name], per_batch, rng, feeds).astype(np.float64) for name in stats}
         rows += len(next(iter(X.values())))
         for cand in candidates:
@@ -381,6 +385,7 @@ def _collect_grams(model, candidates, batches):
                     grams[h] = grams[h] + x[:, b].T @ x[:, b]
     for cand in candidates:
         cand.grams = [[g / max(rows, 1) for g in grams] for grams in cand.grams]
+    return first
 
 
 _AS_MATMUL = onnx.helper.make_node("MatMul", ["x", "w"], ["y"])  # rows of a token tensor, not conv patches
