@@ -8,7 +8,8 @@ import onnx_prune
 from onnx_prune.backends.ort import make_session
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
-from onnx_prune.passes.rotate import _candidates, rotate_heads
+from onnx_prune.passes.heads import find_heads
+from onnx_prune.passes.rotate import rotate_heads
 from onnx_prune.passes.surgery import apply_plan
 
 torch = pytest.importorskip("torch")
@@ -84,7 +85,7 @@ def test_rotation_keeps_the_function_and_makes_half_the_head_dims_carry_more(pac
     canon, analysis, samples = _setup(packed=packed)
     feeds = {k: v[:16] for k, v in samples.items()}
     dense = _run(canon.model, feeds)
-    kinds = {c.name: c.kind for c in _candidates(analysis)}
+    kinds = {c.name: c.kind for c in find_heads(analysis)}
     # not the FFN (one block, a Relu between), nor the heads' own group
     assert sorted(kinds.values()) == (["packed"] if packed == "unbind" else ["query/key", "value/output"])
     plans = {name: _halve_head_dims(analysis, [name]) for name in kinds}
@@ -104,7 +105,7 @@ def test_rotation_keeps_the_function_and_makes_half_the_head_dims_carry_more(pac
 
 def test_a_rotary_like_head_is_left_as_it_is():
     canon, analysis, samples = _setup(rope_like=True)
-    kinds = {c.name: c.kind for c in _candidates(analysis)}
+    kinds = {c.name: c.kind for c in find_heads(analysis)}
     assert sorted(kinds.values()) == ["value/output"]  # the concat of halves does not commute with a rotation
     weights = {t.name: t.SerializeToString() for t in canon.model.graph.initializer}
     rotation = rotate_heads(canon.model, analysis, samples)
@@ -137,7 +138,7 @@ def test_the_error_database_reads_a_rotated_query_key_group_by_the_logits_it_car
     canon, analysis, samples = _setup()
     rotation = rotate_heads(canon.model, analysis, samples)
     (name, energy), = rotation.logit_energy.items()
-    assert {c.name: c.kind for c in _candidates(analysis)}[name] == "query/key"
+    assert {c.name: c.kind for c in find_heads(analysis)}[name] == "query/key"
     assert np.all(np.diff(energy) <= 0) and energy[-1] < 0.1 * energy[0]  # the weights' decaying scales
     db = build_error_db(canon.model, analysis, samples, channel_energy=rotation.logit_energy)
     assert list(db.order[name]) == list(range(HEAD))  # the rotated order: first dimensions first
