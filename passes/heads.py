@@ -70,6 +70,8 @@ def find_heads(analysis) -> list[Head]:
             kind = "packed" if packed is not None else "value/output"
         else:
             continue
+        if kind == "value/output" and len(pieces) != 1:
+            continue  # values in several pieces of one projection: not a layout this knows
         consumers = [Side(layers[n][0], "consumer", _blocks(table, layers[n][1][0], g)) for n in g.consumers]
         if kind == "packed":  # one producer, its axis Q | K | V: a side per part, roles from the graph
             node, axes = layers[g.producers[0]]
