@@ -62,11 +62,16 @@ def rotate_heads(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg
     original = {name: numpy_helper.to_array(inits[name])
                 for cand in candidates for side in cand.sides for name in (side.node.input[1], side.bias) if name}
     updates = {}
-    for cand in candidates:
-        _transform(cand, original, updates)
+    try:
+        for cand in candidates:
+            _transform(cand, original, updates)
+    except np.linalg.LinAlgError as exc:  # statistics a factorisation cannot take (inf or nan activations)
+        why = f"the heads' statistics could not be factorised ({exc})"
+        log(f"head rotation skipped: {why}")
+        return Rotation([], {c.name: why for c in candidates}, 0.0)
     _write(model, analysis, updates)
     change = _change(reference, _outputs(model, batches[0]))
-    if change > TOLERANCE:  # the graph did something the path check did not see: undo it all
+    if not change <= TOLERANCE:  # the graph did something the path check did not see (or nan): undo it all
         _write(model, analysis, {name: original[name] for name in updates})
         log(f"head rotation put back: it changed the outputs by {change:.1e} (relative)")
         why = f"rotating changed the outputs by {change:.1e} (relative to their largest magnitude)"
@@ -195,5 +200,11 @@ def _change(before: list, after: list) -> float:
         if np.asarray(a).dtype.kind not in "fc" or np.asarray(a).size == 0:
             continue
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)))
+        finite = np.isfinite(a)  # a dense output's own inf or nan is not the rotation's
+        if not finite.any():
+            continue
+        change = float(np.abs(a - b)[finite].max() / max(np.abs(a[finite]).max(), 1e-12))
+        if not np.isfinite(change):
+            return float("inf")
+        worst = max(worst, change)
     return worst

@@ -157,3 +157,17 @@ def test_grouped_query_values_rotate_and_rotary_queries_keys_stay_in_a_llama():
     rotation = rotate_heads(canon.model, analysis, feeds)
     assert len(rotation.rotated) == 2 and all("v_proj" in name for name in rotation.rotated)  # one per layer
     assert np.abs(_run(canon.model, feeds) - dense).max() <= 1e-4 * np.abs(dense).max()
+
+
+def test_a_rotation_that_moves_the_outputs_is_put_back_whole(monkeypatch):
+    import onnx_prune.passes.rotate as rotate
+
+    canon, analysis, samples = _setup()
+    weights = {t.name: t.SerializeToString() for t in canon.model.graph.initializer}
+    # the check sees the outputs moved (as a graph the path check misread would): nan, then 1%
+    for moved in (lambda y: y * np.nan, lambda y: y * 1.01):
+        monkeypatch.setattr(rotate, "_outputs", lambda model, feeds, moved=moved: [
+            moved(y) for y in make_session(model).run(None, feeds)])
+        rotation = rotate_heads(canon.model, analysis, samples)
+        assert rotation.rotated == [] and len(rotation.put_back) == 2 and not rotation.logit_energy
+        assert {t.name: t.SerializeToString() for t in canon.model.graph.initializer} == weights
