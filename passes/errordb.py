@@ -141,14 +141,16 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     by_sid = {g.sid: g for g in analysis.groups}
     layers = _consumer_layers(analysis, by_sid, last_fold=len(folds) - 1 if folds else None)
     energy_groups = [g for g in analysis.groups if not any(g.sid == sid for lay in layers for sid, _ in lay.coords)]
-    energy_values = _producer_outputs(analysis, energy_groups)
+    given = channel_energy or {}
+    energy_values = _producer_outputs(analysis, [g for g in energy_groups if g.name not in given])
     parts = [{k: v[mask] for k, v in samples.items()} for mask in folds] if folds else [samples]
     feeds_list = [(f if folds else None, feeds) for f, part in enumerate(parts) for feeds in feed_batches(model, part)]
     rows = max(-(-MAX_ROWS // len(feeds_list)), 8)  # spread over every batch: more images, not more rows
     wanted = list(dict.fromkeys([lay.node.input[0] for lay in layers] + [v for v, _ in energy_values]))
     sess = session_with_outputs(model, wanted, optimize=True)
     rng = np.random.default_rng(0)
-    energy = {g.sid: np.zeros(g.size) for g in energy_groups}
+    energy = {g.sid: np.array(given[g.name], dtype=np.float64) if g.name in given else np.zeros(g.size)
+              for g in energy_groups}
     for fold, feeds in feeds_list:
         values = dict(zip(wanted, sess.run(wanted, feeds)))
         for lay in layers:
@@ -157,9 +159,6 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
             _add_energy(energy, values[name], coords)
     for lay in layers:
         lay.flush()
-    for g in energy_groups:
-        if g.name in (channel_energy or {}):
-            energy[g.sid] = np.asarray(channel_energy[g.name], dtype=np.float64)
     log(f"error database: {len(layers)} layers, {len(feeds_list)} calibration batches")
     db = ErrorDB(layers=layers)
     ranking = _rank(analysis, layers, energy)
