@@ -201,22 +201,24 @@ def _start(index, side) -> str | None:
     value = _biased_output(index, side)
     if side.piece is None:
         return value
-    for _ in range(16):
-        uses = _uses(index, value)
-        if len(uses) != 1:
-            return None
-        node = uses[0][0]
-        if node.op_type == "Split":
-            return node.output[side.piece] if side.piece < len(node.output) else None
-        if node.op_type not in _LAYOUT:
-            return None
-        value = node.output[0]
-    return None
+    _, uses = _through_layout(index, value)
+    split = uses[0][0] if len(uses) == 1 and uses[0][0].op_type == "Split" else None
+    return split.output[side.piece] if split is not None and side.piece < len(split.output) else None
 
 
 def _uses(index, value) -> list:
     """The nodes reading `value`'s data: a Shape reads only its shape, which T does not change."""
     return [(n, k) for n, k in index.consumers.get(value, []) if n.op_type not in ("Shape", "Size")]
+
+
+def _through_layout(index, value) -> tuple:
+    """From `value` along single readers that are layout ops: (the last value, its readers)."""
+    for _ in range(16):
+        uses = _uses(index, value)
+        if len(uses) != 1 or uses[0][0].op_type not in _LAYOUT:
+            break
+        value = uses[0][0].output[0]
+    return value, uses
 
 
 def _follow(index, value):
@@ -259,17 +261,7 @@ def _mixes_into(index, end, consumer) -> bool:
     """`end` (a MatMul, the value it reads) mixes tokens of its second input, and its output reaches
     `consumer`'s input through layout ops."""
     mix, read = end
-    if mix.input[1] != read:
-        return False
-    value = mix.output[0]
-    for _ in range(16):
-        if value == consumer.input[0]:
-            return True
-        uses = _uses(index, value)
-        if len(uses) != 1 or uses[0][0].op_type not in _LAYOUT:
-            return False
-        value = uses[0][0].output[0]
-    return False
+    return mix.input[1] == read and _through_layout(index, mix.output[0])[0] == consumer.input[0]
 
 
 def _packed_roles(index, sides) -> list | None:
@@ -277,12 +269,7 @@ def _packed_roles(index, sides) -> list | None:
     layout ops, is picked apart along the axis of the parts (three Gathers of constant index 0, 1,
     2, or a Split in three); two picks meet in one MatMul (queries and keys), the third is mixed
     into the output layer."""
-    value = _biased_output(index, sides[0])
-    for _ in range(16):
-        uses = _uses(index, value)
-        if len(uses) != 1 or uses[0][0].op_type not in _LAYOUT:
-            break
-        value = uses[0][0].output[0]
+    value, uses = _through_layout(index, _biased_output(index, sides[0]))
     shape = index.shape(value)
     ends = {}
     if len(uses) == 1 and uses[0][0].op_type == "Split" and len(uses[0][0].output) == 3:  # torch's unbind
