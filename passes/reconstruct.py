@@ -128,6 +128,12 @@ def layer_rows(node, x, rows, rng, feeds):
     x = np.asarray(x, dtype=np.float32)  # no copy for ORT's float32 outputs
     if node.op_type == "Conv":
         return im2col(x, node, rows, rng)
+    return token_rows(x, rows, rng, feeds)
+
+
+def token_rows(x, rows, rng, feeds):
+    """Up to `rows` rows of a tensor's last axis, over its real tokens (padding left out)."""
+    x = np.asarray(x, dtype=np.float32)
     X = x.reshape(-1, x.shape[-1])
     real = token_mask(feeds, x.shape[:-1])
     if real is not None:

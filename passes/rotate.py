@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from onnx_prune.backends.ort import make_session, session_with_outputs
 from onnx_prune.passes.heads import Head, find_heads
-from onnx_prune.passes.reconstruct import feed_batches, from_weight_matrix, layer_rows, weight_matrix
+from onnx_prune.passes.reconstruct import feed_batches, from_weight_matrix, token_rows, weight_matrix
 
 MAX_ROWS = 8192  # token rows per statistic: a head's D x D Gram matrix needs few
 TOLERANCE = 1e-4  # largest output change allowed, relative to the output's largest magnitude (as verify's)
@@ -99,7 +99,7 @@ def _collect_grams(model, candidates, batches) -> list:
     for feeds in batches:
         values = dict(zip(wanted, sess.run(wanted, feeds)))
         first = first or [values[o] for o in outputs]
-        X = {name: layer_rows(_AS_MATMUL, values[name], per_batch, rng, feeds).astype(np.float64) for name in stats}
+        X = {name: token_rows(values[name], per_batch, rng, feeds).astype(np.float64) for name in stats}
         rows += len(next(iter(X.values())))
         for cand in candidates:
             for grams, side in zip(cand.grams, [s for s in cand.sides if s.stat]):
@@ -109,9 +109,6 @@ def _collect_grams(model, candidates, batches) -> list:
     for cand in candidates:
         cand.grams = [[g / max(rows, 1) for g in grams] for grams in cand.grams]
     return first
-
-
-_AS_MATMUL = onnx.helper.make_node("MatMul", ["x", "w"], ["y"])  # rows of a token tensor, not conv patches
 
 
 # -- transforms ------------------------------------------------------------------------------------
