@@ -85,7 +85,8 @@ def markdown(report, plots) -> str:
                      f"{'met' if budget['met'] else 'MISSED'}: {', '.join(parts)} |")
     rotation = r.get("head_rotation")
     if rotation and rotation["groups"]:
-        lines.append(f"| head rotation | {len(rotation['groups'])} head-dimension groups ordered by weighted SVD, "
+        lines.append(f"| head rotation | {len(rotation['groups'])} head-dimension groups ordered by SVD weighted by "
+                     f"{rotation.get('statistics', 'calibration samples')}, "
                      f"outputs moved {rotation['max_abs_output_change_relative']:.1e} (relative) |")
     elif rotation and rotation["put_back"]:
         lines.append(f"| head rotation | put back: {next(iter(rotation['put_back'].values()))} |")

@@ -7,10 +7,11 @@ dimensions only meet the output projection's rows. Any invertible T per head wit
     V' = V T,  O' = T^-1 O   (the output sum_d v'_d O'_d = v O)
 
 leaves the model's function unchanged. T is chosen from a singular value decomposition weighted by
-the calibration data, so that the head's first r dimensions span the best rank-r approximation of
+the calibration data (without any, by random inputs: the weights' geometry still shows), so that the head's first r dimensions span the best rank-r approximation of
 its logits (or of its output): pruning a head-dimension group then drops the directions that carry
 least, not whole coordinates. On MiniLM-L6, every head's query/key size halved keeps a held-out
-embedding cosine of 0.984 rotated, 0.940 with the coordinates of most energy kept (no refit).
+embedding cosine of 0.984 rotated, 0.940 with the coordinates of most energy kept (no refit); at
+a quarter, 0.958 rotated on calibration sentences, 0.919 on 8 random token sequences, 0.665 as is.
 
 Which groups are head dimensions, and may be rotated, is passes/heads.py's call (separate or packed
 Q | K | V, grouped-query values; never through a rotary embedding or a norm over the head). The
@@ -44,18 +45,27 @@ class Rotation:
     # query/key group -> per dimension, the logits' variance it carries: the error database's
     # curve for a group no weight layer reads (passes/errordb.py)
     logit_energy: dict = field(default_factory=dict)
+    statistics: str = "calibration samples"  # what the weighted SVD was weighted by
 
     def as_report(self) -> dict:
         return {"groups": self.rotated, "put_back": self.put_back,
-                "max_abs_output_change_relative": self.max_output_change}
+                "max_abs_output_change_relative": self.max_output_change, "statistics": self.statistics}
+
+    def ranked(self, scores: dict) -> dict:
+        """Magnitude `scores` with each rotated group's values reassigned best-first: the SVD puts
+        a head's strongest direction first, and whitening makes weight magnitude misleading there
+        (the value projection's weakest directions get its largest columns)."""
+        return {g: np.sort(s)[::-1] if g in self.rotated else s for g, s in scores.items()}
 
 
-def rotate_heads(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg: None) -> Rotation:
+def rotate_heads(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg: None,
+                 statistics: str = "calibration samples") -> Rotation:
     """Rotate, in place, the head-dimension groups of `model` (the canonical model `analysis` ran
-    on) by the weighted SVD of their heads on calibration `samples`; returns what was rotated."""
+    on) by the weighted SVD of their heads on `samples` (calibration data, or random inputs where
+    there is none: `statistics` says which, for the report); returns what was rotated."""
     candidates = find_heads(analysis)
     if not candidates:
-        return Rotation([], {}, 0.0)
+        return Rotation([], {}, 0.0, statistics=statistics)
     batches = feed_batches(model, samples)
     reference = _collect_grams(model, candidates, batches)
     inits = {t.name: t for t in model.graph.initializer}
@@ -68,17 +78,17 @@ def rotate_heads(model: onnx.ModelProto, analysis, samples: dict, log=lambda msg
     except np.linalg.LinAlgError as exc:  # statistics a factorisation cannot take (inf or nan activations)
         why = f"the heads' statistics could not be factorised ({exc})"
         log(f"head rotation skipped: {why}")
-        return Rotation([], {c.name: why for c in candidates}, 0.0)
+        return Rotation([], {c.name: why for c in candidates}, 0.0, statistics=statistics)
     _write(model, analysis, updates)
     change = _change(reference, _outputs(model, batches[0]))
     if not change <= TOLERANCE:  # the graph did something the path check did not see (or nan): undo it all
         _write(model, analysis, {name: original[name] for name in updates})
         log(f"head rotation put back: it changed the outputs by {change:.1e} (relative)")
         why = f"rotating changed the outputs by {change:.1e} (relative to their largest magnitude)"
-        return Rotation([], {c.name: why for c in candidates}, 0.0)
+        return Rotation([], {c.name: why for c in candidates}, 0.0, statistics=statistics)
     log(f"head rotation: {len(candidates)} groups, outputs changed by {change:.1e} (relative)")
     energy = {c.name: c.logit_energy for c in candidates if c.logit_energy is not None}
-    return Rotation([c.name for c in candidates], {}, change, energy)
+    return Rotation([c.name for c in candidates], {}, change, energy, statistics)
 
 
 # -- statistics ------------------------------------------------------------------------------------

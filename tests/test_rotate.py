@@ -132,6 +132,35 @@ def test_compile_with_calibration_rotates_heads_and_still_verifies(tmp_path):
     assert "head rotation | 2 head-dimension groups" in markdown(report, {})
 
 
+def test_data_free_compile_rotates_on_random_inputs():
+    from onnx_prune.compiler.compile import compile_model
+    from onnx_prune.compiler.summary import markdown
+
+    x = torch.randn(1, TOKENS, WIDTH)
+    model = onnx_prune.from_torch(Attention().eval(), x)
+    result = compile_model(model, 1.3, input_shapes={model.graph.input[0].name: (8, TOKENS, WIDTH)},
+                           timer=lambda dense, pruned, feeds: (1.35, 10.0, 10.0 / 1.35))
+    rotation = result.report["head_rotation"]
+    assert len(rotation["groups"]) == 2 and rotation["statistics"] == "random inputs"
+    assert result.report["max_abs_error_vs_masked_reference"] < 1e-3  # against the rotated model
+    assert "weighted by random inputs" in markdown(result.report, {})
+
+
+def test_rotated_groups_rank_best_first_whatever_their_weights_magnitude():
+    from onnx_prune.passes.importance import group_scores, keep_top
+
+    canon, analysis, samples = _setup()
+    rotation = rotate_heads(canon.model, analysis, samples)
+    raw = group_scores(analysis)
+    ranked = rotation.ranked(raw)
+    for g in analysis.groups:
+        if g.name in rotation.rotated:
+            assert list(keep_top(ranked[g.name], g.size // 2)) == list(range(g.size // 2))
+            assert sorted(ranked[g.name]) == sorted(raw[g.name])  # the same values: global ranking keeps its units
+        else:
+            assert ranked[g.name] is raw[g.name]
+
+
 def test_the_error_database_reads_a_rotated_query_key_group_by_the_logits_it_carries():
     from onnx_prune.passes.errordb import build_error_db
 
