@@ -114,7 +114,7 @@ def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0) -> dict:
         elif "type" in lname or "segment" in lname:
             feeds[inp.name] = np.zeros(shape, dtype=dtype)
         else:
-            feeds[inp.name] = rng.integers(0, _index_bound(model, inp.name, inits), size=shape).astype(dtype)
+            feeds[inp.name] = rng.integers(0, index_bound(model, inp.name, inits), size=shape).astype(dtype)
     return feeds
 
 
@@ -144,7 +144,7 @@ def check_runs(model, feeds: dict, hint: str = USER_SHAPES_HINT) -> None:
         make_session(model, optimize=False, quiet=True).run(None, feeds)
 
 
-def _index_bound(model, name, inits) -> int:
+def index_bound(model, name, inits) -> int:
     """Smallest table size among constant Gathers indexed by `name` (2 if none)."""
     bounds = []
     for node in model.graph.node:

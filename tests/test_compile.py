@@ -241,6 +241,54 @@ def test_full_search_scores_sensitivities_on_calibration_data(model, tmp_path):
         compile_model(m, "1.3x", input_shapes=shapes, method="uniform", search="full", timer=LyingTimer())
 
 
+def test_full_search_without_calibration_data(model):
+    m, shapes = model
+    r = compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(1.35), search="full", search_seconds=2).report
+    assert r["search"] == "full" and r["importance"] == "weight magnitude"
+    assert any(n.startswith("--search full") and "raw errors" in n for n in r["notes"])
+
+
+def test_a_data_free_token_model_is_ranked_on_random_token_sequences():
+    from onnx_prune.backends.ort import feeds_for
+
+    entry = load("bert_encoder")
+    m, feeds = feeds_for(entry.model, dict(entry.input_shapes), 4)
+    r = compile_model(m, "1.3x", input_shapes={k: v.shape for k, v in feeds.items()},
+                      timer=LyingTimer(1.35)).report
+    assert r["importance"] == "error database on random token sequences (no calibration data)"
+    assert r["head_rotation"]["statistics"] == "random inputs" and r["head_rotation"]["groups"]
+    assert any("64 random token sequences" in n for n in r["notes"])
+    assert "recovery" not in r and r["max_abs_error_vs_masked_reference"] < 1e-3  # no refit on them
+
+
+def _token_graph(*inputs):
+    """A graph whose int64 inputs each index a table: (name, table rows)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, ins, outs = [], [], [], []
+    for name, rows in inputs:
+        inits.append(numpy_helper.from_array(np.ones((rows, 4), np.float32), f"{name}_table"))
+        nodes.append(helper.make_node("Gather", [f"{name}_table", name], [f"{name}_emb"]))
+        ins.append(helper.make_tensor_value_info(name, TensorProto.INT64, [2, 8]))
+        outs.append(helper.make_tensor_value_info(f"{name}_emb", TensorProto.FLOAT, [2, 8, 4]))
+    return helper.make_model(helper.make_graph(nodes, "g", ins, outs, inits))
+
+
+def test_random_token_sequences_only_for_inputs_that_are_token_ids():
+    from types import SimpleNamespace
+
+    from onnx_prune.compiler.compile import _pseudo_tokens
+
+    def pseudo(*inputs):
+        return _pseudo_tokens(SimpleNamespace(model=_token_graph(*inputs),
+                                              input_shapes={n: (2, 8) for n, _ in inputs}), [])
+
+    got = pseudo(("input_ids", 30522), ("token_type_ids", 2))
+    assert got["input_ids"].shape == (64, 8) and got["input_ids"].max() < 30522 and not got["token_type_ids"].any()
+    assert pseudo(("input_ids", 30522), ("position_ids", 512)) is None  # random positions are not text
+    assert pseudo(("class_ids", 10)) is None  # a small table: not a vocabulary
+
+
 def test_labels_make_the_search_minimise_the_task_loss(model, tmp_path):
     m, shapes = model
     rng = np.random.default_rng(0)
