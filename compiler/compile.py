@@ -414,7 +414,8 @@ def _sensitivity(find, canon, analysis, cm, goal, samples, provider, seconds, st
     where = "database errors scaled by measured gains" if db is not None else "raw errors"
     steps.note(f"sensitivity search: {evaluated} plans scored, {loss_kind} {start:.4f} ({where}) -> {best:.4f}")
     scaled = [ci * p for ci, p in zip(c, priors)]
-    note = (f"--search full: {evaluated} plans scored on {scored_on} calibration samples by {loss_kind}: "
+    on = "calibration samples" if db is not None else "samples (random inputs without calibration data)"
+    note = (f"--search full: {evaluated} plans scored on {scored_on} {on} by {loss_kind}: "
             f"{start:.4f} with the {where}, {best:.4f} with searched sensitivities")
     return (lambda goal_ms: find(goal_ms, scaled)), note
 
