@@ -31,7 +31,7 @@ from onnx_prune.compiler.sensitivity import measured_gains, sensitivity_search
 from onnx_prune.errors import TargetNotMet, UserError
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
-from onnx_prune.passes.errordb import build_error_db
+from onnx_prune.passes.errordb import MAX_ROWS as ERRORDB_ROWS, build_error_db
 from onnx_prune.passes.importance import group_scores, keep_top
 from onnx_prune.passes.reconstruct import feed_batches
 from onnx_prune.passes.rotate import rotate_heads
@@ -541,7 +541,7 @@ def _check_calibration_batch(model, first, feeds):
                                       "one (past length 0)")
 
 
-PSEUDO_SEQUENCES = 64
+PSEUDO_SEQUENCES = 64  # at most, and no more tokens than the error database reads per layer
 VOCABULARY = 1000  # a table at least this large indexed by an input: token ids
 
 
@@ -563,8 +563,10 @@ def _pseudo_tokens(canon, notes) -> dict | None:
         ids = True
     if not ids or any(len(v) == 0 for v in canon.input_shapes.values()):  # a scalar input has no batch
         return None
-    shapes = {k: (PSEUDO_SEQUENCES, *v[1:]) for k, v in canon.input_shapes.items()}
-    notes.append(f"no calibration data: channels ranked by an error database on {PSEUDO_SEQUENCES} random "
+    tokens = max(int(np.prod(v[1:])) for v in canon.input_shapes.values())
+    count = int(np.clip(ERRORDB_ROWS // max(tokens, 1), 8, PSEUDO_SEQUENCES))  # an LLM's long context: 8
+    shapes = {k: (count, *v[1:]) for k, v in canon.input_shapes.items()}
+    notes.append(f"no calibration data: channels ranked by an error database on {count} random "
                  f"token sequences (no refit on them); pass --calib with real text for better")
     return random_feeds(canon.model, shapes, seed=1)
 

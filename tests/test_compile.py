@@ -279,12 +279,13 @@ def test_random_token_sequences_only_for_inputs_that_are_token_ids():
 
     from onnx_prune.compiler.compile import _pseudo_tokens
 
-    def pseudo(*inputs):
+    def pseudo(*inputs, seq=8):
         return _pseudo_tokens(SimpleNamespace(model=_token_graph(*inputs),
-                                              input_shapes={n: (2, 8) for n, _ in inputs}), [])
+                                              input_shapes={n: (2, seq) for n, _ in inputs}), [])
 
     got = pseudo(("input_ids", 30522), ("token_type_ids", 2))
     assert got["input_ids"].shape == (64, 8) and got["input_ids"].max() < 30522 and not got["token_type_ids"].any()
+    assert pseudo(("input_ids", 30522), seq=2048)["input_ids"].shape == (8, 2048)  # no more than the database reads
     assert pseudo(("input_ids", 30522), ("position_ids", 512)) is None  # random positions are not text
     assert pseudo(("class_ids", 10)) is None  # a small table: not a vocabulary
 
