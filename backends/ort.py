@@ -95,6 +95,20 @@ _NP = {
 }
 
 
+def feed_kind(inp) -> str:
+    """What a graph input holds, by its type and name: "float", "mask", "segment" (segment or
+    token type ids) or "ids" (any other integers: indices into a table)."""
+    dtype = _NP.get(inp.type.tensor_type.elem_type, np.float32)
+    lname = inp.name.lower()
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    if dtype == np.bool_ or "mask" in lname:
+        return "mask"
+    if "type" in lname or "segment" in lname:
+        return "segment"
+    return "ids"
+
+
 def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0) -> dict:
     """Random inputs: normal floats; integer ids below the size of the table they index
     (found from the Gather that reads them), masks of ones, segment ids of zeros."""
@@ -106,12 +120,12 @@ def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0) -> dict:
             continue
         shape = shapes[inp.name]
         dtype = _NP.get(inp.type.tensor_type.elem_type, np.float32)
-        lname = inp.name.lower()
-        if np.issubdtype(dtype, np.floating):
+        kind = feed_kind(inp)
+        if kind == "float":
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_ or "mask" in lname:
+        elif kind == "mask":
             feeds[inp.name] = np.ones(shape, dtype=dtype)
-        elif "type" in lname or "segment" in lname:
+        elif kind == "segment":
             feeds[inp.name] = np.zeros(shape, dtype=dtype)
         else:
             feeds[inp.name] = rng.integers(0, index_bound(model, inp.name, inits), size=shape).astype(dtype)

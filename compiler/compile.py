@@ -18,7 +18,7 @@ import onnx
 
 from onnx_prune import heap
 from onnx_prune.backends.measure import STEADY, measure
-from onnx_prune.backends.ort import check_runs, index_bound, make_session, random_feeds
+from onnx_prune.backends.ort import check_runs, feed_kind, index_bound, make_session, random_feeds
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.budget import check_budget_args, check_labels, judge_budget
 from onnx_prune.compiler.calib import batches, load_calibration_with_labels
@@ -553,12 +553,9 @@ def _pseudo_tokens(canon, notes) -> dict | None:
     inits = {t.name: t for t in canon.model.graph.initializer}
     ids = False
     for inp in canon.model.graph.input:
-        if inp.name in inits or inp.type.tensor_type.elem_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-            continue
-        lname = inp.name.lower()
-        if "mask" in lname or "type" in lname or "segment" in lname:
-            continue  # random_feeds gives ones and zeros
-        if "position" in lname or index_bound(canon.model, inp.name, inits) < VOCABULARY:
+        if inp.name in inits or feed_kind(inp) != "ids":
+            continue  # floats are not text's; random_feeds gives masks ones, segment ids zeros
+        if "position" in inp.name.lower() or index_bound(canon.model, inp.name, inits) < VOCABULARY:
             return None  # random positions or small-table ids are not text
         ids = True
     if not ids or any(len(v) == 0 for v in canon.input_shapes.values()):  # a scalar input has no batch
