@@ -71,6 +71,9 @@ def main():
             after = output_fidelity(model, result.model, held, "cpu")["mean_pooled_cosine_similarity"]
             stages = "; ".join(f"{st['method'].split(' (')[0]} {st.get('held_out_cosine_after', float('nan')):.3f}"
                                + ("" if st["applied"] else " (not applied)") for st in r["recovery"]["stages"])
+            again = r["recovery"].get("refit_on_all_samples")
+            if again:
+                stages += f"; again on all {again['samples']}" + ("" if again["applied"] else " (not used)")
             print(f"| {target:g}x | {method} | {search} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
                   f"| {before:.3f} | {after:.3f} | {r['seconds']:.0f} | {stages} | {_kept_per_layer(result.plan)} |",
                   flush=True)

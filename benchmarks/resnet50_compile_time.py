@@ -53,7 +53,16 @@ def main():
         rounds = " -> ".join(f"{x['measured_speedup']:.2f}x" for x in r["rounds"])
         print(f"--search {search}: {time.time() - t0:.0f} s in all, measured {r['measured_speedup']:.2f}x "
               f"(predicted {r['predicted_speedup']:.2f}x; rounds {rounds}), output cosine "
-              f"{r['output_fidelity']['mean_cosine_similarity']:.3f}; {phases}", flush=True)
+              f"{r['output_fidelity']['mean_cosine_similarity']:.3f}; {phases}; recovery: {_stages(r)}", flush=True)
+
+
+def _stages(report) -> str:
+    rec = report["recovery"]
+    out = [s["method"].split(" (")[0] + ("" if s["applied"] else " (not applied)") for s in rec["stages"]]
+    again = rec.get("refit_on_all_samples")
+    if again:
+        out.append(f"again on all {again['samples']}" + ("" if again["applied"] else " (not used)"))
+    return ", ".join(out)
 
 
 if __name__ == "__main__":

@@ -113,8 +113,10 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
     check_budget_args(min_fidelity, max_accuracy_drop, calib)
     steps = Steps(log, progress)
     try:
+        # fine-tuning is judged on the held-out samples: the recovery must not have fitted them
         result = _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search,
-                          batch_size, timer, search_seconds, recover, steps, max_accuracy_drop)
+                          batch_size, timer, search_seconds, recover, steps, max_accuracy_drop,
+                          refit_all=finetune is None)
         if finetune is not None:
             from onnx_prune.compiler.finetune import finetune_compiled
 
@@ -132,7 +134,7 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
 
 
 def _compile(model, target, provider, threads, calib, preprocess, input_shapes, method, search, batch_size,
-             timer, search_seconds, recover, steps, max_accuracy_drop=None) -> CompileResult:
+             timer, search_seconds, recover, steps, max_accuracy_drop=None, refit_all=True) -> CompileResult:
     notes = []
     with steps("analyse"):
         canon = canonicalize(model, input_shapes=input_shapes)
@@ -295,8 +297,10 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     if samples is not None:
         with steps("recovery" if recover != "none" else "output fidelity"):
             reference = Reference(canon.model, held, provider, labels=held_labels)
-            pruned, report["output_fidelity"] = _recover(pruned, analysis, plan, fit, reference, db, recover,
-                                                         report, steps.note)
+            apart = len(fit[next(iter(fit))]) + len(held[next(iter(held))]) == len(samples[next(iter(samples))])
+            pruned, report["output_fidelity"] = _recover(pruned, analysis, plan, fit, held if apart else None,
+                                                         reference, db, recover, report, steps.note,
+                                                         refit_all=refit_all)
     report["seconds"] = steps.total()
     report["phases"] = steps.seconds
     report["process_peak_memory_mb"] = heap.peak_mb()  # of the whole process, so far
@@ -424,32 +428,34 @@ def _first(samples, n):
     return {k: v[:n] for k, v in samples.items()}
 
 
-def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
+def _recover(pruned, analysis, plan, fit, held, reference, db, recover, report, log, refit_all=True):
     """Recovery on calibration data, each stage kept only if it helps on the held-out samples
     (`reference`): layer-wise least squares (every layer whose input lost channels, refitted on the
     error database's dense-activation statistics: SPDY's stitching), then sequential least squares
     (every layer from the pruned model's own inputs, where that fits its time budget), then
     (`recover="global"`) global AdaPrune through the torch bridge. Weights change, not shapes: the measured latency
-    holds. Returns the model and its output fidelity on the held-out samples."""
+    holds. With `refit_all`, where the fitting samples were too few to fill most layers' rows,
+    the stages applied are then run again on all samples, held-out ones included (_refit_on_all).
+    Returns the model and the output fidelity of its recovery as judged on the held-out samples."""
     from onnx_prune.passes.global_refit import global_refit
 
-    stages = []
+    stages = []  # (name, run(model, samples))
     if recover != "none":
-        stages.append(("layer-wise least squares (structured AdaPrune)", lambda m: db.stitch(m, analysis, plan)))
+        stages.append(("layer-wise least squares (structured AdaPrune)", lambda m, s: db.stitch(m, analysis, plan)))
         stages.append(("sequential least squares (each layer from the pruned model's own inputs)",
-                       lambda m: sequential_refit(reference.dense_model, m, analysis, plan, fit,
-                                                  budget_s=SEQUENTIAL_BUDGET_S,
-                                                  sample_s=_sample_seconds(report))))
+                       lambda m, s: sequential_refit(reference.dense_model, m, analysis, plan, s,
+                                                     budget_s=SEQUENTIAL_BUDGET_S,
+                                                     sample_s=_sample_seconds(report))))
     if recover == "global":
         stages.append(("global AdaPrune (all weights, every layer output)",
-                       lambda m: global_refit(m, reference.dense_model, analysis, plan, fit)))
+                       lambda m, s: global_refit(m, reference.dense_model, analysis, plan, s)))
     fidelity = reference.fidelity(pruned)
     report["recovery"] = {"held_out_samples": reference.samples, "held_out_cosine_start": similarity(fidelity),
                           "stages": []}
-    model = pruned
+    model, applied = pruned, []
     for name, run in stages:
         try:
-            candidate = run(model)
+            candidate = run(model, fit)
         except SequentialTooSlow as exc:
             report["recovery"]["stages"].append({"method": name, "applied": False,
                                                  "skipped": f"over its {SEQUENTIAL_BUDGET_S:g} s budget ({exc})"})
@@ -463,11 +469,49 @@ def _recover(pruned, analysis, plan, fit, reference, db, recover, report, log):
             + ("" if kept else " (not applied)"))
         if kept:
             model, fidelity = candidate, after
+            applied.append(run)
+    fidelity["on"] = HELD_OUT
+    if applied and refit_all and held is not None and db.short_of_rows():
+        model, again = _refit_on_all(pruned, model, applied, fit, held, reference, db, fidelity, report, log)
+        if again:
+            fidelity["on"] = (f"{HELD_OUT}, by the recovery fitted without them; the model written was then "
+                              f"refitted by the same stages on all {again} calibration samples")
     if model is not pruned:
         report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
         report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights
-    fidelity["on"] = HELD_OUT
     return model, fidelity
+
+
+def _refit_on_all(pruned, judged, applied, fit, held, reference, db, fidelity, report, log):
+    """The stages the held-out samples chose, run again on every calibration sample: where the
+    fitting samples leave most refits short of rows, the held-out fifth is a quarter more data
+    (MiniLM 2x, 51 -> 64 sentences: 0.814 -> 0.828 on 256 other sentences). The held-out figure
+    reported stays the one measured on the recovery fitted without them, an estimate of the
+    procedure; the refitted model must fit the held-out samples at least as well as that one did
+    unseen, or it is not used. Returns the model and how many samples refitted it (0: not used)."""
+    everything = {k: np.concatenate([fit[k], held[k]]) for k in fit}
+    record = {"samples": int(len(next(iter(everything.values())))), "applied": False}
+    report["recovery"]["refit_on_all_samples"] = record
+    try:
+        db.absorb(reference.dense_model, held)
+        model = pruned
+        for run in applied:
+            model = run(model, everything)
+    except SequentialTooSlow as exc:
+        record["skipped"] = f"the sequential refit on all samples is over its budget ({exc})"
+        log(f"refit on all {record['samples']} calibration samples: skipped ({exc})")
+        return judged, 0
+    seen = similarity(reference.fidelity(model))  # in-sample now: a sanity check, not an estimate
+    record["cosine_on_held_out_samples_now_fitted"] = seen
+    if seen < similarity(fidelity):
+        record["skipped"] = (f"it fits the held-out samples worse ({seen:.4f}) than the recovery without them "
+                             f"did unseen ({similarity(fidelity):.4f})")
+        log(f"refit on all {record['samples']} calibration samples: not used ({record['skipped']})")
+        return judged, 0
+    record["applied"] = True
+    log(f"refit on all {record['samples']} calibration samples: the stages applied, run again "
+        f"(held-out samples, now fitted: {seen:.3f})")
+    return model, record["samples"]
 
 
 def _sample_seconds(report) -> tuple:

@@ -75,7 +75,9 @@ def markdown(report, plots) -> str:
     if fid:
         from onnx_prune.compiler.fidelity import similarity
 
-        lines.append(f"| output cosine to dense (held-out calibration samples) | {similarity(fid):.4f} |")
+        again = (r.get("recovery") or {}).get("refit_on_all_samples") or {}
+        lines.append(f"| output cosine to dense (held-out calibration samples"
+                     f"{', by the recovery fitted without them' if again.get('applied') else ''}) | {similarity(fid):.4f} |")
     budget = r.get("accuracy_budget")
     if budget:
         parts = ([f"cosine {budget['fidelity']:.4f} vs min {budget['min_fidelity']:g}"] if "min_fidelity" in budget
@@ -104,6 +106,11 @@ def markdown(report, plots) -> str:
             continue
         lines.append(f"| {stage['method']} | held-out cosine {stage['held_out_cosine_before']:.4f} -> "
                      f"{stage['held_out_cosine_after']:.4f}{'' if stage['applied'] else ' (not applied)'} |")
+    again = r.get("recovery", {}).get("refit_on_all_samples")
+    if again:
+        lines.append(f"| the stages applied, run again on all {again['samples']} calibration samples | "
+                     + (f"applied (held-out samples, now fitted: cosine {again['cosine_on_held_out_samples_now_fitted']:.4f})"
+                        if again["applied"] else f"not used: {again['skipped']}") + " |")
     titles = {"widths": "Kept width per group", "rounds": "Predicted vs measured speedup, per round",
               "candidates": "Error vs speed of the candidates tried"}
     for key, path in plots.items():

@@ -89,6 +89,8 @@ class ErrorDB:
     curve: dict[str, np.ndarray] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)  # "refit" | "energy"
     layers: list = field(default_factory=list, repr=False)  # with their Gram matrices, for stitch()
+    rows_per_batch: int = 0  # rows each calibration batch gave every layer (at most)
+    absorbed: int = 0  # samples added by absorb(): the curves and folds no longer describe the Grams
 
     def error(self, group: str, width: int) -> float:
         return float(self.curve[group][width])
@@ -98,6 +100,8 @@ class ErrorDB:
         refitted by ridge least squares on the *dense* activations' Gram matrix, towards its pruned
         weights -- cheap enough to score search candidates, and compile's layer-wise recovery.
         `without`: refit on every fold's samples but that one's (the database built with folds)."""
+        if without is not None and self.absorbed:
+            raise ValueError("the database absorbed samples outside its folds: no fold-wise refit")
         keep = analysis.keep_arrays(plan)
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
@@ -120,6 +124,28 @@ class ErrorDB:
             tensor.CopyFrom(numpy_helper.from_array(
                 from_weight_matrix(lay.node, W, tuple(tensor.dims)).astype(own_type), tensor.name))
         return out
+
+    def short_of_rows(self) -> bool:
+        """Whether most layers got fewer rows than the database reads (MAX_ROWS): their refits are
+        then short of data, and every further sample adds to them. MiniLM's 51 fitting sentences
+        give each layer ~1,000 token rows (its FFN reads 1,536 features); ResNet-50's 205 images
+        fill every conv's 4,096 patches, and only its classifier gets fewer (one row an image)."""
+        return 2 * sum(lay.rows < MAX_ROWS for lay in self.layers) > len(self.layers)
+
+    def absorb(self, model: onnx.ModelProto, samples: dict) -> None:
+        """Add more samples' rows to every Gram matrix, as many per batch as the database took, so
+        that stitch() refits on them too. Once the search is over: the curves stay those measured."""
+        feeds_list = feed_batches(model, samples)
+        wanted = list(dict.fromkeys(lay.node.input[0] for lay in self.layers))
+        sess = session_with_outputs(model, wanted, optimize=True)
+        rng = np.random.default_rng(1)
+        for feeds in feeds_list:
+            values = dict(zip(wanted, sess.run(wanted, feeds)))
+            for lay in self.layers:
+                lay.add(layer_rows(lay.node, values[lay.node.input[0]], self.rows_per_batch, rng, feeds))
+        for lay in self.layers:
+            lay.flush()
+        self.absorbed += len(next(iter(samples.values())))
 
     def scores(self) -> dict[str, np.ndarray]:
         """Scores for `keep_top`: the top-k by score are the first k of the order."""
@@ -160,7 +186,7 @@ def build_error_db(model: onnx.ModelProto, analysis, samples: dict, log=lambda m
     for lay in layers:
         lay.flush()
     log(f"error database: {len(layers)} layers, {len(feeds_list)} calibration batches")
-    db = ErrorDB(layers=layers)
+    db = ErrorDB(layers=layers, rows_per_batch=rows)
     ranking = _rank(analysis, layers, energy)
     for g in analysis.groups:
         db.order[g.name] = ranking[g.sid]

@@ -590,3 +590,89 @@ def test_a_compile_likely_to_need_more_memory_than_available_is_warned_about():
     # calibration data keeps the error database's Gram matrices too
     assert "about 10.0 GB" in heap.shortfall_warning(2**30, available=9216, calibrated=True)
     assert heap.shortfall_warning(2**30, available=9216) is None
+
+
+def _low_rank_mlp(rng, hidden=32):
+    """x (8 features, rank 3 on the calibration data) -> fc1 -> Relu -> fc2: its hidden channels
+    are redundant, so a least-squares refit of fc2 recovers what pruning them loses."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(rng.standard_normal((8, hidden)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((hidden, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"), helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    samples = {"x": (rng.standard_normal((20, 3)) @ rng.standard_normal((3, 8))).astype(np.float32)}
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), samples
+
+
+def test_error_database_absorbs_samples_as_if_built_on_them():
+    from onnx import numpy_helper
+
+    from onnx_prune.compiler.compile import _split_held_out
+    from onnx_prune.passes.analysis import analyze_canonical
+    from onnx_prune.passes.canonicalize import canonicalize
+    from onnx_prune.passes.errordb import build_error_db
+    from onnx_prune.passes.surgery import apply_plan
+
+    m, samples = _low_rank_mlp(np.random.default_rng(0))
+    canon = canonicalize(m, input_shapes={"x": (4, 8)})
+    analysis = analyze_canonical(canon)
+    fit, held, _, _ = _split_held_out(samples)
+    db = build_error_db(canon.model, analysis, fit)
+    assert db.short_of_rows()  # 16 rows, far below the database's 4,096
+    many = {"x": np.random.default_rng(2).standard_normal((4100, 8)).astype(np.float32)}
+    assert not build_error_db(canon.model, analysis, many).short_of_rows()
+    db.absorb(canon.model, held)
+    whole = build_error_db(canon.model, analysis, samples)
+    plan = {g.name: np.arange(g.size // 2) for g in analysis.groups}
+    pruned = apply_plan(canon.model, analysis, plan)
+    got, want = ({t.name: numpy_helper.to_array(t) for t in d.stitch(pruned, analysis, plan).graph.initializer}
+                 for d in (db, whole))
+    assert got.keys() == want.keys()
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="absorbed"):
+        db.stitch(pruned, analysis, plan, without=0)
+
+
+def test_recovery_refits_on_all_samples_when_the_fitting_ones_are_too_few(tmp_path, monkeypatch):
+    from onnx import numpy_helper
+
+    from onnx_prune.passes import errordb
+
+    m, samples = _low_rank_mlp(np.random.default_rng(0))
+    p = tmp_path / "c.npz"
+    np.savez(p, **samples)
+    r = compile_model(m, "1.3x", calib=str(p), timer=LyingTimer(1.35), batch_size=4).report
+    again, fid = r["recovery"]["refit_on_all_samples"], r["output_fidelity"]
+    assert r["recovery"]["stages"][0]["applied"] and again["applied"] and again["samples"] == 20
+    assert fid["samples"] == 4 and "refitted by the same stages on all 20 calibration samples" in fid["on"]
+    # in-sample now, so at least what the recovery without them reached on them unseen
+    assert again["cosine_on_held_out_samples_now_fitted"] >= fid["mean_cosine_similarity"]
+    from onnx_prune.compiler.summary import write_summary
+
+    text = open(write_summary(r, str(tmp_path / "r.json"))).read()
+    assert "| the stages applied, run again on all 20 calibration samples | applied (held-out samples, now fitted" in text
+    assert "| output cosine to dense (held-out calibration samples, by the recovery fitted without them) |" in text
+
+    # a refit on all samples that fits the held-out ones worse is not used
+    from onnx_prune.compiler import compile as compile_module
+
+    stitch = errordb.ErrorDB.stitch
+
+    def spoiled(db, pruned, analysis, plan, without=None):
+        out = stitch(db, pruned, analysis, plan, without)
+        if db.absorbed:  # the output layer's weights turned around: outputs point the other way
+            w2 = next(t for t in out.graph.initializer if t.name.startswith("w2"))
+            w2.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(w2), w2.name))
+        return out
+
+    monkeypatch.setattr(errordb.ErrorDB, "stitch", spoiled)
+    monkeypatch.setattr(compile_module, "SEQUENTIAL_BUDGET_S", 0.0)  # the stitch alone, spoiled or not
+    r2 = compile_model(m, "1.3x", calib=str(p), timer=LyingTimer(1.35), batch_size=4).report
+    again = r2["recovery"]["refit_on_all_samples"]
+    assert r2["recovery"]["stages"][0]["applied"]
+    assert not again["applied"] and "fits the held-out samples worse" in again["skipped"]
+    assert r2["output_fidelity"]["on"] == "held-out calibration samples (not used to fit)"

@@ -189,6 +189,8 @@ def test_compile_then_finetune(tiny, tmp_path, monkeypatch):
     assert r.exit_code == 0, (r.output, r.exception)
     rep = json.loads(report.read_text())
     assert rep["accuracy_budget"]["met"] and "accuracy budget met" in r.stdout
+    # fine-tuning is judged on the held-out samples, so the recovery did not refit on them
+    assert "refit_on_all_samples" not in rep.get("recovery", {})
     if rep["finetune"]["applied"]:
         assert rep["output_fidelity"]["on"].endswith("after fine-tuning") and "output_fidelity_before_finetune" in rep
         assert rep["accuracy_budget"]["fidelity"] != rep["output_fidelity_before_finetune"]["mean_cosine_similarity"]
