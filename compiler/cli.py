@@ -258,7 +258,8 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
     click.echo(f"wrote {output}: measured {r['measured_speedup']:.2f}x (target {r['target_speedup']:g}x, predicted "
                f"{r['predicted_speedup']:.2f}x), {r['dense_latency_ms']:.2f} -> {r['pruned_latency_ms']:.2f} ms on "
                f"{r['provider']}, {_verified_text(r)}"
-               + (f", held-out output cosine {similarity(fid):.3f}" if fid else "")
+               + (f", held-out output cosine {similarity(fid):.3f}" if fid else
+                  ", accuracy neither measured nor recovered without --calib")
                + (f", {ft['epochs']} fine-tuning epoch(s): output cosine to dense {ft['output_cosine_to_dense_before']:.3f}"
                   f" -> {ft['output_cosine_to_dense_after']:.3f}" + ("" if ft["applied"] else " (not applied)")
                   if ft else "")

@@ -437,6 +437,11 @@ def test_cli_compile_with_calibration_writes_model_report_and_summary(model, tmp
     report = json.loads(rep.read_text())
     assert report["output_fidelity"]["on"].startswith("held-out") and report["recovery"]["stages"]
     assert (tmp_path / "r.md").exists() and (tmp_path / "r_widths.png").exists() and out.exists()
+    # data-free, the summary line says that nothing vouches for the accuracy
+    r = CliRunner().invoke(main, ["compile", str(src), "-o", str(tmp_path / "f.onnx"), "--target-speedup", "1.3x",
+                                  "--input-shape", f"input={shape}"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1].endswith("accuracy neither measured nor recovered without --calib")
 
 
 def test_plan_measured_again_is_judged_by_its_median_and_the_loop_stops_at_reach(model, monkeypatch):
