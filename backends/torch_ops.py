@@ -395,6 +395,12 @@ def _check_batch_norm(a):
 @_op(frozen=(3, 4), nout=3, check=_check_batch_norm)
 def _batch_norm(a, x):
     X, scale, bias, mean, var = x[:5]
+    if not a["_ctx"]["training"] and (mean.requires_grad or var.requires_grad):
+        # statistics computed in the graph (tf2onnx writes LayerNorm as a BatchNormalization of
+        # the reshaped input, fed its own mean and variance): F.batch_norm cannot differentiate them
+        shape = (1, -1) + (1,) * (X.dim() - 2)
+        inv = torch.rsqrt(var.reshape(shape) + a.get("epsilon", 1e-5))
+        return [(X - mean.reshape(shape)) * inv * scale.reshape(shape) + bias.reshape(shape), mean, var]
     # Train mode: batch statistics, running stats updated in place (ONNX momentum m <-> torch 1 - m).
     y = F.batch_norm(X, mean, var, scale, bias, a["_ctx"]["training"], 1.0 - a.get("momentum", 0.9),
                      a.get("epsilon", 1e-5))

@@ -465,6 +465,19 @@ def test_every_parameter_gets_a_gradient(name):
         assert p.grad.abs().max() > 0, init
 
 
+def test_batchnorm_fed_statistics_the_graph_computes_trains_in_eval_mode():
+    """tf2onnx writes Keras' LayerNorm as a BatchNormalization fed the input's own mean and
+    variance: in eval mode (global AdaPrune's) gradients flow through them, as ORT's outputs match."""
+    entry, canonical = zoo("keras_encoder")
+    assert any(n.op_type == "BatchNormalization" for n in canonical.graph.node)
+    tg = TorchGraph(canonical).eval()
+    feeds = entry.make_feeds(0)
+    assert_matches_ort(canonical, tg, feeds, 1e-4)
+    _weighted_loss(run_bridge(tg, feeds)).backward()
+    grads = [p.grad for p in tg.parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 # ---------------------------------------------------------------- export
 
 
