@@ -22,7 +22,9 @@ LR = 1e-4
 
 
 def _targets(pruned, analysis, plan):
-    """Tensors to match and, per axis, the dense indices the pruned tensor keeps."""
+    """Tensors to match and, per axis, the dense indices the pruned tensor keeps (None: the whole
+    axis, whose length at run time may differ from the analysis's, e.g. the batch inside
+    nn.MultiheadAttention's sequence-first layout)."""
     keep = analysis.keep_arrays(plan)
     table, axes = analysis.table, analysis.ctx.axes
     produced = {o for n in pruned.graph.node for o in n.output}
@@ -31,7 +33,8 @@ def _targets(pruned, analysis, plan):
     for name in dict.fromkeys(names):
         if name not in produced or axes.get(name) is None:
             continue
-        out[name] = [np.flatnonzero(table.keep_mask(e, keep)) for e in axes[name]]
+        masks = [table.keep_mask(e, keep) for e in axes[name]]
+        out[name] = [None if mask.all() else np.flatnonzero(mask) for mask in masks]
     return out
 
 
@@ -45,7 +48,7 @@ def _dense_values(dense, names, feeds_list, kept):
         sliced = {}
         for name, v in got.items():
             for axis, idx in enumerate(kept[name]):
-                if axis > 0 and len(idx) < v.shape[axis]:  # axis 0 is the batch
+                if idx is not None:
                     v = np.take(v, idx, axis=axis)
             sliced[name] = v
         values.append(sliced)

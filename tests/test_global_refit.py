@@ -31,3 +31,22 @@ def test_global_refit_moves_outputs_towards_dense():
     assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in pruned.graph.node]
     assert {t.name: tuple(t.dims) for t in tuned.graph.initializer} == \
         {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+
+
+def test_global_refit_matches_sequence_first_tensors_at_any_batch():
+    """nn.MultiheadAttention computes (sequence, batch, features) inside; calibration batches (16,
+    then 4) differ from the analysis's batch of 2, so its batch axis is not axis 0 and not the
+    analysed length: matching must slice only the axes that lost channels."""
+    zm = load("torch_mha")
+    shapes = dict(zm.input_shapes)
+    canon = canonicalize(zm.model, input_shapes=shapes)
+    analysis = analyze_canonical(canon)
+    scores = group_scores(analysis)
+    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
+    pruned = apply_plan(canon.model, analysis, plan)
+    name = next(iter(shapes))
+    samples = {name: np.random.default_rng(0).standard_normal((20,) + tuple(shapes[name][1:])).astype(np.float32)}
+    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=4, lr=1e-3)
+    before = output_fidelity(canon.model, pruned, samples, "cpu")["mean_relative_l2_error"]
+    after = output_fidelity(canon.model, tuned, samples, "cpu")["mean_relative_l2_error"]
+    assert after < before
