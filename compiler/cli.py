@@ -258,12 +258,19 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
     click.echo(f"wrote {output}: measured {r['measured_speedup']:.2f}x (target {r['target_speedup']:g}x, predicted "
                f"{r['predicted_speedup']:.2f}x), {r['dense_latency_ms']:.2f} -> {r['pruned_latency_ms']:.2f} ms on "
                f"{r['provider']}, {_verified_text(r)}"
-               + (f", held-out output cosine {similarity(fid):.3f}" if fid else
+               + (f", held-out output cosine {similarity(fid):.3f}{_refit_text(r)}" if fid else
                   ", accuracy neither measured nor recovered without --calib")
                + (f", {ft['epochs']} fine-tuning epoch(s): output cosine to dense {ft['output_cosine_to_dense_before']:.3f}"
                   f" -> {ft['output_cosine_to_dense_after']:.3f}" + ("" if ft["applied"] else " (not applied)")
                   if ft else "")
                + (", accuracy budget met" if r.get("accuracy_budget") else ""))
+
+
+def _refit_text(r) -> str:
+    """The held-out cosine is that of the recovery fitted without those samples, when the model
+    written was then refitted on all of them."""
+    again = (r.get("recovery") or {}).get("refit_on_all_samples") or {}
+    return f" (before its refit on all {again['samples']} samples)" if again.get("applied") else ""
 
 
 def _verified_text(r) -> str:

@@ -661,6 +661,17 @@ def test_recovery_refits_on_all_samples_when_the_fitting_ones_are_too_few(tmp_pa
     text = open(write_summary(r, str(tmp_path / "r.json"))).read()
     assert "| the stages applied, run again on all 20 calibration samples | applied (held-out samples, now fitted" in text
     assert "| output cosine to dense (held-out calibration samples, by the recovery fitted without them) |" in text
+    from click.testing import CliRunner
+
+    from onnx_prune.compiler.cli import main
+    from onnx_prune.passes.graph import save_model
+
+    save_model(m, str(tmp_path / "m.onnx"))
+    monkeypatch.setattr("onnx_prune.compiler.compile.measured_speedup", lambda d, p, f, provider, threads: (1.35, 1.0, 0.74))
+    out = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--target-speedup",
+                                    "1.3x", "--calib", str(p), "--batch-size", "4"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.strip().splitlines()[-1].endswith("(before its refit on all 20 samples)")
 
     # a refit on all samples that fits the held-out ones worse is not used
     from onnx_prune.compiler import compile as compile_module
