@@ -12,8 +12,10 @@ from onnx_prune.passes.importance import group_scores, keep_top
 from onnx_prune.passes.surgery import apply_plan
 
 
-def test_global_refit_moves_outputs_towards_dense():
-    zm = load("resnet_basic")
+def _refitted(zoo_name, count, epochs):
+    """A zoo model with every group halved, refitted by global AdaPrune on `count` random samples
+    (None: four batches of the analysis's): (dense, pruned, tuned, samples)."""
+    zm = load(zoo_name)
     shapes = dict(zm.input_shapes)
     canon = canonicalize(zm.model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
@@ -21,11 +23,19 @@ def test_global_refit_moves_outputs_towards_dense():
     plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
     pruned = apply_plan(canon.model, analysis, plan)
     name = next(iter(shapes))
-    n = shapes[name][0]
-    samples = {name: np.random.default_rng(0).standard_normal((4 * n,) + tuple(shapes[name][1:])).astype(np.float32)}
-    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=8, lr=1e-3)
-    before = output_fidelity(canon.model, pruned, samples, "cpu")["mean_relative_l2_error"]
-    after = output_fidelity(canon.model, tuned, samples, "cpu")["mean_relative_l2_error"]
+    count = count or 4 * shapes[name][0]
+    samples = {name: np.random.default_rng(0).standard_normal((count,) + tuple(shapes[name][1:])).astype(np.float32)}
+    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=epochs, lr=1e-3)
+    return canon.model, pruned, tuned, samples
+
+
+def _errors(dense, pruned, tuned, samples):
+    return tuple(output_fidelity(dense, m, samples, "cpu")["mean_relative_l2_error"] for m in (pruned, tuned))
+
+
+def test_global_refit_moves_outputs_towards_dense():
+    dense, pruned, tuned, samples = _refitted("resnet_basic", None, epochs=8)
+    before, after = _errors(dense, pruned, tuned, samples)
     assert after < 0.8 * before
     # same graph, new weights: shapes and nodes unchanged
     assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in pruned.graph.node]
@@ -37,16 +47,5 @@ def test_global_refit_matches_sequence_first_tensors_at_any_batch():
     """nn.MultiheadAttention computes (sequence, batch, features) inside; calibration batches (16,
     then 4) differ from the analysis's batch of 2, so its batch axis is not axis 0 and not the
     analysed length: matching must slice only the axes that lost channels."""
-    zm = load("torch_mha")
-    shapes = dict(zm.input_shapes)
-    canon = canonicalize(zm.model, input_shapes=shapes)
-    analysis = analyze_canonical(canon)
-    scores = group_scores(analysis)
-    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
-    pruned = apply_plan(canon.model, analysis, plan)
-    name = next(iter(shapes))
-    samples = {name: np.random.default_rng(0).standard_normal((20,) + tuple(shapes[name][1:])).astype(np.float32)}
-    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=4, lr=1e-3)
-    before = output_fidelity(canon.model, pruned, samples, "cpu")["mean_relative_l2_error"]
-    after = output_fidelity(canon.model, tuned, samples, "cpu")["mean_relative_l2_error"]
+    before, after = _errors(*_refitted("torch_mha", 20, epochs=4))
     assert after < before
