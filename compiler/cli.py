@@ -269,7 +269,9 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
 def _refit_text(r) -> str:
     """The held-out cosine is that of the recovery fitted without those samples, when the model
     written was then refitted on all of them."""
-    again = (r.get("recovery") or {}).get("refit_on_all_samples") or {}
+    from onnx_prune.compiler.summary import refit_on_all
+
+    again = refit_on_all(r)
     return f" (before its refit on all {again['samples']} samples)" if again.get("applied") else ""
 
 

@@ -62,8 +62,15 @@ def _plots(report, stem):
     return paths
 
 
+def refit_on_all(report) -> dict:
+    """The report's record of the recovery's stages run again on all calibration samples ({} if
+    they were not)."""
+    return (report.get("recovery") or {}).get("refit_on_all_samples") or {}
+
+
 def markdown(report, plots) -> str:
     r = report
+    again = refit_on_all(r)
     lines = [f"# onnx-prune compile: {r['measured_speedup']:.2f}x measured (target {r['target_speedup']:g}x)", "",
              "| | |", "|---|---|",
              f"| provider / threads / batch | {r['provider']} / {r['threads'] or 'default'} / {r['batch_size']} |",
@@ -75,7 +82,6 @@ def markdown(report, plots) -> str:
     if fid:
         from onnx_prune.compiler.fidelity import similarity
 
-        again = (r.get("recovery") or {}).get("refit_on_all_samples") or {}
         lines.append(f"| output cosine to dense (held-out calibration samples"
                      f"{', by the recovery fitted without them' if again.get('applied') else ''}) | {similarity(fid):.4f} |")
     budget = r.get("accuracy_budget")
@@ -106,7 +112,6 @@ def markdown(report, plots) -> str:
             continue
         lines.append(f"| {stage['method']} | held-out cosine {stage['held_out_cosine_before']:.4f} -> "
                      f"{stage['held_out_cosine_after']:.4f}{'' if stage['applied'] else ' (not applied)'} |")
-    again = r.get("recovery", {}).get("refit_on_all_samples")
     if again:
         lines.append(f"| the stages applied, run again on all {again['samples']} calibration samples | "
                      + (f"applied (held-out samples, now fitted: cosine {again['cosine_on_held_out_samples_now_fitted']:.4f})"
