@@ -692,3 +692,30 @@ def test_recovery_refits_on_all_samples_when_the_fitting_ones_are_too_few(tmp_pa
     assert r2["recovery"]["stages"][0]["applied"]
     assert not again["applied"] and "fits the held-out samples worse" in again["skipped"]
     assert r2["output_fidelity"]["on"] == "held-out calibration samples (not used to fit)"
+
+
+def test_refit_on_all_samples_leaves_the_error_database_alone_without_the_layer_wise_stage(tmp_path, monkeypatch):
+    """The held-out rows go into the database's Gram matrices only for the stage that reads them."""
+    from onnx import numpy_helper
+
+    from onnx_prune.passes import errordb
+
+    m, samples = _low_rank_mlp(np.random.default_rng(0))
+    p = tmp_path / "c.npz"
+    np.savez(p, **samples)
+    stitch, absorbed = errordb.ErrorDB.stitch, []
+
+    def useless(db, pruned, analysis, plan, without=None):
+        out = stitch(db, pruned, analysis, plan, without)
+        if without is None:  # compile's layer-wise stage: spoiled, so that it is not applied
+            for t in out.graph.initializer:
+                t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+        return out
+
+    monkeypatch.setattr(errordb.ErrorDB, "stitch", useless)
+    monkeypatch.setattr(errordb.ErrorDB, "absorb", lambda db, model, s: absorbed.append(len(s["x"])))
+    r = compile_model(m, "1.3x", calib=str(p), timer=LyingTimer(1.35), batch_size=4).report
+    layer_wise, sequential = r["recovery"]["stages"][:2]
+    assert not layer_wise["applied"] and sequential["applied"]
+    assert r["recovery"]["refit_on_all_samples"]["samples"] == 20
+    assert absorbed == []
