@@ -144,6 +144,9 @@ def analyze(model, input_shape, as_json):
         click.echo("\nfrozen:")
         for f in data["frozen"]:
             click.echo(f"  {f['name']}  [{f['channels']}]  {f['reason']}")
+    if cov["unread_layers"]:
+        click.echo("\nweight layers not analysed (input shape unknown, e.g. past an op without a rule):")
+        click.echo("  " + ", ".join(cov["unread_layers"]))
     if data["ops_without_rule"]:  # what they touch stays, channels or not
         click.echo("\nops without a rule:")
         for op, why in data["ops_without_rule"].items():
@@ -164,7 +167,7 @@ def prune(model, output, ratio, importance, input_shape, no_verify, report):
     from onnx_prune.passes.graph import save_model
 
     check_ratio(ratio)
-    _check_output(model, output)
+    _check_outputs(model, output, report)
     src, shapes = load_source(model)
     shapes.update(parse_input_shapes(input_shape))
     result = prune_uniform(src, ratio, importance=importance, input_shapes=shapes, verify=not no_verify)
@@ -221,7 +224,7 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
 
     parse_speedup(target_speedup)
     check_budget_args(min_fidelity, max_accuracy_drop, calib)
-    _check_output(model, output)
+    _check_outputs(model, output, report, summary=True)
     src, shapes = load_source(model)
     shapes.update(parse_input_shapes(input_shape))
     extra = {}
@@ -304,7 +307,7 @@ def _log_line(message):
 def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
     """Median latency of one or two models; with two, their ratio measured side by side."""
     from onnx_prune.backends.measure import measure
-    from onnx_prune.backends.ort import feeds_for
+    from onnx_prune.backends.ort import check_runs, feeds_for
 
     if len(models) > 2:
         raise UserError("bench takes one or two models")
@@ -313,6 +316,7 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
         src, shapes = load_source(m)
         shapes.update(parse_input_shapes(input_shape))
         model, f = feeds_for(src, shapes, batch_size)
+        check_runs(model, f)  # a shape the model cannot run at is the input's fault: one line, exit 2
         loaded.append(model)
         feeds.append(f)
     result = measure(loaded, feeds, provider=provider, threads=threads, blocks=blocks)
@@ -362,7 +366,7 @@ def finetune(model, output, data, method, pattern, sparsity, epochs, teacher, de
     from onnx_prune.passes.graph import save_model
 
     check_options(method, pattern, sparsity, epochs, teacher, device, lr)
-    _check_output(model, output)
+    _check_outputs(model, output, report)
     src, shapes = load_source(model)
     shapes.update(parse_input_shapes(input_shape))
     result = finetune_model(src, data, method=method, pattern=pattern, sparsity=sparsity, epochs=epochs,
@@ -388,10 +392,40 @@ def finetune(model, output, data, method, pattern, sparsity, epochs, teacher, de
                   if lat else ""))
 
 
-def _check_output(model, output):
-    if not model.startswith(ZOO_PREFIX) and os.path.exists(output) and os.path.exists(model) \
-            and os.path.samefile(model, output):
-        raise UserError("the output path is the input model; choose another -o (the input is never modified)")
+def _check_outputs(model, output, report=None, summary=False):
+    """Before any work: every file this run will write (the model, the report and, for compile, the
+    report's Markdown summary and plots) can be written, none is the input model, and no two are
+    the same file -- a report over the model it describes would leave JSON where a model should be."""
+    named = {"-o": output}
+    if report:
+        named["--report"] = report
+        if summary:
+            from onnx_prune.compiler.summary import summary_paths
+
+            named.update({f"the report's {what}": path for what, path in summary_paths(report).items()})
+    source = None if model.startswith(ZOO_PREFIX) else os.path.realpath(model)
+    seen = {}
+    for what, path in named.items():
+        real = os.path.realpath(path)
+        if real == source or (os.path.exists(path) and os.path.exists(model) and os.path.samefile(model, path)):
+            raise UserError(f"{what} {path} is the input model; choose another path (the input is never modified)")
+        if real in seen:
+            raise UserError(f"{what} and {seen[real]} are the same file ({path}); choose different paths")
+        seen[real] = what
+        if os.path.isdir(path):
+            raise UserError(f"{what} {path} is a folder; give a file path")
+        _check_writable_folder(what, path)
+
+
+def _check_writable_folder(what, path):
+    """The folder `path` goes in exists or can be made, and can be written to."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {what} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: the folder {folder} is not writable")
 
 
 def _write_json(path, data):

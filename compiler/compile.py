@@ -70,8 +70,8 @@ def parse_speedup(text) -> float:
         value = float(str(text).lower().rstrip("x"))
     except ValueError:
         raise UserError(f"--target-speedup '{text}' is not a number like 2x") from None
-    if not value > 1.0:
-        raise UserError(f"--target-speedup must be above 1x, got {text}")
+    if not 1.0 < value < float("inf"):
+        raise UserError(f"--target-speedup must be a finite number above 1x, got {text}")
     return value
 
 

@@ -8,6 +8,14 @@ from contextlib import contextmanager
 
 from onnx_prune.files import atomic_path
 
+PLOTS = ("widths", "rounds", "candidates")
+
+
+def summary_paths(json_path: str) -> dict:
+    """What write_summary may write beside REPORT.json: the Markdown file and each plot."""
+    stem = os.path.splitext(json_path)[0]
+    return {"Markdown summary": stem + ".md", **{f"{key} plot": f"{stem}_{key}.png" for key in PLOTS}}
+
 
 def _save(fig, path):
     """Atomic write: a half-drawn plot never replaces a good one."""
@@ -130,9 +138,8 @@ def markdown(report, plots) -> str:
 
 def write_summary(report: dict, json_path: str) -> str:
     """Write REPORT.md and its plots next to REPORT.json; returns the Markdown path."""
-    stem = os.path.splitext(json_path)[0]
-    plots = _plots(report, stem)
-    md = stem + ".md"
+    plots = _plots(report, os.path.splitext(json_path)[0])
+    md = summary_paths(json_path)["Markdown summary"]
     with atomic_path(md) as tmp, open(tmp, "w") as f:
         f.write(markdown(report, plots))
     return md

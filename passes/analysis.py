@@ -233,8 +233,22 @@ class Analysis:
                 prunable_layers += k > 0
                 reasons = [self.table.spaces[s].frozen or "" for s in self.table.spaces_in(e)]
                 output_layers += bool(reasons) and all(r.startswith("reaches graph output") for r in reasons)
-        return {"layers": layers, "prunable_layers": prunable_layers, "output_layers": output_layers,
-                "channels": total, "prunable_channels": prunable}
+        skipped = self._layers_without_rule_roles()
+        return {"layers": layers + len(skipped), "prunable_layers": prunable_layers, "output_layers": output_layers,
+                "channels": total, "prunable_channels": prunable,
+                "unread_layers": [n.name for n in skipped if self.ctx.axes.get(n.input[0]) is None]}
+
+    def _layers_without_rule_roles(self) -> list:
+        """Weight layers whose rule bound no weight axis: it stopped on them (their reason is a
+        frozen group's), or none could read them, their input's shape being unknown (typically past
+        an op without a rule that shape inference cannot see through): `unread_layers`."""
+        read = {node for uses in self.ctx.roles.values() for _axis, _role, node in uses}
+        return [n for n in self.ctx.index.model.graph.node
+                if n.op_type in WEIGHT_OPS and len(n.input) > 1 and self.ctx.is_const(n.input[1])
+                and n.name not in read]
+
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _positions_with_groups(table, e) -> np.ndarray:

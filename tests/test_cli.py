@@ -183,6 +183,21 @@ def test_analyze_text_and_json(model_path):
     assert data["groups"][0]["producers"] == ["conv1"] and data["groups"][0]["consumers"] == ["conv2"]
 
 
+def test_analyze_names_weight_layers_past_an_unknown_op(tmp_path):
+    """An op without a rule (and without shape inference) hides the shapes after it: the layers
+    there are counted and named as not analysed, not left out of the coverage."""
+    m = small_cnn()
+    relu = next(n for n in m.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain = "Foo", "custom.x"
+    m.opset_import.append(helper.make_opsetid("custom.x", 1))
+    p = tmp_path / "custom.onnx"
+    onnx.save_model(m, str(p))
+    data = json.loads(run_cli("analyze", p, "--json").stdout)
+    assert data["coverage"]["layers"] == 2 and data["coverage"]["unread_layers"] == ["conv2"]
+    r = run_cli("analyze", p)
+    assert r.returncode == 0 and "weight layers not analysed" in r.stdout and "  conv2" in r.stdout
+
+
 def test_not_onnx(tmp_path):
     bad = tmp_path / "notes.onnx"
     bad.write_text("this is not a model\n" * 10)
@@ -334,6 +349,9 @@ def test_model_that_does_not_run_at_the_given_shape(tmp_path, command):
     verb, *args = command
     assert_clean_failure(run_cli(verb, p, "-o", out, *args, "--input-shape", "x=1x3x16x16"), out,
                          words=("does not run at input shapes x=1x3x16x16",))
+    if verb == "prune":  # bench too, though it writes nothing
+        assert_clean_failure(run_cli("bench", p, "--input-shape", "x=1x3x16x16"), out,
+                             words=("does not run at input shapes x=1x3x16x16",))
     r = run_cli("prune", p, "-o", out, "--ratio", "0.5", "--input-shape", "x=1x3x8x8")
     assert r.returncode == 0, r.stderr
 
@@ -387,6 +405,25 @@ def test_output_is_input(model_path):
     r = run_cli("prune", model_path, "-o", model_path, "--ratio", "0.5")
     assert r.returncode == 2 and "input" in r.stderr
     assert digest(model_path) == before
+
+
+@pytest.mark.parametrize("command", [("prune", "--ratio", "0.5"), ("compile", "--target-speedup", "1.2x")])
+def test_every_output_path_is_checked_before_any_work(model_path, tmp_path, command):
+    """A report over the input model, over the pruned model or over its own Markdown summary, and a
+    path under a file: exit 2 at once with one line, the input untouched, nothing written."""
+    verb, *args = command
+    before = digest(model_path)
+    out = tmp_path / "o.onnx"
+    cases = [(("--report", model_path), "is the input model"), (("--report", out), "are the same file"),
+             (("--report", tmp_path / "model.onnx" / "r.json"), "is a file, not a folder")]
+    if verb == "compile":  # the summary goes to REPORT's stem + .md
+        cases.append((("--report", tmp_path / "r.md"), "Markdown summary and --report are the same file"))
+    for extra, words in cases:
+        assert_clean_failure(run_cli(verb, model_path, "-o", out, *args, *extra), out, words=(words,))
+        assert digest(model_path) == before
+        assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    assert_clean_failure(run_cli(verb, model_path, "-o", tmp_path / "model.onnx" / "o.onnx", *args), out,
+                         words=("is a file, not a folder",))
 
 
 def test_old_opset_light_model_is_upgraded(tmp_path):

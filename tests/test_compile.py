@@ -325,7 +325,7 @@ def test_task_loss_is_the_cross_entropy_of_the_first_output():
 
 def test_speedup_syntax():
     assert parse_speedup("2x") == 2.0 and parse_speedup("1.5X") == 1.5
-    for bad in ("fast", "1x", "0.5"):
+    for bad in ("fast", "1x", "0.5", "infx", "nan"):
         with pytest.raises(UserError):
             parse_speedup(bad)
 
