@@ -42,8 +42,10 @@ def errors_only_from_ort():
 
 
 def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as_zero=True, quiet=False,
-                 profile_prefix=None, optimized_path=None):
-    """An InferenceSession on `provider`; asking for CUDA where it is missing is an error."""
+                 profile_prefix=None, optimized_path=None, spin=True):
+    """An InferenceSession on `provider`; asking for CUDA where it is missing is an error.
+    `spin=False` for a session whose runs alternate with other work (torch training steps): its
+    idle threads would otherwise spin on the cores that work needs."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -61,6 +63,8 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if denormal_as_zero:
         so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -180,14 +184,14 @@ def feeds_for(model, input_shapes: dict, batch_size=None, seed=0):
     return model, random_feeds(model, shapes, seed)
 
 
-def session_with_outputs(model: onnx.ModelProto, names, optimize=False):
+def session_with_outputs(model: onnx.ModelProto, names, optimize=False, spin=True):
     """A session that can also return the intermediate tensors `names` (ORT keeps every tensor
     asked for as an output, optimized or not; `optimize=False` also keeps the graph as written)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
     m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    return make_session(m, optimize=optimize, quiet=True)
+    return make_session(m, optimize=optimize, quiet=True, spin=spin)
 
 
 def run_all_outputs(model: onnx.ModelProto, names, feeds=None, weights: onnx.ModelProto | None = None) -> dict:

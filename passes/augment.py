@@ -4,7 +4,8 @@ Fine-tuning every weight on 50 sentences memorises them (MiniLM 2x: 0.99 pooled 
 0.82 held out). Joining the start of one calibration sequence to the end of another puts their
 tokens in contexts the model has not been fitted to, without any text beyond what the user gave:
 on MiniLM 2x, 8 such sequences per sentence lifted global AdaPrune's held-out gain from +0.005 to
-+0.016 pooled cosine.
++0.016 pooled cosine. More distinct splices beat more epochs over fewer: on a fixed MiniLM 2x
+plan, 8 a sentence for 5 epochs kept 0.888 held out, 32 for 3 epochs 0.894, 64 for 2 0.896.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from onnx_prune.passes.reconstruct import mask_input
 
-SPLICES_PER_SAMPLE = 8
+SPLICES_PER_SAMPLE = 32
 
 
 def _mask_name(samples: dict) -> str | None:

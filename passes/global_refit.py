@@ -5,7 +5,8 @@ that the outputs of its weight layers, on the channels they keep, and the model'
 the dense model's on calibration data: sum over tensors of ||Y_p - Y_d||^2 / ||Y_d||^2. Errors
 that the layer-wise refit can only pass downstream are corrected where they arise. Token
 sequences are joined into new ones first (passes/augment.py), so that fewer epochs over more
-contexts replace many epochs over the same few sentences.
+contexts replace many epochs over the same few sentences. The dense model's values are computed
+per batch and held only up to TARGET_CACHE_BYTES: the rest are computed again when next needed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from onnx_prune.passes.augment import spliced_sequences
 from onnx_prune.passes.reconstruct import feed_batches, refittable_layers, token_mask
 
 EPOCHS = 10
-SPLICED_EPOCHS = 5  # over the calibration sequences and their splices (9x as many)
+SPLICED_EPOCHS = 3  # over the calibration sequences and their splices (augment.SPLICES_PER_SAMPLE)
 LR = 1e-4
+TARGET_CACHE_BYTES = 1 << 30  # MiniLM's targets, 32 splices of 51 sentences at 2x: 5 GB in all
+SCALE_BATCHES = 8  # batches whose dense values set each tensor's loss scale
+# batches whose dense values are computed together: an ORT run between two torch steps competes
+# with torch's worker threads, which spin on after a step (MiniLM: seconds a run instead of 0.2)
+CHUNK_BATCHES = 16
 
 
 def _targets(pruned, analysis, plan):
@@ -38,21 +44,35 @@ def _targets(pruned, analysis, plan):
     return out
 
 
-def _dense_values(dense, names, feeds_list, kept):
-    from onnx_prune.backends.ort import session_with_outputs
+class _DenseTargets:
+    """The dense model's values of `names` on batch i, cut to what the pruned tensors keep
+    (`kept`): computed when first asked for, held while they fit TARGET_CACHE_BYTES, computed
+    again after that (a larger encoder's targets for every splice would not fit in memory)."""
 
-    sess = session_with_outputs(dense, names)
-    values = []
-    for feeds in feeds_list:
-        got = dict(zip(names, sess.run(names, feeds)))
-        sliced = {}
+    def __init__(self, dense, names, feeds_list, kept):
+        from onnx_prune.backends.ort import session_with_outputs
+
+        self.sess = session_with_outputs(dense, names, optimize=True, spin=False)  # runs between training steps
+        self.names, self.feeds_list, self.kept = names, feeds_list, kept
+        self.held, self.bytes = {}, 0
+
+    def __len__(self):
+        return len(self.feeds_list)
+
+    def __getitem__(self, i):
+        if i in self.held:
+            return self.held[i]
+        got = dict(zip(self.names, self.sess.run(self.names, self.feeds_list[i])))
+        values = {}
         for name, v in got.items():
-            for axis, idx in enumerate(kept[name]):
+            for axis, idx in enumerate(self.kept[name]):
                 if idx is not None:
                     v = np.take(v, idx, axis=axis)
-            sliced[name] = v
-        values.append(sliced)
-    return values
+            values[name] = v
+        size = sum(v.nbytes for v in values.values())
+        if self.bytes + size <= TARGET_CACHE_BYTES:
+            self.held[i], self.bytes = values, self.bytes + size
+        return values
 
 
 def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan, samples: dict,
@@ -69,24 +89,40 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
     kept = _targets(pruned, analysis, plan)
     names = list(kept)
     feeds_list = feed_batches(dense, samples)
-    targets = _dense_values(dense, names, feeds_list, kept)
+    targets = _DenseTargets(dense, names, feeds_list, kept)
     seen = {}
     graph = TorchGraph(pruned, value_hooks={n: _capture(seen, n) for n in names})
     graph.train(False)  # BatchNorm keeps the dense statistics (folded or not)
     params = [p for p in graph.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    scale = {n: float(np.mean([np.mean(t[n].astype(np.float64) ** 2) for t in targets])) or 1.0 for n in names}
+    scale = _scales(targets, names)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
-        for i in rng.permutation(len(feeds_list)):
-            feeds = feeds_list[i]
-            seen.clear()
-            graph(**{k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
-            loss = sum(_matched(seen[n], targets[i][n], feeds) / scale[n] for n in names)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        order = rng.permutation(len(feeds_list))
+        for start in range(0, len(order), CHUNK_BATCHES):
+            chunk = order[start:start + CHUNK_BATCHES]
+            wanted = {i: targets[i] for i in chunk}  # the dense runs back to back, then the steps
+            for i in chunk:
+                feeds = feeds_list[i]
+                seen.clear()
+                graph(**{k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
+                loss = sum(_matched(seen[n], wanted[i][n], feeds) / scale[n] for n in names)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     return graph.export()
+
+
+def _scales(targets, names) -> dict:
+    """Per tensor, the mean square of its dense values over the first SCALE_BATCHES batches: each
+    tensor's error counts relative to its own size."""
+    sums = dict.fromkeys(names, 0.0)
+    count = min(len(targets), SCALE_BATCHES)
+    for i in range(count):
+        values = targets[i]
+        for n in names:
+            sums[n] += float(np.mean(values[n].astype(np.float64) ** 2))
+    return {n: sums[n] / max(count, 1) or 1.0 for n in names}
 
 
 def _capture(seen, name):
