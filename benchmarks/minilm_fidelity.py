@@ -75,7 +75,7 @@ def main():
             if again:
                 stages += f"; again on all {again['samples']}" + ("" if again["applied"] else " (not used)")
             print(f"| {target:g}x | {method} | {search} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
-                  f"| {before:.3f} | {after:.3f} | {r['seconds']:.0f} | {stages} | {_kept_per_layer(result.plan)} |",
+                  f"| {before:.4f} | {after:.4f} | {r['seconds']:.0f} | {stages} | {_kept_per_layer(result.plan)} |",
                   flush=True)
 
 
