@@ -16,6 +16,8 @@ import onnx
 from onnx_prune.passes.graph import GraphIndex
 from onnx_prune.passes.spaces import Free, Fx, SpaceTable, Unsupported
 
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # layers whose weight is input 1
+
 
 @dataclass
 class Group:
@@ -246,9 +248,6 @@ class Analysis:
         return [n for n in self.ctx.index.model.graph.node
                 if n.op_type in WEIGHT_OPS and len(n.input) > 1 and self.ctx.is_const(n.input[1])
                 and n.name not in read]
-
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _positions_with_groups(table, e) -> np.ndarray:

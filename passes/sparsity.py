@@ -24,9 +24,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from onnx_prune.passes.analysis import WEIGHT_OPS
 from onnx_prune.passes.rules import recurrent_weight
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 # -- which weights ----------------------------------------------------------------------------
