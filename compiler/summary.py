@@ -14,7 +14,11 @@ PLOTS = ("widths", "rounds", "candidates")
 def summary_paths(json_path: str) -> dict:
     """What write_summary may write beside REPORT.json: the Markdown file and each plot."""
     stem = os.path.splitext(json_path)[0]
-    return {"Markdown summary": stem + ".md", **{f"{key} plot": f"{stem}_{key}.png" for key in PLOTS}}
+    return {"Markdown summary": stem + ".md", **{f"{key} plot": _plot_path(stem, key) for key in PLOTS}}
+
+
+def _plot_path(stem, key):
+    return f"{stem}_{key}.png"
 
 
 def _save(fig, path):
@@ -36,7 +40,7 @@ def _figure(paths, stem, key, size, xlabel, ylabel):
         yield ax
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        paths[key] = f"{stem}_{key}.png"
+        paths[key] = _plot_path(stem, key)
         _save(fig, paths[key])
     finally:
         plt.close(fig)
