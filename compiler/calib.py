@@ -225,6 +225,12 @@ def _validate(data: dict, inputs, max_samples):
         if arr.dtype != dtype:
             if np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(dtype, np.floating):
                 raise UserError(f"calibration input '{inp.name}' is {arr.dtype}, the model expects {dtype}")
-            arr = arr.astype(dtype)
+            with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+                arr = arr.astype(dtype)
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            # one NaN spreads through every Gram matrix the error database sums: a garbage plan
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            raise UserError(f"calibration input '{inp.name}' holds {bad} NaN or infinite value(s)"
+                            + (f" once cast to {dtype}" if np.isfinite(data[inp.name]).all() else ""))
         out[inp.name] = arr[:max_samples] if max_samples else arr
     return out

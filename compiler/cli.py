@@ -130,7 +130,7 @@ def analyze(model, input_shape, as_json):
         "ops_without_rule": a.ctx.unruled,
     }
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(_json_text(data))
         return
     cov = data["coverage"]
     click.echo(f"{len(a.groups)} prunable groups, {len(a.frozen)} frozen; "
@@ -328,7 +328,7 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
     data["speed_change_between_blocks"] = result.speed_change
     data["steady"] = result.steady
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(_json_text(data))
         return
     for m, lat in zip(models, result.latencies):
         click.echo(f"{m}: {lat.median_ms:.3f} ms median (p10 {lat.p10_ms:.3f}, p90 {lat.p90_ms:.3f}, {lat.runs} runs)")
@@ -432,17 +432,31 @@ def _write_json(path, data):
     from onnx_prune.files import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
+        f.write(_json_text(data))
 
 
-def _json_default(o):
+def _json_text(data) -> str:
+    """Strict JSON (RFC 8259): numpy values as plain ones, NaN and infinities as null, which
+    strict parsers would otherwise refuse."""
+    return json.dumps(_plain(data), indent=2, allow_nan=False)
+
+
+def _plain(o):
+    import math
+
     import numpy as np
 
-    if isinstance(o, np.generic):
-        return o.item()
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
     if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
+        return _plain(o.tolist())
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 if __name__ == "__main__":

@@ -114,3 +114,16 @@ def test_preprocess_syntax():
     assert parse_preprocess("resize=32,layout=NHWC")["layout"] == "NHWC"
     with pytest.raises(UserError):
         parse_preprocess("blur=3")
+
+
+def test_non_finite_samples_are_refused(tmp_path):
+    """One NaN spreads through every Gram matrix the error database sums: the plan would be garbage."""
+    p = tmp_path / "c.npz"
+    x = np.ones((5, 3, 8, 8), np.float32)
+    x[2, 1, 3, 3] = np.nan
+    np.savez(p, x=x)
+    with pytest.raises(UserError, match="'x' holds 1 NaN or infinite"):
+        load_calibration(str(p), model())
+    np.savez(p, x=np.full((5, 3, 8, 8), 1e300))  # finite as float64, infinite once cast to the model's float32
+    with pytest.raises(UserError, match="once cast to float32"):
+        load_calibration(str(p), model())

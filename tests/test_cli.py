@@ -432,3 +432,11 @@ def test_old_opset_light_model_is_upgraded(tmp_path):
     assert r.returncode == 0, r.stderr
     m = load_model(str(out))
     assert m.opset_import[0].version == 17
+
+
+def test_json_is_strict_numpy_values_plain_and_non_finite_numbers_null():
+    """Python's json writes NaN and Infinity, which strict parsers (and other languages') refuse."""
+    from onnx_prune.compiler.cli import _json_text
+
+    text = _json_text({"a": float("nan"), "b": [np.float32(np.inf), np.float64(1.5)], "c": np.arange(2), "d": None})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": [0, 1], "d": None}
