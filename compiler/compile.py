@@ -10,6 +10,7 @@ the largest speedup it measured.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from onnx_prune.compiler.fidelity import Reference, similarity
 from onnx_prune.compiler.progress import Steps
 from onnx_prune.compiler.search import SpdyTables, search_global, search_spdy, search_uniform
 from onnx_prune.compiler.sensitivity import measured_gains, sensitivity_search
-from onnx_prune.errors import TargetNotMet, UserError
+from onnx_prune.errors import TargetNotMet, UserError, positive_count
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import MAX_ROWS as ERRORDB_ROWS, build_error_db
@@ -110,6 +111,9 @@ def compile_model(model, target_speedup, provider="cpu", threads=None, calib=Non
     if search == "full" and method != "spdy":
         raise UserError("--search full is SPDY's sensitivity search: use it with --method spdy")
     target = parse_speedup(target_speedup)
+    threads, batch_size = positive_count(threads, "threads"), positive_count(batch_size, "batch_size")
+    if isinstance(search_seconds, bool) or not isinstance(search_seconds, numbers.Real) or not search_seconds >= 1:
+        raise UserError(f"search_seconds must be a number of seconds >= 1, got {search_seconds!r}")
     check_budget_args(min_fidelity, max_accuracy_drop, calib)
     steps = Steps(log, progress)
     try:

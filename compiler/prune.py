@@ -3,6 +3,7 @@ lowest importance first, and the result is verified before anyone sees it."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from onnx_prune.backends.ort import check_runs, random_feeds
 from onnx_prune.errors import UserError
 from onnx_prune.passes.analysis import Analysis, analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
+from onnx_prune.passes.importance import KINDS as IMPORTANCE_KINDS
 from onnx_prune.compiler.plans import uniform_plan
 from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify as verify_model
@@ -26,12 +28,15 @@ class PruneResult:
 
 
 def check_ratio(ratio: float):
-    if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
-        raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+    # numbers.Real: numpy's float32 too; a string is refused, not read
+    if isinstance(ratio, bool) or not (isinstance(ratio, numbers.Real) and 0.0 < float(ratio) < 1.0):
+        raise UserError(f"--ratio must be a number between 0 and 1 (exclusive), got {ratio!r}")
 
 
 def prune_uniform(model, ratio, importance="l2", input_shapes=None, verify=True, seed=0) -> PruneResult:
     check_ratio(ratio)
+    if importance not in IMPORTANCE_KINDS:
+        raise UserError(f"unknown importance '{importance}' (choose: {', '.join(IMPORTANCE_KINDS)})")
     canon = canonicalize(model, input_shapes=input_shapes)
     analysis = analyze_canonical(canon)
     if not analysis.groups:  # as compile says: a copy of the input is not what was asked for

@@ -30,6 +30,9 @@ def _import_torch():
 
 
 def _as_tuple(example_inputs):
+    # a list is the module's arguments, as a tuple is (onnx_prune.compile reads its batch so)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 

@@ -36,7 +36,7 @@ def compile(model, target_speedup, example_inputs=None, **kwargs):  # noqa: A001
     """Prune until the speedup measured on ONNX Runtime meets `target_speedup` (e.g. 2.0 or "2x").
 
     `model`: a path, an onnx.ModelProto, or a torch.nn.Module exported first on `example_inputs`
-    (a tensor or a tuple of tensors; the batch axis stays dynamic, and is timed at the examples'
+    (a tensor, or a tuple or list of tensors; the batch axis stays dynamic, and is timed at the examples'
     batch unless `batch_size` says otherwise). Returns a CompileResult with
     .model (ONNX) and .report (dict); raises TargetNotMet (with .report, and .model: what was
     reached) when the measured speedup stays below the target or the accuracy budget is missed.

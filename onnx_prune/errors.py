@@ -18,3 +18,15 @@ class TargetNotMet(Exception):
         super().__init__(message)
         self.report = report
         self.model = model
+
+
+def positive_count(value, what: str):
+    """`value` as a positive int, None left as None: the Python API's check of what the command
+    line's option types already refuse (a thread count of -1, a batch size of 2.5)."""
+    import numbers
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise UserError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)

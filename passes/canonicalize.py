@@ -171,7 +171,7 @@ def _fold_constants(model):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         folded = gs.export_onnx(graph, do_type_check=False)
     del folded.graph.value_info[:]
-    _keep_non_tensor_types(model, folded)
+    _keep_declared_interface(model, folded)
     folded.ir_version = min(max(header[0], 7), MAX_IR_VERSION)
     folded.producer_name, folded.producer_version, folded.doc_string, folded.model_version, folded.domain = header[1:]
     del folded.metadata_props[:]
@@ -181,15 +181,23 @@ def _fold_constants(model):
     return folded
 
 
-def _keep_non_tensor_types(original, folded):
-    """onnx-graphsurgeon knows tensors only: it writes a sequence or map input or output (scikit-
-    learn's ZipMap output, a sequence of maps) back as a sequence of untyped tensors, which ORT
-    refuses. Those take their declared types again."""
-    declared = {vi.name: vi.type for vi in list(original.graph.input) + list(original.graph.output)
-                if vi.type.WhichOneof("value") != "tensor_type"}
+def _keep_declared_interface(original, folded):
+    """The graph's inputs and outputs as the model declared them. onnx-graphsurgeon exports the
+    shapes that inference found (a dynamic output axis becomes a number, an output without a shape
+    gets one) and knows tensors only: a sequence or map (scikit-learn's ZipMap output) comes back
+    as a sequence of untyped tensors, which ORT refuses. It also drops their doc strings."""
+    declared = {vi.name: vi for vi in list(original.graph.input) + list(original.graph.output)}
     for vi in list(folded.graph.input) + list(folded.graph.output):
         if vi.name in declared:
-            vi.type.CopyFrom(declared[vi.name])
+            vi.type.CopyFrom(declared[vi.name].type)
+            vi.doc_string = declared[vi.name].doc_string
+    # IR 10's graph and node metadata, which graphsurgeon drops too (nodes found by name)
+    del folded.graph.metadata_props[:]
+    folded.graph.metadata_props.extend(original.graph.metadata_props)
+    node_meta = {n.name: n.metadata_props for n in original.graph.node if n.name and n.metadata_props}
+    for node in folded.graph.node:
+        if node.name in node_meta and not node.metadata_props:
+            node.metadata_props.extend(node_meta[node.name])
 
 
 def _constants_to_initializers(model):
@@ -446,9 +454,10 @@ def resolve_input_shapes(model, given: dict, notes: list) -> dict:
     inits = {t.name for t in model.graph.initializer}
     real = [i for i in model.graph.input if i.name not in inits]
     names = {i.name for i in real}
-    for name in given:
+    for name, want in given.items():
         if name not in names:
             raise UserError(f"--input-shape names '{name}', but the model's inputs are: {', '.join(sorted(names))}")
+        _check_given_shape(name, want)
     _require_static_dims([i for i in real if i.name not in given])
     shapes = {}
     for inp in real:
@@ -472,6 +481,17 @@ def resolve_input_shapes(model, given: dict, notes: list) -> dict:
             notes.append(f"input '{inp.name}': dynamic batch analysed at 1")
         shapes[inp.name] = tuple(d if d is not None else 1 for d in dims)
     return shapes
+
+
+def _check_given_shape(name, want):
+    """What parse_input_shapes lets through on the command line: integers, a positive batch, other
+    dims >= 0 (0 is a length, as of an empty key/value cache)."""
+    import numbers
+
+    dims = list(want) if isinstance(want, (tuple, list)) else None
+    if not dims or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in dims) \
+            or dims[0] <= 0 or any(d < 0 for d in dims):
+        raise UserError(f"input shape for '{name}' must be integers (positive batch, other dims >= 0), got {want!r}")
 
 
 def with_batch(model, shapes: dict, batch_size: int) -> dict:

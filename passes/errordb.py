@@ -34,6 +34,12 @@ RIDGE = 0.3  # relative diagonal load: Gram matrices are often singular, and wit
 # data a refit should stay near what the network learnt
 
 
+def ridge_load(gram: np.ndarray) -> float:
+    """The diagonal load of a refit: RIDGE times the Gram matrix's mean diagonal, above zero where
+    the layer's kept inputs are all zero on the calibration data (its weights then stay as they are)."""
+    return max(RIDGE * float(np.trace(gram)) / len(gram), 1e-30)
+
+
 @dataclass
 class _Layer:
     node: onnx.NodeProto
@@ -114,7 +120,7 @@ class ErrorDB:
             feats = _feature_index(np.flatnonzero(in_mask), lay.per_pos)
             rows = lay.gram[feats] if without is None else lay.gram_without(without, feats)
             gram = rows[:, feats]
-            lam = RIDGE * np.trace(gram) / len(gram)
+            lam = ridge_load(gram)
             dense = _dense_weights(analysis, lay.node)[:, out_mask]
             rhs = (rows @ dense) + lam * dense[feats]
             gram[np.diag_indices_from(gram)] += lam
@@ -289,7 +295,7 @@ def _layer_curves(lay: _Layer, W: np.ndarray, coord: np.ndarray, order: np.ndarr
     if base <= 0:
         return np.zeros(size + 1), np.zeros(size + 1)
     gram_loaded = gram.copy()
-    gram_loaded[np.diag_indices_from(gram)] += RIDGE * np.trace(gram) / len(gram)
+    gram_loaded[np.diag_indices_from(gram)] += ridge_load(gram)
     # the transpose (the same symmetric matrix) is in Fortran order: LAPACK factors it in place
     chol, _ = cho_factor(gram_loaded.T, lower=True, overwrite_a=True, check_finite=False)
     explained = np.cumsum((solve_triangular(chol, target, lower=True, check_finite=False) ** 2).sum(1),

@@ -20,9 +20,12 @@ CONTRIB = "com.microsoft"  # ONNX Runtime's own ops, as its transformers optimiz
 
 def load_model(path_or_model) -> onnx.ModelProto:
     """Load a model from a path (with external data) or copy a ModelProto; never modifies the input."""
+    if isinstance(path_or_model, bytes) and not _is_file(path_or_model):
+        path_or_model = _from_serialized(path_or_model)
     if isinstance(path_or_model, onnx.ModelProto):
         m = onnx.ModelProto()
         m.CopyFrom(path_or_model)
+        _external_data_loaded(m)
         return _known_ops(m, "the model")
     if not isinstance(path_or_model, (str, bytes, os.PathLike)):
         hint = (" (a torch.nn.Module: pass example_inputs= to export it, or use onnx_prune.from_torch)"
@@ -39,6 +42,37 @@ def load_model(path_or_model) -> onnx.ModelProto:
         raise UserError(f"{path}: not an ONNX model (no graph nodes); check the file is complete")
     _load_external_data(model, os.path.dirname(os.path.abspath(path)), path)
     return _known_ops(model, path)
+
+
+def _is_file(path: bytes) -> bool:
+    try:
+        return len(path) < 4096 and os.path.isfile(path)
+    except (ValueError, OSError):  # NUL bytes: a serialized model, not a path
+        return False
+
+
+def _from_serialized(data: bytes) -> onnx.ModelProto:
+    """Bytes that are not a file's path: a serialized model (never echoed back: megabytes)."""
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:
+        model = None
+    if model is None or not model.graph.node:
+        raise UserError(f"the model is {len(data)} bytes that are neither a file's path nor a serialized ONNX model")
+    return model
+
+
+def _external_data_loaded(model: onnx.ModelProto) -> None:
+    """A ModelProto read with load_external_data=False names files relative to a folder it does not
+    know: its weights are not there to prune."""
+    from onnx.external_data_helper import uses_external_data
+
+    missing = [t.name for t in _all_tensors(model) if uses_external_data(t)
+               and next((e.value for e in t.external_data if e.key == "location"), "") != IN_MEMORY]
+    if missing:
+        raise UserError(f"the model's weights ({missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}) "
+                        "are in external data files that were not loaded: pass the model's path, or load it "
+                        "with onnx.load(path) (load_external_data=True)")
 
 
 def _known_ops(model: onnx.ModelProto, label: str) -> onnx.ModelProto:

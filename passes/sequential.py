@@ -22,7 +22,7 @@ from scipy.linalg import cho_factor, cho_solve
 
 from onnx_prune.backends.ort import session_with_outputs
 from onnx_prune.passes.graph import attr
-from onnx_prune.passes.errordb import MAX_ROWS, RIDGE  # rows per layer input; load towards the current weights
+from onnx_prune.passes.errordb import MAX_ROWS, ridge_load  # rows per layer input; load towards the current weights
 from onnx_prune.passes.reconstruct import (feed_batches, from_weight_matrix, layer_rows, refittable_layers,
                                            weight_matrix)
 
@@ -80,7 +80,7 @@ def sequential_refit(dense: onnx.ModelProto, pruned: onnx.ModelProto, analysis, 
         # products in float32, as the error database's (the ridge load keeps the solve well
         # conditioned); the factorisation in float64
         gram = (X_pruned.T @ X_pruned).astype(np.float64)
-        lam = RIDGE * np.trace(gram) / len(gram)
+        lam = ridge_load(gram)
         gram[np.diag_indices_from(gram)] += lam
         factor = cho_factor(gram, lower=True, check_finite=False)
         for (node, _), Y_dense in zip(layers, targets[key]):

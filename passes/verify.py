@@ -103,9 +103,23 @@ def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, a_weigh
         if x.shape != y.shape:
             raise VerificationError(f"output shape changed: {x.shape} -> {y.shape}")
         if x.size:
-            err = max(err, float(np.max(np.abs(x - y))))
-            scale = max(scale, float(np.max(np.abs(x))))
+            err = max(err, _max_abs_difference(x, y))
+            finite = np.abs(x[np.isfinite(x)])
+            scale = max(scale, float(finite.max()) if finite.size else 0.0)
     return err, max(scale, 1e-12)
+
+
+def _max_abs_difference(x: np.ndarray, y: np.ndarray) -> float:
+    """Max |x - y| over the finite positions, infinite where the non-finite ones differ (NaN against
+    a number, or infinities of other signs): np.max over a NaN is NaN, and max(0.0, nan) is 0.0,
+    which would pass any two models whose outputs hold a NaN."""
+    finite_x, finite_y = np.isfinite(x), np.isfinite(y)
+    if not np.array_equal(finite_x, finite_y):
+        return float("inf")
+    odd = ~finite_x
+    if odd.any() and not np.array_equal(x[odd], y[odd], equal_nan=True):
+        return float("inf")
+    return float(np.max(np.abs(x[finite_x] - y[finite_x]))) if finite_x.any() else 0.0
 
 
 def numeric(value) -> np.ndarray:

@@ -719,3 +719,26 @@ def test_refit_on_all_samples_leaves_the_error_database_alone_without_the_layer_
     assert not layer_wise["applied"] and sequential["applied"]
     assert r["recovery"]["refit_on_all_samples"]["samples"] == 20
     assert absorbed == []
+
+
+def test_calibration_data_whose_kept_inputs_are_all_zero_refits_without_failing(model, tmp_path):
+    """Zero inputs (or a layer behind dead ReLUs) give an all-zero Gram matrix: the refit's ridge load,
+    relative to its diagonal, was zero, and the Cholesky factorisation failed (exit 3)."""
+    m, shapes = model
+    p = tmp_path / "c.npz"
+    np.savez(p, input=np.zeros((4,) + shapes["input"][1:], np.float32))
+    r = compile_model(m, "1.3x", input_shapes=shapes, calib=str(p), timer=LyingTimer(1.35), batch_size=4).report
+    assert r["measured_speedup"] == 1.35 and r["output_fidelity"]["samples"] == 4
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"threads": -1}, "threads must be a positive integer, got -1"),
+    ({"threads": 0}, "threads must be a positive integer"),
+    ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+    ({"batch_size": True}, "batch_size must be a positive integer"),
+    ({"search_seconds": 0}, "search_seconds must be a number of seconds >= 1"),
+])
+def test_python_arguments_the_command_line_refuses_are_refused_before_any_work(model, kwargs, words):
+    m, shapes = model
+    with pytest.raises(UserError, match=words):
+        compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(), **kwargs)

@@ -55,6 +55,7 @@ def test_prune_and_analyze_take_a_torch_module_and_leave_its_modes_alone():
     assert kept == [16], kept  # the 32 channels between the convs, halved
     assert [m.training for m in module.modules()] == [True, True, False, True, True]
     assert len(onnx_prune.analyze(module, example_inputs=x).groups) == 1
+    assert len(onnx_prune.analyze(module, example_inputs=[x]).groups) == 1  # a list of arguments, as a tuple
 
 
 def test_torch_module_without_example_inputs_or_wrong_types_are_clear_errors():
