@@ -31,6 +31,7 @@ from onnx_prune.compiler.search import SpdyTables, search_global, search_spdy, s
 from onnx_prune.compiler.sensitivity import measured_gains, sensitivity_search
 from onnx_prune.errors import TargetNotMet, UserError, positive_count
 from onnx_prune.passes.analysis import analyze_canonical
+from onnx_prune.passes.augment import VOCABULARY  # a table at least this large indexed by an input: token ids
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.errordb import MAX_ROWS as ERRORDB_ROWS, build_error_db
 from onnx_prune.passes.importance import group_scores, keep_top
@@ -596,7 +597,6 @@ def _check_calibration_batch(model, first, feeds):
 
 
 PSEUDO_SEQUENCES = 64  # at most, and no more tokens than the error database reads per layer
-VOCABULARY = 1000  # a table at least this large indexed by an input: token ids
 
 
 def _pseudo_tokens(canon, notes) -> dict | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_prune.passes.augment import spliced_sequences
+from onnx_prune.passes.augment import spliced_sequences, token_table
 from onnx_prune.passes.reconstruct import feed_batches, refittable_layers, token_mask
 
 EPOCHS = 10
@@ -83,7 +83,7 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
     from onnx_prune.backends.torch_graph import TorchGraph
 
     torch.manual_seed(seed)
-    spliced = spliced_sequences(samples, seed=seed)
+    spliced = spliced_sequences(samples, seed=seed, embedding=token_table(dense, samples))
     if spliced is not None:
         samples, epochs = spliced, min(epochs, SPLICED_EPOCHS)
     kept = _targets(pruned, analysis, plan)
