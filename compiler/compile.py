@@ -229,10 +229,13 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
 
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
     beyond_reach = 0  # measurements of the fastest plan the search finds, once the loop stops on it
+    relaxing = False  # the round after a plan met the target above the aim (--search full)
     for r in range(MAX_ROUNDS):
         with steps(f"round {r + 1}: search, surgery, verify, measure"):
             plan = find(cm.dense_ms / goal)
             key = _plan_key(plan)
+            if relaxing and key in runs:
+                break  # the looser goal found the plan already measured: nothing to gain
             predicted = cm.predicted_speedup(plan)  # the predictor changes once calibrated
             found.setdefault(key, (plan, predicted))
             pruned = build(key)[0]
@@ -258,10 +261,16 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             rounds[-1]["plan_speedup_median"] = judged
         steps.note(f"round {r + 1}: goal {goal:.2f}x, predicted {predicted:.2f}x, measured {speedup:.2f}x"
                    + (f" (median of this plan's {len(measured)} measurements: {judged:.2f}x)" if len(measured) > 1 else ""))
+        if relaxing:
+            break  # _chosen keeps the relaxed plan only if it met the target too
         if judged >= target:
             long_goal = goal if long_goal is None else min(long_goal, goal)
             if judged <= MAX_OVERSHOOT * target:
-                break
+                # met above the aim: --search full (the mode for accuracy) tries one looser goal,
+                # since every channel kept counts (MiniLM 2x: a plan measured 2.13x against 2.06x)
+                relaxing = search == "full" and judged > target * OVERSHOOT_MARGIN and r + 1 < MAX_ROUNDS
+                if not relaxing:
+                    break
         else:
             short_goal = goal if short_goal is None else max(short_goal, goal)
             if len(measured) > 1 and predicted < goal:

@@ -742,3 +742,23 @@ def test_python_arguments_the_command_line_refuses_are_refused_before_any_work(m
     m, shapes = model
     with pytest.raises(UserError, match=words):
         compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(), **kwargs)
+
+
+@pytest.mark.parametrize("second, emitted", [(1.52, 1.52), (1.45, 1.62)])
+def test_full_search_tries_one_looser_goal_after_meeting_the_target_above_the_aim(model, second, emitted):
+    """1.62x for a 1.5x target is inside the ceiling (1.65x) but above the aim (1.56x): --search full
+    searches once more at a looser goal and emits the plan pruned least that met the target."""
+    m, shapes = model
+    timer = LyingTimer(1.62, second)
+    r = compile_model(m, "1.5x", input_shapes=shapes, timer=timer, search="full", search_seconds=2,
+                      batch_size=16).report
+    assert [x["measured_speedup"] for x in r["rounds"]] == [1.62, second]  # one more round, never two
+    assert r["measured_speedup"] == emitted
+    assert timer.sizes[1] > timer.sizes[0]  # the looser goal's plan keeps more weights
+
+
+def test_fast_search_stops_at_the_first_plan_inside_the_window(model):
+    m, shapes = model
+    timer = LyingTimer(1.62)
+    r = compile_model(m, "1.5x", input_shapes=shapes, timer=timer, batch_size=16).report
+    assert len(r["rounds"]) == 1 and r["measured_speedup"] == 1.62
