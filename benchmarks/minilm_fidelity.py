@@ -74,7 +74,8 @@ def main():
             again = r["recovery"].get("refit_on_all_samples")
             if again:
                 stages += f"; again on all {again['samples']}" + ("" if again["applied"] else " (not used)")
-            print(f"| {target:g}x | {method} | {search} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
+            rounds = ", ".join(f"{x['measured_speedup']:.2f}x" for x in r["rounds"])
+            print(f"| {target:g}x | {method} | {search} | {r['measured_speedup']:.2f}x (rounds {rounds}) | {r['predicted_speedup']:.2f}x "
                   f"| {before:.4f} | {after:.4f} | {r['seconds']:.0f} | {stages} | {_kept_per_layer(result.plan)} |",
                   flush=True)
 
