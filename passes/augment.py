@@ -90,7 +90,8 @@ def _swap_neighbours(ids: np.ndarray, lengths: np.ndarray, table: np.ndarray, rn
     """`ids` with SWAP_RATE of each row's inner tokens (not its first or last real one) replaced by
     one of their NEIGHBOURS most similar rows of `table` (cosine)."""
     ids = ids.copy()
-    inner = (np.arange(ids.shape[1])[None, :] >= 1) & (np.arange(ids.shape[1])[None, :] < lengths[:, None] - 1)
+    position = np.arange(ids.shape[1])[None, :]
+    inner = (position >= 1) & (position < lengths[:, None] - 1)
     swap = inner & (rng.random(ids.shape) < SWAP_RATE)
     near = _nearest(table, np.unique(ids[swap]))
     ids[swap] = [near[t][rng.integers(NEIGHBOURS)] for t in ids[swap].tolist()]

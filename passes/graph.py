@@ -67,8 +67,7 @@ def _external_data_loaded(model: onnx.ModelProto) -> None:
     know: its weights are not there to prune."""
     from onnx.external_data_helper import uses_external_data
 
-    missing = [t.name for t in _all_tensors(model) if uses_external_data(t)
-               and next((e.value for e in t.external_data if e.key == "location"), "") != IN_MEMORY]
+    missing = [t.name for t in _all_tensors(model) if uses_external_data(t) and _location(t) != IN_MEMORY]
     if missing:
         raise UserError(f"the model's weights ({missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}) "
                         "are in external data files that were not loaded: pass the model's path, or load it "
@@ -132,7 +131,7 @@ def _load_external_data(model: onnx.ModelProto, base_dir: str, path: str):
         return
     base_real = os.path.realpath(base_dir)
     for t in tensors:
-        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        location = _location(t)
         target = os.path.realpath(os.path.join(base_dir, location))
         if os.path.isabs(location) or os.path.commonpath([base_real, target]) != base_real:
             raise UserError(f"{path}: external data '{location}' of tensor '{t.name}' lies outside the model's folder; move it beside the model")
@@ -142,6 +141,11 @@ def _load_external_data(model: onnx.ModelProto, base_dir: str, path: str):
         load_external_data_for_model(model, base_dir)
     except Exception as exc:
         raise UserError(f"{path}: cannot read external data ({exc}); check the data files are complete") from None
+
+
+def _location(t: onnx.TensorProto) -> str:
+    """The file (relative to the model's folder) an external tensor's data is in."""
+    return next((e.value for e in t.external_data if e.key == "location"), "")
 
 
 def _all_tensors(model):
