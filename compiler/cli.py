@@ -16,6 +16,8 @@ ZOO_PREFIX = "zoo:"
 
 def parse_input_shapes(values) -> dict:
     """`name=1x3x224x224` (repeatable, or comma-separated: `ids=1x128,mask=1x128`) -> {name: (1, 3, 224, 224)}."""
+    from onnx_prune.passes.canonicalize import valid_given_dims
+
     shapes = {}
     for v in (item for value in values for item in value.split(",")):
         name, sep, dims = v.rpartition("=")
@@ -23,8 +25,7 @@ def parse_input_shapes(values) -> dict:
             parsed = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             parsed = ()
-        # 0 is a length, as of an empty key/value cache (an LLM's prefill); not a batch
-        if not sep or not name or not parsed or parsed[0] <= 0 or any(d < 0 for d in parsed):
+        if not sep or not name or not valid_given_dims(parsed):
             raise UserError(f"--input-shape '{v}' is not NAME=DxDx... (positive batch, other dims >= 0); "
                             "e.g. --input-shape input=1x3x224x224")
         shapes[name] = parsed

@@ -483,14 +483,18 @@ def resolve_input_shapes(model, given: dict, notes: list) -> dict:
     return shapes
 
 
-def _check_given_shape(name, want):
-    """What parse_input_shapes lets through on the command line: integers, a positive batch, other
-    dims >= 0 (0 is a length, as of an empty key/value cache)."""
+def valid_given_dims(dims) -> bool:
+    """A shape a user may give an input (`--input-shape`, `input_shapes=`): integers, a positive
+    batch, other dims >= 0 (0 is a length, as of an empty key/value cache; not a batch)."""
     import numbers
 
-    dims = list(want) if isinstance(want, (tuple, list)) else None
-    if not dims or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in dims) \
-            or dims[0] <= 0 or any(d < 0 for d in dims):
+    return isinstance(dims, (tuple, list)) and len(dims) > 0 \
+        and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims) \
+        and dims[0] > 0 and all(d >= 0 for d in dims)
+
+
+def _check_given_shape(name, want):
+    if not valid_given_dims(want):
         raise UserError(f"input shape for '{name}' must be integers (positive batch, other dims >= 0), got {want!r}")
 
 
