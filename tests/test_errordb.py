@@ -1,6 +1,8 @@
 """Error database (SPDY on channels): the one-Cholesky curves equal brute-force least squares,
 channel choice follows what a layer's output needs, and the search's pieces behave."""
 
+import time
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -80,6 +82,27 @@ def test_sensitivity_search_improves_on_raw_errors_and_respects_its_budget():
     c, plan, best, evaluated = sensitivity_search(solve, loss, priors, budget_s=5)
     assert best == 2 and len(plan["g1"]) == 3  # all pruning moved to the insensitive group
     assert evaluated >= 2
+
+
+def test_sensitivity_search_spends_most_of_its_budget_on_local_search():
+    # 20 groups: random draws change every coefficient, local search only a few of the best's
+    n, calls = 20, []
+    priors = [np.ones(3) for _ in range(n)]
+
+    def solve(errors):
+        calls.append(np.array([e[0] for e in errors]))
+        return {f"g{i}": np.arange(len(calls)) for i in range(1)}  # a new plan each time: scored
+
+    def loss(plan):
+        time.sleep(0.02)
+        return 1.0  # nothing beats c = 1: every draw after the first starts from it
+
+    sensitivity_search(solve, loss, priors, budget_s=2.0)
+    changed = [int(np.sum(c != 1.0)) for c in calls[1:]]
+    random_draws = sum(k == n for k in changed)
+    # random draws stop after RANDOM_SHARE (10%) of the budget: 0.2 s of 0.02 s draws
+    assert 1 <= random_draws <= 12
+    assert sum(1 <= k <= 2 for k in changed) >= 20  # the rest is local search (k = 10% of 20)
 
 
 def test_pooled_similarity_ignores_padding_tokens():
