@@ -53,10 +53,11 @@ OVERSHOOT_MARGIN = 1.04  # aim inside [target, MAX_OVERSHOOT x target], nearer i
 # measured speedup scatters by about 3% on this machine, and each round missed costs a measurement
 MEASURE_ATTEMPTS = 3  # a measurement the machine's speed changed during is repeated, the steadiest kept
 MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
-# --search full (the mode for accuracy) tries one looser goal, aimed RELAX_AIM x target, after a plan
+# --search full (the mode for accuracy) tries looser goals, aimed RELAX_AIM x target, after a plan
 # met the target above RELAX_TRIGGER x target: MiniLM keeps ~0.004 cosine more per 0.05x less at 1.5x
 RELAX_AIM = 1.02
 RELAX_TRIGGER = 1.03
+RELAX_ROUNDS = 2  # the second bisects between a looser goal measured short and the goal met
 REACH_MARGIN = 1.15  # a target up to this far above the predicted reach is searched for at once,
 REACH_REFUSE = 1.6  # up to this far the fastest plan is measured first; beyond, refused at once
 HELD_OUT = "held-out calibration samples (not used to fit)"
@@ -233,7 +234,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
 
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
     beyond_reach = 0  # measurements of the fastest plan the search finds, once the loop stops on it
-    relaxing = False  # the round after a plan met the target above the aim (--search full)
+    relaxing = False  # looser rounds after a plan met the target well above it (--search full)
+    relaxed = 0
     for r in range(MAX_ROUNDS):
         with steps(f"round {r + 1}: search, surgery, verify, measure"):
             plan = find(cm.dense_ms / goal)
@@ -265,19 +267,21 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             rounds[-1]["plan_speedup_median"] = judged
         steps.note(f"round {r + 1}: goal {goal:.2f}x, predicted {predicted:.2f}x, measured {speedup:.2f}x"
                    + (f" (median of this plan's {len(measured)} measurements: {judged:.2f}x)" if len(measured) > 1 else ""))
-        if relaxing:
-            break  # _chosen keeps the relaxed plan only if it met the target too
+        looser_left = search == "full" and relaxed < RELAX_ROUNDS and r + 1 < MAX_ROUNDS
         if judged >= target:
             long_goal = goal if long_goal is None else min(long_goal, goal)
             if judged <= MAX_OVERSHOOT * target:
-                # met well above the target: --search full (the mode for accuracy) tries one looser
+                # met well above the target: --search full (the mode for accuracy) tries a looser
                 # goal, since every channel kept counts (MiniLM 2x: a plan measured 2.13x against 2.06x)
-                relaxing = search == "full" and judged > target * RELAX_TRIGGER and r + 1 < MAX_ROUNDS
+                relaxing = looser_left and judged > target * RELAX_TRIGGER
                 if not relaxing:
                     break
         else:
             short_goal = goal if short_goal is None else max(short_goal, goal)
-            if len(measured) > 1 and predicted < goal:
+            if relaxing:
+                if not looser_left:
+                    break  # _chosen keeps the plan that met the target
+            elif len(measured) > 1 and predicted < goal:
                 # a tighter goal brought back a plan already measured short, and the search's
                 # prediction no longer meets the goal: nothing faster is left to find
                 beyond_reach = len(measured)
@@ -291,8 +295,17 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             if tables is not None:
                 tables.refresh(cm)
             goal, short_goal, long_goal = target * (RELAX_AIM if relaxing else OVERSHOOT_MARGIN), None, None
+            if relaxing:  # the plan that met, in the calibrated units: a bound for bisecting
+                long_goal = cm.predicted_speedup(plan)
+        relaxed += relaxing
+        if r == 0:
             continue
-        goal = goal * RELAX_AIM * target / judged if relaxing else _next_goal(goal, judged, target, short_goal, long_goal)
+        if not relaxing:
+            goal = _next_goal(goal, judged, target, short_goal, long_goal)
+        elif short_goal is not None and long_goal is not None:
+            goal = (short_goal + long_goal) / 2
+        else:
+            goal = goal * RELAX_AIM * target / judged
     chosen = _chosen(runs, target)
     speedup, dense_ms, pruned_ms, change = _lower_median(runs[chosen])
     (plan, predicted), (pruned, check) = found[chosen], build(chosen)

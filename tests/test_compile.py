@@ -776,18 +776,23 @@ def goals_searched(monkeypatch):
     return goals
 
 
-@pytest.mark.parametrize("second, emitted", [(1.52, 1.52), (1.45, 1.62)])
-def test_full_search_tries_one_looser_goal_after_meeting_the_target_above_the_aim(model, goals_searched, second,
-                                                                                  emitted):
-    """1.62x for a 1.5x target is inside the ceiling (1.65x) but above the aim (1.56x): --search full
-    searches once more at a looser goal and emits the plan pruned least that met the target."""
+@pytest.mark.parametrize("script, emitted", [((1.62, 1.52), 1.52), ((1.62, 1.45, 1.55), 1.55),
+                                             ((1.62, 1.45, 1.47), 1.62)])
+def test_full_search_tries_looser_goals_after_meeting_the_target_well_above_it(model, goals_searched, script,
+                                                                               emitted):
+    """1.62x for a 1.5x target is inside the ceiling (1.65x) but well above the target: --search full
+    searches again at a looser goal; if that plan falls short, once more between the two goals (never
+    a third time), and emits the plan pruned least that met the target."""
     m, shapes = model
-    timer = LyingTimer(1.62, second)
+    timer = LyingTimer(*script)
     r = compile_model(m, "1.5x", input_shapes=shapes, timer=timer, search="full", search_seconds=2,
                       batch_size=16).report
-    assert [x["measured_speedup"] for x in r["rounds"]] == [1.62, second]  # one more round, never two
+    assert [x["measured_speedup"] for x in r["rounds"]] == list(script)
     assert r["measured_speedup"] == emitted
     assert timer.sizes[1] > timer.sizes[0]  # the looser goal's plan keeps more weights
+    if len(script) == 3:  # bisected: between the looser goal and the first plan's, in calibrated units
+        assert goals_searched[1] < goals_searched[2] < r["rounds"][0]["measured_speedup"]
+        assert timer.sizes[1] > timer.sizes[2] > timer.sizes[0]
 
 
 @pytest.mark.parametrize("first, looser", [(1.55, True), (1.54, False)])
