@@ -235,7 +235,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
     beyond_reach = 0  # measurements of the fastest plan the search finds, once the loop stops on it
     relaxing = False  # looser rounds after a plan met the target well above it (--search full)
-    relaxed = 0
+    relaxed = 0  # looser rounds scheduled so far (at most RELAX_ROUNDS)
     for r in range(MAX_ROUNDS):
         with steps(f"round {r + 1}: search, surgery, verify, measure"):
             plan = find(cm.dense_ms / goal)
