@@ -763,10 +763,22 @@ def test_python_arguments_the_command_line_refuses_are_refused_before_any_work(m
 
 @pytest.fixture
 def goals_searched(monkeypatch):
-    """--search full without its time-bounded sensitivity search (its coefficients, hence the plans,
-    vary with the machine's speed): the rounds' logic alone, with the goals the loop searched at."""
+    """--search full without its time-bounded sensitivity search and with kernel times set by their
+    output sizes (a real profile's, and the search's coefficients, vary with the machine's speed,
+    hence the plans): the rounds' logic alone, with the goals the loop searched at."""
     import onnx_prune.compiler.compile as compile_module
+    from onnx_prune.backends import predict
 
+    real = predict.profile_model
+
+    def sized(*args, **kwargs):
+        profile = real(*args, **kwargs)
+        for k in profile.kernels.values():
+            k.time_us = float(sum(np.prod(shape) for shape in k.outputs if shape)) / 100
+        profile.e2e_ms, profile.run_overhead_ms = profile.kernel_ms, 0.0
+        return profile
+
+    monkeypatch.setattr(predict, "profile_model", sized)
     goals = []
 
     def unsearched(find, canon, analysis, cm, *args, **kwargs):
