@@ -61,7 +61,7 @@ class LyingTimer:
 
 
 @pytest.mark.parametrize("method", ["spdy", "uniform", "global"])
-def test_loop_tightens_until_measured_target_is_met(model, method):
+def test_loop_tightens_until_measured_target_is_met(model, sized_kernels, method):
     m, shapes = model
     timer = LyingTimer(1.2)
     result = compile_model(m, "1.5x", input_shapes=shapes, method=method, timer=timer, batch_size=16)
@@ -762,11 +762,9 @@ def test_python_arguments_the_command_line_refuses_are_refused_before_any_work(m
 
 
 @pytest.fixture
-def goals_searched(monkeypatch):
-    """--search full without its time-bounded sensitivity search and with kernel times set by their
-    output sizes (a real profile's, and the search's coefficients, vary with the machine's speed,
-    hence the plans): the rounds' logic alone, with the goals the loop searched at."""
-    import onnx_prune.compiler.compile as compile_module
+def sized_kernels(monkeypatch):
+    """Kernel times set by their output sizes: a real profile's vary with the machine's speed, and
+    with them the plans a goal brings back (now and then the same plan for two goals)."""
     from onnx_prune.backends import predict
 
     real = predict.profile_model
@@ -779,6 +777,14 @@ def goals_searched(monkeypatch):
         return profile
 
     monkeypatch.setattr(predict, "profile_model", sized)
+
+
+@pytest.fixture
+def goals_searched(monkeypatch, sized_kernels):
+    """--search full without its time-bounded sensitivity search (its coefficients vary with the
+    machine's speed): the rounds' logic alone, with the goals the loop searched at."""
+    import onnx_prune.compiler.compile as compile_module
+
     goals = []
 
     def unsearched(find, canon, analysis, cm, *args, **kwargs):
