@@ -286,6 +286,8 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                 # prediction no longer meets the goal: nothing faster is left to find
                 beyond_reach = len(measured)
                 break
+        relaxed += relaxing
+        aim = target * (RELAX_AIM if relaxing else OVERSHOOT_MARGIN)
         if r == 0:
             # the first measurement fits the predictor's exponent (CostModel.calibrate); goals are
             # in the calibrated predictor's units from here, so the search starts again at the target
@@ -294,18 +296,11 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             steps.note(f"predictor calibrated on round 1: gamma {gamma:.2f}")
             if tables is not None:
                 tables.refresh(cm)
-            goal, short_goal, long_goal = target * (RELAX_AIM if relaxing else OVERSHOOT_MARGIN), None, None
+            goal, short_goal, long_goal = aim, None, None
             if relaxing:  # the plan that met, in the calibrated units: a bound for bisecting
                 long_goal = cm.predicted_speedup(plan)
-        relaxed += relaxing
-        if r == 0:
             continue
-        if not relaxing:
-            goal = _next_goal(goal, judged, target, short_goal, long_goal)
-        elif short_goal is not None and long_goal is not None:
-            goal = (short_goal + long_goal) / 2
-        else:
-            goal = goal * RELAX_AIM * target / judged
+        goal = _next_goal(goal, judged, target, short_goal, long_goal, aim)
     chosen = _chosen(runs, target)
     speedup, dense_ms, pruned_ms, change = _lower_median(runs[chosen])
     (plan, predicted), (pruned, check) = found[chosen], build(chosen)
@@ -593,13 +588,14 @@ def _lower_median(measurements):
     return sorted(measurements, key=lambda m: m[0])[(len(measurements) - 1) // 2]
 
 
-def _next_goal(goal, speedup, target, short_goal, long_goal):
-    """Tighten by the measured shortfall, relax by the overshoot; bisect once both are known."""
+def _next_goal(goal, speedup, target, short_goal, long_goal, aim):
+    """Tighten by the measured shortfall, relax by the overshoot, towards `aim`; bisect once both
+    are known."""
     if short_goal is not None and long_goal is not None:
         return (short_goal + long_goal) / 2
     if speedup < target:
-        return goal * max(target * OVERSHOOT_MARGIN / speedup, 1.02)
-    return goal * max(target * OVERSHOOT_MARGIN / speedup, 0.9)
+        return goal * max(aim / speedup, 1.02)
+    return goal * max(aim / speedup, 0.9)
 
 
 def _rebatch(canon, batch_size):
