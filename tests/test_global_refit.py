@@ -64,3 +64,34 @@ def test_dense_values_past_the_cache_are_computed_again_alike(monkeypatch):
     computed = _refitted("resnet_basic", 40, epochs=3)[2]
     for a, b in zip(held.graph.initializer, computed.graph.initializer):
         np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
+
+
+def test_global_refit_leaves_lookup_tables_as_they_are():
+    """Embedding rows the calibration text never indexes would not move while the rest of the
+    model did: tables read by a Gather are not trained; the other weights are."""
+    from onnx import numpy_helper
+
+    from onnx_prune.backends.ort import random_feeds
+
+    zm = load("hf_bert")
+    shapes = dict(zm.input_shapes)
+    canon = canonicalize(zm.model, input_shapes=shapes)
+    analysis = analyze_canonical(canon)
+    scores = group_scores(analysis)
+    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
+    pruned = apply_plan(canon.model, analysis, plan)
+    draws = [random_feeds(canon.model, shapes, seed=s) for s in range(4)]
+    samples = {k: np.concatenate([d[k] for d in draws]) for k in draws[0]}
+    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=1, lr=1e-3)
+    tables = {n.input[0] for n in pruned.graph.node if n.op_type == "Gather"}
+    before = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
+    embeddings = [name for name in tables if name in before and before[name].dtype == np.float32]
+    assert embeddings, "hf_bert reads its embeddings with Gather"
+    for name in embeddings:
+        np.testing.assert_array_equal(after[name], before[name])
+    moved = [name for name in before if name not in tables and before[name].dtype == np.float32
+             and before[name].size > 1 and not np.array_equal(after[name], before[name])]
+    assert len(moved) > 10
+    b, a = _errors(canon.model, pruned, tuned, samples)
+    assert a < b
