@@ -24,9 +24,9 @@ from onnx_prune.passes.reconstruct import feed_batches, refittable_layers, token
 
 EPOCHS = 10
 # over the calibration sequences and augment.SPLICES_PER_SAMPLE splices of each. MiniLM, fixed
-# plans, held-out pooled cosine: 1.5x 0.9478 with 32 splices for 3 epochs and every weight trained (274 s), 0.9474 with the
-# lookup tables frozen (198 s), 0.9487 with them frozen and 64 splices for 2 epochs (254 s);
-# 2x 0.9030 (236 s) -> 0.9044 (211 s) for the last change
+# plans, held-out pooled cosine: 1.5x 0.9478 with 32 splices for 3 epochs and every weight
+# trained (274 s), 0.9474 with the lookup tables frozen (198 s), 0.9487 with them frozen and 64
+# splices for 2 epochs (254 s); 2x 0.9030 (236 s) -> 0.9044 (211 s) for the last change
 SPLICED_EPOCHS = 2
 LR = 1e-4
 TARGET_CACHE_BYTES = 1 << 30  # MiniLM's targets, 64 splices of 51 sentences at 2x: 10 GB in all
