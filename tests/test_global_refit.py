@@ -12,16 +12,21 @@ from onnx_prune.passes.importance import group_scores, keep_top
 from onnx_prune.passes.surgery import apply_plan
 
 
-def _refitted(zoo_name, count, epochs):
-    """A zoo model with every group halved, refitted by global AdaPrune on `count` random samples
-    (None: four batches of the analysis's): (dense, pruned, tuned, samples)."""
+def _halved(zoo_name):
+    """A zoo model with every group halved: (canonical model, analysis, plan, pruned, input shapes)."""
     zm = load(zoo_name)
     shapes = dict(zm.input_shapes)
     canon = canonicalize(zm.model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
     scores = group_scores(analysis)
     plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
-    pruned = apply_plan(canon.model, analysis, plan)
+    return canon, analysis, plan, apply_plan(canon.model, analysis, plan), shapes
+
+
+def _refitted(zoo_name, count, epochs):
+    """A zoo model with every group halved, refitted by global AdaPrune on `count` random samples
+    (None: four batches of the analysis's): (dense, pruned, tuned, samples)."""
+    canon, analysis, plan, pruned, shapes = _halved(zoo_name)
     name = next(iter(shapes))
     count = count or 4 * shapes[name][0]
     samples = {name: np.random.default_rng(0).standard_normal((count,) + tuple(shapes[name][1:])).astype(np.float32)}
@@ -73,13 +78,7 @@ def test_global_refit_leaves_lookup_tables_as_they_are():
 
     from onnx_prune.backends.ort import random_feeds
 
-    zm = load("hf_bert")
-    shapes = dict(zm.input_shapes)
-    canon = canonicalize(zm.model, input_shapes=shapes)
-    analysis = analyze_canonical(canon)
-    scores = group_scores(analysis)
-    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
-    pruned = apply_plan(canon.model, analysis, plan)
+    canon, analysis, plan, pruned, shapes = _halved("hf_bert")
     draws = [random_feeds(canon.model, shapes, seed=s) for s in range(4)]
     samples = {k: np.concatenate([d[k] for d in draws]) for k in draws[0]}
     tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=1, lr=1e-3)
