@@ -10,8 +10,9 @@ the last epoch's steps rather than the last step's (MiniLM, fixed plans: +0.0013
 cosine at 1.5x and 2x). Lookup tables (a Gather's rows: token and position embeddings) stay as
 they are: training would move the rows the calibration text indexes and leave the rest, which new
 text reads, where they were. MiniLM's word embeddings are half its weights: frozen, a pass on a
-fixed 1.5x plan took 198 s instead of 274 s, and the time went to more splices. The dense model's values are computed per batch and held only up to
-TARGET_CACHE_BYTES: the rest are computed again when next needed.
+fixed 1.5x plan took 198 s instead of 274 s, and the time went to more splices. The dense
+model's values are computed per batch and held only up to TARGET_CACHE_BYTES: the rest are
+computed again when next needed.
 """
 
 from __future__ import annotations
