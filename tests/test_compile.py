@@ -764,7 +764,9 @@ def test_python_arguments_the_command_line_refuses_are_refused_before_any_work(m
 @pytest.fixture
 def sized_kernels(monkeypatch):
     """Kernel times set by their output sizes: a real profile's vary with the machine's speed, and
-    with them the plans a goal brings back (now and then the same plan for two goals)."""
+    with them the plans a goal brings back (now and then the same plan for two goals). Layout
+    reorders cost nothing here: which value ORT's profile says each one converts varies from
+    session to session (its inserted nodes' names do not always match the graph it saves)."""
     from onnx_prune.backends import predict
 
     real = predict.profile_model
@@ -772,7 +774,8 @@ def sized_kernels(monkeypatch):
     def sized(*args, **kwargs):
         profile = real(*args, **kwargs)
         for k in profile.kernels.values():
-            k.time_us = float(sum(np.prod(shape) for shape in k.outputs if shape)) / 100
+            size = float(sum(np.prod(shape) for shape in k.outputs if shape)) / 100
+            k.time_us = 0.0 if k.op.startswith("Reorder") else size
         profile.e2e_ms, profile.run_overhead_ms = profile.kernel_ms, 0.0
         return profile
 
