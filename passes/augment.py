@@ -5,8 +5,7 @@ Fine-tuning every weight on 50 sentences memorises them (MiniLM 2x: 0.99 pooled 
 tokens in contexts the model has not been fitted to, without any text beyond what the user gave:
 on MiniLM 2x, 8 such sequences per sentence lifted global AdaPrune's held-out gain from +0.005 to
 +0.016 pooled cosine. More distinct splices beat more epochs over fewer: on a fixed MiniLM 2x
-plan, 8 a sentence for 5 epochs kept 0.888 held out, 32 for 3 epochs 0.894, 64 for 2 0.896
-(global AdaPrune takes 64 for 2, passes/global_refit.py).
+plan, 8 a sentence for 5 epochs kept 0.888 held out, 32 for 3 epochs 0.894, 64 for 2 0.896.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ contexts replace many epochs over the same few sentences. The weights returned a
 the last epoch's steps rather than the last step's (MiniLM, fixed plans: +0.0013-0.0015 held-out
 cosine at 1.5x and 2x). Lookup tables (a Gather's rows: token and position embeddings) stay as
 they are: training would move the rows the calibration text indexes and leave the rest, which new
-text reads, where they were. MiniLM's word embeddings are half its weights: frozen, a pass on a
-fixed 1.5x plan took 198 s instead of 274 s, and the time went to more splices. The dense
-model's values are computed per batch and held only up to TARGET_CACHE_BYTES: the rest are
-computed again when next needed.
+text reads, where they were. MiniLM's word embeddings are half its weights: the time freezing
+them saves goes to more splices (figures at SPLICED_EPOCHS). The dense model's values are
+computed per batch and held only up to TARGET_CACHE_BYTES: the rest are computed again when next
+needed.
 """
 
 from __future__ import annotations
