@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 
 import numpy as np
 import onnx
@@ -53,6 +54,8 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
     ep = PROVIDERS[provider]
     if ep not in ort.get_available_providers():
         raise UserError(f"provider '{provider}' is not available in this onnxruntime ({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA")
+    if provider == "cuda":
+        _load_cuda_libraries(ort)
     errors_only_from_ort()
     so = ort.SessionOptions()
     so.log_severity_level = 4 if quiet else 3
@@ -80,8 +83,35 @@ def make_session(model, provider="cpu", threads=None, optimize=True, denormal_as
         so.add_external_initializers([t.name for t in large], weights)
         payload = _to_bytes(light)
     session = ort.InferenceSession(payload, so, providers=[ep])
+    if ep not in session.get_providers():
+        # ORT falls back to the CPU, with only a log line, where the provider's libraries fail to load
+        raise UserError(f"the {ep} did not start (its CUDA or cuDNN libraries failed to load; ORT would run on the "
+                        f"CPU instead): install onnxruntime-gpu's CUDA {_cuda_version(ort)} libraries, e.g. "
+                        f"pip install 'onnxruntime-gpu[cuda,cudnn]'")
     session.weights_held = weights  # ORT may read the weights from these buffers: they live as long
     return session
+
+
+_cuda_libraries_loaded = False
+
+
+def _load_cuda_libraries(ort) -> None:
+    """Once: ORT's CUDA provider links cuBLAS and cuDNN by name, and pip's nvidia-* packages put
+    them where the loader does not look; ORT's preload_dlls loads them from there (nothing to do
+    where torch loaded them, or where they are on the library path)."""
+    global _cuda_libraries_loaded
+    if _cuda_libraries_loaded or not hasattr(ort, "preload_dlls"):
+        return
+    _cuda_libraries_loaded = True
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it could not find; the check above says it
+        try:
+            ort.preload_dlls()
+        except Exception:  # a library it tried and failed to load: the provider check says what it means
+            pass
+
+
+def _cuda_version(ort) -> str:
+    return getattr(ort, "cuda_version", "") or "12/13"
 
 
 def _array_of(t: onnx.TensorProto) -> np.ndarray:

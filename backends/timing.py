@@ -31,7 +31,7 @@ from onnx_prune.passes.graph import attr, conv_pads
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 MAX_GRID = 24
-SCHEMA = 8  # bump when what a stored time means changes
+SCHEMA = 9  # bump when what a stored time means changes (9: CUDA kernels timed with launches blocking)
 # a chunk is profiled 5 times, or for MIN_CHUNK_SECONDS up to MAX_RUNS times if that is more: a
 # kernel of 10-20 µs timed over 5 runs moved its time ratios by up to 3.5x between builds
 # (RegNetY's SE convs), over 25 by up to 2.2x

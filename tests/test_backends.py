@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import make_session, random_feeds
 from onnx_prune.backends.predict import CostModel, _fused_head, _source_node
+from onnx_prune.backends import profile
 from onnx_prune.backends.profile import Kernel, Profile
 from onnx_prune.backends.timing import LayerSig, TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.compiler.plans import full_plan, uniform_plan
@@ -67,6 +68,44 @@ def test_bench_cuda_cli_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "onnx_prune", "bench", str(p), "--provider", "cuda"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(monkeypatch):
+    # where its CUDA or cuDNN libraries fail to load, ORT creates the session on the CPU with only
+    # a log line: a latency measured there must not be reported as the GPU's
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(ort, "InferenceSession", lambda p, so, providers: real(p, so, providers=["CPUExecutionProvider"]))
+    with pytest.raises(UserError, match="CUDAExecutionProvider did not start"):
+        make_session(two_convs(), provider="cuda")
+
+
+def test_cuda_profiles_run_in_a_child_with_launches_blocking(monkeypatch):
+    calls = []
+    monkeypatch.setattr(profile, "_blocking_child", lambda model, feeds, options, overheads: calls.append(options) or {})
+    monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
+    m = two_convs()
+    feeds = random_feeds(m, {"x": (1, 3, 16, 16)})
+    assert profile.profile_session_runs(m, feeds, "cuda", runs=3) == {} and calls[0]["runs"] == 3
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")  # in the child itself: profiled there, in-process
+    with pytest.raises(UserError, match="not available"):
+        profile.profile_session_runs(m, feeds, "cuda", runs=3)
+    assert len(calls) == 1
+
+
+def test_the_profiling_child_returns_what_profiling_in_process_does():
+    m = two_convs(c=256)  # w1 large: the model goes over with its weights as external data
+    feeds = random_feeds(m, {"x": (1, 3, 16, 16)})
+    options = dict(provider="cpu", threads=1, runs=3, warmup=1, node_values=True, min_seconds=0.0, max_runs=None)
+    overheads = []
+    child = profile._blocking_child(m, feeds, options, overheads)
+    here = profile.profile_session_runs(m, feeds, "cpu", threads=1, runs=3, warmup=1, node_values=True)
+    assert set(child) == set(here) and len(overheads) == 3
+    for name, k in here.items():
+        c = child[name]
+        assert isinstance(c, Kernel) and (c.op, c.inputs, c.outputs, c.values) == (k.op, k.inputs, k.outputs, k.values)
+        assert c.time_us > 0
 
 
 def test_measure_compares_side_by_side():
