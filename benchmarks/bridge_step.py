@@ -1,6 +1,6 @@
 """A training step through the torch bridge vs the same step on the native torch module (issue 5).
 
-    python benchmarks/bridge_step.py [--batch 8] [--size 128] [--threads 1] [--blocks 8] [--steps 2]
+    python benchmarks/bridge_step.py [--batch 8] [--size 128] [--threads 1] [--blocks 8] [--steps 2] [--device cpu|cuda]
 
 ResNet-18 (the zoo's ResNet at 64-512 channels, 11.7 M parameters, 1000 classes); one step is
 forward, cross-entropy, backward and an SGD (momentum) update. Two pairs, each timed in interleaved
@@ -71,9 +71,12 @@ def make_step(model, x, y):
 
 
 def timed(step, steps) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()  # a GPU step returns before its kernels have run: time them done
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
@@ -103,6 +106,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -114,10 +118,12 @@ def main():
         "fused": (fused, TorchGraph(from_torch(fused, x[:1]))),
         "bn": (copy.deepcopy(base), TorchGraph(training_export(copy.deepcopy(base), x[:1]))),
     }
+    x, y = x.to(args.device), y.to(args.device)
     for name, (native, bridge) in pairs.items():
+        native, bridge = native.to(args.device), bridge.to(args.device)
         ta, tb, ratio, p10, p90, diff = compare(native, bridge, x, y, args.blocks, args.steps)
         print(f"bridge_step [{name}]: ResNet-18 batch {args.batch} 3x{args.size}x{args.size}, "
-              f"{args.threads} thread(s): native {ta * 1e3:.0f} ms, bridge {tb * 1e3:.0f} ms per training step, ratio {ratio:.3f}x "
+              f"{args.device}, {args.threads} thread(s): native {ta * 1e3:.0f} ms, bridge {tb * 1e3:.0f} ms per training step, ratio {ratio:.3f}x "
               f"(p10 {p10:.3f}, p90 {p90:.3f}; target <= 1.3x; first-forward rel. diff {diff:.1e})", flush=True)
 
 

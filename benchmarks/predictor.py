@@ -1,6 +1,8 @@
 """Predicted vs measured speedup of uniform and random plans between 1.25x and 3x (issue 3).
 
-    python benchmarks/predictor.py [--batch N] [--threads 2] [NAME ...]
+    python benchmarks/predictor.py [--batch N] [--threads 2] [--provider cpu|cuda] [NAME ...]
+
+NAME: a zoo model, or one of benchmarks/cuda_check.py's BUILDERS (bert_minilm_shaped, resnet50_dynamic_batch).
 
 For each model: profile the dense model, build the timing database, then draw plans on the
 measured fast widths: uniform plans whose predicted speedup is 1.25x, 1.5x, 2x, 2.5x and 3x, and
@@ -14,12 +16,12 @@ import argparse
 import time
 
 import numpy as np
+from cuda_check import zoo_or_bert  # zoo names, and full-size models built with torch
 
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import feeds_for
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.plans import random_plan, uniform_plan
-from onnx_prune.models.registry import load
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.importance import group_scores
@@ -45,13 +47,13 @@ def uniform_for(cm, analysis, widths, target):
     return best
 
 
-def measured_ratio(dense, pruned, feeds, threads, agree=0.03, attempts=5):
+def measured_ratio(dense, pruned, feeds, threads, provider="cpu", agree=0.03, attempts=5):
     """The side-by-side ratio: measured until two steady measurements (the machine kept its speed
     through them, backends/measure.py) agree within `agree`, at most `attempts` times; the median
     of the steady ones (of all, if none was steady)."""
     steady, every = [], []
     for _ in range(attempts):
-        c = measure([dense, pruned], feeds, threads=threads, blocks=8)
+        c = measure([dense, pruned], feeds, provider=provider, threads=threads, blocks=8)
         every.append(c.ratio)
         if c.steady:
             steady.append(c.ratio)
@@ -60,15 +62,14 @@ def measured_ratio(dense, pruned, feeds, threads, agree=0.03, attempts=5):
     return float(np.median(steady or every))
 
 
-def run(name, batch, threads, n_random, rng):
-    entry = load(name)
-    shapes = dict(entry.input_shapes)
-    model, feeds = feeds_for(entry.model, shapes, batch)
+def run(name, batch, threads, n_random, rng, provider="cpu"):
+    source, shapes = zoo_or_bert(name)
+    model, feeds = feeds_for(source, shapes, batch)
     shapes = {k: v.shape for k, v in feeds.items()}
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
     t = time.time()
-    cm = CostModel(canon.model, analysis, feeds, threads=threads)
+    cm = CostModel(canon.model, analysis, feeds, provider=provider, threads=threads)
     build_s = time.time() - t
     widths = cm.candidate_widths()
     plans = [("uniform", uniform_for(cm, analysis, widths, tg)) for tg in TARGETS]
@@ -81,7 +82,7 @@ def run(name, batch, threads, n_random, rng):
             plans.append(("random", plan))
     plans = [(kind, plan) for kind, plan in plans if plan is not None]
     raw = [cm.predicted_speedup(plan) for _, plan in plans]
-    measured = [measured_ratio(canon.model, apply_plan(canon.model, analysis, plan), feeds, threads)
+    measured = [measured_ratio(canon.model, apply_plan(canon.model, analysis, plan), feeds, threads, provider)
                 for _, plan in plans]
     # one measured plan (the uniform one nearest 2x) fits the predictor's exponent; it is left
     # out of the calibrated errors
@@ -102,6 +103,7 @@ def main():
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--random", type=int, default=5)
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     all_raw, all_cal = [], []
@@ -109,7 +111,7 @@ def main():
           "| (raw, calibrated, measured); * = the calibration plan |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.names:
-        cm, build_s, gamma, rows = run(name, args.batch, args.threads, args.random, rng)
+        cm, build_s, gamma, rows = run(name, args.batch, args.threads, args.random, rng, args.provider)
         raw, cal = errors(rows, 1), errors(rows, 2)
         all_raw += raw
         all_cal += cal
