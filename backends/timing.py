@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_prune.backends.profile import profile_session_runs
+from onnx_prune.backends.profile import profile_each, profile_session_runs
 from onnx_prune.passes.graph import attr, conv_pads
 
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
+CUDA_CHUNK_BYTES = 1 << 30  # weights and activations per microbenchmark model on CUDA
 MAX_GRID = 24
 SCHEMA = 9  # bump when what a stored time means changes (9: CUDA kernels timed with launches blocking)
 # a chunk is profiled 5 times, or for MIN_CHUNK_SECONDS up to MAX_RUNS times if that is more: a
@@ -165,16 +166,18 @@ class TimingDB:
         todo = sorted({(s, tuple(w)) for s, w in points if self.get(s, w) is None}, key=lambda p: (p[0].key(), p[1]))
         if not todo:
             return
-        for chunk in _chunks(todo):
-            model, names = _bench_model(chunk)
-            inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
-            feeds = {f"in{i}": x for i, x in enumerate(inputs)}
-            # which values ORT's reorders convert is in its optimized graph: asked for convs on
-            # CPU only, the layers ORT may run in its blocked layout
-            blocked = self.provider == "cpu" and any(s.op in CONVS for s, _ in chunk)
-            kernels = profile_session_runs(model, feeds, self.provider, self.threads, runs=5, warmup=2,
-                                           node_values=blocked, min_seconds=MIN_CHUNK_SECONDS, max_runs=MAX_RUNS)
-            for i, ((s, w), name) in enumerate(zip(chunk, names)):
+        runs = dict(runs=5, warmup=2, min_seconds=MIN_CHUNK_SECONDS, max_runs=MAX_RUNS)
+        if self.provider == "cuda":
+            chunks = list(_chunks(todo, CUDA_CHUNK_BYTES, activations=True))
+            profiles = profile_each(((_bench_model(c, on_device=True)[0], {}) for c in chunks), "cuda",
+                                    self.threads, **runs)
+        else:
+            chunks = list(_chunks(todo, CHUNK_BYTES))
+            profiles = (self._profile_on_cpu(c, runs) for c in chunks)
+        for chunk, kernels in zip(chunks, profiles):
+            blocked = _blocked(self.provider, chunk)
+            for i, (s, w) in enumerate(chunk):
+                name = _point_name(i)
                 t = _kernel_for(kernels, name)
                 if t <= 0:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
@@ -184,6 +187,13 @@ class TimingDB:
                                                            _reorders_of(kernels, name)]
             self.measured += len(chunk)
         self.save()
+
+    def _profile_on_cpu(self, chunk, runs) -> dict:
+        model, _ = _bench_model(chunk)
+        inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
+        feeds = {f"in{i}": x for i, x in enumerate(inputs)}
+        return profile_session_runs(model, feeds, self.provider, self.threads, node_values=_blocked(self.provider, chunk),
+                                    **runs)
 
     def save(self):
         if not self.use_cache:
@@ -331,11 +341,25 @@ def _weight_shape(sig: LayerSig, widths):
     return (widths[0], widths[1])
 
 
-def _chunks(points):
+def _blocked(provider, chunk) -> bool:
+    """Whether ORT may run the chunk's layers in its blocked layout (convs on the CPU): then which
+    values its reorders convert is read from its optimized graph."""
+    return provider == "cpu" and any(s.op in CONVS for s, _ in chunk)
+
+
+def _point_name(i: int) -> str:
+    return f"pt{i}"
+
+
+def _chunks(points, budget, activations=False):
+    """Points in groups of about `budget` bytes of weights (and, with `activations`, of inputs and
+    outputs too: on CUDA a chunk's activations live on the GPU together)."""
     chunk, size = [], 0
     for p in points:
         b = 4 * int(np.prod(_weight_shape(*p)))
-        if chunk and size + b > CHUNK_BYTES:
+        if activations:  # the random input, its Relu and an output of about its size
+            b += 3 * 4 * int(np.prod(_input_shape(*p)))
+        if chunk and size + b > budget:
             yield chunk
             chunk, size = [], 0
         chunk.append(p)
@@ -352,14 +376,22 @@ def _random_slices(shapes, seed, scale=1.0) -> list:
     return [pool[:int(np.prod(x))].reshape(x) for x in shapes]
 
 
-def _bench_model(points):
-    """One graph, one independent node per point."""
+def _bench_model(points, on_device=False):
+    """One graph, one independent node per point.
+
+    `on_device` (CUDA): each input is drawn by a RandomNormal node and each output cut to one
+    element before it leaves the graph. Fed and returned whole, a chunk's activations crossed
+    between host and GPU on every run: ResNet-50's database at batch 32 took 115 s on an H200."""
     weights = _random_slices([_weight_shape(*p) for p in points], seed=0, scale=0.05)
     nodes, inits, inputs, outputs, names = [], [], [], [], []
     for i, (s, widths) in enumerate(points):
-        x, name = f"x{i}", f"pt{i}"
+        x, name = f"x{i}", _point_name(i)
         y = name  # ORT names fused kernels after the node or its output: keep them equal
-        inputs.append(helper.make_tensor_value_info(f"in{i}", TensorProto.FLOAT, _input_shape(s, widths)))
+        if on_device:
+            nodes.append(helper.make_node("RandomNormal", [], [f"in{i}"], name=f"in{i}_random", seed=float(i),
+                                          shape=list(_input_shape(s, widths))))
+        else:
+            inputs.append(helper.make_tensor_value_info(f"in{i}", TensorProto.FLOAT, _input_shape(s, widths)))
         # in a model a layer reads what the op before it has just written, still in cache; fed from
         # outside, the NCHW kernels (off the block, grouped) took up to 1.7x as long at some widths
         nodes.append(helper.make_node("Relu", [f"in{i}"], [x], name=f"in{i}_relu"))
@@ -380,8 +412,14 @@ def _bench_model(points):
             nodes.append(helper.make_node("Gemm", [x, f"w{i}"], [y], name=name, transB=1))
         else:
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y], name=name))
+        if on_device:  # named apart from `name`: _kernel_for counts `name` and `name_*` as the point's
+            nodes += [helper.make_node("Reshape", [y, "flat"], [f"out{i}_flat"], name=f"out{i}_flat"),
+                      helper.make_node("Slice", [f"out{i}_flat", "zero", "one"], [f"out{i}"], name=f"out{i}_slice")]
+            y = f"out{i}"
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
         names.append(name)
+    if on_device:
+        inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("flat", [-1]), ("zero", [0]), ("one", [1]))]
     graph = helper.make_graph(nodes, "timing", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

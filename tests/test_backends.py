@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import make_session, random_feeds
 from onnx_prune.backends.predict import CostModel, _fused_head, _source_node
-from onnx_prune.backends import profile
+from onnx_prune.backends import profile, timing
 from onnx_prune.backends.profile import Kernel, Profile
 from onnx_prune.backends.timing import LayerSig, TimingDB, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.compiler.plans import full_plan, uniform_plan
@@ -83,7 +83,7 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(monkeypatch):
 
 def test_cuda_profiles_run_in_a_child_with_launches_blocking(monkeypatch):
     calls = []
-    monkeypatch.setattr(profile, "_blocking_child", lambda model, feeds, options, overheads: calls.append(options) or {})
+    monkeypatch.setattr(profile, "_blocking_child", lambda jobs, options: calls.append(options) or ([{}], [[]]))
     monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
     m = two_convs()
     feeds = random_feeds(m, {"x": (1, 3, 16, 16)})
@@ -98,14 +98,34 @@ def test_the_profiling_child_returns_what_profiling_in_process_does():
     m = two_convs(c=256)  # w1 large: the model goes over with its weights as external data
     feeds = random_feeds(m, {"x": (1, 3, 16, 16)})
     options = dict(provider="cpu", threads=1, runs=3, warmup=1, node_values=True, min_seconds=0.0, max_runs=None)
-    overheads = []
-    child = profile._blocking_child(m, feeds, options, overheads)
+    (child, again), (overheads, _) = profile._blocking_child([(m, feeds), (m.SerializeToString(), feeds)], options)
+    assert set(again) == set(child)
     here = profile.profile_session_runs(m, feeds, "cpu", threads=1, runs=3, warmup=1, node_values=True)
     assert set(child) == set(here) and len(overheads) == 3
     for name, k in here.items():
         c = child[name]
         assert isinstance(c, Kernel) and (c.op, c.inputs, c.outputs, c.values) == (k.op, k.inputs, k.outputs, k.values)
         assert c.time_us > 0
+
+
+def test_cuda_timing_points_draw_inputs_on_the_device_and_return_one_element(monkeypatch):
+    sig = LayerSig("Conv", (16, 32), (2, 8, 8), ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), ()))
+    points = axis_points(sig, [[8, 16], [16, 32]])
+    model, _ = timing._bench_model(points, on_device=True)
+    assert not model.graph.input  # nothing crosses from the host on a run, and one element back
+    assert all(out.size == 1 for out in make_session(model).run(None, {}))
+    profiled = []
+
+    def on_the_cpu(jobs, provider, threads, **runs):  # profile_each, without a GPU
+        jobs = list(jobs)
+        profiled.append((provider, len(jobs)))
+        return [profile.profile_session_runs(m, f, "cpu", threads, **runs) for m, f in jobs]
+
+    monkeypatch.setattr(timing, "profile_each", on_the_cpu)
+    db = TimingDB("cuda", use_cache=False)
+    db.ensure(points)
+    assert profiled == [("cuda", 1)]  # one chunk, in one child process
+    assert all(db.get(s, w) > 0 for s, w in points) and db.measured == len(set(points))
 
 
 def test_measure_compares_side_by_side():
