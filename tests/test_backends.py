@@ -661,3 +661,29 @@ def test_static_copy_holds_large_weights_by_shape_and_the_analysis_reads_them_fr
     [a], [b] = group_scores(analysis).values(), group_scores(with_data).values()
     np.testing.assert_allclose(a, b)
     assert a.shape == (96,) and np.ptp(a) > 0
+
+
+def test_profiled_reorders_carry_the_values_of_their_own_session(monkeypatch):
+    # ORT names the reorders it inserts (ReorderOutput_token_57, ...) in an order that changes from
+    # one session to the next: the kept round's kernels must carry the values of that round's graph.
+    # The last of the three rounds is made the fastest, so it is the one kept.
+    from types import SimpleNamespace
+
+    from onnx_prune.backends import measure as measure_module
+    from onnx_prune.backends.ort import feeds_for
+    from onnx_prune.models.registry import load
+
+    entry = load("resnet_bottleneck")
+    model, feeds = feeds_for(entry.model, dict(entry.input_shapes), 16)
+    canon = canonicalize(model, input_shapes={k: v.shape for k, v in feeds.items()})
+    shapes = analyze_canonical(canon).ctx.index.shapes
+    e2e = iter([3.0, 2.0, 1.0])
+    monkeypatch.setattr(measure_module, "measure",
+                        lambda *a, **k: SimpleNamespace(latencies=[SimpleNamespace(median_ms=next(e2e))]))
+    prof = profile.profile_model(canon.model, feeds, threads=2, runs=2)
+    assert prof.e2e_ms == 1.0
+    reorders = [k for k in prof.kernels.values() if k.op == "ReorderOutput"]
+    assert len(reorders) >= 3
+    for k in reorders:
+        value = next(v for v in k.values if v in shapes)
+        assert tuple(shapes[value]) == tuple(k.outputs[0]), (k.name, value)
