@@ -41,7 +41,7 @@ class Profile:
 
 
 def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, warmup=3, node_values=False,
-                         min_seconds=0.0, max_runs=None, run_overheads_ms: list | None = None) -> dict:
+                         min_seconds=0.0, max_runs=None, run_overheads_ms: list | None = None, blocking=True) -> dict:
     """Median kernel time per node over `runs` profiled runs (warm-up runs are dropped; the
     median, as a run hit by a slow spell of this shared machine must not move it). With
     `min_seconds`, runs go on until they have taken that long, up to `max_runs`: cheap graphs get
@@ -53,8 +53,9 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
 
     `run_overheads_ms`, if given, receives each measured run's wall time outside its kernels.
 
-    On CUDA the runs are profiled in a child process with launches blocking (`_blocking_child`)."""
-    if provider == "cuda" and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
+    On CUDA the runs are profiled in a child process with launches blocking (`_blocking_child`);
+    `blocking=False` profiles here, where ORT times each node's launches."""
+    if provider == "cuda" and blocking and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
         options = dict(provider=provider, threads=threads, runs=runs, warmup=warmup, node_values=node_values,
                        min_seconds=min_seconds, max_runs=max_runs)
         (kernels,), (overheads,) = _blocking_child([(model, feeds)], options)

@@ -17,7 +17,7 @@ import numpy as np
 
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import feeds_for
-from onnx_prune.backends.profile import profile_model
+from onnx_prune.backends.profile import profile_model, profile_session_runs
 from onnx_prune.errors import UserError
 from onnx_prune.backends.timing import TimingDB, axis_points, layer_sig, width_grid
 from onnx_prune.models.registry import load
@@ -91,6 +91,11 @@ def check(name, batch, provider):
           f"{prof.kernel_ms:.3f} ms over {len(prof.kernels)}, outside kernels {prof.run_overhead_ms or 0:.3f} ms; "
           f"profile {time.time() - t:.1f} s", flush=True)
     print("    largest: " + "; ".join(f"{k.op} {k.time_us:.1f} us {k.outputs[:1]}" for k in top))
+    # what ORT's profiler gives with launches asynchronous: the host's side of each kernel (a
+    # launch-bound model runs at their pace whatever pruning does to the GPU's side)
+    launches = profile_session_runs(canon.model, feeds, provider, runs=10, blocking=False)
+    print(f"    launches timed asynchronously: {sum(k.time_us for k in launches.values()) / 1e3:.3f} ms over "
+          f"{len(launches)} kernels", flush=True)
     sig = largest_layer(canon)
     axis = len(sig.full) - 1
     grid = width_grid(sig.full[axis], max_points=8)

@@ -88,6 +88,8 @@ def test_cuda_profiles_run_in_a_child_with_launches_blocking(monkeypatch):
     m = two_convs()
     feeds = random_feeds(m, {"x": (1, 3, 16, 16)})
     assert profile.profile_session_runs(m, feeds, "cuda", runs=3) == {} and calls[0]["runs"] == 3
+    with pytest.raises(UserError, match="not available"):  # launches timed as they are: in-process
+        profile.profile_session_runs(m, feeds, "cuda", runs=3, blocking=False)
     monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")  # in the child itself: profiled there, in-process
     with pytest.raises(UserError, match="not available"):
         profile.profile_session_runs(m, feeds, "cuda", runs=3)
