@@ -765,8 +765,8 @@ def test_python_arguments_the_command_line_refuses_are_refused_before_any_work(m
 def sized_kernels(monkeypatch):
     """Kernel times set by their output sizes: a real profile's vary with the machine's speed, and
     with them the plans a goal brings back (now and then the same plan for two goals). Layout
-    reorders cost nothing: timed by their size too, the 1.56x and 1.53x goals of
-    test_full_search_relaxes_from_3_percent_above_the_target bring back one plan."""
+    reorders cost nothing: timed by their size too, the first two goals of
+    test_full_search_relaxes_from_2_percent_above_the_target brought back one plan."""
     from onnx_prune.backends import predict
 
     real = predict.profile_model
@@ -816,17 +816,17 @@ def test_full_search_tries_looser_goals_after_meeting_the_target_well_above_it(m
         assert timer.sizes[1] > timer.sizes[2] > timer.sizes[0]
 
 
-@pytest.mark.parametrize("first, looser", [(1.55, True), (1.54, False)])
-def test_full_search_relaxes_from_3_percent_above_the_target(model, goals_searched, first, looser):
-    """Below the 4% aim but more than 3% above the target is still speed that a looser plan can give
-    back as accuracy (--search full): it searches once more, aiming 2% above the target (in the
-    predictor's units, calibrated on the first plan); within 3%, the plan stands."""
+@pytest.mark.parametrize("first, looser", [(1.535, True), (1.525, False)])
+def test_full_search_relaxes_from_2_percent_above_the_target(model, goals_searched, first, looser):
+    """Below the 4% aim but more than 2% above the target is still speed that a looser plan can give
+    back as accuracy (--search full): it searches once more, aiming 1% above the target (in the
+    predictor's units, calibrated on the first plan); within 2%, the plan stands."""
     m, shapes = model
     timer = LyingTimer(first, 1.51)
     r = compile_model(m, "1.5x", input_shapes=shapes, timer=timer, search="full", search_seconds=2,
                       batch_size=16).report
     if looser:
-        assert goals_searched == [1.56, pytest.approx(1.53)]
+        assert goals_searched == [1.56, pytest.approx(1.515)]
         assert [x["measured_speedup"] for x in r["rounds"]] == [first, 1.51] and r["measured_speedup"] == 1.51
         assert timer.sizes[1] > timer.sizes[0]
     else:
