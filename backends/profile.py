@@ -55,7 +55,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
 
     On CUDA the runs are profiled in a child process with launches blocking (`_blocking_child`);
     `blocking=False` profiles here, where ORT times each node's launches."""
-    if provider == "cuda" and blocking and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
+    if blocking and _profiled_in_child(provider):
         options = dict(provider=provider, threads=threads, runs=runs, warmup=warmup, node_values=node_values,
                        min_seconds=min_seconds, max_runs=max_runs)
         (kernels,), (overheads,) = _blocking_child([(model, feeds)], options)
@@ -114,9 +114,14 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
 def profile_each(jobs, provider="cpu", threads=None, **options) -> list:
     """profile_session_runs over (model, feeds) pairs; on CUDA all in one child process (CUDA and
     cuDNN start once, about 2 s a process on an H200)."""
-    if provider == "cuda" and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
+    if _profiled_in_child(provider):
         return _blocking_child(jobs, dict(provider=provider, threads=threads, **options))[0]
     return [profile_session_runs(m, f, provider, threads, **options) for m, f in jobs]
+
+
+def _profiled_in_child(provider) -> bool:
+    """Whether profiles go to a child process: on CUDA, unless this is that child."""
+    return provider == "cuda" and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1"
 
 
 def _blocking_child(jobs, options: dict) -> tuple[list, list]:

@@ -169,7 +169,7 @@ class TimingDB:
         runs = dict(runs=5, warmup=2, min_seconds=MIN_CHUNK_SECONDS, max_runs=MAX_RUNS)
         if self.provider == "cuda":
             chunks = list(_chunks(todo, CUDA_CHUNK_BYTES, activations=True))
-            profiles = profile_each(((_bench_model(c, on_device=True)[0], {}) for c in chunks), "cuda",
+            profiles = profile_each(((_bench_model(c, on_device=True), {}) for c in chunks), "cuda",
                                     self.threads, **runs)
         else:
             chunks = list(_chunks(todo, CHUNK_BYTES))
@@ -189,7 +189,7 @@ class TimingDB:
         self.save()
 
     def _profile_on_cpu(self, chunk, runs) -> dict:
-        model, _ = _bench_model(chunk)
+        model = _bench_model(chunk)
         inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
         feeds = {f"in{i}": x for i, x in enumerate(inputs)}
         return profile_session_runs(model, feeds, self.provider, self.threads, node_values=_blocked(self.provider, chunk),
@@ -383,7 +383,7 @@ def _bench_model(points, on_device=False):
     element before it leaves the graph. Fed and returned whole, a chunk's activations crossed
     between host and GPU on every run: ResNet-50's database at batch 32 took 115 s on an H200."""
     weights = _random_slices([_weight_shape(*p) for p in points], seed=0, scale=0.05)
-    nodes, inits, inputs, outputs, names = [], [], [], [], []
+    nodes, inits, inputs, outputs = [], [], [], []
     for i, (s, widths) in enumerate(points):
         x, name = f"x{i}", _point_name(i)
         y = name  # ORT names fused kernels after the node or its output: keep them equal
@@ -417,13 +417,12 @@ def _bench_model(points, on_device=False):
                       helper.make_node("Slice", [f"out{i}_flat", "zero", "one"], [f"out{i}"], name=f"out{i}_slice")]
             y = f"out{i}"
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
-        names.append(name)
     if on_device:
         inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("flat", [-1]), ("zero", [0]), ("one", [1]))]
     graph = helper.make_graph(nodes, "timing", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return model, names
+    return model
 
 
 def _reorders_of(kernels, value) -> float:

@@ -18,8 +18,8 @@ import numpy as np
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import feeds_for
 from onnx_prune.backends.profile import profile_model, profile_session_runs
-from onnx_prune.errors import UserError
 from onnx_prune.backends.timing import TimingDB, axis_points, layer_sig, width_grid
+from onnx_prune.errors import UserError
 from onnx_prune.models.registry import load
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
@@ -60,7 +60,7 @@ def resnet50_dynamic_batch():
 BUILDERS = {"bert_minilm_shaped": bert_minilm_shaped, "resnet50_dynamic_batch": resnet50_dynamic_batch}
 
 
-def zoo_or_bert(name):
+def model_and_shapes(name):
     """A zoo model, or one of BUILDERS: (model, input shapes)."""
     if name in BUILDERS:
         return BUILDERS[name]()
@@ -75,7 +75,7 @@ def largest_layer(canon):
 
 
 def check(name, batch, provider):
-    model, shapes = zoo_or_bert(name)
+    model, shapes = model_and_shapes(name)
     try:
         model, feeds = feeds_for(model, shapes, batch)
     except UserError as e:

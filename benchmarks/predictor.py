@@ -16,7 +16,7 @@ import argparse
 import time
 
 import numpy as np
-from cuda_check import zoo_or_bert  # zoo names, and full-size models built with torch
+from cuda_check import model_and_shapes  # zoo names, and full-size models built with torch
 
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import feeds_for
@@ -63,7 +63,7 @@ def measured_ratio(dense, pruned, feeds, threads, provider="cpu", agree=0.03, at
 
 
 def run(name, batch, threads, n_random, rng, provider="cpu"):
-    source, shapes = zoo_or_bert(name)
+    source, shapes = model_and_shapes(name)
     model, feeds = feeds_for(source, shapes, batch)
     shapes = {k: v.shape for k, v in feeds.items()}
     canon = canonicalize(model, input_shapes=shapes)

@@ -113,7 +113,7 @@ def test_the_profiling_child_returns_what_profiling_in_process_does():
 def test_cuda_timing_points_draw_inputs_on_the_device_and_return_one_element(monkeypatch):
     sig = LayerSig("Conv", (16, 32), (2, 8, 8), ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), ()))
     points = axis_points(sig, [[8, 16], [16, 32]])
-    model, _ = timing._bench_model(points, on_device=True)
+    model = timing._bench_model(points, on_device=True)
     assert not model.graph.input  # nothing crosses from the host on a run, and one element back
     assert all(out.size == 1 for out in make_session(model).run(None, {}))
     profiled = []
