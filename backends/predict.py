@@ -4,9 +4,11 @@ The dense model is profiled once on the target provider (ORT's own profiler): ea
 is anchored to what it really costs inside this graph (fusions, layouts, caches). A plan scales
 each kernel by how its node changes:
 
-- weight layers (Conv, depthwise and grouped Conv, Gemm, MatMul with weights): by the timing
-  database's t(widths') / t(widths), measured on the same provider;
-- attention MatMuls without weights: by their multiply-adds;
+- weight layers (Conv, depthwise and grouped Conv, Gemm, MatMul with weights), and the ops
+  without weights whose time is not their kept elements (attention MatMuls, Transposes:
+  timing.ACTIVATION_OPS): by the timing database's t(widths') / t(widths), measured on the same
+  provider;
+- fused attention kernels: by their multiply-adds;
 - everything else: by the share of its output elements that the plan keeps.
 
 Kernels that ORT created without a source node (layout reorders) scale as the timing database's
@@ -24,9 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_prune.backends.profile import profile_model
-from onnx_prune.backends.timing import TimingDB, axis_points, fast_widths, layer_sig, width_grid
+from onnx_prune.backends.timing import ACTIVATION_OPS, TimingDB, activation_sig, axis_points, fast_widths, layer_sig, width_grid
 from onnx_prune.passes.analysis import Analysis
-from onnx_prune.passes.graph import CONTRIB
+from onnx_prune.passes.graph import CONTRIB, attr
 from onnx_prune.passes.rules import recurrent_weight
 from onnx_prune.passes.spaces import kept_positions
 
@@ -36,7 +38,9 @@ MAX_COMBINATIONS = 256  # of group widths, to find an axis's widths
 
 
 @dataclass
-class WeightLayer:
+class TimedLayer:
+    """A node the timing database times: a weight layer, or an op of timing.ACTIVATION_OPS."""
+
     node: str
     sig: object
     axes: tuple  # channel expressions of the widths, in the timing database's order
@@ -67,24 +71,34 @@ class CostModel:
         ctx = analysis.ctx
         self.nodes = {n.name: n for n in ctx.index.model.graph.node}
         self._spaces = {}
-        self.layers = {}
-        found = []  # (node, signature, axes, coords) of each weight layer
+        self.layers = {}  # graph node -> TimedLayer
+        self.kernel_layers = {}  # kernel of a Transpose ORT inserted -> TimedLayer
+        found = []  # (node, signature, axes, coords) of each node the database times
         for node in ctx.index.model.graph.node:
             sig = layer_sig(node, ctx.index)
             axes = ctx.layer_axes.get(node.name)
-            if sig is not None and axes is not None and len(axes) == len(sig.full):
+            if sig is None or axes is None or len(axes) != len(sig.full):
+                sig, axes = _activation_sig(node, analysis)
+            if sig is not None:
                 found.append((node, sig, axes, [analysis.table.coords(e) for e in axes]))
-        self.group_grids = _group_grids(analysis, [c for *_, coords in found for c in coords])
-        points = []
-        for node, sig, axes, coords in found:
-            grids = [self._axis_grid(c, n) for c, n in zip(coords, sig.full)]
-            layer = WeightLayer(node.name, sig, axes, grids, coords)
-            self.layers[node.name] = layer
-            points += axis_points(sig, layer.grids)
-        self.db.ensure(points)
         by_output = {o: n.name for o, n in ctx.index.producer.items()}
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
+        inserted = {k: self._inserted_transpose(kern) for k, kern in self.profile.kernels.items()
+                    if self.kernel_nodes[k] is None and kern.op == "Transpose"}
+        inserted = {k: found_sig for k, found_sig in inserted.items() if found_sig[0] is not None}
+        # from the weight layers' axes: on an attention MatMul's own axes a head is one position
+        self.group_grids = _group_grids(analysis, [c for _, sig, _, coords in found for c in coords
+                                                   if sig.op not in ACTIVATION_OPS])
+        points = []
+        for name, sig, axes in [(n.name, sig, axes) for n, sig, axes, _ in found] + \
+                [(k, sig, axes) for k, (sig, axes) in inserted.items()]:
+            coords = [analysis.table.coords(e) for e in axes]
+            grids = [self._axis_grid(c, n) for c, n in zip(coords, sig.full)]
+            layer = TimedLayer(name, sig, axes, grids, coords)
+            (self.kernel_layers if name in inserted else self.layers)[name] = layer
+            points += axis_points(sig, layer.grids)
+        self.db.ensure(points)
         # ORT's own nodes (layout reorders): the model's value they convert, if any
         self.kernel_values = {k: next((v for v in kern.values if v in ctx.index.shapes and ctx.ax(v)), None)
                               for k, kern in self.profile.kernels.items() if self.kernel_nodes[k] is None}
@@ -110,6 +124,24 @@ class CostModel:
         self.gamma = 1.0  # kernels scale by ratio ** gamma; see calibrate()
         self._memo = {}  # (layer, its widths) or ("reorder", kernel, widths) -> time ratio
         self._coords = {}  # ("node" | "value", name) -> [(coords, size)] of the axes its cost scales with
+
+    def _inserted_transpose(self, kernel):
+        """(signature, axes) of a Transpose ORT inserted (its transpose optimizer moves the model's
+        own past a Gather or Split, into each branch), from the model value it writes or reads;
+        (None, None) if neither is one."""
+        ctx = self.analysis.ctx
+        n_out = max(len(kernel.outputs), 1)
+        for value, written in ((v, i < n_out) for i, v in enumerate(kernel.values[:n_out + 1])):
+            axes, shape = (ctx.ax(value), ctx.shape(value)) if value in ctx.index.shapes else (None, None)
+            if not axes or shape is None:
+                continue
+            perm = list(kernel.perm) or list(range(len(axes)))[::-1]
+            if sorted(perm) != list(range(len(axes))):
+                return None, None
+            if written:  # output axis k is input axis perm[k]
+                axes, shape = [axes[perm.index(i)] for i in range(len(perm))], [shape[perm.index(i)] for i in range(len(perm))]
+            return _sig_of_inputs("Transpose", [(axes, shape)], self.analysis, perm)
+        return None, None
 
     def _reorder_layer(self, op: str, value: str, by_output: dict):
         """The weight layer whose output a ReorderOutput converts (upstream through its fused
@@ -207,11 +239,7 @@ class CostModel:
             return 1.0  # none of its channels are pruned by this plan
         layer = self.layers.get(name)
         if layer is not None:
-            widths = tuple(layer.widths(keep))
-            if (name, widths) not in self._memo:  # the database is fixed: one estimate per widths
-                full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
-                self._memo[name, widths] = self.db.estimate(layer.sig, widths, layer.grids) / full if full else 1.0
-            return self._memo[name, widths]
+            return self._timed_ratio(layer, keep)
         node = self.nodes[name]
         if _fused_attention(node):
             # Q K' scales with the query heads x their size, the weighted sum of V with the
@@ -229,6 +257,20 @@ class CostModel:
         # kept share of the elements (output) or of the multiply-adds (attention MatMul)
         return self._kept_fraction(("node", name), lambda: self._cost_axes(name), keep)
 
+    def _timed_ratio(self, layer: TimedLayer, keep: dict) -> float:
+        """A timed node's time under the plan, relative to the dense model's, from the database."""
+        widths = tuple(layer.widths(keep))
+        memo = (layer.node, widths)
+        if memo not in self._memo:  # the database is fixed: one estimate per widths
+            full = self.db.estimate(layer.sig, layer.sig.full, layer.grids)
+            pruned = self.db.estimate(layer.sig, widths, layer.grids)
+            # the database's times hold the profiler's cost per kernel too, which the dense
+            # kernels' times here have had taken off (the zoo's ViT at batch 2: kernels of 5-10
+            # µs, 3.5 µs of it the profiler's, so the times' ratio hid a third of the saving)
+            off = min(self.profiler_us, 0.5 * min(full, pruned))
+            self._memo[memo] = (pruned - off) / (full - off) if full else 1.0
+        return self._memo[memo]
+
     def _terms(self, plan: dict):
         """The plan's latency as fixed_ms + sum(scaled_ms * ratios ** gamma)."""
         keep = self.analysis.keep_arrays(plan)
@@ -238,7 +280,9 @@ class CostModel:
         for kname, kernel in self.profile.kernels.items():
             t = max(kernel.time_us - self.profiler_us, 0.0) / 1e3
             src = self.kernel_nodes[kname]
-            if src is None:
+            if kname in self.kernel_layers:
+                ratio = self._timed_ratio(self.kernel_layers[kname], keep)
+            elif src is None:
                 ratio = self._reorder_ratio(kname, keep)
             else:
                 if src not in ratios:
@@ -289,7 +333,7 @@ class CostModel:
         cost = {sid: np.zeros(len(widths)) for sid, widths in grid.items()}
         used = set()  # groups some layer reads
         size = {g.sid: g.size for g in self.analysis.groups}
-        for layer in self.layers.values():
+        for layer in [*self.layers.values(), *self.kernel_layers.values()]:
             for axis, coords in enumerate(layer.coords):
                 curve = self.db.curve(layer.sig, axis, layer.grids[axis])
                 n = layer.sig.full[axis]
@@ -302,6 +346,41 @@ class CostModel:
                         used.add(sid)
         return {g.name: fast_widths(grid[g.sid], cost[g.sid]) if g.sid in used else grid[g.sid]
                 for g in self.analysis.groups}
+
+
+def _activation_sig(node, analysis: Analysis):
+    """(signature, axis expressions) of an op without weights that the database times, or
+    (None, None): an attention MatMul (no constant operand) or a Transpose whose inputs carry
+    prunable channels."""
+    ctx = analysis.ctx
+    values = {"MatMul": node.input[:2], "Transpose": node.input[:1]}.get(node.op_type)
+    if values is None or any(ctx.is_const(v) for v in values):
+        return None, None
+    perm = attr(node, "perm") if node.op_type == "Transpose" else None
+    return _sig_of_inputs(node.op_type, [(ctx.ax(v), ctx.shape(v)) for v in values], analysis, perm)
+
+
+def _sig_of_inputs(op_type, inputs, analysis: Analysis, perm=None):
+    """activation_sig from each input's (axis expressions, shape); equal channel expressions on
+    two inputs are one axis (the heads of Q and K')."""
+    table = analysis.table
+    dims, exprs = [], {}
+    for axes, shape in inputs:
+        if axes is None or shape is None or len(axes) != len(shape) or None in shape or 0 in shape:
+            return None, None  # unknown, or empty (a key/value cache given empty): nothing to time
+        per_input = []
+        for e, d in zip(axes, shape):
+            e = table.norm(e)
+            if table.coords(e):
+                exprs.setdefault(e, e)
+                per_input.append((int(d), e))
+            else:
+                per_input.append(int(d))
+        dims.append(per_input)
+    if op_type == "Transpose" and not perm:
+        perm = list(range(len(dims[0])))[::-1]
+    sig = activation_sig(op_type, dims, perm)
+    return (sig, tuple(exprs)) if sig is not None else (None, None)
 
 
 def _group_grids(analysis: Analysis, axis_coords) -> dict:

@@ -24,7 +24,8 @@ class Kernel:
     time_us: float  # median over profiled runs
     inputs: list  # shapes
     outputs: list
-    values: tuple = ()  # names of the values its node reads and writes in ORT's optimized graph
+    values: tuple = ()  # names of the values its node writes, then reads, in ORT's optimized graph
+    perm: tuple = ()  # a Transpose's perm in ORT's optimized graph (ORT inserts some of its own)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         return kernels
     folder = tempfile.mkdtemp(prefix="onnx-prune-prof-")
     walls = []
-    values = {}
+    values, perms = {}, {}
     try:
         optimized = os.path.join(folder, "optimized.onnx") if node_values else None
         sess = make_session(model, provider=provider, threads=threads, quiet=True,
@@ -83,6 +84,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         if optimized:
             graph = onnx.load(optimized, load_external_data=False).graph
             values = {_model_name(n.name): tuple(n.output) + tuple(n.input) for n in graph.node}
+            perms = {_model_name(n.name): _transpose_perm(n) for n in graph.node if n.op_type == "Transpose"}
     finally:
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
@@ -102,8 +104,13 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
     for name, durs in per_run.items():
         durs = durs[warmup * len(durs) // (warmup + done):]  # drop the warm-up calls
         op, ins, outs = info[name]
-        kernels[name] = Kernel(name, op, float(np.median(durs)), ins, outs, values.get(name, ()))
+        kernels[name] = Kernel(name, op, float(np.median(durs)), ins, outs, values.get(name, ()), perms.get(name, ()))
     return kernels
+
+
+def _transpose_perm(node) -> tuple:
+    """The perm attribute; () for the default (axes reversed)."""
+    return next((tuple(a.ints) for a in node.attribute if a.name == "perm"), ())
 
 
 # A CUDA kernel launch returns before the GPU has run the kernel, and ORT's profiler times the
@@ -150,7 +157,8 @@ def _blocking_child(jobs, options: dict) -> tuple[list, list]:
         with open(os.path.join(folder, "kernels.json")) as f:
             results = json.load(f)
     kernels = [{name: Kernel(**{**k, "inputs": [tuple(s) for s in k["inputs"]],
-                                "outputs": [tuple(s) for s in k["outputs"]], "values": tuple(k["values"])})
+                                "outputs": [tuple(s) for s in k["outputs"]], "values": tuple(k["values"]),
+                                "perm": tuple(k.get("perm", ()))})
                 for name, k in r["kernels"].items()} for r in results]
     return kernels, [r["run_overheads_ms"] for r in results]
 

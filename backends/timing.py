@@ -39,6 +39,12 @@ SCHEMA = 9  # bump when what a stored time means changes (9: CUDA kernels timed 
 MIN_CHUNK_SECONDS = 0.3
 MAX_RUNS = 30
 CONVS = ("Conv", "ConvTranspose", "ConvDW", "ConvG")
+# Ops without weights that are timed as themselves: what they cost is not the share of their
+# elements a plan keeps. The zoo's ViT at batch 64 (head size 16): halving head sizes cut its
+# attention MatMuls to 0.57-0.75 of their time, not the 0.38 their multiply-adds said, and its
+# Transposes to 0.74, not 0.40 (8-float rows move slower per element than 16-float ones).
+# Their signatures hold each input's shape, an axis k written as -(k + 1) (`activation_sig`).
+ACTIVATION_OPS = {"MatMulAct": "MatMul", "Transpose": "Transpose"}
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,9 @@ class LayerSig:
 
     op: str
     full: tuple
-    lead: tuple  # convs: (N, H, W) of the input; MatMul/Gemm: leading dims of the input
-    attrs: tuple = ()  # convs: kernel, strides, pads, dilations, output padding
+    lead: tuple  # convs: (N, H, W) of the input; MatMul/Gemm: leading dims of the input;
+    # ACTIVATION_OPS: each input's shape, axis k as -(k + 1)
+    attrs: tuple = ()  # convs: kernel, strides, pads, dilations, output padding; Transpose: (perm,)
 
     def key(self) -> str:
         return f"{self.op}|{self.lead}|{self.attrs}"
@@ -87,6 +94,33 @@ def layer_sig(node, index) -> LayerSig | None:
             return LayerSig("Gemm", (b[1], b[0]) if attr(node, "transB", 0) else tuple(b), (a[0],))
         return LayerSig("MatMul", tuple(b), tuple(a[:-1]))
     return None
+
+
+def activation_sig(op_type: str, input_dims, perm=None) -> LayerSig | None:
+    """Signature of an op of ACTIVATION_OPS (ONNX's op type: MatMul, Transpose) without weights.
+
+    `input_dims`: per input, per dimension, its size or (size, key) where a plan can prune it;
+    dimensions with equal keys are one axis of the signature (the heads of both operands of an
+    attention MatMul). None if nothing in it can be pruned."""
+    op = {"MatMul": "MatMulAct", "Transpose": "Transpose"}.get(op_type)
+    if op is None:
+        return None
+    keys, full, templates = [], [], []
+    for dims in input_dims:
+        template = []
+        for d in dims:
+            if isinstance(d, tuple):
+                size, key = d
+                if key not in keys:
+                    keys.append(key)
+                    full.append(int(size))
+                template.append(-(keys.index(key) + 1))
+            else:
+                template.append(int(d))
+        templates.append(tuple(template))
+    if not keys:
+        return None
+    return LayerSig(op, tuple(full), tuple(templates), (tuple(perm),) if op == "Transpose" else ())
 
 
 def axis_points(sig: LayerSig, grids) -> list:
@@ -179,8 +213,10 @@ class TimingDB:
             for i, (s, w) in enumerate(chunk):
                 name = _point_name(i)
                 t = _kernel_for(kernels, name)
-                if t <= 0:
+                if t <= 0 and s.op not in ACTIVATION_OPS:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
+                # an op without weights may be gone: ORT turns a Transpose that moves only
+                # dimensions of size 1 (one head left) into a free Reshape
                 self.times[self.point_key(s, w)] = t
                 if blocked:  # [into its input, out of its output]
                     self.reorders[self.point_key(s, w)] = [_reorders_of(kernels, f"x{i}"),
@@ -190,8 +226,9 @@ class TimingDB:
 
     def _profile_on_cpu(self, chunk, runs) -> dict:
         model = _bench_model(chunk)
-        inputs = _random_slices([_input_shape(s, w) for s, w in chunk], seed=1)
-        feeds = {f"in{i}": x for i, x in enumerate(inputs)}
+        names = [n for i, (s, w) in enumerate(chunk) for n in _input_names(i, len(_input_shapes(s, w)))]
+        inputs = _random_slices([x for s, w in chunk for x in _input_shapes(s, w)], seed=1)
+        feeds = dict(zip(names, inputs))
         return profile_session_runs(model, feeds, self.provider, self.threads, node_values=_blocked(self.provider, chunk),
                                     **runs)
 
@@ -317,6 +354,13 @@ def fast_widths(widths, times, tolerance=0.03) -> list[int]:
     return sorted(keep)
 
 
+def _input_shapes(sig: LayerSig, widths) -> list[tuple]:
+    """Shapes of the point's inputs: one for a weight layer, each operand for ACTIVATION_OPS."""
+    if sig.op in ACTIVATION_OPS:
+        return [tuple(int(widths[-d - 1]) if d < 0 else d for d in template) for template in sig.lead]
+    return [_input_shape(sig, widths)]
+
+
 def _input_shape(sig: LayerSig, widths):
     if sig.op in CONVS:
         n, h, w = sig.lead
@@ -326,6 +370,8 @@ def _input_shape(sig: LayerSig, widths):
 
 
 def _weight_shape(sig: LayerSig, widths):
+    if sig.op in ACTIVATION_OPS:
+        return None
     k = sig.attrs[0] if sig.attrs else ()
     if sig.op == "Conv":
         return (widths[1], widths[0]) + k
@@ -351,13 +397,23 @@ def _point_name(i: int) -> str:
     return f"pt{i}"
 
 
+def _input_names(i: int, n: int) -> list[str]:
+    """The graph inputs of point i (its first is `in{i}`; the Relu after it writes `x{i}`)."""
+    return [f"in{i}"] + [f"in{i}_{j}" for j in range(1, n)]
+
+
 def _chunks(points, budget, activations=False):
     """Points in groups of about `budget` bytes of weights (and, with `activations`, of inputs and
     outputs too: on CUDA a chunk's activations live on the GPU together)."""
     chunk, size = [], 0
     for p in points:
-        b = 4 * int(np.prod(_weight_shape(*p)))
-        if activations:  # the random input, its Relu and an output of about its size
+        weight = _weight_shape(*p)
+        b = 4 * int(np.prod(weight)) if weight else 0
+        if weight is None:  # the random inputs, their Relus, and the output (attention scores: seq x seq)
+            shapes = _input_shapes(*p)
+            out = np.prod(shapes[0][:-1]) * shapes[1][-1] if p[0].op == "MatMulAct" else np.prod(shapes[0])
+            b += 4 * (2 * sum(int(np.prod(x)) for x in shapes) + int(out))
+        elif activations:  # the random input, its Relu and an output of about its size
             b += 3 * 4 * int(np.prod(_input_shape(*p)))
         if chunk and size + b > budget:
             yield chunk
@@ -371,7 +427,8 @@ def _chunks(points, budget, activations=False):
 def _random_slices(shapes, seed, scale=1.0) -> list:
     """Random float32 arrays of `shapes`, each a slice of one draw: their values matter only in not
     being denormal, and drawing every array apart took seconds on ResNet-50's points."""
-    pool = np.random.default_rng(seed).standard_normal(max(int(np.prod(x)) for x in shapes), dtype=np.float32)
+    pool = np.random.default_rng(seed).standard_normal(max((int(np.prod(x)) for x in shapes), default=0),
+                                                       dtype=np.float32)
     pool *= np.float32(scale)
     return [pool[:int(np.prod(x))].reshape(x) for x in shapes]
 
@@ -382,36 +439,44 @@ def _bench_model(points, on_device=False):
     `on_device` (CUDA): each input is drawn by a RandomNormal node and each output cut to one
     element before it leaves the graph. Fed and returned whole, a chunk's activations crossed
     between host and GPU on every run: ResNet-50's database at batch 32 took 115 s on an H200."""
-    weights = _random_slices([_weight_shape(*p) for p in points], seed=0, scale=0.05)
+    weighted = [i for i, p in enumerate(points) if _weight_shape(*p) is not None]
+    weights = dict(zip(weighted, _random_slices([_weight_shape(*points[i]) for i in weighted], seed=0, scale=0.05)))
     nodes, inits, inputs, outputs = [], [], [], []
     for i, (s, widths) in enumerate(points):
-        x, name = f"x{i}", _point_name(i)
+        name = _point_name(i)
         y = name  # ORT names fused kernels after the node or its output: keep them equal
-        if on_device:
-            nodes.append(helper.make_node("RandomNormal", [], [f"in{i}"], name=f"in{i}_random", seed=float(i),
-                                          shape=list(_input_shape(s, widths))))
+        xs = []
+        for j, (fed, shape) in enumerate(zip(_input_names(i, 2), _input_shapes(s, widths))):
+            if on_device:
+                nodes.append(helper.make_node("RandomNormal", [], [fed], name=f"{fed}_random", seed=float(2 * i + j),
+                                              shape=list(shape)))
+            else:
+                inputs.append(helper.make_tensor_value_info(fed, TensorProto.FLOAT, shape))
+            # in a model a layer reads what the op before it has just written, still in cache; fed from
+            # outside, the NCHW kernels (off the block, grouped) took up to 1.7x as long at some widths
+            xs.append(f"x{i}" if j == 0 else f"x{i}_{j}")
+            nodes.append(helper.make_node("Relu", [fed], [xs[-1]], name=f"{fed}_relu"))
+        if s.op in ACTIVATION_OPS:
+            kw = {"perm": list(s.attrs[0])} if s.op == "Transpose" else {}
+            nodes.append(helper.make_node(ACTIVATION_OPS[s.op], xs, [y], name=name, **kw))
         else:
-            inputs.append(helper.make_tensor_value_info(f"in{i}", TensorProto.FLOAT, _input_shape(s, widths)))
-        # in a model a layer reads what the op before it has just written, still in cache; fed from
-        # outside, the NCHW kernels (off the block, grouped) took up to 1.7x as long at some widths
-        nodes.append(helper.make_node("Relu", [f"in{i}"], [x], name=f"in{i}_relu"))
-        wshape = _weight_shape(s, widths)
-        inits.append(numpy_helper.from_array(weights[i], f"w{i}"))
-        if s.op in CONVS:
-            k, strides, pads, dil, outpad = s.attrs
-            kw = {"kernel_shape": list(k), "strides": list(strides), "pads": list(pads), "dilations": list(dil)}
-            if outpad:
-                kw["output_padding"] = list(outpad)
-            if s.op in ("ConvDW", "ConvG"):
-                kw["group"] = widths[0]
-            inits.append(numpy_helper.from_array(np.zeros(wshape[1] if s.op == "ConvTranspose" else wshape[0],
-                                                          np.float32), f"b{i}"))
-            op = "ConvTranspose" if s.op == "ConvTranspose" else "Conv"
-            nodes.append(helper.make_node(op, [x, f"w{i}", f"b{i}"], [y], name=name, **kw))
-        elif s.op == "Gemm":
-            nodes.append(helper.make_node("Gemm", [x, f"w{i}"], [y], name=name, transB=1))
-        else:
-            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y], name=name))
+            x, wshape = xs[0], _weight_shape(s, widths)
+            inits.append(numpy_helper.from_array(weights[i], f"w{i}"))
+            if s.op in CONVS:
+                k, strides, pads, dil, outpad = s.attrs
+                kw = {"kernel_shape": list(k), "strides": list(strides), "pads": list(pads), "dilations": list(dil)}
+                if outpad:
+                    kw["output_padding"] = list(outpad)
+                if s.op in ("ConvDW", "ConvG"):
+                    kw["group"] = widths[0]
+                inits.append(numpy_helper.from_array(np.zeros(wshape[1] if s.op == "ConvTranspose" else wshape[0],
+                                                              np.float32), f"b{i}"))
+                op = "ConvTranspose" if s.op == "ConvTranspose" else "Conv"
+                nodes.append(helper.make_node(op, [x, f"w{i}", f"b{i}"], [y], name=name, **kw))
+            elif s.op == "Gemm":
+                nodes.append(helper.make_node("Gemm", [x, f"w{i}"], [y], name=name, transB=1))
+            else:
+                nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y], name=name))
         if on_device:  # named apart from `name`: _kernel_for counts `name` and `name_*` as the point's
             nodes += [helper.make_node("Reshape", [y, "flat"], [f"out{i}_flat"], name=f"out{i}_flat"),
                       helper.make_node("Slice", [f"out{i}_flat", "zero", "one"], [f"out{i}"], name=f"out{i}_slice")]

@@ -17,7 +17,8 @@ from onnx_prune.backends.ort import make_session, random_feeds
 from onnx_prune.backends.predict import CostModel, _fused_head, _source_node
 from onnx_prune.backends import profile, timing
 from onnx_prune.backends.profile import Kernel, Profile
-from onnx_prune.backends.timing import LayerSig, TimingDB, axis_points, fast_widths, layer_sig, width_grid
+from onnx_prune.backends.timing import (LayerSig, TimingDB, activation_sig, axis_points, fast_widths, layer_sig,
+                                        width_grid)
 from onnx_prune.compiler.plans import full_plan, uniform_plan
 from onnx_prune.errors import UserError
 from onnx_prune.passes.analysis import analyze_canonical
@@ -112,7 +113,8 @@ def test_the_profiling_child_returns_what_profiling_in_process_does():
 
 def test_cuda_timing_points_draw_inputs_on_the_device_and_return_one_element(monkeypatch):
     sig = LayerSig("Conv", (16, 32), (2, 8, 8), ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), ()))
-    points = axis_points(sig, [[8, 16], [16, 32]])
+    scores = activation_sig("MatMul", [[2, (4, "heads"), 6, (8, "d")], [2, (4, "heads"), (8, "d"), 6]])
+    points = axis_points(sig, [[8, 16], [16, 32]]) + axis_points(scores, [[2, 4], [8]])
     model = timing._bench_model(points, on_device=True)
     assert not model.graph.input  # nothing crosses from the host on a run, and one element back
     assert all(out.size == 1 for out in make_session(model).run(None, {}))
@@ -230,6 +232,74 @@ class FakeDB:
 
     def reorder_estimate(self, sig, widths, grids, side):
         return None  # no reorders timed: they scale with the kept share of their value
+
+
+def multi_head_attention(t=6, heads=4, d=8):
+    """Unfused self-attention: Q, K, V projections split into heads by Reshape and Transpose."""
+    rng = np.random.default_rng(0)
+    width = heads * d
+    inits = [numpy_helper.from_array((rng.standard_normal((width, width)) / 8).astype(np.float32), f"w{c}")
+             for c in "qkvo"] + [numpy_helper.from_array(np.array([1, t, heads, d], np.int64), "split_heads"),
+                                 numpy_helper.from_array(np.array([1, t, width], np.int64), "merge_heads")]
+    nodes = []
+    for c, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("MatMul", ["x", f"w{c}"], [f"{c}_flat"], name=f"{c}_proj"),
+                  helper.make_node("Reshape", [f"{c}_flat", "split_heads"], [f"{c}_heads"], name=f"{c}_reshape"),
+                  helper.make_node("Transpose", [f"{c}_heads"], [c], perm=perm, name=f"{c}_transpose")]
+    nodes += [helper.make_node("MatMul", ["q", "k"], ["s"], name="scores"),
+              helper.make_node("Softmax", ["s"], ["p"], axis=-1, name="softmax"),
+              helper.make_node("MatMul", ["p", "v"], ["a"], name="mix"),
+              helper.make_node("Transpose", ["a"], ["a_t"], perm=[0, 2, 1, 3], name="a_transpose"),
+              helper.make_node("Reshape", ["a_t", "merge_heads"], ["a_flat"], name="merge"),
+              helper.make_node("MatMul", ["a_flat", "wo"], ["y"], name="out")]
+    g = helper.make_graph(nodes, "mha", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, t, width])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, t, width])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+class OffsetDB(FakeDB):
+    """Times of ops without weights: 16 µs plus their widths' product (not proportional to it)."""
+
+    def estimate(self, sig, widths, grids):
+        return float(np.prod(widths)) + (16.0 if sig.op in timing.ACTIVATION_OPS else 0.0)
+
+
+def test_attention_matmuls_and_transposes_are_timed_not_counted():
+    """An attention MatMul and a Transpose scale as the database times them at the plan's widths
+    (heads and head size, one axis each, shared by Q and K'); so does a Transpose ORT inserted,
+    its input's axes derived from the model value it writes and its perm."""
+    canon = canonicalize(multi_head_attention())
+    analysis = analyze_canonical(canon)
+    assert sorted(g.size for g in analysis.groups) == [4, 8, 8]  # heads; query/key size and value size
+    inserted = Kernel("Transpose_token_3", "Transpose", 20.0, [], [(1, 4, 6, 8)], ("q", "q_heads_moved"), (0, 2, 1, 3))
+    kernels = {"scores": Kernel("scores", "MatMul", 100.0, [], []), "a_transpose": Kernel("a_transpose", "Transpose", 20.0, [], []),
+               "Transpose_token_3": inserted}
+    cm = CostModel(canon.model, analysis, None, db=OffsetDB(), profile=Profile(kernels, e2e_ms=1.0))
+    scores = cm.layers["scores"]
+    assert scores.sig.op == "MatMulAct" and scores.sig.full == (4, 8)
+    assert scores.sig.lead == ((1, -1, 6, -2), (1, -1, -2, 6))  # Q (1, heads, 6, d) and K' (1, heads, d, 6)
+    assert cm.layers["a_transpose"].sig.attrs == ((0, 2, 1, 3),)
+    moved = cm.kernel_layers["Transpose_token_3"]
+    assert moved.sig.lead == ((1, 6, -1, -2),) and moved.sig.attrs == ((0, 2, 1, 3),)  # it wrote q (1, 4, 6, 8)
+    heads = {g.name for g in analysis.groups if g.size == 4}
+    half_heads = analysis.keep_arrays({g.name: np.arange(2) for g in analysis.groups if g.name in heads})
+    assert cm.node_ratio("scores", half_heads) == pytest.approx((16 + 16) / (16 + 32))
+    assert cm._timed_ratio(moved, half_heads) == pytest.approx((16 + 16) / (16 + 32))
+    assert cm.predict_ms({g: np.arange(2) for g in heads}) == pytest.approx(1.0 - (100 + 20 + 20) * (1 - 32 / 48) / 1e3)
+
+
+def test_the_database_times_ops_without_weights():
+    """Attention MatMuls and Transposes in the bulk graph: two inputs, or a perm, at each width."""
+    scores = activation_sig("MatMul", [[2, (4, "heads"), 6, (8, "d")], [2, (4, "heads"), (8, "d"), 6]])
+    moved = activation_sig("Transpose", [[2, 6, (4, "heads"), (8, "d")]], perm=[0, 2, 1, 3])
+    assert scores.full == (4, 8) and timing._input_shapes(scores, (2, 8)) == [(2, 2, 6, 8), (2, 2, 8, 6)]
+    assert activation_sig("Relu", [[2, (4, "heads")]]) is None and activation_sig("MatMul", [[2, 3], [3, 2]]) is None
+    db = TimingDB("cpu", threads=1, use_cache=False)
+    points = axis_points(scores, [[2, 4], [4, 8]]) + axis_points(moved, [[4], [4, 8]])
+    db.ensure(points)
+    assert db.measured == len(set(points)) == 5 and all(db.get(s, w) > 0 for s, w in points)
 
 
 def test_predictor_scales_kernels_by_plan():
@@ -370,14 +440,17 @@ def test_predictor_calibration_fits_the_measured_speedup():
 
 
 def test_predictor_removes_profiler_inflation():
-    """Kernels that sum to more than a plain run: the excess is a per-kernel profiler cost."""
+    """Kernels that sum to more than a plain run: the excess is a per-kernel profiler cost, taken
+    off the dense kernels and off the database's times (profiled alike) before their ratio."""
     canon = canonicalize(two_convs(32))
     analysis = analyze_canonical(canon)
     kernels = {"c1": Kernel("c1", "Conv", 110.0, [], []), "c2": Kernel("c2", "Conv", 60.0, [], [])}
     cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.15))
     assert cm.profiler_us == pytest.approx(10.0) and cm.overhead_ms == 0
     assert cm.predict_ms({}) == pytest.approx(0.15)
-    assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx((100 / 2 + 50 / 2) / 1e3)
+    # FakeDB: c1 (3 -> 32 channels) 96 µs whole, 48 with its output halved; c2 (32 -> 8) 256 and 128
+    c1, c2 = (48 - 10) / (96 - 10), (128 - 10) / (256 - 10)
+    assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx((100 * c1 + 50 * c2) / 1e3)
 
 
 def test_timing_curves_are_made_non_decreasing(tmp_path, monkeypatch):
