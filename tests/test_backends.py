@@ -287,6 +287,9 @@ def test_attention_matmuls_and_transposes_are_timed_not_counted():
     half_heads = analysis.keep_arrays({g.name: np.arange(2) for g in analysis.groups if g.name in heads})
     assert cm.node_ratio("scores", half_heads) == pytest.approx((16 + 16) / (16 + 32))
     assert cm._timed_ratio(moved, half_heads) == pytest.approx((16 + 16) / (16 + 32))
+    # the others: by their kept elements, but a Reshape hands its buffer on whatever it holds
+    assert cm.node_ratio("softmax", half_heads) == pytest.approx(0.5)
+    assert cm.node_ratio("q_reshape", half_heads) == pytest.approx(1.0)
     assert cm.predict_ms({g: np.arange(2) for g in heads}) == pytest.approx(1.0 - (100 + 20 + 20) * (1 - 32 / 48) / 1e3)
 
 
