@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_prune.backends.profile import profile_model
-from onnx_prune.backends.timing import ACTIVATION_OPS, TimingDB, activation_sig, axis_points, fast_widths, layer_sig, width_grid
+from onnx_prune.backends.timing import (ACTIVATION_OPS, TimingDB, activation_sig, axis_points, fast_widths, layer_sig,
+                                        width_grid)
 from onnx_prune.passes.analysis import Analysis
 from onnx_prune.passes.graph import CONTRIB, attr
 from onnx_prune.passes.rules import recurrent_weight
@@ -35,11 +36,11 @@ from onnx_prune.passes.spaces import kept_positions
 
 
 MAX_AXIS_POINTS = 48  # widths timed per layer axis at most
+MAX_COMBINATIONS = 256  # of group widths, to find an axis's widths
 # ops that only relabel a shape: ORT mostly hands the input's buffer on, so what they cost is the
 # call, not the elements (MiniLM, a 2x plan: its Reshapes 57 µs dense, 51 pruned, not the 20 that
 # their kept elements said)
 VIEW_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
-MAX_COMBINATIONS = 256  # of group widths, to find an axis's widths
 
 
 @dataclass
@@ -78,29 +79,28 @@ class CostModel:
         self._spaces = {}
         self.layers = {}  # graph node -> TimedLayer
         self.kernel_layers = {}  # kernel of a Transpose ORT inserted -> TimedLayer
-        found = []  # (node, signature, axes, coords) of each node the database times
+        timed = {}  # node, or kernel of a Transpose ORT inserted -> (signature, axes) the database times
         for node in ctx.index.model.graph.node:
             sig = layer_sig(node, ctx.index)
             axes = ctx.layer_axes.get(node.name)
             if sig is None or axes is None or len(axes) != len(sig.full):
                 sig, axes = _activation_sig(node, analysis)
             if sig is not None:
-                found.append((node, sig, axes, [analysis.table.coords(e) for e in axes]))
+                timed[node.name] = sig, axes
         by_output = {o: n.name for o, n in ctx.index.producer.items()}
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
         inserted = {k: self._inserted_transpose(kern) for k, kern in self.profile.kernels.items()
                     if self.kernel_nodes[k] is None and kern.op == "Transpose"}
-        inserted = {k: found_sig for k, found_sig in inserted.items() if found_sig[0] is not None}
+        inserted = {k: found for k, found in inserted.items() if found[0] is not None}
+        coords = {name: [analysis.table.coords(e) for e in axes] for name, (_, axes) in {**timed, **inserted}.items()}
         # from the weight layers' axes: on an attention MatMul's own axes a head is one position
-        self.group_grids = _group_grids(analysis, [c for _, sig, _, coords in found for c in coords
-                                                   if sig.op not in ACTIVATION_OPS])
+        self.group_grids = _group_grids(analysis, [c for name, (sig, _) in timed.items() if sig.op not in ACTIVATION_OPS
+                                                   for c in coords[name]])
         points = []
-        for name, sig, axes in [(n.name, sig, axes) for n, sig, axes, _ in found] + \
-                [(k, sig, axes) for k, (sig, axes) in inserted.items()]:
-            coords = [analysis.table.coords(e) for e in axes]
-            grids = [self._axis_grid(c, n) for c, n in zip(coords, sig.full)]
-            layer = TimedLayer(name, sig, axes, grids, coords)
+        for name, (sig, axes) in {**timed, **inserted}.items():
+            grids = [self._axis_grid(c, n) for c, n in zip(coords[name], sig.full)]
+            layer = TimedLayer(name, sig, axes, grids, coords[name])
             (self.kernel_layers if name in inserted else self.layers)[name] = layer
             points += axis_points(sig, layer.grids)
         self.db.ensure(points)
@@ -144,7 +144,8 @@ class CostModel:
             if sorted(perm) != list(range(len(axes))):
                 return None, None
             if written:  # output axis k is input axis perm[k]
-                axes, shape = [axes[perm.index(i)] for i in range(len(perm))], [shape[perm.index(i)] for i in range(len(perm))]
+                source = [perm.index(i) for i in range(len(perm))]
+                axes, shape = [axes[k] for k in source], [shape[k] for k in source]
             return _sig_of_inputs("Transpose", [(axes, shape)], self.analysis, perm)
         return None, None
 
@@ -371,7 +372,7 @@ def _sig_of_inputs(op_type, inputs, analysis: Analysis, perm=None):
     """activation_sig from each input's (axis expressions, shape); equal channel expressions on
     two inputs are one axis (the heads of Q and K')."""
     table = analysis.table
-    dims, exprs = [], {}
+    dims, exprs = [], []  # per input its dims; the distinct prunable expressions, in order
     for axes, shape in inputs:
         if axes is None or shape is None or len(axes) != len(shape) or None in shape or 0 in shape:
             return None, None  # unknown, or empty (a key/value cache given empty): nothing to time
@@ -379,7 +380,8 @@ def _sig_of_inputs(op_type, inputs, analysis: Analysis, perm=None):
         for e, d in zip(axes, shape):
             e = table.norm(e)
             if table.coords(e):
-                exprs.setdefault(e, e)
+                if e not in exprs:
+                    exprs.append(e)
                 per_input.append((int(d), e))
             else:
                 per_input.append(int(d))

@@ -274,8 +274,8 @@ def test_attention_matmuls_and_transposes_are_timed_not_counted():
     analysis = analyze_canonical(canon)
     assert sorted(g.size for g in analysis.groups) == [4, 8, 8]  # heads; query/key size and value size
     inserted = Kernel("Transpose_token_3", "Transpose", 20.0, [], [(1, 4, 6, 8)], ("q", "q_heads_moved"), (0, 2, 1, 3))
-    kernels = {"scores": Kernel("scores", "MatMul", 100.0, [], []), "a_transpose": Kernel("a_transpose", "Transpose", 20.0, [], []),
-               "Transpose_token_3": inserted}
+    kernels = {"scores": Kernel("scores", "MatMul", 100.0, [], []),
+               "a_transpose": Kernel("a_transpose", "Transpose", 20.0, [], []), "Transpose_token_3": inserted}
     cm = CostModel(canon.model, analysis, None, db=OffsetDB(), profile=Profile(kernels, e2e_ms=1.0))
     scores = cm.layers["scores"]
     assert scores.sig.op == "MatMulAct" and scores.sig.full == (4, 8)
