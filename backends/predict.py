@@ -262,7 +262,7 @@ class CostModel:
             sizes = [float(np.prod(shape(t))) for t in (w, r)]
             kept = [self._kept_fraction((f"recurrent {t}", name), lambda t=t: ax(t), keep) for t in (w, r)]
             return (sizes[0] * kept[0] + sizes[1] * kept[1]) / (sizes[0] + sizes[1])
-        # kept share of the elements (output) or of the multiply-adds (attention MatMul)
+        # kept share of the elements (output) or of the multiply-adds (an attention MatMul not timed)
         return self._kept_fraction(("node", name), lambda: self._cost_axes(name), keep)
 
     def _timed_ratio(self, layer: TimedLayer, keep: dict) -> float:
