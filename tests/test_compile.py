@@ -81,6 +81,33 @@ def test_loop_tightens_until_measured_target_is_met(model, sized_kernels, method
     assert r["max_abs_error_vs_masked_reference"] < 1e-3
 
 
+@pytest.mark.parametrize("profiled_ms, said", [(9.0, False), (5.0, True)])
+def test_a_machine_slow_through_the_whole_measurement_is_said(model, monkeypatch, profiled_ms, said):
+    """LyingTimer measures the dense model at 10 ms: against a profile of 9 ms that is this machine's
+    scatter; against 5 ms the machine slowed down, which lowers a pruned model's speedup more, and
+    the report and the failure say so."""
+    from onnx_prune.backends import predict
+
+    real = predict.profile_model
+
+    def profiled_at(*args, **kwargs):  # kernels scaled to sum to the profiled time
+        profile = real(*args, **kwargs)
+        scale = profiled_ms / profile.kernel_ms
+        for k in profile.kernels.values():
+            k.time_us *= scale
+        profile.e2e_ms, profile.run_overhead_ms = profiled_ms, 0.0
+        return profile
+
+    monkeypatch.setattr(predict, "profile_model", profiled_at)
+    m, shapes = model
+    with pytest.raises(TargetNotMet) as exc:
+        compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(*[1.1] * 10), batch_size=16)
+    slowed = [n for n in exc.value.report["notes"] if n.startswith("the dense model ran")]
+    assert bool(slowed) == said and ("the machine slowed down" in str(exc.value)) == said
+    if said:
+        assert slowed[0].startswith("the dense model ran 2.00x slower")
+
+
 def test_never_met_fails_with_largest_measured(model):
     m, shapes = model
     timer = LyingTimer(*[1.1 + 0.01 * i for i in range(10)])
