@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from onnx_prune.backends.ort import make_session, session_input
+from onnx_prune.passes.graph import attr
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Kernel:
     inputs: list  # shapes
     outputs: list
     values: tuple = ()  # names of the values its node writes, then reads, in ORT's optimized graph
-    perm: tuple = ()  # a Transpose's perm in ORT's optimized graph (ORT inserts some of its own)
+    perm: tuple = ()  # a Transpose's perm in ORT's optimized graph, () if unset (axes reversed)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         if optimized:
             graph = onnx.load(optimized, load_external_data=False).graph
             values = {_model_name(n.name): tuple(n.output) + tuple(n.input) for n in graph.node}
-            perms = {_model_name(n.name): _transpose_perm(n) for n in graph.node if n.op_type == "Transpose"}
+            perms = {_model_name(n.name): tuple(attr(n, "perm", ())) for n in graph.node if n.op_type == "Transpose"}
     finally:
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
@@ -106,11 +107,6 @@ def profile_session_runs(model, feeds, provider="cpu", threads=None, runs=10, wa
         op, ins, outs = info[name]
         kernels[name] = Kernel(name, op, float(np.median(durs)), ins, outs, values.get(name, ()), perms.get(name, ()))
     return kernels
-
-
-def _transpose_perm(node) -> tuple:
-    """The perm attribute; () for the default (axes reversed)."""
-    return next((tuple(a.ints) for a in node.attribute if a.name == "perm"), ())
 
 
 # A CUDA kernel launch returns before the GPU has run the kernel, and ORT's profiler times the
@@ -158,7 +154,7 @@ def _blocking_child(jobs, options: dict) -> tuple[list, list]:
             results = json.load(f)
     kernels = [{name: Kernel(**{**k, "inputs": [tuple(s) for s in k["inputs"]],
                                 "outputs": [tuple(s) for s in k["outputs"]], "values": tuple(k["values"]),
-                                "perm": tuple(k.get("perm", ()))})
+                                "perm": tuple(k["perm"])})
                 for name, k in r["kernels"].items()} for r in results]
     return kernels, [r["run_overheads_ms"] for r in results]
 

@@ -102,7 +102,7 @@ def activation_sig(op_type: str, input_dims, perm=None) -> LayerSig | None:
     `input_dims`: per input, per dimension, its size or (size, key) where a plan can prune it;
     dimensions with equal keys are one axis of the signature (the heads of both operands of an
     attention MatMul). None if nothing in it can be pruned."""
-    op = {"MatMul": "MatMulAct", "Transpose": "Transpose"}.get(op_type)
+    op = {onnx_op: op for op, onnx_op in ACTIVATION_OPS.items()}.get(op_type)
     if op is None:
         return None
     keys, full, templates = [], [], []
@@ -445,8 +445,8 @@ def _bench_model(points, on_device=False):
     for i, (s, widths) in enumerate(points):
         name = _point_name(i)
         y = name  # ORT names fused kernels after the node or its output: keep them equal
-        xs = []
-        for j, (fed, shape) in enumerate(zip(_input_names(i, 2), _input_shapes(s, widths))):
+        xs, shapes = [], _input_shapes(s, widths)
+        for j, (fed, shape) in enumerate(zip(_input_names(i, len(shapes)), shapes)):
             if on_device:
                 nodes.append(helper.make_node("RandomNormal", [], [fed], name=f"{fed}_random", seed=float(2 * i + j),
                                               shape=list(shape)))
