@@ -6,7 +6,8 @@ each kernel by how its node changes:
 
 - weight layers (Conv, depthwise and grouped Conv, Gemm, MatMul with weights), and the ops
   without weights whose time is not their kept elements (attention MatMuls, Transposes:
-  timing.ACTIVATION_OPS): by the timing database's t(widths') / t(widths), measured on the same
+  timing.ACTIVATION_OPS; on the CPU, a pool between convs with the layout reorders around it:
+  timing.POOL_CHAIN_OPS): by the timing database's t(widths') / t(widths), measured on the same
   provider;
 - fused attention kernels: by their multiply-adds;
 - ops that only relabel a shape (Reshape, Squeeze...): not at all;
@@ -27,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_prune.backends.profile import profile_model
-from onnx_prune.backends.timing import (ACTIVATION_OPS, TimingDB, activation_sig, axis_points, fast_widths, layer_sig,
-                                        width_grid)
+from onnx_prune.backends.timing import (ACTIVATION_OPS, CONVS, POOL_CHAIN_OPS, TimingDB, activation_sig, axis_points,
+                                        fast_widths, layer_sig, pool_chain_sig, width_grid)
 from onnx_prune.passes.analysis import Analysis
 from onnx_prune.passes.graph import CONTRIB, attr
 from onnx_prune.passes.rules import recurrent_weight
@@ -45,7 +46,8 @@ VIEW_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 @dataclass
 class TimedLayer:
-    """A node the timing database times: a weight layer, or an op of timing.ACTIVATION_OPS."""
+    """A node the timing database times: a weight layer, an op of timing.ACTIVATION_OPS, or a pool
+    timed with the reorders around it (timing.POOL_CHAIN_OPS)."""
 
     node: str
     sig: object
@@ -88,6 +90,14 @@ class CostModel:
             if sig is not None:
                 timed[node.name] = sig, axes
         by_output = {o: n.name for o, n in ctx.index.producer.items()}
+        # pools between convs on the CPU, and the values whose reorders their chain's time holds
+        self.chain_values = {}
+        if self.db.provider == "cpu":
+            for node in ctx.index.model.graph.node:
+                found = _pool_chain(node, timed, analysis, self.nodes, by_output)
+                if found is not None:
+                    timed[node.name] = found
+                    self.chain_values.update({node.input[0]: node.name, node.output[0]: node.name})
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
         inserted = {k: self._inserted_transpose(kern) for k, kern in self.profile.kernels.items()
@@ -95,7 +105,7 @@ class CostModel:
         inserted = {k: found for k, found in inserted.items() if found[0] is not None}
         coords = {name: [analysis.table.coords(e) for e in axes] for name, (_, axes) in {**timed, **inserted}.items()}
         # from the weight layers' axes: on an attention MatMul's own axes a head is one position
-        self.group_grids = _group_grids(analysis, [c for name, (sig, _) in timed.items() if sig.op not in ACTIVATION_OPS
+        self.group_grids = _group_grids(analysis, [c for name, (sig, _) in timed.items() if _weighted(sig)
                                                    for c in coords[name]])
         points = []
         for name, (sig, axes) in {**timed, **inserted}.items():
@@ -112,6 +122,9 @@ class CostModel:
         self.kernel_reorders = {k: self._reorder_layer(self.profile.kernels[k].op, v, by_output)
                                 for k, v in self.kernel_values.items()
                                 if v and self.profile.kernels[k].op.startswith("Reorder")}
+        # ...except the reorders around a pool timed with them, which scale as its chain
+        self.kernel_chains = {k: self.chain_values[v] for k, v in self.kernel_values.items()
+                              if v in self.chain_values and self.profile.kernels[k].op.startswith("Reorder")}
         # The profiler adds a little to every kernel; when kernels sum to more than a plain run,
         # that excess is spread over the kernels and removed. What a plain run has on top of the
         # kernels (session overhead) is kept as a constant.
@@ -152,16 +165,19 @@ class CostModel:
     def _reorder_layer(self, op: str, value: str, by_output: dict):
         """The weight layer whose output a ReorderOutput converts (upstream through its fused
         activation), or whose input a ReorderInput feeds."""
+        weighted = lambda n: n in self.layers and _weighted(self.layers[n].sig)  # noqa: E731
         if op == "ReorderInput":
             for node, i in self.analysis.ctx.index.consumers.get(value, []):
-                if i == 0 and node.name in self.layers:
+                if i == 0 and weighted(node.name):
                     return node.name, 0
             return None
-        name = _upstream(by_output.get(value), lambda n: n in self.layers, self.nodes, by_output)
+        name = _upstream(by_output.get(value), weighted, self.nodes, by_output)
         return (name, 1) if name is not None else None
 
     def _reorder_ratio(self, kname: str, keep: dict) -> float:
         """A reorder kernel's time under the plan, relative to the dense model's."""
+        if kname in self.kernel_chains:
+            return self._timed_ratio(self.layers[self.kernel_chains[kname]], keep)
         value = self.kernel_values.get(kname)
         ref = self.kernel_reorders.get(kname)
         if ref is not None:
@@ -354,6 +370,39 @@ class CostModel:
                         used.add(sid)
         return {g.name: fast_widths(grid[g.sid], cost[g.sid]) if g.sid in used else grid[g.sid]
                 for g in self.analysis.groups}
+
+
+def _weighted(sig) -> bool:
+    """Whether a timed node is a weight layer (not an op without weights, nor a pool's chain)."""
+    return sig.op not in ACTIVATION_OPS and sig.op not in POOL_CHAIN_OPS
+
+
+# what ORT fuses into the conv before it (its blocked kernel writes their output)
+FUSED_INTO_CONV = ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh")
+
+
+def _pool_chain(node, timed: dict, analysis: Analysis, nodes: dict, by_output: dict):
+    """(signature, axes) of a pool timed as conv -> pool -> conv (timing.POOL_CHAIN_OPS): its input
+    written by a conv (through a BatchNormalization or activation ORT fuses into it) and read by nothing else, its output
+    read only by convs; (None) otherwise, or where its channels cannot be pruned."""
+    ctx = analysis.ctx
+    sig = pool_chain_sig(node, ctx.index)
+    axes = ctx.ax(node.input[0])
+    if sig is None or not axes or not analysis.table.coords(axes[1]):
+        return None
+    is_conv = lambda n: n in timed and timed[n][0].op in CONVS  # noqa: E731
+    consumers = ctx.index.consumers
+    value, src = node.input[0], by_output.get(node.input[0])
+    while src is not None and not is_conv(src):  # up through what is fused, each read once
+        if nodes[src].op_type not in FUSED_INTO_CONV or len(consumers.get(value, [])) != 1:
+            return None
+        value = nodes[src].input[0]
+        src = by_output.get(value)
+    readers = consumers.get(node.output[0], [])
+    if src is None or len(consumers.get(value, [])) != 1 or len(consumers.get(node.input[0], [])) != 1 \
+            or not readers or any(i != 0 or not is_conv(n.name) for n, i in readers):
+        return None
+    return sig, (analysis.table.norm(axes[1]),)
 
 
 def _activation_sig(node, analysis: Analysis):

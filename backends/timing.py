@@ -45,6 +45,14 @@ CONVS = ("Conv", "ConvTranspose", "ConvDW", "ConvG")
 # Transposes to 0.74, not 0.40 (8-float rows move slower per element than 16-float ones).
 # Their signatures hold each input's shape, an axis k written as -(k + 1) (`activation_sig`).
 ACTIVATION_OPS = {"MatMulAct": "MatMul", "Transpose": "Transpose"}
+# Pools between two convs, timed as that chain on the CPU: the pool's kernel and the layout
+# reorders ORT puts around it. ORT runs a pool in its blocked layout only when the channels fill
+# whole blocks; off the block it runs NCHW between a reorder out of the producing conv's layout and
+# one back into the next conv's (the zoo's ShuffleNetV2 stem at 24 channels, batch 64: 466 + 477 +
+# 89 µs; pruned to 16 channels, one blocked pool of 80 µs). Neither a lone pool nor the convs' own
+# times can show that. Signature: the pool's channels, lead (N, H, W), attrs its attributes.
+POOL_CHAIN_OPS = ("MaxPool", "AveragePool")
+CHAIN_INPUT = 8  # channels into the chain's first conv: fewer than a block, so it reads NCHW as is
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,22 @@ def activation_sig(op_type: str, input_dims, perm=None) -> LayerSig | None:
     if not keys:
         return None
     return LayerSig(op, tuple(full), tuple(templates), (tuple(perm),) if op == "Transpose" else ())
+
+
+def pool_chain_sig(node, index) -> LayerSig | None:
+    """Signature of a 2-D pool (POOL_CHAIN_OPS) timed as conv -> pool -> conv; None otherwise."""
+    x = index.shape(node.input[0])
+    if node.op_type not in POOL_CHAIN_OPS or x is None or len(x) != 4 or None in x or any(node.output[1:]):
+        return None
+    attrs = tuple(sorted((a.name, _plain(helper.get_attribute_value(a))) for a in node.attribute))
+    return LayerSig(node.op_type, (int(x[1]),), (int(x[0]), int(x[2]), int(x[3])), attrs)
+
+
+def _plain(value):
+    """An attribute's value, hashable and JSON-free: lists as tuples, bytes as text."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return tuple(value) if isinstance(value, list) else value
 
 
 def axis_points(sig: LayerSig, grids) -> list:
@@ -213,6 +237,8 @@ class TimingDB:
             for i, (s, w) in enumerate(chunk):
                 name = _point_name(i)
                 t = _kernel_for(kernels, name)
+                if s.op in POOL_CHAIN_OPS:  # the reorders out of the first conv and into the second
+                    t += _reorders_of(kernels, _chain_input(i)) + _reorders_of(kernels, name)
                 if t <= 0 and s.op not in ACTIVATION_OPS:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
                 # an op without weights may be gone: ORT turns a Transpose that moves only
@@ -247,6 +273,8 @@ class TimingDB:
         the width (a lone kernel of tens of µs is noisy, and a width padded to the block costs
         the same as the block), except the slow paths ORT really takes off its block."""
         out = [self.get(sig, _along(sig, axis, w)) for w in grid]
+        if sig.op in POOL_CHAIN_OPS:  # a chain off the block is slower than on it wider: as measured
+            return np.array(out, dtype=float)
         return _tame_full_width(_nondecreasing_but_slow_paths(np.array(out, dtype=float)), grid)
 
     def reorder_estimate(self, sig: LayerSig, widths, grids, side: int) -> float | None:
@@ -358,6 +386,9 @@ def _input_shapes(sig: LayerSig, widths) -> list[tuple]:
     """Shapes of the point's inputs: one for a weight layer, each operand for ACTIVATION_OPS."""
     if sig.op in ACTIVATION_OPS:
         return [tuple(int(widths[-d - 1]) if d < 0 else d for d in template) for template in sig.lead]
+    if sig.op in POOL_CHAIN_OPS:
+        n, h, w = sig.lead
+        return [(n, CHAIN_INPUT, h, w)]
     return [_input_shape(sig, widths)]
 
 
@@ -370,7 +401,7 @@ def _input_shape(sig: LayerSig, widths):
 
 
 def _weight_shape(sig: LayerSig, widths):
-    if sig.op in ACTIVATION_OPS:
+    if sig.op in ACTIVATION_OPS or sig.op in POOL_CHAIN_OPS:
         return None
     k = sig.attrs[0] if sig.attrs else ()
     if sig.op == "Conv":
@@ -390,11 +421,16 @@ def _weight_shape(sig: LayerSig, widths):
 def _blocked(provider, chunk) -> bool:
     """Whether ORT may run the chunk's layers in its blocked layout (convs on the CPU): then which
     values its reorders convert is read from its optimized graph."""
-    return provider == "cpu" and any(s.op in CONVS for s, _ in chunk)
+    return provider == "cpu" and any(s.op in CONVS or s.op in POOL_CHAIN_OPS for s, _ in chunk)
 
 
 def _point_name(i: int) -> str:
     return f"pt{i}"
+
+
+def _chain_input(i: int) -> str:
+    """The value the first conv of chain point i writes and its pool reads."""
+    return f"a{i}"
 
 
 def _input_names(i: int, n: int) -> list[str]:
@@ -409,7 +445,10 @@ def _chunks(points, budget, activations=False):
     for p in points:
         weight = _weight_shape(*p)
         b = 4 * int(np.prod(weight)) if weight else 0
-        if weight is None:  # the random inputs, their Relus, and the output (attention scores: seq x seq)
+        if p[0].op in POOL_CHAIN_OPS:  # input and Relu, then the channels the first conv writes, the
+            n, h, w = p[0].lead          # pool's output and the reorders between them
+            b += 4 * n * h * w * (2 * CHAIN_INPUT + 3 * int(p[1][0]))
+        elif weight is None:  # the random inputs, their Relus, and the output (attention scores: seq x seq)
             shapes = _input_shapes(*p)
             out = np.prod(shapes[0][:-1]) * shapes[1][-1] if p[0].op == "MatMulAct" else np.prod(shapes[0])
             b += 4 * (2 * sum(int(np.prod(x)) for x in shapes) + int(out))
@@ -459,6 +498,17 @@ def _bench_model(points, on_device=False):
         if s.op in ACTIVATION_OPS:
             kw = {"perm": list(s.attrs[0])} if s.op == "Transpose" else {}
             nodes.append(helper.make_node(ACTIVATION_OPS[s.op], xs, [y], name=name, **kw))
+        elif s.op in POOL_CHAIN_OPS:
+            # 1x1 convs into and out of the pool, in ORT's blocked layout on the CPU; only the
+            # pool and the reorders around it count (their kernels are named apart from `name`)
+            first, second = _random_slices([(widths[0], CHAIN_INPUT, 1, 1), (BLOCK, widths[0], 1, 1)],
+                                           seed=i, scale=0.05)
+            inits += [numpy_helper.from_array(first, f"w{i}"), numpy_helper.from_array(second, f"v{i}")]
+            nodes += [helper.make_node("Conv", [xs[0], f"w{i}"], [_chain_input(i)], name=f"c{i}"),
+                      helper.make_node(s.op, [_chain_input(i)], [y], name=name,
+                                       **{k: list(v) if isinstance(v, tuple) else v for k, v in s.attrs}),
+                      helper.make_node("Conv", [y, f"v{i}"], [f"o{i}"], name=f"o{i}")]
+            y = f"o{i}"
         else:
             x, wshape = xs[0], _weight_shape(s, widths)
             inits.append(numpy_helper.from_array(weights[i], f"w{i}"))

@@ -221,6 +221,8 @@ def test_layer_signature_ignores_widths_but_not_shapes():
 class FakeDB:
     """Times proportional to cin x cout: lets the bookkeeping be checked exactly."""
 
+    provider = "cpu"
+
     def ensure(self, points):
         pass
 
@@ -359,6 +361,84 @@ def test_timing_database_records_the_reorders_around_a_blocked_conv(tmp_path, mo
     assert into > 0, "ORT on this CPU runs a 32-channel conv in its blocked layout: its input is reordered"
     assert db.reorder_estimate(sig, sig.full, [[16, 32], [8]], 0) == pytest.approx(into)
     assert TimingDB("cpu", threads=1).reorders == db.reorders  # cached with the times
+
+
+def conv_pool_conv(c=24):
+    """A conv writing c channels, its Relu, a 3x3 max pool, then a 1x1 conv (a stem, as ShuffleNetV2's)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, c, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4, name="c1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4, name="pool"),
+             helper.make_node("Conv", ["p", "w2"], ["y"], name="c2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+class ChainDB(FakeDB):
+    """The pool's chain 10x faster at 16 of its 24 channels (blocked) than at 24 (reordered around)."""
+
+    def estimate(self, sig, widths, grids):
+        if sig.op == "MaxPool":
+            return {24: 100.0, 16: 10.0}.get(widths[0], 5.0 * widths[0])
+        return super().estimate(sig, widths, grids)
+
+    def curve(self, sig, axis, widths):
+        if sig.op == "MaxPool":
+            return np.array([self.estimate(sig, (w,), None) for w in widths])
+        return super().curve(sig, axis, widths)
+
+
+def test_a_pool_between_convs_scales_with_the_reorders_around_it():
+    """ORT runs a pool in its blocked layout only on whole channel blocks: off the block, reorders
+    out of the conv's layout and back surround it. The pool and those reorders scale together,
+    as the database timed their chain; a CUDA database has no such chain."""
+    canon = canonicalize(conv_pool_conv(24))
+    analysis = analyze_canonical(canon)
+    (group,) = analysis.groups
+    kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []),
+               "ReorderOutput_token_1": Kernel("ReorderOutput_token_1", "ReorderOutput", 40.0, [], [],
+                                               ("r", "reorder_token_0")),  # the Relu's output, to NCHW
+               "pool": Kernel("pool", "MaxPool", 50.0, [], []),
+               "ReorderInput_token_2": Kernel("ReorderInput_token_2", "ReorderInput", 10.0, [], [],
+                                              ("reorder_token_3", "p")),  # the pool's output, blocked again
+               "c2": Kernel("c2", "Conv", 50.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=ChainDB(), profile=Profile(kernels, e2e_ms=0.25))
+    assert cm.layers["pool"].sig.op == "MaxPool" and cm.layers["pool"].sig.full == (24,)
+    assert cm.kernel_chains == {"ReorderOutput_token_1": "pool", "ReorderInput_token_2": "pool"}
+    assert cm.predict_ms(full_plan(analysis)) == pytest.approx(0.25)
+    sixteen = {group.name: np.arange(16)}
+    # c1 and c2 at 16/24 of their time; the chain's three kernels at a tenth
+    assert cm.predict_ms(sixteen) == pytest.approx((100 + 50) * 16 / 24 / 1e3 + (40 + 50 + 10) * 0.1 / 1e3)
+    assert 16 in cm.candidate_widths()[group.name]
+    gpu = ChainDB()
+    gpu.provider = "cuda"
+    cm = CostModel(canon.model, analysis, None, db=gpu, profile=Profile(kernels, e2e_ms=0.25))
+    assert "pool" not in cm.layers and cm.kernel_chains == {}
+
+
+def test_the_database_times_a_pool_with_the_reorders_around_it():
+    """The chain conv -> pool -> conv: on a whole block of channels the pool runs blocked with no
+    reorder; off it, in NCHW with reorders on both sides, which the point's time holds."""
+    analysis = analyze_canonical(canonicalize(conv_pool_conv(24)))
+    pool = next(n for n in analysis.ctx.index.model.graph.node if n.op_type == "MaxPool")
+    stem = timing.pool_chain_sig(pool, analysis.ctx.index)
+    assert (stem.full, stem.lead) == ((24,), (1, 16, 16)) and ("kernel_shape", (3, 3)) in stem.attrs
+    sig = timing.LayerSig("MaxPool", (20,), (2, 16, 16), stem.attrs)
+    points = [(sig, (16,)), (sig, (20,))]
+    kernels = profile.profile_session_runs(timing._bench_model(points), dict(zip(
+        ["in0", "in1"], timing._random_slices([timing._input_shapes(s, w)[0] for s, w in points], seed=1))),
+        "cpu", 1, runs=2, node_values=True)
+    reorders = {v for k in kernels.values() if k.op.startswith("Reorder") for v in k.values}
+    assert "pt0_nchwc" in kernels and not {"a0", "pt0"} & reorders, "16 channels: one blocked pool"
+    assert "pt1" in kernels and {"a1", "pt1"} <= reorders, "20 channels: an NCHW pool between reorders"
+    db = TimingDB("cpu", threads=1, use_cache=False)
+    db.ensure(points)
+    assert db.measured == 2 and all(db.get(s, w) > 0 for s, w in points)
 
 
 class PaddedDB(FakeDB):
