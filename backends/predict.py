@@ -92,7 +92,7 @@ class CostModel:
         by_output = {o: n.name for o, n in ctx.index.producer.items()}
         # pools between convs on the CPU, and the values whose reorders their chain's time holds
         self.chain_values = {}
-        if self.db.provider == "cpu":
+        if provider == "cpu":
             for node in ctx.index.model.graph.node:
                 found = _pool_chain(node, timed, analysis, self.nodes, by_output)
                 if found is not None:

@@ -221,8 +221,6 @@ def test_layer_signature_ignores_widths_but_not_shapes():
 class FakeDB:
     """Times proportional to cin x cout: lets the bookkeeping be checked exactly."""
 
-    provider = "cpu"
-
     def ensure(self, points):
         pass
 
@@ -415,9 +413,7 @@ def test_a_pool_between_convs_scales_with_the_reorders_around_it():
     # c1 and c2 at 16/24 of their time; the chain's three kernels at a tenth
     assert cm.predict_ms(sixteen) == pytest.approx((100 + 50) * 16 / 24 / 1e3 + (40 + 50 + 10) * 0.1 / 1e3)
     assert 16 in cm.candidate_widths()[group.name]
-    gpu = ChainDB()
-    gpu.provider = "cuda"
-    cm = CostModel(canon.model, analysis, None, db=gpu, profile=Profile(kernels, e2e_ms=0.25))
+    cm = CostModel(canon.model, analysis, None, provider="cuda", db=ChainDB(), profile=Profile(kernels, e2e_ms=0.25))
     assert "pool" not in cm.layers and cm.kernel_chains == {}
 
 
