@@ -26,15 +26,21 @@ from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.graph import save_model
 
 
-def two_convs(c=32):
+def two_convs(c=32, pool=False):
+    """A 3x3 conv writing c channels, its Relu, then a 1x1 conv; with `pool`, a 3x3 max pool of
+    stride 2 between them (a stem, as ShuffleNetV2's)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.standard_normal((8, c, 1, 1)).astype(np.float32), "w2")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4, name="c1"),
-             helper.make_node("Relu", ["a"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+             helper.make_node("Relu", ["a"], ["r"], name="relu")]
+    if pool:
+        nodes.append(helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4,
+                                      name="pool"))
+    nodes.append(helper.make_node("Conv", [nodes[-1].output[0], "w2"], ["y"], name="c2"))
+    side = 8 if pool else 16
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, side, side])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
@@ -361,22 +367,6 @@ def test_timing_database_records_the_reorders_around_a_blocked_conv(tmp_path, mo
     assert TimingDB("cpu", threads=1).reorders == db.reorders  # cached with the times
 
 
-def conv_pool_conv(c=24):
-    """A conv writing c channels, its Relu, a 3x3 max pool, then a 1x1 conv (a stem, as ShuffleNetV2's)."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal((8, c, 1, 1)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4, name="c1"),
-             helper.make_node("Relu", ["a"], ["r"], name="relu"),
-             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4, name="pool"),
-             helper.make_node("Conv", ["p", "w2"], ["y"], name="c2")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
-
-
 class ChainDB(FakeDB):
     """The pool's chain 10x faster at 16 of its 24 channels (blocked) than at 24 (reordered around)."""
 
@@ -395,7 +385,7 @@ def test_a_pool_between_convs_scales_with_the_reorders_around_it():
     """ORT runs a pool in its blocked layout only on whole channel blocks: off the block, reorders
     out of the conv's layout and back surround it. The pool and those reorders scale together,
     as the database timed their chain; a CUDA database has no such chain."""
-    canon = canonicalize(conv_pool_conv(24))
+    canon = canonicalize(two_convs(24, pool=True))
     analysis = analyze_canonical(canon)
     (group,) = analysis.groups
     kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []),
@@ -420,7 +410,7 @@ def test_a_pool_between_convs_scales_with_the_reorders_around_it():
 def test_the_database_times_a_pool_with_the_reorders_around_it():
     """The chain conv -> pool -> conv: on a whole block of channels the pool runs blocked with no
     reorder; off it, in NCHW with reorders on both sides, which the point's time holds."""
-    analysis = analyze_canonical(canonicalize(conv_pool_conv(24)))
+    analysis = analyze_canonical(canonicalize(two_convs(24, pool=True)))
     pool = next(n for n in analysis.ctx.index.model.graph.node if n.op_type == "MaxPool")
     stem = timing.pool_chain_sig(pool, analysis.ctx.index)
     assert (stem.full, stem.lead) == ((24,), (1, 16, 16)) and ("kernel_shape", (3, 3)) in stem.attrs
