@@ -383,8 +383,9 @@ FUSED_INTO_CONV = ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid",
 
 def _pool_chain(node, timed: dict, analysis: Analysis, nodes: dict, by_output: dict):
     """(signature, axes) of a pool timed as conv -> pool -> conv (timing.POOL_CHAIN_OPS): its input
-    written by a conv (through a BatchNormalization or activation ORT fuses into it) and read by nothing else, its output
-    read only by convs; (None) otherwise, or where its channels cannot be pruned."""
+    written by a conv (through a BatchNormalization or activation ORT fuses into it) and read by
+    nothing else, its output read only by convs. None otherwise, or where its channels cannot be
+    pruned."""
     ctx = analysis.ctx
     sig = pool_chain_sig(node, ctx.index)
     axes = ctx.ax(node.input[0])
