@@ -91,13 +91,13 @@ class CostModel:
                 timed[node.name] = sig, axes
         by_output = {o: n.name for o, n in ctx.index.producer.items()}
         # pools between convs on the CPU, and the values whose reorders their chain's time holds
-        self.chain_values = {}
+        chain_values = {}
         if provider == "cpu":
             for node in ctx.index.model.graph.node:
                 found = _pool_chain(node, timed, analysis, self.nodes, by_output)
                 if found is not None:
                     timed[node.name] = found
-                    self.chain_values.update({node.input[0]: node.name, node.output[0]: node.name})
+                    chain_values.update({node.input[0]: node.name, node.output[0]: node.name})
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
         inserted = {k: self._inserted_transpose(kern) for k, kern in self.profile.kernels.items()
@@ -123,8 +123,8 @@ class CostModel:
                                 for k, v in self.kernel_values.items()
                                 if v and self.profile.kernels[k].op.startswith("Reorder")}
         # ...except the reorders around a pool timed with them, which scale as its chain
-        self.kernel_chains = {k: self.chain_values[v] for k, v in self.kernel_values.items()
-                              if v in self.chain_values and self.profile.kernels[k].op.startswith("Reorder")}
+        self.kernel_chains = {k: chain_values[v] for k, v in self.kernel_values.items()
+                              if v in chain_values and self.profile.kernels[k].op.startswith("Reorder")}
         # The profiler adds a little to every kernel; when kernels sum to more than a plain run,
         # that excess is spread over the kernels and removed. What a plain run has on top of the
         # kernels (session overhead) is kept as a constant.
@@ -400,8 +400,9 @@ def _pool_chain(node, timed: dict, analysis: Analysis, nodes: dict, by_output: d
         value = nodes[src].input[0]
         src = by_output.get(value)
     readers = consumers.get(node.output[0], [])
-    if src is None or len(consumers.get(value, [])) != 1 or len(consumers.get(node.input[0], [])) != 1 \
-            or not readers or any(i != 0 or not is_conv(n.name) for n, i in readers):
+    # `value` is now the conv's output: read by the pool or the first fused op only
+    if src is None or len(consumers.get(value, [])) != 1 or not readers \
+            or any(i != 0 or not is_conv(n.name) for n, i in readers):
         return None
     return sig, (analysis.table.norm(axes[1]),)
 
