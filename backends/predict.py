@@ -5,15 +5,16 @@ is anchored to what it really costs inside this graph (fusions, layouts, caches)
 each kernel by how its node changes:
 
 - weight layers (Conv, depthwise and grouped Conv, Gemm, MatMul with weights), and the ops
-  without weights whose time is not their kept elements (attention MatMuls, Transposes:
-  timing.ACTIVATION_OPS; on the CPU, a pool between convs with the layout reorders around it:
+  without weights whose time is not their kept elements (attention MatMuls, Transposes, ORT's
+  BiasGelu: timing.ACTIVATION_OPS; on the CPU, a pool between convs with the layout reorders around it:
   timing.POOL_CHAIN_OPS): by the timing database's t(widths') / t(widths), measured on the same
   provider;
 - fused attention kernels: by their multiply-adds;
 - ops that only relabel a shape (Reshape, Squeeze...): not at all;
 - everything else: by the share of its output elements that the plan keeps.
 
-Kernels that ORT created without a source node (layout reorders) scale as the timing database's
+Kernels that ORT created without a source node: a Transpose it moved, or a BiasGelu it fused from
+an Add and a Gelu, is timed from the model value it writes; layout reorders scale as the timing database's
 reorders around the weight layer whose output (or input) they convert (ORT's optimized graph names
 the value), else with the share of that value the plan keeps; any other keeps its time, and so
 does the part of the end-to-end time no kernel accounts for (session overhead).
@@ -80,8 +81,8 @@ class CostModel:
         self.nodes = {n.name: n for n in ctx.index.model.graph.node}
         self._spaces = {}
         self.layers = {}  # graph node -> TimedLayer
-        self.kernel_layers = {}  # kernel of a Transpose ORT inserted -> TimedLayer
-        timed = {}  # node, or kernel of a Transpose ORT inserted -> (signature, axes) the database times
+        self.kernel_layers = {}  # kernel ORT made without a model node (a Transpose, a BiasGelu) -> TimedLayer
+        timed = {}  # node of the model -> (signature, axes) the database times
         for node in ctx.index.model.graph.node:
             sig = layer_sig(node, ctx.index)
             axes = ctx.layer_axes.get(node.name)
@@ -100,8 +101,8 @@ class CostModel:
                     chain_values.update({node.input[0]: node.name, node.output[0]: node.name})
         self.kernel_nodes = {k: _fused_head(_source_node(k, self.nodes, by_output), kern.op, self.nodes, by_output)
                              for k, kern in self.profile.kernels.items()}
-        inserted = {k: self._inserted_transpose(kern) for k, kern in self.profile.kernels.items()
-                    if self.kernel_nodes[k] is None and kern.op == "Transpose"}
+        inserted = {k: self._kernel_sig(kern) for k, kern in self.profile.kernels.items()
+                    if self.kernel_nodes[k] is None}
         inserted = {k: found for k, found in inserted.items() if found[0] is not None}
         coords = {name: [analysis.table.coords(e) for e in axes] for name, (_, axes) in {**timed, **inserted}.items()}
         # from the weight layers' axes: on an attention MatMul's own axes a head is one position
@@ -142,6 +143,25 @@ class CostModel:
         self.gamma = 1.0  # kernels scale by ratio ** gamma; see calibrate()
         self._memo = {}  # (layer, its widths) or ("reorder", kernel, widths) -> time ratio
         self._coords = {}  # ("node" | "value", name) -> [(coords, size)] of the axes its cost scales with
+
+    def _kernel_sig(self, kernel):
+        """(signature, axes) of a kernel ORT made without a node of the model that the database
+        times (an inserted Transpose, a BiasGelu fused from Add and Gelu); (None, None) if none."""
+        if kernel.op == "Transpose":
+            return self._inserted_transpose(kernel)
+        if kernel.op == "BiasGelu":
+            return self._bias_gelu(kernel)
+        return None, None
+
+    def _bias_gelu(self, kernel):
+        """(signature, axes) of ORT's BiasGelu from the model value it writes (the Gelu's output):
+        that value's shape, and the bias along its last axis."""
+        ctx = self.analysis.ctx
+        value = kernel.values[0] if kernel.values else None
+        if value not in ctx.index.shapes or not ctx.ax(value) or ctx.shape(value) is None:
+            return None, None
+        axes, shape = list(ctx.ax(value)), list(ctx.shape(value))
+        return _sig_of_inputs("BiasGelu", [(axes, shape), (axes[-1:], shape[-1:])], self.analysis)
 
     def _inserted_transpose(self, kernel):
         """(signature, axes) of a Transpose ORT inserted (its transpose optimizer moves the model's
@@ -487,8 +507,8 @@ def _upstream(name, wanted, nodes, by_output, depth=3):
 
 def _source_node(kernel_name: str, nodes: dict, by_output: dict):
     """The graph node a kernel came from: ORT keeps its name or its output's name, sometimes
-    with a suffix (`_nchwc`)."""
-    name = kernel_name
+    with a suffix (`_nchwc`), and a node it fused ("fused n16": a Gemm and its Relu) a prefix."""
+    name = kernel_name.removeprefix("fused ")
     while True:
         if name in nodes:
             return name
