@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_prune.backends.profile import profile_model
-from onnx_prune.backends.timing import (ACTIVATION_OPS, CONVS, POOL_CHAIN_OPS, TimingDB, activation_sig, axis_points,
-                                        fast_widths, layer_sig, pool_chain_sig, width_grid)
+from onnx_prune.backends.timing import (ACTIVATION_OPS, BIAS_GELUS, CONVS, POOL_CHAIN_OPS, TimingDB, activation_sig,
+                                        axis_points, fast_widths, layer_sig, pool_chain_sig, width_grid)
 from onnx_prune.passes.analysis import Analysis
 from onnx_prune.passes.graph import CONTRIB, attr
 from onnx_prune.passes.rules import recurrent_weight
@@ -146,22 +146,23 @@ class CostModel:
 
     def _kernel_sig(self, kernel):
         """(signature, axes) of a kernel ORT made without a node of the model that the database
-        times (an inserted Transpose, a BiasGelu fused from Add and Gelu); (None, None) if none."""
+        times (an inserted Transpose, a BiasGelu or FastGelu fused from an Add and a Gelu); (None, None)
+        if none."""
         if kernel.op == "Transpose":
             return self._inserted_transpose(kernel)
-        if kernel.op == "BiasGelu":
+        if kernel.op in BIAS_GELUS and len(kernel.values) == 3:  # output, input, bias
             return self._bias_gelu(kernel)
         return None, None
 
     def _bias_gelu(self, kernel):
-        """(signature, axes) of ORT's BiasGelu from the model value it writes (the Gelu's output):
-        that value's shape, and the bias along its last axis."""
+        """(signature, axes) of ORT's BiasGelu (or FastGelu with a bias) from the model value it
+        writes (the Gelu's output): that value's shape, and the bias along its last axis."""
         ctx = self.analysis.ctx
-        value = kernel.values[0] if kernel.values else None
+        value = kernel.values[0]
         if value not in ctx.index.shapes or not ctx.ax(value) or ctx.shape(value) is None:
             return None, None
         axes, shape = list(ctx.ax(value)), list(ctx.shape(value))
-        return _sig_of_inputs("BiasGelu", [(axes, shape), (axes[-1:], shape[-1:])], self.analysis)
+        return _sig_of_inputs(kernel.op, [(axes, shape), (axes[-1:], shape[-1:])], self.analysis)
 
     def _inserted_transpose(self, kernel):
         """(signature, axes) of a Transpose ORT inserted (its transpose optimizer moves the model's

@@ -44,11 +44,12 @@ CONVS = ("Conv", "ConvTranspose", "ConvDW", "ConvG")
 # attention MatMuls to 0.57-0.75 of their time, not the 0.38 their multiply-adds said, and its
 # Transposes to 0.74, not 0.40 (8-float rows move slower per element than 16-float ones).
 # Their signatures hold each input's shape, an axis k written as -(k + 1) (`activation_sig`).
-# ORT's BiasGelu (the fused Add of a bias and Gelu, ONNX Runtime's domain) costs a fixed part per
-# row of its last axis: HF ConvNeXt at batch 64, its MLP's 64 channels cut to 8, 695 of 1204 µs
-# where the kept elements said 150.
-ACTIVATION_OPS = {"MatMulAct": "MatMul", "Transpose": "Transpose", "BiasGelu": "BiasGelu"}
-CONTRIB_OPS = ("BiasGelu",)  # of ACTIVATION_OPS, those in ONNX Runtime's domain
+# ORT's BiasGelu and FastGelu with a bias (the fused Add of a bias and Gelu, erf or tanh form; ONNX
+# Runtime's domain) cost a fixed part per row of their last axis: HF ConvNeXt at batch 64, its
+# MLP's 64 channels cut to 8, 695 of 1204 µs where the kept elements said 150.
+BIAS_GELUS = ("BiasGelu", "FastGelu")
+ACTIVATION_OPS = {"MatMulAct": "MatMul", "Transpose": "Transpose", **{op: op for op in BIAS_GELUS}}
+CONTRIB_OPS = BIAS_GELUS  # of ACTIVATION_OPS, those in ONNX Runtime's domain
 # Pools between two convs, timed as that chain on the CPU: the pool's kernel and the layout
 # reorders ORT puts around it. ORT runs a pool in its blocked layout only when the channels fill
 # whole blocks; off the block it runs NCHW between a reorder out of the producing conv's layout and
@@ -109,7 +110,7 @@ def layer_sig(node, index) -> LayerSig | None:
 
 
 def activation_sig(op_type: str, input_dims, perm=None) -> LayerSig | None:
-    """Signature of an op of ACTIVATION_OPS (its op type: MatMul, Transpose, BiasGelu) without weights.
+    """Signature of an op of ACTIVATION_OPS (its op type: MatMul, Transpose, BiasGelu...) without weights.
 
     `input_dims`: per input, per dimension, its size or (size, key) where a plan can prune it;
     dimensions with equal keys are one axis of the signature (the heads of both operands of an
@@ -541,7 +542,8 @@ def _bench_model(points, on_device=False):
     if on_device:
         inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("flat", [-1]), ("zero", [0]), ("one", [1]))]
     graph = helper.make_graph(nodes, "timing", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(CONTRIB, 1)])
     model.ir_version = 8
     return model
 

@@ -305,36 +305,50 @@ def test_the_database_times_ops_without_weights():
     scores = activation_sig("MatMul", [[2, (4, "heads"), 6, (8, "d")], [2, (4, "heads"), (8, "d"), 6]])
     moved = activation_sig("Transpose", [[2, 6, (4, "heads"), (8, "d")]], perm=[0, 2, 1, 3])
     gelu = activation_sig("BiasGelu", [[2, 6, (32, "ffn")], [(32, "ffn")]])
+    tanh_gelu = activation_sig("FastGelu", [[2, 6, (32, "ffn")], [(32, "ffn")]])
     assert scores.full == (4, 8) and timing._input_shapes(scores, (2, 8)) == [(2, 2, 6, 8), (2, 2, 8, 6)]
     assert gelu.full == (32,) and timing._input_shapes(gelu, (8,)) == [(2, 6, 8), (8,)]
     assert activation_sig("Relu", [[2, (4, "heads")]]) is None and activation_sig("MatMul", [[2, 3], [3, 2]]) is None
     db = TimingDB("cpu", threads=1, use_cache=False)
-    points = axis_points(scores, [[2, 4], [4, 8]]) + axis_points(moved, [[4], [4, 8]]) + axis_points(gelu, [[8, 32]])
+    points = axis_points(scores, [[2, 4], [4, 8]]) + axis_points(moved, [[4], [4, 8]]) + \
+        axis_points(gelu, [[8, 32]]) + axis_points(tanh_gelu, [[8, 32]])
     db.ensure(points)
-    assert db.measured == len(set(points)) == 7 and all(db.get(s, w) > 0 for s, w in points)
+    assert db.measured == len(set(points)) == 9 and all(db.get(s, w) > 0 for s, w in points)
 
 
-def mlp_with_bias_gelu(width=16, hidden=32):
+def mlp_with_bias_gelu(width=16, hidden=32, form="erf"):
     """x (rows, 16) -> Gemm (fused with its Relu by ORT) -> (rows, 1, 16) -> MatMul -> + bias ->
-    Gelu (ORT: one BiasGelu where the rows are dynamic; static, it folds the Add into a Gemm) -> MatMul."""
+    Gelu (ORT: one BiasGelu, or FastGelu for the tanh form, where the rows are dynamic; static, it
+    folds the Add into a Gemm) -> MatMul."""
     rng = np.random.default_rng(0)
     w = lambda *shape: numpy_helper.from_array((rng.standard_normal(shape) / 4).astype(np.float32))  # noqa: E731
     inits = [w(width, width), w(width, hidden), w(hidden), w(hidden, width), numpy_helper.from_array(np.array([1]))]
     for t, name in zip(inits, ("w0", "w1", "b1", "w2", "axis1")):
         t.name = name
     inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
-              (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))]
+              (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5), ("three", 3.0), ("cubic", 0.044715),
+               ("slope", np.sqrt(2 / np.pi)))]
+    if form == "erf":  # as exporters before opset 20 write it: x * 0.5 * (1 + erf(x / sqrt 2))
+        gelu = [helper.make_node("Div", ["hb", "sqrt2"], ["hs"], name="gelu_div"),
+                helper.make_node("Erf", ["hs"], ["he"], name="gelu_erf"),
+                helper.make_node("Add", ["he", "one"], ["h1p"], name="gelu_add"),
+                helper.make_node("Mul", ["hb", "h1p"], ["hm"], name="gelu_mul"),
+                helper.make_node("Mul", ["hm", "half"], ["g"], name="gelu")]
+    else:  # as GPT-2's exporters write it: 0.5 x * (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        gelu = [helper.make_node("Pow", ["hb", "three"], ["h3"], name="gelu_pow"),
+                helper.make_node("Mul", ["cubic", "h3"], ["hc"], name="gelu_cubic"),
+                helper.make_node("Add", ["hb", "hc"], ["hi"], name="gelu_inner"),
+                helper.make_node("Mul", ["slope", "hi"], ["hs"], name="gelu_slope"),
+                helper.make_node("Tanh", ["hs"], ["he"], name="gelu_tanh"),
+                helper.make_node("Add", ["one", "he"], ["h1p"], name="gelu_add"),
+                helper.make_node("Mul", ["half", "hb"], ["hm"], name="gelu_half"),
+                helper.make_node("Mul", ["hm", "h1p"], ["g"], name="gelu")]
     nodes = [helper.make_node("Gemm", ["x", "w0"], ["h0"], name="fc0"),
              helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
              helper.make_node("Unsqueeze", ["r0", "axis1"], ["r3"], name="to3d"),
              helper.make_node("MatMul", ["r3", "w1"], ["h1"], name="fc1"),
              helper.make_node("Add", ["b1", "h1"], ["hb"], name="bias"),
-             # Gelu as exporters before opset 20 write it: x * 0.5 * (1 + erf(x / sqrt 2))
-             helper.make_node("Div", ["hb", "sqrt2"], ["hs"], name="gelu_div"),
-             helper.make_node("Erf", ["hs"], ["he"], name="gelu_erf"),
-             helper.make_node("Add", ["he", "one"], ["h1p"], name="gelu_add"),
-             helper.make_node("Mul", ["hb", "h1p"], ["hm"], name="gelu_mul"),
-             helper.make_node("Mul", ["hm", "half"], ["g"], name="gelu"),
+             *gelu,
              helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2")]
     g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", width])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 1, width])], inits)
@@ -343,25 +357,25 @@ def mlp_with_bias_gelu(width=16, hidden=32):
     return m
 
 
-def test_kernels_ort_fused_are_charged_to_their_nodes_or_timed():
+@pytest.mark.parametrize("form, op", [("erf", "BiasGelu"), ("tanh", "FastGelu")])
+def test_kernels_ort_fused_are_charged_to_their_nodes_or_timed(form, op):
     """A kernel ORT fused from a weight layer ("fused fc0": Gemm + Relu) is that layer's; a BiasGelu
-    (fused from Add and Gelu, named after neither) is timed at the plan's width, read from the
-    Gelu's output value, where its kept elements would say 8/32 (HF ConvNeXt: 0.58 measured)."""
-    canon = canonicalize(mlp_with_bias_gelu(), input_shapes={"x": (6, 16)})
+    or FastGelu (fused from Add and Gelu, named after neither) is timed at the plan's width, read
+    from the Gelu's output value, where its kept elements would say 8/32 (HF ConvNeXt: 0.58 measured)."""
+    canon = canonicalize(mlp_with_bias_gelu(form=form), input_shapes={"x": (6, 16)})
     analysis = analyze_canonical(canon)
     fused = profile.profile_session_runs(canon.model, {"x": np.ones((6, 16), np.float32)}, threads=1, runs=2,
                                          warmup=1, node_values=True)  # how ORT names and links them
-    assert (fused["fused fc0"].op, fused["BiasGelu"].op, fused["BiasGelu"].values) == ("FusedGemm", "BiasGelu",
-                                                                                       ("g", "h1", "b1"))
+    assert (fused["fused fc0"].op, fused[op].op, fused[op].values) == ("FusedGemm", op, ("g", "h1", "b1"))
     kernels = {"fused fc0": Kernel("fused fc0", "FusedGemm", 40.0, [], [], ("r0", "x", "w0")),
                "to3d": Kernel("to3d", "Unsqueeze", 0.0, [], []),
                "fc1": Kernel("fc1", "MatMul", 50.0, [], []),
-               "BiasGelu": Kernel("BiasGelu", "BiasGelu", 30.0, [], [], ("g", "h1", "b1")),
+               op: Kernel(op, op, 30.0, [], [], ("g", "h1", "b1")),
                "fc2": Kernel("fc2", "MatMul", 50.0, [], [])}
     cm = CostModel(canon.model, analysis, None, db=OffsetDB(), profile=Profile(kernels, e2e_ms=0.17))
-    assert cm.kernel_nodes["fused fc0"] == "fc0" and cm.kernel_nodes["BiasGelu"] is None
-    gelu = cm.kernel_layers["BiasGelu"]
-    assert gelu.sig.op == "BiasGelu" and gelu.sig.full == (32,) and gelu.sig.lead == ((6, 1, -1), (-1,))
+    assert cm.kernel_nodes["fused fc0"] == "fc0" and cm.kernel_nodes[op] is None
+    gelu = cm.kernel_layers[op]
+    assert gelu.sig.op == op and gelu.sig.full == (32,) and gelu.sig.lead == ((6, 1, -1), (-1,))
     hidden = next(g.name for g in analysis.groups if g.size == 32)
     quarter = analysis.keep_arrays({hidden: np.arange(8)})
     assert cm._timed_ratio(gelu, quarter) == pytest.approx((16 + 8) / (16 + 32))
