@@ -32,7 +32,7 @@ from onnx_prune.passes.graph import CONTRIB, attr, conv_pads
 CHUNK_BYTES = 192 << 20  # weights per microbenchmark model
 CUDA_CHUNK_BYTES = 1 << 30  # weights and activations per microbenchmark model on CUDA
 MAX_GRID = 24
-SCHEMA = 9  # bump when what a stored time means changes (9: CUDA kernels timed with launches blocking)
+SCHEMA = 10  # bump when what a stored time means changes (10: pool chains timed alone)
 # a chunk is profiled 5 times, or for MIN_CHUNK_SECONDS up to MAX_RUNS times if that is more: a
 # kernel of 10-20 µs timed over 5 runs moved its time ratios by up to 3.5x between builds
 # (RegNetY's SE convs), over 25 by up to 2.2x
@@ -235,7 +235,10 @@ class TimingDB:
             profiles = profile_each(((_bench_model(c, on_device=True), {}) for c in chunks), "cuda",
                                     self.threads, **runs)
         else:
-            chunks = list(_chunks(todo, CHUNK_BYTES))
+            # each pool chain alone: timed after other points' heavy kernels, a blocked pool of 80 µs
+            # in the model took up to 196 (the zoo ShuffleNetV2 stem's, at batch 64)
+            chains = [[p] for p in todo if p[0].op in POOL_CHAIN_OPS]
+            chunks = list(_chunks([p for p in todo if p[0].op not in POOL_CHAIN_OPS], CHUNK_BYTES)) + chains
             profiles = (self._profile_on_cpu(c, runs) for c in chunks)
         for chunk, kernels in zip(chunks, profiles):
             blocked = _blocked(self.provider, chunk)

@@ -500,6 +500,23 @@ def test_the_database_times_a_pool_with_the_reorders_around_it():
     assert db.measured == 2 and all(db.get(s, w) > 0 for s, w in points)
 
 
+def test_each_pool_chain_is_timed_in_a_graph_of_its_own(monkeypatch):
+    """Weight layers share bulk graphs; a pool chain is timed alone (after another point's heavy
+    kernels a blocked pool of 80 µs took up to 196)."""
+    chain = timing.LayerSig("MaxPool", (20,), (2, 16, 16), (("kernel_shape", (3, 3)), ("strides", (2, 2))))
+    conv = timing.LayerSig("Conv", (16, 16), (2, 16, 16), ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), ()))
+    points = [(chain, (16,)), (conv, (8, 16)), (chain, (20,)), (conv, (16, 16))]
+    graphs = []
+    real = TimingDB._profile_on_cpu
+    monkeypatch.setattr(TimingDB, "_profile_on_cpu",
+                        lambda self, chunk, runs: graphs.append(chunk) or real(self, chunk, runs))
+    db = TimingDB("cpu", threads=1, use_cache=False)
+    db.ensure(points)
+    assert sorted(map(len, graphs)) == [1, 1, 2]
+    assert all(p[0].op == "Conv" for g in graphs if len(g) > 1 for p in g)
+    assert db.measured == 4 and all(db.get(s, w) > 0 for s, w in points)
+
+
 class PaddedDB(FakeDB):
     """Every width costs what the full width costs (ORT pads channels to its block)."""
 
