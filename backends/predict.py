@@ -6,18 +6,19 @@ each kernel by how its node changes:
 
 - weight layers (Conv, depthwise and grouped Conv, Gemm, MatMul with weights), and the ops
   without weights whose time is not their kept elements (attention MatMuls, Transposes, ORT's
-  BiasGelu: timing.ACTIVATION_OPS; on the CPU, a pool between convs with the layout reorders around it:
-  timing.POOL_CHAIN_OPS): by the timing database's t(widths') / t(widths), measured on the same
-  provider;
+  BiasGelu and FastGelu: timing.ACTIVATION_OPS; on the CPU, a pool between convs with the layout
+  reorders around it: timing.POOL_CHAIN_OPS): by the timing database's t(widths') / t(widths),
+  measured on the same provider;
 - fused attention kernels: by their multiply-adds;
 - ops that only relabel a shape (Reshape, Squeeze...): not at all;
 - everything else: by the share of its output elements that the plan keeps.
 
-Kernels that ORT created without a source node: a Transpose it moved, or a BiasGelu it fused from
-an Add and a Gelu, is timed from the model value it writes; layout reorders scale as the timing database's
-reorders around the weight layer whose output (or input) they convert (ORT's optimized graph names
-the value), else with the share of that value the plan keeps; any other keeps its time, and so
-does the part of the end-to-end time no kernel accounts for (session overhead).
+Kernels that ORT created without a source node: a Transpose it moved, or a BiasGelu it fused
+from an Add and a Gelu, is timed from the model value it writes; layout reorders scale as the
+timing database's reorders around the weight layer whose output (or input) they convert (ORT's
+optimized graph names the value), else with the share of that value the plan keeps; any other
+keeps its time, and so does the part of the end-to-end time no kernel accounts for (session
+overhead).
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ class CostModel:
 
     def _kernel_sig(self, kernel):
         """(signature, axes) of a kernel ORT made without a node of the model that the database
-        times (an inserted Transpose, a BiasGelu or FastGelu fused from an Add and a Gelu); (None, None)
-        if none."""
+        times (an inserted Transpose, a BiasGelu or FastGelu fused from an Add and a Gelu);
+        (None, None) if none."""
         if kernel.op == "Transpose":
             return self._inserted_transpose(kernel)
         if kernel.op in BIAS_GELUS and len(kernel.values) == 3:  # output, input, bias
