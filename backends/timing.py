@@ -235,10 +235,7 @@ class TimingDB:
             profiles = profile_each(((_bench_model(c, on_device=True), {}) for c in chunks), "cuda",
                                     self.threads, **runs)
         else:
-            # each pool chain alone: timed after other points' heavy kernels, a blocked pool of 80 µs
-            # in the model took up to 196 (the zoo ShuffleNetV2 stem's, at batch 64)
-            chains = [[p] for p in todo if p[0].op in POOL_CHAIN_OPS]
-            chunks = list(_chunks([p for p in todo if p[0].op not in POOL_CHAIN_OPS], CHUNK_BYTES)) + chains
+            chunks = list(_chunks(todo, CHUNK_BYTES))
             profiles = (self._profile_on_cpu(c, runs) for c in chunks)
         for chunk, kernels in zip(chunks, profiles):
             blocked = _blocked(self.provider, chunk)
@@ -448,15 +445,17 @@ def _input_names(i: int, n: int) -> list[str]:
 
 def _chunks(points, budget, activations=False):
     """Points in groups of about `budget` bytes of weights (and, with `activations`, of inputs and
-    outputs too: on CUDA a chunk's activations live on the GPU together)."""
+    outputs too: on CUDA a chunk's activations live on the GPU together); a pool chain in a group
+    of its own (after other points' heavy kernels, a blocked pool of 80 µs in the model took up to
+    196: the zoo ShuffleNetV2 stem's, at batch 64)."""
     chunk, size = [], 0
     for p in points:
+        if p[0].op in POOL_CHAIN_OPS:
+            yield [p]
+            continue
         weight = _weight_shape(*p)
         b = 4 * int(np.prod(weight)) if weight else 0
-        if p[0].op in POOL_CHAIN_OPS:  # input and Relu, then the channels the first conv writes, the
-            n, h, w = p[0].lead          # pool's output and the reorders between them
-            b += 4 * n * h * w * (2 * CHAIN_INPUT + 3 * int(p[1][0]))
-        elif weight is None:  # the random inputs, their Relus, and the output (attention scores: seq x seq)
+        if weight is None:  # the random inputs, their Relus, and the output (attention scores: seq x seq)
             shapes = _input_shapes(*p)
             out = np.prod(shapes[0][:-1]) * shapes[1][-1] if p[0].op == "MatMulAct" else np.prod(shapes[0])
             b += 4 * (2 * sum(int(np.prod(x)) for x in shapes) + int(out))
