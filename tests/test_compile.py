@@ -825,12 +825,14 @@ def goals_searched(monkeypatch, sized_kernels):
 
 
 @pytest.mark.parametrize("script, emitted", [((1.62, 1.52), 1.52), ((1.62, 1.45, 1.55), 1.55),
-                                             ((1.62, 1.45, 1.47), 1.62)])
+                                             ((1.62, 1.45, 1.47), 1.62), ((1.62, 1.56, 1.45, 1.52), 1.52),
+                                             ((1.62, 1.56, 1.45, 1.46), 1.56)])
 def test_full_search_tries_looser_goals_after_meeting_the_target_well_above_it(model, goals_searched, script,
                                                                                emitted):
     """1.62x for a 1.5x target is inside the ceiling (1.65x) but well above the target: --search full
-    searches again at a looser goal; if that plan falls short, once more between the two goals (never
-    a third time), and emits the plan pruned least that met the target."""
+    searches again at a looser goal (twice at most, while plans meet it well above); if a looser plan
+    falls short, once more between its goal and the last goal met (never a second time), and emits the
+    plan pruned least that met the target."""
     m, shapes = model
     timer = LyingTimer(*script)
     r = compile_model(m, "1.5x", input_shapes=shapes, timer=timer, search="full", search_seconds=2,
@@ -841,6 +843,9 @@ def test_full_search_tries_looser_goals_after_meeting_the_target_well_above_it(m
     if len(script) == 3:  # bisected: between the looser goal and the first plan's, in calibrated units
         assert goals_searched[1] < goals_searched[2] < r["rounds"][0]["measured_speedup"]
         assert timer.sizes[1] > timer.sizes[2] > timer.sizes[0]
+    if len(script) == 4:  # two looser goals, the second short: bisected between them
+        assert goals_searched[2] < goals_searched[3] < goals_searched[1]
+        assert timer.sizes[2] > timer.sizes[3] > timer.sizes[1]
 
 
 @pytest.mark.parametrize("first, looser", [(1.535, True), (1.525, False)])
