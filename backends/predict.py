@@ -18,7 +18,9 @@ from an Add and a Gelu, is timed from the model value it writes; layout reorders
 timing database's reorders around the weight layer whose output (or input) they convert (ORT's
 optimized graph names the value), else with the share of that value the plan keeps; any other
 keeps its time, and so does the part of the end-to-end time no kernel accounts for (session
-overhead).
+overhead). On the CPU a plan that cuts a conv's output off ORT's channel block, where a conv
+reads it, adds the reorder ORT then puts between them, as the timing database timed it
+(timing.BLOCK_EXIT): the dense profile has no kernel to scale for it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_prune.backends.profile import profile_model
-from onnx_prune.backends.timing import (ACTIVATION_OPS, BIAS_GELUS, CONVS, POOL_CHAIN_OPS, TimingDB, activation_sig,
-                                        axis_points, fast_widths, layer_sig, pool_chain_sig, width_grid)
+from onnx_prune.backends.timing import (ACTIVATION_OPS, BIAS_GELUS, BLOCK_EXIT, CONVS, POOL_CHAIN_OPS, LayerSig, TimingDB,
+                                        activation_sig, axis_points, fast_widths, layer_sig, nchwc_block, pool_chain_sig,
+                                        width_grid)
 from onnx_prune.passes.analysis import Analysis
 from onnx_prune.passes.graph import CONTRIB, attr
 from onnx_prune.passes.rules import recurrent_weight
@@ -44,6 +47,11 @@ MAX_COMBINATIONS = 256  # of group widths, to find an axis's widths
 # call, not the elements (MiniLM, a 2x plan: its Reshapes 57 µs dense, 51 pruned, not the 20 that
 # their kept elements said)
 VIEW_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+# readers of a conv's output that ORT feeds through a reorder once a plan cuts it off the block
+# (timing.BLOCK_EXIT; a pool between convs is timed with its reorders as a chain); what the
+# conv's output passes through first is fused into the conv
+BLOCK_READERS = ("Conv", "Concat", "Resize", "Upsample")
+FUSED_INTO_CONV = ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
 
 
 @dataclass
@@ -115,6 +123,12 @@ class CostModel:
             layer = TimedLayer(name, sig, axes, grids, coords[name])
             (self.kernel_layers if name in inserted else self.layers)[name] = layer
             points += axis_points(sig, layer.grids)
+        # convs whose output a plan can cut off the block, where ORT then adds a reorder: name -> its
+        # timing.BLOCK_EXIT signature (measured at the off-block widths of the conv's output grid)
+        self.block = nchwc_block(provider)
+        self.block_exits = self._block_exits() if self.block else {}
+        for name, sig in self.block_exits.items():
+            points += [(sig, (w,)) for w in self.layers[name].grids[1] if w % self.block]
         self.db.ensure(points)
         # ORT's own nodes (layout reorders): the model's value they convert, if any
         self.kernel_values = {k: next((v for v in kern.values if v in ctx.index.shapes and ctx.ax(v)), None)
@@ -195,6 +209,32 @@ class CostModel:
             return None
         name = _upstream(by_output.get(value), weighted, self.nodes, by_output)
         return (name, 1) if name is not None else None
+
+    def _block_exits(self) -> dict:
+        """Convs of one group whose output fills whole blocks in the dense model and is read by a
+        BLOCK_READERS op, with no reorder there in the dense profile: name -> BLOCK_EXIT signature."""
+        index = self.analysis.ctx.index
+        reordered = {v for kern in self.profile.kernels.values() if kern.op.startswith("Reorder") for v in kern.values}
+        exits = {}
+        for name, layer in self.layers.items():
+            if layer.sig.op != "Conv" or layer.sig.full[1] % self.block:
+                continue
+            values = _fused_outputs(self.nodes[name], index)
+            shape = index.shape(values[-1])
+            readers = {n.op_type for v in values for n, _ in index.consumers.get(v, [])}
+            if (shape is None or len(shape) != 4 or None in shape or reordered.intersection(values)
+                    or not readers.intersection(BLOCK_READERS)):
+                continue
+            exits[name] = LayerSig(BLOCK_EXIT, (int(shape[1]),), (int(shape[0]), int(shape[2]), int(shape[3])))
+        return exits
+
+    def _exit_reorder_ms(self, name: str, keep: dict) -> float:
+        """The reorder a plan adds after conv `name` (of block_exits) by cutting its output off
+        the block, as the timing database measured it at that width (0 where ORT put none)."""
+        width = self.layers[name].widths(keep)[1]
+        if width % self.block == 0:
+            return 0.0
+        return (self.db.get(self.block_exits[name], (width,)) or 0.0) / 1e3
 
     def _reorder_ratio(self, kname: str, keep: dict) -> float:
         """A reorder kernel's time under the plan, relative to the dense model's."""
@@ -340,6 +380,7 @@ class CostModel:
                     t -= fixed
             scaled.append(t)
             kept.append(ratio)
+        fixed_ms += sum(self._exit_reorder_ms(name, keep) for name in self.block_exits)
         return fixed_ms, np.array(scaled), np.maximum(np.array(kept), 1e-9)
 
     def predict_ms(self, plan: dict) -> float:
@@ -492,6 +533,14 @@ def _fused_head(name, op, nodes, by_output):
     if name is None or op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
         return name
     return _upstream(name, lambda n: nodes[n].op_type == op, nodes, by_output) or name
+
+
+def _fused_outputs(node, index) -> list:
+    """A conv's output, then each output of the FUSED_INTO_CONV chain that alone reads it."""
+    values = [node.output[0]]
+    while len(readers := index.consumers.get(values[-1], [])) == 1 and readers[0][0].op_type in FUSED_INTO_CONV:
+        values.append(readers[0][0].output[0])
+    return values
 
 
 def _upstream(name, wanted, nodes, by_output, depth=3):

@@ -16,6 +16,7 @@ signature itself holds the batch size and shapes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,6 +25,7 @@ import platform
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_prune.backends.profile import profile_each, profile_session_runs
@@ -58,6 +60,13 @@ CONTRIB_OPS = BIAS_GELUS  # of ACTIVATION_OPS, those in ONNX Runtime's domain
 # times can show that. Signature: the pool's channels, lead (N, H, W), attrs its attributes.
 POOL_CHAIN_OPS = ("MaxPool", "AveragePool")
 CHAIN_INPUT = 8  # channels into the chain's first conv: fewer than a block, so it reads NCHW as is
+# A conv's output cut off the block, read by a conv: ORT still runs the writer blocked (its filters
+# padded to the block) and, below one block, puts a reorder between the two, which the dense graph
+# never had (U-Net's first stage cut from 16 to 8 channels at batch 16: 157, 160 and 249 µs after
+# three of its convs; past one block, 24 channels, ORT 1.32 puts none). Timed as block conv -> conv
+# at that width -> block conv, the reorder alone (0 where there is none). Signature: the output's
+# dense channels, lead (N, H, W) of the output.
+BLOCK_EXIT = "BlockExit"
 
 
 @dataclass(frozen=True)
@@ -244,7 +253,9 @@ class TimingDB:
                 t = _kernel_for(kernels, name)
                 if s.op in POOL_CHAIN_OPS:  # the reorders out of the first conv and into the second
                     t += _reorders_of(kernels, _chain_input(i)) + _reorders_of(kernels, name)
-                if t <= 0 and s.op not in ACTIVATION_OPS:
+                if s.op == BLOCK_EXIT:  # the reorder between the two convs, if ORT put one there
+                    t = _reorders_of(kernels, _chain_input(i))
+                elif t <= 0 and s.op not in ACTIVATION_OPS:
                     raise RuntimeError(f"the profiler reported no kernel for {s.op} {w}")
                 # an op without weights may be gone: ORT turns a Transpose that moves only
                 # dimensions of size 1 (one head left) into a free Reshape
@@ -394,6 +405,9 @@ def _input_shapes(sig: LayerSig, widths) -> list[tuple]:
     if sig.op in POOL_CHAIN_OPS:
         n, h, w = sig.lead
         return [(n, CHAIN_INPUT, h, w)]
+    if sig.op == BLOCK_EXIT:
+        n, h, w = sig.lead
+        return [(n, BLOCK, h, w)]
     return [_input_shape(sig, widths)]
 
 
@@ -406,7 +420,7 @@ def _input_shape(sig: LayerSig, widths):
 
 
 def _weight_shape(sig: LayerSig, widths):
-    if sig.op in ACTIVATION_OPS or sig.op in POOL_CHAIN_OPS:
+    if sig.op in ACTIVATION_OPS or sig.op in POOL_CHAIN_OPS or sig.op == BLOCK_EXIT:
         return None
     k = sig.attrs[0] if sig.attrs else ()
     if sig.op == "Conv":
@@ -426,7 +440,7 @@ def _weight_shape(sig: LayerSig, widths):
 def _blocked(provider, chunk) -> bool:
     """Whether ORT may run the chunk's layers in its blocked layout (convs on the CPU): then which
     values its reorders convert is read from its optimized graph."""
-    return provider == "cpu" and any(s.op in CONVS or s.op in POOL_CHAIN_OPS for s, _ in chunk)
+    return provider == "cpu" and any(s.op in CONVS or s.op in POOL_CHAIN_OPS or s.op == BLOCK_EXIT for s, _ in chunk)
 
 
 def _point_name(i: int) -> str:
@@ -507,6 +521,12 @@ def _bench_model(points, on_device=False):
             if s.op in CONTRIB_OPS:
                 kw["domain"] = CONTRIB
             nodes.append(helper.make_node(ACTIVATION_OPS[s.op], xs, [y], name=name, **kw))
+        elif s.op == BLOCK_EXIT:  # 1x1 convs: a block into the width, the width back into a block
+            first, second = _random_slices([(widths[0], BLOCK, 1, 1), (BLOCK, widths[0], 1, 1)], seed=i, scale=0.05)
+            inits += [numpy_helper.from_array(first, f"w{i}"), numpy_helper.from_array(second, f"v{i}")]
+            nodes += [helper.make_node("Conv", [xs[0], f"w{i}"], [_chain_input(i)], name=f"c{i}"),
+                      helper.make_node("Conv", [_chain_input(i), f"v{i}"], [f"o{i}"], name=f"o{i}")]
+            y = f"o{i}"
         elif s.op in POOL_CHAIN_OPS:
             # 1x1 convs into and out of the pool, in ORT's blocked layout on the CPU; only the
             # pool and the reorders around it count (their kernels are named apart from `name`)
@@ -548,6 +568,32 @@ def _bench_model(points, on_device=False):
                                                     helper.make_opsetid(CONTRIB, 1)])
     model.ir_version = 8
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def nchwc_block(provider: str) -> int | None:
+    """The channel block of ORT's NCHWc layout on this CPU (16 with AVX-512, 8 with AVX2), read from
+    the padded filter of a one-output-channel conv in the graph ORT optimizes; None where convs do
+    not run blocked (another provider, a CPU without the layout)."""
+    import tempfile
+
+    from onnx_prune.backends.ort import make_session
+
+    if provider != "cpu":
+        return None
+    w = numpy_helper.from_array(np.ones((1, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], "block",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with tempfile.TemporaryDirectory(prefix="onnx-prune-block-") as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        make_session(model, provider, threads=1, quiet=True, optimized_path=path)
+        optimized = onnx.load(path)
+    blocked = {i for n in optimized.graph.node if n.domain.endswith("nchwc") and n.op_type == "Conv" for i in n.input}
+    dims = [int(t.dims[0]) for t in optimized.graph.initializer if t.name in blocked and len(t.dims) == 4]
+    return dims[0] if dims and dims[0] > 1 else None
 
 
 def _reorders_of(kernels, value) -> float:

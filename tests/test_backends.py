@@ -239,6 +239,9 @@ class FakeDB:
     def reorder_estimate(self, sig, widths, grids, side):
         return None  # no reorders timed: they scale with the kept share of their value
 
+    def get(self, sig, widths):
+        return None  # no point measured (a conv output cut off the block adds nothing)
+
 
 def multi_head_attention(t=6, heads=4, d=8):
     """Unfused self-attention: Q, K, V projections split into heads by Reshape and Transpose."""
@@ -515,6 +518,65 @@ def test_each_pool_chain_is_timed_in_a_graph_of_its_own(monkeypatch):
     assert sorted(map(len, graphs)) == [1, 1, 2]
     assert all(p[0].op == "Conv" for g in graphs if len(g) > 1 for p in g)
     assert db.measured == 4 and all(db.get(s, w) > 0 for s, w in points)
+
+
+def test_the_database_times_the_reorder_between_convs_off_the_block():
+    """A conv writing fewer channels than a block still runs blocked (its filters padded) and ORT
+    reorders its output for the conv that reads it; on the block, no reorder: the point is 0. (Past
+    one block, ORT 1.32 has the reader take the padded blocks as they are: measured, not assumed.)"""
+    block = timing.nchwc_block("cpu")
+    assert block in (8, 16), "ORT's CPU convs run in 8- or 16-channel blocks on x86"
+    sig = timing.LayerSig(timing.BLOCK_EXIT, (2 * block,), (2, 16, 16))
+    points = [(sig, (block // 2,)), (sig, (block,)), (sig, (block + block // 2,))]
+    db = TimingDB("cpu", threads=1, use_cache=False)
+    db.ensure(points)
+    assert db.measured == 3
+    assert db.get(sig, (block // 2,)) > 0 and db.get(sig, (block + block // 2,)) is not None
+    assert db.get(sig, (block,)) == 0
+
+
+class ExitDB(FakeDB):
+    """FakeDB, and 7 µs for every conv output cut off the block."""
+
+    def get(self, sig, widths):
+        return 7.0 if sig.op == timing.BLOCK_EXIT else None
+
+
+def test_a_conv_output_cut_off_the_block_adds_the_reorder_the_database_timed():
+    """The dense graph has no reorder between two convs on the block; a plan that cuts the first
+    conv's output off the block gains one (U-Net's first stage cut from 16 to 8 channels), timed
+    by the database. A pool reader is not counted here (its chain holds its reorders), nor is an
+    output ORT already reorders in the dense model."""
+    block = timing.nchwc_block("cpu")
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon)
+    (group,) = analysis.groups
+    kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []), "relu": Kernel("relu", "Relu", 1.0, [], []),
+               "c2": Kernel("c2", "Conv", 50.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=ExitDB(), profile=Profile(kernels, e2e_ms=0.151))
+    assert list(cm.block_exits) == ["c1"]
+    assert (cm.block_exits["c1"].full, cm.block_exits["c1"].lead) == ((32,), (1, 16, 16))
+
+    def without_exits(plan):
+        exits, cm.block_exits = cm.block_exits, {}
+        try:
+            return cm.predict_ms(plan)
+        finally:
+            cm.block_exits = exits
+
+    for width, added in ((block // 2, 0.007), (block, 0.0), (32, 0.0)):
+        plan = {group.name: np.arange(width)}
+        assert cm.predict_ms(plan) - without_exits(plan) == pytest.approx(added)
+    reordered = {**kernels, "ReorderOutput_token_1": Kernel("ReorderOutput_token_1", "ReorderOutput", 4.0, [], [],
+                                                            ("r", "reorder_token_0"))}
+    cm = CostModel(canon.model, analysis, None, db=ExitDB(), profile=Profile(reordered, e2e_ms=0.155))
+    assert cm.block_exits == {}
+    pooled = canonicalize(two_convs(32, pool=True))
+    cm = CostModel(pooled.model, analyze_canonical(pooled), None, db=ExitDB(),
+                   profile=Profile({**kernels, "pool": Kernel("pool", "MaxPool", 5.0, [], [])}, e2e_ms=0.156))
+    assert cm.block_exits == {}
+    cm = CostModel(canon.model, analysis, None, provider="cuda", db=ExitDB(), profile=Profile(kernels, e2e_ms=0.151))
+    assert cm.block_exits == {}
 
 
 class PaddedDB(FakeDB):
