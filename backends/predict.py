@@ -47,11 +47,10 @@ MAX_COMBINATIONS = 256  # of group widths, to find an axis's widths
 # call, not the elements (MiniLM, a 2x plan: its Reshapes 57 µs dense, 51 pruned, not the 20 that
 # their kept elements said)
 VIEW_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
-# readers of a conv's output that ORT feeds through a reorder once a plan cuts it off the block
-# (timing.BLOCK_EXIT; a pool between convs is timed with its reorders as a chain); what the
-# conv's output passes through first is fused into the conv
+# readers of a conv's output (past what ORT fuses into the conv: FUSED_INTO_CONV) that ORT feeds
+# through a reorder once a plan cuts it off the block (timing.BLOCK_EXIT; a pool between convs is
+# timed with its reorders as a chain)
 BLOCK_READERS = ("Conv", "Concat", "Resize", "Upsample")
-FUSED_INTO_CONV = ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
 
 
 @dataclass
