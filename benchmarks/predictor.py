@@ -2,7 +2,7 @@
 
     python benchmarks/predictor.py [--batch N] [--threads 2] [--provider cpu|cuda] [NAME ...]
 
-NAME: a zoo model, or one of benchmarks/cuda_check.py's BUILDERS (bert_minilm_shaped, resnet50_dynamic_batch).
+NAME: a zoo model (one with a fixed batch runs at it, whatever --batch says), or one of benchmarks/cuda_check.py's BUILDERS (bert_minilm_shaped, resnet50_dynamic_batch).
 
 For each model: profile the dense model, build the timing database, then draw plans on the
 measured fast widths: uniform plans whose predicted speedup is 1.25x, 1.5x, 2x, 2.5x and 3x, and
@@ -21,6 +21,7 @@ from cuda_check import model_and_shapes  # zoo names, and full-size models built
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import feeds_for
 from onnx_prune.backends.predict import CostModel
+from onnx_prune.errors import UserError
 from onnx_prune.compiler.plans import random_plan, uniform_plan
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
@@ -64,7 +65,10 @@ def measured_ratio(dense, pruned, feeds, threads, provider="cpu", agree=0.03, at
 
 def run(name, batch, threads, n_random, rng, provider="cpu"):
     source, shapes = model_and_shapes(name)
-    model, feeds = feeds_for(source, shapes, batch)
+    try:
+        model, feeds = feeds_for(source, shapes, batch)
+    except UserError:  # a fixed batch (light_resnet50's is 1): the model's own
+        model, feeds = feeds_for(source, shapes, None)
     shapes = {k: v.shape for k, v in feeds.items()}
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
@@ -90,7 +94,7 @@ def run(name, batch, threads, n_random, rng, provider="cpu"):
     gamma = cm.calibrate(plans[anchor][1], measured[anchor])
     calibrated = [cm.predicted_speedup(plan) for _, plan in plans]
     rows = [(kind, raw[i], calibrated[i], measured[i], i == anchor) for i, (kind, _) in enumerate(plans)]
-    return cm, build_s, gamma, rows
+    return cm, build_s, gamma, rows, next(iter(feeds.values())).shape[0]
 
 
 def errors(rows, column):
@@ -111,12 +115,12 @@ def main():
           "| (raw, calibrated, measured); * = the calibration plan |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.names:
-        cm, build_s, gamma, rows = run(name, args.batch, args.threads, args.random, rng, args.provider)
+        cm, build_s, gamma, rows, used = run(name, args.batch, args.threads, args.random, rng, args.provider)
         raw, cal = errors(rows, 1), errors(rows, 2)
         all_raw += raw
         all_cal += cal
         cells = ", ".join(f"{r[1]:.2f}/{r[2]:.2f}/{r[3]:.2f}{'*' if r[4] else ''}" for r in rows)
-        print(f"| {name} | {args.batch or 'zoo'} | {cm.dense_ms:.2f} | {build_s:.1f} | {len(rows)} | "
+        print(f"| {name} | {used if args.batch else 'zoo'} | {cm.dense_ms:.2f} | {build_s:.1f} | {len(rows)} | "
               f"{np.median(raw):.1%} / {max(raw):.1%} | {gamma:.2f} | {np.median(cal):.1%} / {max(cal):.1%} | "
               f"{cells} |", flush=True)
     print(f"\nall plans: raw median {np.median(all_raw):.1%}, worst {max(all_raw):.1%} over {len(all_raw)}; "

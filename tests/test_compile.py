@@ -545,9 +545,13 @@ def test_every_group_at_its_smallest_width_is_measured_before_a_target_is_called
 
     result = compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16)
     r = result.report
-    assert r["rounds"][-1].get("fastest_plan") and r["measured_speedup"] == 1.35
-    assert calls.count(fastest) == 1 and len(set(calls)) >= 2  # the search's own plans came first
+    at = [i for i, x in enumerate(r["rounds"]) if x.get("fastest_plan")]
+    assert len(at) == 1 and r["measured_speedup"] == 1.35
+    assert calls.index(fastest) >= 1 and len(set(calls)) >= 2  # the search's own plans came first
     assert result.model.ByteSize() == fastest and r["max_abs_error_vs_masked_reference"] < 1e-3
+    # 1.35x is 4% above the target: with rounds left, the calibrated search looked for less pruning
+    # (its plans measure short here, so the fastest plan stays the one emitted)
+    assert at[0] + 1 < len(r["rounds"]) or len(r["rounds"]) == 7
     # short as well: now the target is out of reach, and the error says which plan showed it
     with pytest.raises(TargetNotMet, match="every group at its smallest width, measured 1 time, stays short"):
         compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(*[1.1] * 20), batch_size=16)
