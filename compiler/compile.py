@@ -52,6 +52,8 @@ MAX_ROUNDS = 6
 OVERSHOOT_MARGIN = 1.04  # aim inside [target, MAX_OVERSHOOT x target], nearer its low end: a plan's
 # measured speedup scatters by about 3% on this machine, and each round missed costs a measurement
 MEASURE_ATTEMPTS = 3  # a measurement the machine's speed changed during is repeated, the steadiest kept
+SETTLE_NEAR = 1.05  # a plan measured this close below the target is measured again before one over
+# MAX_OVERSHOOT x target is emitted (mobilenetv3 2x, a noisy hour: 1.92-1.97x and 2.21-2.27x in turn)
 MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
 # --search full (the mode for accuracy) tries looser goals, aimed RELAX_AIM x target, after a plan
 # met the target above RELAX_TRIGGER x target: MiniLM keeps ~0.001 cosine more per 0.01x less at
@@ -342,6 +344,9 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             continue
         goal = _next_goal(goal, judged, target, short_goal, long_goal, aim)
     chosen = _chosen(runs, target)
+    if _lower_median(runs[chosen])[0] > MAX_OVERSHOOT * target:
+        with steps("measure again the plan nearest below the target"):
+            chosen = _settle(runs, target, lambda key: timer(canon.model, build(key)[0], feeds), notes)
     speedup, dense_ms, pruned_ms, change = _lower_median(runs[chosen])
     (plan, predicted), (pruned, check) = found[chosen], build(chosen)
     built.clear()
@@ -643,6 +648,30 @@ def _chosen(runs: dict, target: float):
     per_plan = {k: _lower_median(v)[0] for k, v in runs.items()}
     met = [k for k in per_plan if per_plan[k] >= target]
     return min(met, key=per_plan.get) if met else max(per_plan, key=per_plan.get)
+
+
+def _settle(runs: dict, target: float, measure_plan, notes: list):
+    """The rounds ended with only plans over MAX_OVERSHOOT x target meeting it. On a noisy machine
+    (sub-millisecond models, whose plans measure short and long in turn) the plan measured nearest
+    below the target may meet it: within SETTLE_NEAR of it, it is measured twice more and judged
+    by its median, as a plan found again is. Returns the plan to emit."""
+    over = _chosen(runs, target)
+    below = [k for k in runs if _lower_median(runs[k])[0] < target]
+    if not below:
+        return over
+    near = max(below, key=lambda k: _lower_median(runs[k])[0])
+    before = _lower_median(runs[near])[0]
+    if before * SETTLE_NEAR < target:
+        return over
+    for _ in range(2 + (len(runs[near]) + 1) % 2):  # an odd count: the median is a measurement
+        speedup, dense_ms, pruned_ms, *change = measure_plan(near)
+        runs[near].append((speedup, dense_ms, pruned_ms, change[0] if change else 1.0))
+    chosen = _chosen(runs, target)
+    notes.append(f"the plan chosen measured {_lower_median(runs[over])[0]:.2f}x, over {MAX_OVERSHOOT:g}x the "
+                 f"target; the plan measured nearest below it ({before:.2f}x) was measured again: "
+                 + ", ".join(f"{m[0]:.2f}x" for m in runs[near])
+                 + (", and its median meets the target" if chosen == near else ", still short"))
+    return chosen
 
 
 def _met(runs: dict, target: float) -> bool:

@@ -557,6 +557,22 @@ def test_every_group_at_its_smallest_width_is_measured_before_a_target_is_called
         compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(*[1.1] * 20), batch_size=16)
 
 
+@pytest.mark.parametrize("again, emitted", [((1.32, 1.31), 1.31), ((1.2, 1.33), 1.5)])
+def test_a_plan_over_the_window_is_emitted_only_after_the_nearest_short_one_is_measured_again(
+        model, monkeypatch, again, emitted):
+    """Two rounds: a plan measured 1.25x (short of 1.3x, within 5%), then one 1.5x (over 1.1x the
+    target). Before 1.5x is emitted the short plan is measured twice more and judged by its median:
+    1.25, 1.32, 1.31 meets the target and prunes less, so it is emitted; 1.25, 1.2, 1.33 does not."""
+    monkeypatch.setattr("onnx_prune.compiler.compile.MAX_ROUNDS", 2)
+    m, shapes = model
+    timer = LyingTimer(1.25, 1.5, *again)
+    r = compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16).report
+    assert timer.calls == [1.25, 1.5, *again] and len(set(timer.sizes[:2])) == 2
+    assert timer.sizes[2:] == [timer.sizes[0]] * 2  # the short plan was measured again, not the other
+    assert r["measured_speedup"] == emitted
+    assert any("was measured again: 1.25x, " in n for n in r["notes"])
+
+
 def calib_file(tmp_path, shapes, n=10):
     p = tmp_path / "c.npz"
     np.savez(p, input=np.random.default_rng(0).standard_normal((n,) + shapes["input"][1:]).astype(np.float32))
