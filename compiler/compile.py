@@ -53,7 +53,8 @@ OVERSHOOT_MARGIN = 1.04  # aim inside [target, MAX_OVERSHOOT x target], nearer i
 # measured speedup scatters by about 3% on this machine, and each round missed costs a measurement
 MEASURE_ATTEMPTS = 3  # a measurement the machine's speed changed during is repeated, the steadiest kept
 SETTLE_NEAR = 1.05  # a plan measured this close below the target is measured again before one over
-# MAX_OVERSHOOT x target is emitted (mobilenetv3 2x, a noisy hour: 1.92-1.97x and 2.21-2.27x in turn)
+# MAX_OVERSHOOT x target is emitted (mobilenetv3 2x, a noisy hour: 1.92-1.97x and 2.21-2.27x in turn),
+# and before the fastest plan is called short (the small DenseNet 1.5x: 1.48x, 1.43x, 1.52x in three runs)
 MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
 # --search full (the mode for accuracy) tries looser goals, aimed RELAX_AIM x target, after a plan
 # met the target above RELAX_TRIGGER x target: MiniLM keeps ~0.001 cosine more per 0.01x less at
@@ -267,7 +268,11 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
                 # measurements of one plan that disagree about the target get one more, so that a
                 # median, not one fast (or slow) spell, decides
                 speeds = [m[0] for m in measured]
-                if len(measured) % 2 or not min(speeds) < target <= max(speeds):
+                decided = len(measured) % 2 or not min(speeds) < target <= max(speeds)
+                # every group at its smallest width has the last word on the target's reach: a
+                # near miss (within SETTLE_NEAR) is measured three times, and the median decides
+                near_miss = last_resort and len(measured) < 3 and max(speeds) < target <= max(speeds) * SETTLE_NEAR
+                if decided and not near_miss:
                     break
             del pruned  # freed with the phase unless it is the plan chosen so far
             chosen = _chosen(runs, target)
