@@ -133,7 +133,8 @@ def markdown(report, plots) -> str:
     for key, path in plots.items():
         lines += ["", f"## {titles[key]}", "", f"![{titles[key]}]({os.path.basename(path)})"]
     lines += ["", "## Rounds", "", "| round | goal | predicted | measured |", "|---|---|---|---|"]
-    lines += [f"| {k + 1} | {x['goal']:.2f}x | {x['predicted_speedup']:.2f}x | {x['measured_speedup']:.2f}x |"
+    lines += [f"| {k + 1} | {'every group at its smallest width' if x.get('fastest_plan') else format(x['goal'], '.2f') + 'x'} "
+              f"| {x['predicted_speedup']:.2f}x | {x['measured_speedup']:.2f}x |"
               for k, x in enumerate(r.get("rounds", []))]
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]

@@ -565,6 +565,9 @@ def test_every_group_at_its_smallest_width_is_measured_before_a_target_is_called
     r = compile_model(m, "1.3x", input_shapes=shapes, timer=near, batch_size=16).report
     last = r["rounds"][-1]
     assert last.get("fastest_plan") and last["plan_measurements"] == 3 and r["measured_speedup"] == 1.31
+    from onnx_prune.compiler.summary import markdown
+
+    assert f"| {len(r['rounds'])} | every group at its smallest width | " in markdown(r, {})
 
 
 @pytest.mark.parametrize("again, emitted", [((1.32, 1.31), 1.31), ((1.2, 1.33), 1.5)])
