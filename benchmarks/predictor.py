@@ -21,8 +21,8 @@ from cuda_check import model_and_shapes  # zoo names, and full-size models built
 from onnx_prune.backends.measure import measure
 from onnx_prune.backends.ort import feeds_for
 from onnx_prune.backends.predict import CostModel
-from onnx_prune.errors import UserError
 from onnx_prune.compiler.plans import random_plan, uniform_plan
+from onnx_prune.errors import UserError
 from onnx_prune.passes.analysis import analyze_canonical
 from onnx_prune.passes.canonicalize import canonicalize
 from onnx_prune.passes.importance import group_scores
