@@ -26,6 +26,7 @@ from onnx_prune.compiler.calib import batches, load_calibration_with_labels
 from onnx_prune.compiler.crossfit import CrossFitLoss, distinct_ids, fold_masks
 from onnx_prune.compiler.prune import build_report
 from onnx_prune.compiler.fidelity import Reference, similarity
+from onnx_prune.compiler.guarantee import OVERSHOOT_MARGIN, Guarantee, fastest_plan
 from onnx_prune.compiler.progress import Steps
 from onnx_prune.compiler.search import SpdyTables, search_global, search_spdy, search_uniform
 from onnx_prune.compiler.sensitivity import measured_gains, sensitivity_search
@@ -39,7 +40,6 @@ from onnx_prune.passes.reconstruct import feed_batches
 from onnx_prune.passes.rotate import rotate_heads
 from onnx_prune.passes.sequential import SequentialTooSlow, sequential_refit
 from onnx_prune.passes.surgery import apply_plan
-from onnx_prune.passes.verify import verify
 
 METHODS = {"uniform": search_uniform, "global": search_global, "spdy": search_spdy}
 SEARCHES = ("fast", "full")
@@ -48,23 +48,7 @@ SEARCH_SECONDS = 90  # --search full: time for SPDY's sensitivity search
 SEQUENTIAL_BUDGET_S = 30.0  # the sequential refit runs the pruned model once per layer input
 SEARCH_SAMPLES = 64  # calibration samples that score each candidate of the sensitivity search
 PROBE_SHARE = 0.5  # of --search-seconds, at most, for measuring each group's gain (fewer samples if needed)
-MAX_ROUNDS = 6
-OVERSHOOT_MARGIN = 1.04  # aim inside [target, MAX_OVERSHOOT x target], nearer its low end: a plan's
-# measured speedup scatters by about 3% on this machine, and each round missed costs a measurement
 MEASURE_ATTEMPTS = 3  # a measurement the machine's speed changed during is repeated, the steadiest kept
-SETTLE_NEAR = 1.05  # a plan measured this close below the target is measured again before one over
-# MAX_OVERSHOOT x target is emitted (mobilenetv3 2x, a noisy hour: 1.92-1.97x and 2.21-2.27x in turn),
-# and before the fastest plan is called short (the small DenseNet 1.5x: 1.48x, 1.43x, 1.52x in three runs)
-MAX_OVERSHOOT = 1.10  # a 2x request that delivers much more wasted accuracy: search again
-# --search full (the mode for accuracy) tries looser goals, aimed RELAX_AIM x target, after a plan
-# met the target above RELAX_TRIGGER x target: MiniLM keeps ~0.001 cosine more per 0.01x less at
-# 1.5x (1.02 / 1.03 until session 27, when MiniLM's predictor came within 3.3% at worst; its 1.5x
-# runs then landed at 1.51x instead of 1.52-1.53x)
-RELAX_AIM = 1.01
-RELAX_TRIGGER = 1.02
-RELAX_ROUNDS = 2  # looser goals, each after a plan met the target above RELAX_TRIGGER x target; a looser
-# goal measured short then gets one round between it and the goal met (MiniLM 1.5x, session 30: 1.57x,
-# then 1.54x, then 1.48x short, and 1.54x was emitted without the round between them)
 # the dense model measured this much slower beside the pruned one than when it was profiled: the
 # machine slowed down, and a slowed machine slows a pruned model more (EfficientNet at batch 64, 2
 # threads: dense 9 -> 14 ms, a pruned plan 6 -> 12.6 ms, its 1.5x measured 1.23x)
@@ -218,7 +202,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
     goal = target * OVERSHOOT_MARGIN
     with steps("search tables"):
         find = _planner(method, cm, analysis, widths, scores, curves)
-    tables = getattr(find, "tables", None)  # SPDY's, refreshed if the cost model is calibrated
+    tables = getattr(find, "tables", None)  # SPDY's, refreshed when the cost model is calibrated
     candidates = []
     if search == "full":
         with steps("sensitivity search"):
@@ -232,129 +216,11 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             kind = "summed layer error (error database)" if curves is not None else \
                 "summed importance removed (weight magnitude)"
             candidates = _frontier(find, cm, analysis, scores, reachable, kind)
-    # found: plan key -> (plan, its prediction when first found); runs: its measurements; built:
-    # (pruned, check) of the plan chosen so far only (a pruned BERT-large is 0.7 GB a round)
-    rounds, found, runs, built = [], {}, {}, {}
-
-    def build(key):
-        if key not in built:
-            plan = found[key][0]
-            pruned = apply_plan(canon.model, analysis, plan)
-            built[key] = (pruned, verify(canon.model, pruned, analysis, plan, feeds))
-        return built[key]
-
-    short_goal = long_goal = None  # largest goal measured short, smallest goal measured enough
-    beyond_reach = 0  # measurements of the fastest plan the search finds, once the loop stops on it
-    relaxing = False  # looser rounds after a plan met the target well above it (--search full)
-    relaxed = 0  # looser goals scheduled so far (at most RELAX_ROUNDS)
-    bisected = False  # the round between a looser goal measured short and the goal met (at most one)
-    fastest = _fastest_plan(analysis, widths, scores)
-    last_resort = False  # this round measures the fastest plan, the search's having stayed short
-    for r in range(MAX_ROUNDS + 1):
-        if r == MAX_ROUNDS and not last_resort:
-            break
-        with steps(f"round {r + 1}: search, surgery, verify, measure"):
-            plan = fastest if last_resort else find(cm.dense_ms / goal)
-            key = _plan_key(plan)
-            if relaxing and key in runs:
-                break  # the looser goal found the plan already measured: nothing to gain
-            predicted = cm.predicted_speedup(plan)  # the predictor changes once calibrated
-            found.setdefault(key, (plan, predicted))
-            pruned = build(key)[0]
-            measured = runs.setdefault(key, [])
-            while True:
-                speedup, dense_ms, pruned_ms, *change = timer(canon.model, pruned, feeds)
-                measured.append((speedup, dense_ms, pruned_ms, change[0] if change else 1.0))
-                # measurements of one plan that disagree about the target get one more, so that a
-                # median, not one fast (or slow) spell, decides
-                speeds = [m[0] for m in measured]
-                decided = len(measured) % 2 or not min(speeds) < target <= max(speeds)
-                # every group at its smallest width has the last word on the target's reach: a
-                # near miss (within SETTLE_NEAR) is measured three times, and the median decides
-                near_miss = last_resort and len(measured) < 3 and max(speeds) < target <= max(speeds) * SETTLE_NEAR
-                if decided and not near_miss:
-                    break
-            del pruned  # freed with the phase unless it is the plan chosen so far
-            chosen = _chosen(runs, target)
-            for k in [k for k in built if k != chosen]:
-                del built[k]  # built again if it is found, or chosen, again
-        judged = _lower_median(measured)[0]
-        rounds.append({"goal": goal, "predicted_speedup": predicted, "measured_speedup": speedup})
-        if last_resort:
-            rounds[-1]["fastest_plan"] = True
-        if change:
-            rounds[-1]["speed_change_between_blocks"] = change[0]
-        if len(measured) > 1:
-            rounds[-1]["plan_measurements"] = len(measured)
-            rounds[-1]["plan_speedup_median"] = judged
-        steps.note(f"round {r + 1}: " + ("the fastest plan" if last_resort else f"goal {goal:.2f}x")
-                   + f", predicted {predicted:.2f}x, measured {speedup:.2f}x"
-                   + (f" (median of this plan's {len(measured)} measurements: {judged:.2f}x)" if len(measured) > 1 else ""))
-        rounds_left = r + 1 < MAX_ROUNDS
-        if judged >= target:
-            long_goal = goal if long_goal is None else min(long_goal, goal)
-            if judged <= MAX_OVERSHOOT * target:
-                # met well above the target: --search full (the mode for accuracy) tries a looser
-                # goal, since every channel kept counts (MiniLM 2x: a plan measured 2.13x against 2.06x)
-                relaxing = (search == "full" and relaxed < RELAX_ROUNDS and not bisected and rounds_left
-                            and judged > target * RELAX_TRIGGER)
-                # every group at its smallest width prunes the most there is: unless it met the
-                # target closely, a round with the predictor calibrated on it looks for less
-                below_fastest = last_resort and rounds_left and judged > target * RELAX_TRIGGER
-                if not (relaxing or below_fastest):
-                    break
-                relaxed += relaxing
-        else:
-            short_goal = goal if short_goal is None else max(short_goal, goal)
-            if relaxing:
-                if bisected or not rounds_left:
-                    break  # _chosen keeps the plan that met the target
-                bisected = True
-            else:
-                # a tighter goal brought back a plan already measured short, and the search's
-                # prediction no longer meets the goal: nothing faster is left to find
-                stuck = len(measured) > 1 and predicted < goal
-                if last_resort or stuck or not rounds_left:
-                    if not (last_resort or _plan_key(fastest) in runs or _met(runs, target)):
-                        # before giving up, the plan with every group at its smallest width, which
-                        # the search, misled by the predictor, may not return (the small DenseNet
-                        # at 1.5x: the search's plans 1.27x, that one 1.52x); past the rounds if need be
-                        last_resort = True
-                        continue
-                    if last_resort or stuck:
-                        beyond_reach = len(measured)
-                    break
-        if last_resort:
-            # the fastest plan met the target where the search's did not: the predictor learns
-            # from it, and a plan that prunes less is looked for below it
-            last_resort = False
-            cm.calibrate(plan, judged)
-            if tables is not None:
-                tables.refresh(cm)
-            goal = target * (RELAX_AIM if relaxing else OVERSHOOT_MARGIN)
-            short_goal, long_goal = None, cm.predicted_speedup(plan)
-            continue
-        aim = target * (RELAX_AIM if relaxing else OVERSHOOT_MARGIN)
-        if r == 0:
-            # the first measurement fits the predictor's exponent (CostModel.calibrate); goals are
-            # in the calibrated predictor's units from here, so the search starts again at the target
-            gamma = cm.calibrate(plan, speedup)
-            rounds[-1]["calibrated_gamma"] = gamma
-            steps.note(f"predictor calibrated on round 1: gamma {gamma:.2f}")
-            if tables is not None:
-                tables.refresh(cm)
-            goal, short_goal, long_goal = aim, None, None
-            if relaxing:  # the plan that met, in the calibrated units: a bound for bisecting
-                long_goal = cm.predicted_speedup(plan)
-            continue
-        goal = _next_goal(goal, judged, target, short_goal, long_goal, aim)
-    chosen = _chosen(runs, target)
-    if _lower_median(runs[chosen])[0] > MAX_OVERSHOOT * target:
-        with steps("measure again the plan nearest below the target"):
-            chosen = _settle(runs, target, lambda key: timer(canon.model, build(key)[0], feeds), notes)
-    speedup, dense_ms, pruned_ms, change = _lower_median(runs[chosen])
-    (plan, predicted), (pruned, check) = found[chosen], build(chosen)
-    built.clear()
+    outcome = Guarantee(canon.model, analysis, feeds, cm, find, tables, timer, target, search, steps, notes,
+                        fastest_plan(analysis, widths, scores)).run()
+    plan, predicted, pruned, check = outcome.plan, outcome.predicted, outcome.pruned, outcome.check
+    speedup, dense_ms, pruned_ms, change = outcome.judged
+    rounds, beyond_reach = outcome.rounds, outcome.beyond_reach
     if change > STEADY:
         notes.append(f"the machine's speed changed while the speedup was measured (a model's latency varied "
                      f"{change:.2f}x between blocks, in {MEASURE_ATTEMPTS} attempts): another process or a slow "
@@ -372,7 +238,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         "dense_latency_ms": dense_ms, "pruned_latency_ms": pruned_ms, "provider": provider,
         "batch_size": int(next(iter(feeds.values())).shape[0]), "threads": threads, "method": method,
         "search": search, "importance": _importance(curves, samples),
-        "rounds": rounds, "plan_measurements": len(runs[chosen]), "target_beyond_reach": bool(beyond_reach),
+        "rounds": rounds, "plan_measurements": len(outcome.measurements), "target_beyond_reach": bool(beyond_reach),
         "candidates": candidates, "max_abs_error_vs_masked_reference": check.max_abs_error,
         "verification": check.checks,
     })
@@ -412,7 +278,7 @@ def _check_reach(cm, model, analysis, widths, target, feeds, timer, provider, no
     UserError when the target is beyond it. Near that limit the prediction is not trusted: pruned,
     some models run faster than their kernels' shares say (MobileNets), so the fastest plan is
     built and measured first, and the predictor calibrated on it when it does reach the target."""
-    smallest = _fastest_plan(analysis, widths)
+    smallest = fastest_plan(analysis, widths)
     reachable = cm.dense_ms / cm.predict_ms(smallest)
     if target <= reachable * REACH_MARGIN:
         return reachable
@@ -635,69 +501,11 @@ def _split_held_out(samples, share=5, labels=None):
             None if labels is None else labels[fit], None if labels is None else labels[held])
 
 
-def _fastest_plan(analysis, widths, scores=None) -> dict:
-    """Every group at its smallest useful width: its first channels (enough to time it), or with
-    `scores` its best ones (a plan to emit)."""
-    return {g.name: keep_top(scores[g.name], min(widths[g.name])) if scores else np.arange(min(widths[g.name]))
-            for g in analysis.groups}
 
 
-def _plan_key(plan) -> tuple:
-    """A plan (group -> kept channel indices) as a hashable value: the loop knows a plan it measured."""
-    return tuple(sorted((group, tuple(int(i) for i in kept)) for group, kept in plan.items()))
 
 
-def _chosen(runs: dict, target: float):
-    """The plan to emit: the least pruning whose measurements meet the target (every extra channel
-    removed costs accuracy), else the fastest measured."""
-    per_plan = {k: _lower_median(v)[0] for k, v in runs.items()}
-    met = [k for k in per_plan if per_plan[k] >= target]
-    return min(met, key=per_plan.get) if met else max(per_plan, key=per_plan.get)
 
-
-def _settle(runs: dict, target: float, measure_plan, notes: list):
-    """The rounds ended with only plans over MAX_OVERSHOOT x target meeting it. On a noisy machine
-    (sub-millisecond models, whose plans measure short and long in turn) the plan measured nearest
-    below the target may meet it: within SETTLE_NEAR of it, it is measured twice more and judged
-    by its median, as a plan found again is. Returns the plan to emit."""
-    over = _chosen(runs, target)
-    below = [k for k in runs if _lower_median(runs[k])[0] < target]
-    if not below:
-        return over
-    near = max(below, key=lambda k: _lower_median(runs[k])[0])
-    before = _lower_median(runs[near])[0]
-    if before * SETTLE_NEAR < target:
-        return over
-    for _ in range(2 + (len(runs[near]) + 1) % 2):  # an odd count: the median is a measurement
-        speedup, dense_ms, pruned_ms, *change = measure_plan(near)
-        runs[near].append((speedup, dense_ms, pruned_ms, change[0] if change else 1.0))
-    chosen = _chosen(runs, target)
-    notes.append(f"the plan chosen measured {_lower_median(runs[over])[0]:.2f}x, over {MAX_OVERSHOOT:g}x the "
-                 f"target; the plan measured nearest below it ({before:.2f}x) was measured again: "
-                 + ", ".join(f"{m[0]:.2f}x" for m in runs[near])
-                 + (", and its median meets the target" if chosen == near else ", still short"))
-    return chosen
-
-
-def _met(runs: dict, target: float) -> bool:
-    return any(_lower_median(v)[0] >= target for v in runs.values())
-
-
-def _lower_median(measurements):
-    """The measurement a plan is judged by: the lower median of its (speedup, ...) tuples. A plan the
-    search returns again is measured again; one fast block on a noisy machine must not pass a plan
-    that its other measurements put below the target."""
-    return sorted(measurements, key=lambda m: m[0])[(len(measurements) - 1) // 2]
-
-
-def _next_goal(goal, speedup, target, short_goal, long_goal, aim):
-    """Tighten by the measured shortfall, relax by the overshoot, towards `aim`; bisect once both
-    are known."""
-    if short_goal is not None and long_goal is not None:
-        return (short_goal + long_goal) / 2
-    if speedup < target:
-        return goal * max(aim / speedup, 1.02)
-    return goal * max(aim / speedup, 0.9)
 
 
 def _rebatch(canon, batch_size):

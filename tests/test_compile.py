@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from onnx_prune.compiler.compile import _chosen, compile_model, parse_speedup
+from onnx_prune.compiler.compile import compile_model, parse_speedup
+from onnx_prune.compiler.guarantee import _chosen
 from onnx_prune.errors import TargetNotMet, UserError
 from onnx_prune.models.registry import load
 
@@ -576,7 +577,7 @@ def test_a_plan_over_the_window_is_emitted_only_after_the_nearest_short_one_is_m
     """Two rounds: a plan measured 1.25x (short of 1.3x, within 5%), then one 1.5x (over 1.1x the
     target). Before 1.5x is emitted the short plan is measured twice more and judged by its median:
     1.25, 1.32, 1.31 meets the target and prunes less, so it is emitted; 1.25, 1.2, 1.33 does not."""
-    monkeypatch.setattr("onnx_prune.compiler.compile.MAX_ROUNDS", 2)
+    monkeypatch.setattr("onnx_prune.compiler.guarantee.MAX_ROUNDS", 2)
     m, shapes = model
     timer = LyingTimer(1.25, 1.5, *again)
     r = compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16).report
