@@ -51,7 +51,7 @@ def test_global_refit_moves_outputs_towards_dense():
 def test_global_refit_matches_sequence_first_tensors_at_any_batch():
     """nn.MultiheadAttention computes (sequence, batch, features) inside; calibration batches (16,
     then 4) differ from the analysis's batch of 2, so its batch axis is not axis 0 and not the
-    analysed length: matching must slice only the axes that lost channels."""
+    analysed length: its stream tensors (transposed to sequence-first) are matched whole."""
     before, after = _errors(*_refitted("torch_mha", 20, epochs=4))
     assert after < before
 
@@ -94,3 +94,30 @@ def test_global_refit_leaves_lookup_tables_as_they_are():
     assert len(moved) > 10
     b, a = _errors(canon.model, pruned, tuned, samples)
     assert a < b
+
+
+def test_a_transformer_matches_its_stream_and_a_cnn_its_layers():
+    """A transformer's blocks read a residual stream that pruning leaves whole (under LayerNorm): that
+    stream and the outputs are the targets, not the pruned tensors inside each block (a head's
+    queries, the FFN's hidden units). A CNN, whose streams prune, matches its weight layers' outputs
+    on the channels they keep."""
+    from onnx_prune.passes.global_refit import _targets
+    from onnx_prune.passes.reconstruct import refittable_layers
+
+    canon, analysis, plan, pruned, _ = _halved("bert_encoder")
+    targets = _targets(pruned, analysis, plan)
+    outputs = {o.name for o in pruned.graph.output}
+    layers = [node for node, _ in refittable_layers(analysis)]
+    read = {node.input[0] for node in layers}
+    producers = {o: n.op_type for n in pruned.graph.node for o in n.output}
+    stream = set(targets) - outputs
+    assert len(stream) >= 3 and stream <= read
+    assert {producers[name] for name in stream} == {"LayerNormalization"}
+    assert all(axis is None for name in targets for axis in targets[name])  # matched whole
+    assert not stream & {node.output[0] for node in layers}
+
+    canon, analysis, plan, pruned, _ = _halved("resnet_basic")
+    targets = _targets(pruned, analysis, plan)
+    layers = [node.output[0] for node, _ in refittable_layers(analysis)]
+    assert set(targets) == set(layers) | {o.name for o in pruned.graph.output}
+    assert sum(any(axis is not None for axis in targets[name]) for name in layers) > len(layers) // 2
