@@ -501,13 +501,6 @@ def _split_held_out(samples, share=5, labels=None):
             None if labels is None else labels[fit], None if labels is None else labels[held])
 
 
-
-
-
-
-
-
-
 def _rebatch(canon, batch_size):
     """Analyse and time at `batch_size` (layer times depend on it); only a dynamic batch can change."""
     from onnx_prune.passes.canonicalize import make_static, with_batch

@@ -50,7 +50,8 @@ def _targets(pruned, analysis, plan):
     table, axes = analysis.table, analysis.ctx.axes
     produced = {o for n in pruned.graph.node for o in n.output}
     outputs = [o.name for o in pruned.graph.output]
-    names = _stream(analysis, produced) or [node.output[0] for node, _ in refittable_layers(analysis)]
+    layers = [node for node, _ in refittable_layers(analysis)]
+    names = _stream(analysis, layers, produced) or [node.output[0] for node in layers]
     out = {}
     for name in dict.fromkeys(names + outputs):
         if name not in produced or axes.get(name) is None:
@@ -60,7 +61,7 @@ def _targets(pruned, analysis, plan):
     return out
 
 
-def _stream(analysis, produced) -> list:
+def _stream(analysis, layers, produced) -> list:
     """The tensors between a transformer's blocks: frozen ones (no prunable channel: the residual
     stream under LayerNorm) that weight layers read, when most weight layers read one (MiniLM: the
     query, key, value and first FFN layers). Matching these and the outputs, and not the pruned
@@ -70,7 +71,6 @@ def _stream(analysis, produced) -> list:
     layers' outputs 0.9493; each weight layer's input instead 0.9490). Empty for a model whose
     streams prune (CNNs): its layers' outputs stay the targets."""
     table, axes = analysis.table, analysis.ctx.axes
-    layers = [node for node, _ in refittable_layers(analysis)]
 
     def frozen(name):
         return name in produced and axes.get(name) is not None and not any(table.coords(e) for e in axes[name])
