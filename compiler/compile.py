@@ -409,9 +409,11 @@ def _recover(pruned, analysis, plan, fit, held, reference, db, recover, report, 
                        lambda m, s: sequential_refit(reference.dense_model, m, analysis, plan, s,
                                                      budget_s=SEQUENTIAL_BUDGET_S,
                                                      sample_s=_sample_seconds(report))))
+    def global_adaprune(model, samples):
+        return global_refit(model, reference.dense_model, analysis, plan, samples)
+
     if recover == "global":
-        stages.append(("global AdaPrune (all weights, every layer output)",
-                       lambda m, s: global_refit(m, reference.dense_model, analysis, plan, s)))
+        stages.append(("global AdaPrune (all weights, every layer output)", global_adaprune))
     fidelity = reference.fidelity(pruned)
     report["recovery"] = {"held_out_samples": reference.samples, "held_out_cosine_start": similarity(fidelity),
                           "stages": []}
@@ -435,8 +437,8 @@ def _recover(pruned, analysis, plan, fit, held, reference, db, recover, report, 
             applied.append(run)
     fidelity["on"] = HELD_OUT
     if applied and refit_all and held is not None and db.short_of_rows():
-        model, again = _refit_on_all(pruned, model, applied, layer_wise, fit, held, reference, db, fidelity,
-                                     report, log)
+        model, again = _refit_on_all(pruned, model, applied, layer_wise, global_adaprune, fit, held, reference, db,
+                                     fidelity, report, log)
         if again:
             fidelity["on"] = (f"{HELD_OUT}, by the recovery fitted without them; the model written was then "
                               f"refitted by the same stages on all {again} calibration samples")
@@ -446,22 +448,31 @@ def _recover(pruned, analysis, plan, fit, held, reference, db, recover, report, 
     return model, fidelity
 
 
-def _refit_on_all(pruned, judged, applied, layer_wise, fit, held, reference, db, fidelity, report, log):
+def _refit_on_all(pruned, judged, applied, layer_wise, global_adaprune, fit, held, reference, db, fidelity,
+                  report, log):
     """The stages the held-out samples chose, run again on every calibration sample: where the
     fitting samples leave most refits short of rows, the held-out fifth is a quarter more data
-    (MiniLM 2x, 51 -> 64 sentences: 0.814 -> 0.828 on 256 other sentences). The held-out figure
+    (MiniLM 2x, 51 -> 64 sentences: 0.814 -> 0.828 on 256 other sentences). Global AdaPrune, when
+    applied, goes on training the model judged instead of starting again from the layer-wise
+    refit, so that its epochs on the fitting samples are not lost (MiniLM, fixed 1.5x plan, 256
+    other sentences: 0.9530 started again, 0.9558 gone on, in the same time). The held-out figure
     reported stays the one measured on the recovery fitted without them, an estimate of the
     procedure; the refitted model must fit the held-out samples at least as well as that one did
     unseen, or it is not used. Returns the model and how many samples refitted it (0: not used)."""
     everything = {k: np.concatenate([fit[k], held[k]]) for k in fit}
     record = {"samples": int(len(next(iter(everything.values())))), "applied": False}
     report["recovery"]["refit_on_all_samples"] = record
+    goes_on = applied[-1] is global_adaprune
+    record["how"] = "global AdaPrune went on from the model judged" if goes_on else "the stages applied, run again"
     try:
-        if any(run is layer_wise for run in applied):  # its Gram matrices take the held-out rows
-            db.absorb(reference.dense_model, held)
-        model = pruned
-        for run in applied:
-            model = run(model, everything)
+        if goes_on:
+            model = global_adaprune(judged, everything)
+        else:
+            if any(run is layer_wise for run in applied):  # its Gram matrices take the held-out rows
+                db.absorb(reference.dense_model, held)
+            model = pruned
+            for run in applied:
+                model = run(model, everything)
     except SequentialTooSlow as exc:
         record["skipped"] = f"the sequential refit on all samples is over its budget ({exc})"
         log(f"refit on all {record['samples']} calibration samples: skipped ({exc})")
@@ -474,7 +485,7 @@ def _refit_on_all(pruned, judged, applied, layer_wise, fit, held, reference, db,
         log(f"refit on all {record['samples']} calibration samples: not used ({record['skipped']})")
         return judged, 0
     record["applied"] = True
-    log(f"refit on all {record['samples']} calibration samples: the stages applied, run again "
+    log(f"refit on all {record['samples']} calibration samples: {record['how']} "
         f"(held-out samples, now fitted: {seen:.3f})")
     return model, record["samples"]
 

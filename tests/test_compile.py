@@ -824,6 +824,41 @@ def test_refit_on_all_samples_leaves_the_error_database_alone_without_the_layer_
     assert absorbed == []
 
 
+def test_global_adaprune_on_all_samples_goes_on_from_the_model_judged(tmp_path, monkeypatch):
+    """Global AdaPrune, applied, is not started again from the layer-wise refit on all samples: it
+    trains the model the held-out samples judged further, and the database takes no held-out rows."""
+    from onnx import numpy_helper
+
+    from onnx_prune.passes import errordb
+    from onnx_prune.passes import global_refit as gr
+
+    m, samples = _low_rank_mlp(np.random.default_rng(0))
+    p = tmp_path / "c.npz"
+    np.savez(p, **samples)
+    real, calls, absorbed = gr.global_refit, [], []
+
+    def weights(model):
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def recorded(pruned, dense, analysis, plan, fit, **kw):
+        out = real(pruned, dense, analysis, plan, fit, **kw)
+        calls.append((weights(pruned), weights(out), len(fit["x"])))
+        return out
+
+    monkeypatch.setattr(gr, "global_refit", recorded)
+    monkeypatch.setattr(errordb.ErrorDB, "absorb", lambda db, model, s: absorbed.append(len(s["x"])))
+    r = compile_model(m, "1.3x", calib=str(p), recover="global", timer=LyingTimer(1.35), batch_size=4).report
+    stages, again = r["recovery"]["stages"], r["recovery"]["refit_on_all_samples"]
+    assert stages[-1]["method"].startswith("global AdaPrune") and stages[-1]["applied"]
+    assert again["applied"] and again["how"] == "global AdaPrune went on from the model judged"
+    assert [n for *_, n in calls] == [16, 20] and absorbed == []
+    first_out, second_in = calls[0][1], calls[1][0]
+    assert first_out.keys() == second_in.keys()
+    for name in first_out:
+        np.testing.assert_array_equal(second_in[name], first_out[name])
+    assert any(not np.array_equal(calls[1][1][k], first_out[k]) for k in first_out)  # it trained on
+
+
 def test_calibration_data_whose_kept_inputs_are_all_zero_refits_without_failing(tmp_path):
     """Zero inputs into layers without biases (or a layer behind dead ReLUs) give all-zero Gram
     matrices: the refits' ridge load, relative to their diagonal, was zero, and the Cholesky
