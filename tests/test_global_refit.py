@@ -56,6 +56,22 @@ def test_global_refit_matches_sequence_first_tensors_at_any_batch():
     assert after < before
 
 
+def test_sequence_first_layer_outputs_are_sliced_on_their_kept_channels(monkeypatch):
+    """Without a stream to match, nn.MultiheadAttention's layers' outputs, (sequence, batch,
+    features) inside, are matched on the features they keep, their batch axis whole at any batch."""
+    from onnx_prune.passes import global_refit as module
+
+    monkeypatch.setattr(module, "_stream", lambda analysis, layers, produced: [])
+    canon, analysis, plan, pruned, _ = _halved("torch_mha")
+    kept = module._targets(pruned, analysis, plan)
+    outputs = {o.name for o in pruned.graph.output}
+    sliced = {name: axes for name, axes in kept.items() if name not in outputs and axes[-1] is not None}
+    assert sliced, "some layer output keeps only part of its features"
+    assert any(axes[0] is None and axes[1] is None for axes in sliced.values())  # sequence and batch whole
+    before, after = _errors(*_refitted("torch_mha", 20, epochs=4))
+    assert after < before
+
+
 def test_dense_values_past_the_cache_are_computed_again_alike(monkeypatch):
     """Targets over TARGET_CACHE_BYTES are recomputed when next needed, in chunks between the
     steps: the refit is the same as with every target held."""
