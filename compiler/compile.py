@@ -409,6 +409,7 @@ def _recover(pruned, analysis, plan, fit, held, reference, db, recover, report, 
                        lambda m, s: sequential_refit(reference.dense_model, m, analysis, plan, s,
                                                      budget_s=SEQUENTIAL_BUDGET_S,
                                                      sample_s=_sample_seconds(report))))
+
     def global_adaprune(model, samples):
         return global_refit(model, reference.dense_model, analysis, plan, samples)
 
@@ -440,8 +441,9 @@ def _recover(pruned, analysis, plan, fit, held, reference, db, recover, report, 
         model, again = _refit_on_all(pruned, model, applied, layer_wise, global_adaprune, fit, held, reference, db,
                                      fidelity, report, log)
         if again:
+            then = "trained on by global AdaPrune" if applied[-1] is global_adaprune else "refitted by the same stages"
             fidelity["on"] = (f"{HELD_OUT}, by the recovery fitted without them; the model written was then "
-                              f"refitted by the same stages on all {again} calibration samples")
+                              f"{then} on all {again} calibration samples")
     if model is not pruned:
         report["max_abs_error_before_recovery"] = report["max_abs_error_vs_masked_reference"]
         report["max_abs_error_vs_masked_reference"] = None  # recovery changed the weights

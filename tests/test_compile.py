@@ -851,6 +851,7 @@ def test_global_adaprune_on_all_samples_goes_on_from_the_model_judged(tmp_path, 
     stages, again = r["recovery"]["stages"], r["recovery"]["refit_on_all_samples"]
     assert stages[-1]["method"].startswith("global AdaPrune") and stages[-1]["applied"]
     assert again["applied"] and again["how"] == "global AdaPrune went on from the model judged"
+    assert r["output_fidelity"]["on"].endswith("then trained on by global AdaPrune on all 20 calibration samples")
     assert [n for *_, n in calls] == [16, 20] and absorbed == []
     first_out, second_in = calls[0][1], calls[1][0]
     assert first_out.keys() == second_in.keys()
