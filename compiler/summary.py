@@ -125,7 +125,7 @@ def markdown(report, plots) -> str:
         lines.append(f"| {stage['method']} | held-out cosine {stage['held_out_cosine_before']:.4f} -> "
                      f"{stage['held_out_cosine_after']:.4f}{'' if stage['applied'] else ' (not applied)'} |")
     if again:
-        lines.append(f"| {again.get('how', 'the stages applied, run again')} on all {again['samples']} calibration samples | "
+        lines.append(f"| {again['how']} on all {again['samples']} calibration samples | "
                      + (f"applied (held-out samples, now fitted: cosine {again['cosine_on_held_out_samples_now_fitted']:.4f})"
                         if again["applied"] else f"not used: {again['skipped']}") + " |")
     titles = {"widths": "Kept width per group", "rounds": "Predicted vs measured speedup, per round",
