@@ -519,11 +519,28 @@ class _Stop(Exception):
     pass
 
 
-def test_every_group_at_its_smallest_width_is_measured_before_a_target_is_called_out_of_reach(model, monkeypatch):
+def test_every_group_at_its_smallest_width_is_measured_before_a_target_is_called_out_of_reach(model, monkeypatch,
+                                                                                              sized_kernels):
     """The predictor can err towards pessimism too: the search's plans all measure short, and the
     search, believing nothing faster exists, returns one of them again; yet every group at its
     smallest width meets the target (the small DenseNet at 1.5x: the search's plans 1.27x, that
-    plan 1.52x). The loop measures that plan before it gives up, and emits it if it meets."""
+    plan 1.52x). The loop measures that plan before it gives up, and emits it if it meets. The
+    search is held to plans predicted at most 1.25x, where a real profile of a loaded machine
+    once let it reach that plan itself."""
+    import onnx_prune.compiler.compile as compile_module
+
+    real_planner = compile_module._planner
+
+    def held_below_the_reach(method, cm, *args):
+        find = real_planner(method, cm, *args)
+
+        def capped(goal_ms, errors=None):
+            return find(max(goal_ms, cm.dense_ms / 1.25), errors)
+
+        capped.tables = find.tables
+        return capped
+
+    monkeypatch.setattr(compile_module, "_planner", held_below_the_reach)
     m, shapes = model
     sizes = []
 
