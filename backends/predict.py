@@ -499,10 +499,35 @@ def _sig_of_inputs(op_type, inputs, analysis: Analysis, perm=None):
             else:
                 per_input.append(int(d))
         dims.append(per_input)
+    if op_type == "MatMul" and len(dims) == 2:
+        dims = _tie_matmul_dims(dims)
+        exprs = list(dict.fromkeys(d[1] for per_input in dims for d in per_input if isinstance(d, tuple)))
     if op_type == "Transpose" and not perm:
         perm = list(range(len(dims[0])))[::-1]
     sig = activation_sig(op_type, dims, perm)
     return (sig, tuple(exprs)) if sig is not None else (None, None)
+
+
+def _tie_matmul_dims(dims):
+    """The two operands' dims that MatMul needs equal (A's last and B's second to last, and the
+    batch dims both have, aligned from the right) made one axis of the signature: the timing
+    database shrinks each axis alone, and two expressions of the same channels would give it
+    operands it cannot multiply (DeBERTa's scores carry batch x heads from the batch's size, its
+    values from a constant 2)."""
+    a, b = (list(d) for d in dims)
+    pairs = [(len(a) - 1, len(b) - 2)] + [(len(a) - k, len(b) - k) for k in range(3, min(len(a), len(b)) + 1)]
+    for i, j in pairs:
+        if i < 0 or j < 0:
+            continue
+        x, y = a[i], b[j]
+        size = lambda d: d[0] if isinstance(d, tuple) else d  # noqa: E731
+        if size(x) != size(y) or not (isinstance(x, tuple) or isinstance(y, tuple)):
+            continue
+        key = x[1] if isinstance(x, tuple) else y[1]
+        gone = {d[1] for d in (x, y) if isinstance(d, tuple) and d[1] != key}
+        a, b = ([(d[0], key) if isinstance(d, tuple) and d[1] in gone else d for d in ops] for ops in (a, b))
+        a[i], b[j] = (size(x), key), (size(y), key)
+    return [a, b]
 
 
 def _group_grids(analysis: Analysis, axis_coords) -> dict:

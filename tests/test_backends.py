@@ -984,3 +984,45 @@ def test_profiled_reorders_carry_the_values_of_their_own_session(monkeypatch):
     for k in reorders:
         value = next(v for v in k.values if v in shapes)
         assert tuple(shapes[value]) == tuple(k.outputs[0]), (k.name, value)
+
+
+def test_matmul_dims_that_must_be_equal_are_one_axis_of_its_signature():
+    """A MatMul's contracted dims, and the batch dims both operands have, are one axis even where
+    the analysis wrote the same channels as two expressions (or one operand's dim as a plain size):
+    the database shrinks each axis alone, and must not build operands that cannot be multiplied."""
+    from onnx_prune.backends.predict import _tie_matmul_dims
+
+    a, b = _tie_matmul_dims([[(8, "batch x heads"), 32, 32], [(8, "2 x heads"), 32, (16, "d")]])
+    assert a == [(8, "batch x heads"), 32, 32] and b == [(8, "batch x heads"), 32, (16, "d")]
+    a, b = _tie_matmul_dims([[2, (4, "heads"), 6, (8, "d")], [2, (4, "heads"), 8, 6]])
+    assert a == [2, (4, "heads"), 6, (8, "d")] and b == [2, (4, "heads"), (8, "d"), 6]
+    a, b = _tie_matmul_dims([[1, 6, (8, "d")], [(4, "heads"), 8, 6]])  # broadcast from 1: left alone
+    assert a[0] == 1 and b[0] == (4, "heads")
+
+
+def test_a_deberta_attention_is_timed_at_every_width(tmp_path, monkeypatch):
+    """DeBERTa-v2's context MatMul reads scores whose batch x heads axis the analysis derives from
+    the batch's size and values whose axis it derives from a constant 2: the timing database built
+    operands of 8 and 7 heads and ONNX Runtime refused its bulk model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from onnx_prune.models.torch_export import from_torch
+
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                          intermediate_size=64, max_position_embeddings=64)
+    encoder = transformers.DebertaV2Model(config).eval()
+
+    class Hidden(torch.nn.Module):
+        def forward(self, ids):
+            return encoder(ids).last_hidden_state
+
+    model = from_torch(Hidden(), torch.randint(0, 100, (2, 16)))
+    canon = canonicalize(model, {"input": [2, 16]})
+    analysis = analyze_canonical(canon)
+    monkeypatch.setenv("ONNX_PRUNE_CACHE", str(tmp_path))
+    cm = CostModel(canon.model, analysis, random_feeds(canon.model, {"input": [2, 16]}), threads=1)
+    mixes = [layer for layer in cm.layers.values() if layer.sig.op == "MatMulAct" and layer.sig.lead[0][-1] == 16]
+    assert mixes and all(layer.sig.lead[0][0] == layer.sig.lead[1][0] for layer in mixes)
+    heads = [g for g in analysis.groups if g.size == 4]
+    assert heads and cm.predicted_speedup(uniform_plan(analysis, 0.5)) > 1.0
