@@ -255,6 +255,7 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
         _write_json(report, result.report)
         write_summary(result.report, report)
     from onnx_prune.compiler.fidelity import similarity
+    from onnx_prune.compiler.guarantee import MAX_OVERSHOOT, OVER_THE_WINDOW
 
     r = result.report
     fid = r.get("output_fidelity")
@@ -267,7 +268,9 @@ def compile_cmd(model, output, target_speedup, provider, calib, preprocess, inpu
                + (f", {ft['epochs']} fine-tuning epoch(s): output cosine to dense {ft['output_cosine_to_dense_before']:.3f}"
                   f" -> {ft['output_cosine_to_dense_after']:.3f}" + ("" if ft["applied"] else " (not applied)")
                   if ft else "")
-               + (", accuracy budget met" if r.get("accuracy_budget") else ""))
+               + (", accuracy budget met" if r.get("accuracy_budget") else "")
+               + "".join(f"; {n}" for n in r.get("notes", []) if n.startswith(OVER_THE_WINDOW)
+                         and r["measured_speedup"] > MAX_OVERSHOOT * r["target_speedup"]))
 
 
 def _refit_text(r) -> str:

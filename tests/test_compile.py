@@ -606,6 +606,58 @@ def test_a_plan_over_the_window_is_emitted_only_after_the_nearest_short_one_is_m
     assert any("was measured again: 1.25x, " in n for n in r["notes"])
 
 
+def test_a_plan_found_again_over_the_window_ends_the_rounds_with_a_note(model, monkeypatch, sized_kernels, tmp_path):
+    """The search can find nothing between the target and a plan measured over the window (a
+    model whose widths step coarsely): once a looser goal brings that plan back, still predicted
+    well above the goal, the loop stops instead of measuring it round after round, and the report
+    says why the speedup is over the window."""
+    import onnx_prune.compiler.compile as compile_module
+
+    real_planner = compile_module._planner
+
+    def one_plan(method, cm, *args):
+        find, found = real_planner(method, cm, *args), []
+
+        def always(goal_ms, errors=None):
+            found or found.append(find(cm.dense_ms / 1.35, errors))
+            return found[0]
+
+        always.tables = find.tables
+        return always
+
+    monkeypatch.setattr(compile_module, "_planner", one_plan)
+    m, shapes = model
+    timer = LyingTimer(*[2.0] * 10)
+    r = compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16).report
+    assert timer.calls == [2.0, 2.0] and len(r["rounds"]) == 2 and r["measured_speedup"] == 2.0
+    assert any("measured 2.00x, over 1.1x the target: the search found no plan that prunes less" in n
+               for n in r["notes"])
+    # the command line's last line says it too (no report file needed)
+    from click.testing import CliRunner
+
+    from onnx_prune.compiler.cli import main
+    from onnx_prune.passes.graph import save_model
+
+    save_model(m, str(tmp_path / "m.onnx"))
+    monkeypatch.setattr("onnx_prune.compiler.compile.measured_speedup", lambda *a, **k: (2.0, 10.0, 5.0))
+    shape = "x".join(str(d) for d in (16,) + tuple(shapes["input"][1:]))
+    out = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                    "--target-speedup", "1.3x", "--input-shape", f"input={shape}"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.strip().splitlines()[-1].endswith(
+        "; the plan chosen measured 2.00x, over 1.1x the target: the search found no plan that prunes less and is "
+        "predicted to meet the target (each group's widths step where the hardware runs fast)")
+
+
+def test_a_plan_over_the_window_says_the_nearest_short_plan_missed_by_far(model, monkeypatch, sized_kernels):
+    monkeypatch.setattr("onnx_prune.compiler.guarantee.MAX_ROUNDS", 2)
+    m, shapes = model
+    r = compile_model(m, "1.3x", input_shapes=shapes, timer=LyingTimer(1.1, 1.5), batch_size=16).report
+    assert r["measured_speedup"] == 1.5
+    assert any("measured 1.50x, over 1.1x the target; the plan measured nearest below it (1.10x) misses the "
+               "target by more than 5%" in n for n in r["notes"])
+
+
 def calib_file(tmp_path, shapes, n=10):
     p = tmp_path / "c.npz"
     np.savez(p, input=np.random.default_rng(0).standard_normal((n,) + shapes["input"][1:]).astype(np.float32))
