@@ -390,7 +390,8 @@ def finetune(model, output, data, method, pattern, sparsity, epochs, teacher, de
     lat = r.get("latency")
     losses = r["losses_per_epoch"]
     click.echo(f"wrote {output}: {r['method']} {r['pattern']}, sparsity {r['sparsity_achieved']:.4f} "
-               f"(requested {r['sparsity_requested']:g}), {r['epochs']} epoch(s), loss {losses[0]:.4g} -> {losses[-1]:.4g}"
+               f"(requested {r['sparsity_requested']:g}), {r['epochs']} epoch(s), loss {losses[0]:.4g}"
+               + (f" -> {losses[-1]:.4g}" if len(losses) > 1 else " (its mean over the epoch)")
                + (f", validation cosine {r['validation']['output_cosine_to_dense']:.4f}" if "validation" in r else "")
                + (f", {lat['dense_ms']:.3f} -> {lat['result_ms']:.3f} ms ({lat['speedup']:.2f}x on {lat['provider']})"
                   if lat else ""))
