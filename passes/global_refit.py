@@ -39,6 +39,7 @@ SCALE_BATCHES = 8  # batches whose dense values set each tensor's loss scale
 # batches whose dense values are computed together: an ORT run between two torch steps competes
 # with torch's worker threads, which spin on after a step (MiniLM: seconds a run instead of 0.2)
 CHUNK_BATCHES = 16
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
 def _targets(pruned, analysis, plan):
@@ -49,7 +50,8 @@ def _targets(pruned, analysis, plan):
     keep = analysis.keep_arrays(plan)
     table, axes = analysis.table, analysis.ctx.axes
     produced = {o for n in pruned.graph.node for o in n.output}
-    outputs = [o.name for o in pruned.graph.output]
+    # an integer output (an argmax beside the scores) has no gradient to follow
+    outputs = [o.name for o in pruned.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
     layers = [node for node, _ in refittable_layers(analysis)]
     names = _stream(analysis, layers, produced) or [node.output[0] for node in layers]
     out = {}

@@ -137,3 +137,33 @@ def test_a_transformer_matches_its_stream_and_a_cnn_its_layers():
     layers = [node.output[0] for node, _ in refittable_layers(analysis)]
     assert set(targets) == set(layers) | {o.name for o in pruned.graph.output}
     assert sum(any(axis is not None for axis in targets[name]) for name in layers) > len(layers) // 2
+
+
+def test_an_integer_output_beside_the_scores_is_not_a_target():
+    """A model that also outputs its argmax: global AdaPrune matches the scores and the layers,
+    not the integer labels (torch cannot take their mean squared error, nor a gradient of them);
+    the fine-tuning loop's distillation loss likewise."""
+    import onnx
+    import torch
+
+    from onnx_prune.passes.methods.train import distill_loss
+    from tiny_models import residual_cnn
+
+    model = residual_cnn()
+    model.graph.node.append(onnx.helper.make_node("ArgMax", ["y"], ["label"], name="argmax", axis=1, keepdims=0))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["N"]))
+    canon = canonicalize(model, input_shapes={"x": [2, 3, 8, 8]})
+    analysis = analyze_canonical(canon)
+    scores = group_scores(analysis)
+    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
+    pruned = apply_plan(canon.model, analysis, plan)
+    samples = {"x": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=4, lr=1e-3)
+    before, after = _errors(canon.model, pruned, tuned, samples)
+    assert after < before
+    scores_s, scores_t = torch.ones(2, 3, requires_grad=True), torch.zeros(2, 3) + 2
+    labels = torch.tensor([1, 0])
+    loss = distill_loss([scores_s, labels], [scores_t, labels + 1])
+    assert float(loss.detach()) == 0.25  # (1 - 2)^2 / 2^2: the labels add nothing
+    loss.backward()
+    assert scores_s.grad is not None

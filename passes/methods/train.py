@@ -7,7 +7,7 @@ zeroes the pruned parameters, so the exported weights carry the exact pattern.
 
 Batches are `feeds` or `(feeds, labels)`; feeds is a dict (graph input name -> tensor) or one
 tensor. Without labels the loss distils to the dense model (a frozen copy taken before any
-hook is installed): mean squared error of every output, relative to the teacher output's mean
+hook is installed): mean squared error of every floating-point output, relative to the teacher output's mean
 square so the loss is scale-free. With labels it is the task loss (`loss_fn(outputs, labels)`;
 default cross-entropy on the first output for integer labels, MSE otherwise).
 """
@@ -48,9 +48,11 @@ def split(batch):
 
 
 def distill_loss(student: list, teacher: list) -> torch.Tensor:
+    """Over the floating-point outputs: an integer one (an argmax beside the scores) has no gradient."""
     loss = 0.0
     for s, t in zip(student, teacher):
-        loss = loss + F.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12)
+        if s.is_floating_point():
+            loss = loss + F.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12)
     return loss
 
 
