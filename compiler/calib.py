@@ -208,6 +208,12 @@ def _validate(data: dict, inputs, max_samples):
         raise UserError(f"calibration arrays {sorted(data)} do not match the model's inputs {names}"
                         + (f" (missing: {', '.join(missing)})" if missing else "")
                         + (f" (unknown: {', '.join(extra)})" if extra else ""))
+    for inp in inputs:
+        if dims_of(inp.type) == ():
+            raise UserError(f"input '{inp.name}' is a scalar (rank 0), which calibration samples cannot vary: "
+                            "samples go on axis 0; make it a constant of the model, or give it a batch axis")
+        if np.ndim(data[inp.name]) == 0:
+            raise UserError(f"calibration input '{inp.name}' is a scalar; samples go on axis 0")
     counts = {len(data[n]) for n in names}
     if len(counts) != 1 or 0 in counts:
         raise UserError(f"calibration arrays must hold the same, non-zero number of samples (got {sorted(counts)})")

@@ -40,8 +40,10 @@ def _default_names(prefix: str, count: int) -> list[str]:
     return [prefix] if count == 1 else [f"{prefix}{i}" for i in range(count)]
 
 
-def _batch_axes(names: list[str], extra: dict | None) -> dict:
-    axes = {name: {0: "batch"} for name in names}
+def _batch_axes(names: list[str], extra: dict | None, scalars=()) -> dict:
+    """Axis 0 of every named tensor is the batch, but for scalars (a temperature given as a 0-d
+    tensor), which have no axis to name."""
+    axes = {name: {0: "batch"} for name in names if name not in scalars}
     for name, more in (extra or {}).items():
         axes.setdefault(name, {}).update(more)
     return axes
@@ -106,12 +108,13 @@ def from_torch(
         module.eval()  # restored below: the caller's module is not changed
         try:
             with torch.no_grad():
-                n_outputs = len(_as_tuple(module(*inputs)))
+                results = _as_tuple(module(*inputs))
         except Exception as exc:
             raise UserError(f"the torch module failed on its example inputs ({type(exc).__name__}: "
                             f"{_first_line(exc)})") from None
-        output_names = list(output_names or _default_names("output", n_outputs))
-        axes = _batch_axes(input_names + output_names, dynamic_axes) if dynamic_batch else dynamic_axes
+        output_names = list(output_names or _default_names("output", len(results)))
+        scalars = {name for name, x in zip(input_names + output_names, inputs + results) if getattr(x, "ndim", 1) == 0}
+        axes = _batch_axes(input_names + output_names, dynamic_axes, scalars) if dynamic_batch else dynamic_axes
 
         # to a file, not a buffer: over protobuf's 2 GiB torch writes the weights beside it.
         # Not under no_grad: that would trace nn.MultiheadAttention's fused fast path,

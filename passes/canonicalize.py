@@ -499,12 +499,13 @@ def _check_given_shape(name, want):
 
 
 def with_batch(model, shapes: dict, batch_size: int) -> dict:
-    """`shapes` with dim 0 set to `batch_size`; only an input whose batch is dynamic can change."""
+    """`shapes` with dim 0 set to `batch_size`; only an input whose batch is dynamic can change, and
+    a scalar input (a 0-d temperature) has none."""
     for inp in model.graph.input:
         dims = dims_of(inp.type) or ()
         if inp.name in shapes and dims and dims[0] is not None and dims[0] != batch_size:
             raise UserError(f"input '{inp.name}' has a fixed batch of {dims[0]}; --batch-size {batch_size} does not apply")
-    return {k: (batch_size,) + tuple(v[1:]) for k, v in shapes.items()}
+    return {k: (batch_size,) + tuple(v[1:]) if len(v) else tuple(v) for k, v in shapes.items()}
 
 
 def make_static(model, shapes: dict) -> onnx.ModelProto:

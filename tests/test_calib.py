@@ -127,3 +127,32 @@ def test_non_finite_samples_are_refused(tmp_path):
     np.savez(p, x=np.full((5, 3, 8, 8), 1e300))  # finite as float64, infinite once cast to the model's float32
     with pytest.raises(UserError, match="once cast to float32"):
         load_calibration(str(p), model())
+
+
+def test_a_scalar_input_exports_without_a_batch_axis_and_calibration_says_it_cannot_vary(tmp_path):
+    """A module with a 0-d input (a temperature): exported, its other input keeps a dynamic batch;
+    a batch size leaves the scalar's shape alone; calibration samples cannot vary it, and say so."""
+    torch = pytest.importorskip("torch")
+    from onnx_prune.models.torch_export import from_torch
+    from onnx_prune.passes.canonicalize import with_batch
+    from onnx_prune.passes.graph import dims_of
+
+    class Tempered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x, t):
+            return (self.fc(x) / t).softmax(-1)
+
+    m = from_torch(Tempered(), (torch.randn(2, 8), torch.tensor(2.0)))
+    x, t = m.graph.input
+    assert dims_of(x.type) == (None, 8) and dims_of(t.type) == ()
+    assert with_batch(m, {"input0": (2, 8), "input1": ()}, 4) == {"input0": (4, 8), "input1": ()}
+    p = tmp_path / "c.npz"
+    np.savez(p, input0=np.zeros((6, 8), np.float32), input1=np.full(6, 2.0, np.float32))
+    with pytest.raises(UserError, match="input 'input1' is a scalar \\(rank 0\\), which calibration samples cannot vary"):
+        load_calibration(str(p), m)
+    np.savez(p, x=np.float32(1.0))
+    with pytest.raises(UserError, match="calibration input 'x' is a scalar; samples go on axis 0"):
+        load_calibration(str(p), model())
