@@ -9,8 +9,9 @@ and `export()` writes their current values back 1:1 into a copy of the same grap
 
 - Float initializers that act as weights become `nn.Parameter`s (`param_names`: initializer ->
   attribute). Integer/bool initializers, those read as shapes/axes/indices/bounds/exponents,
-  BatchNorm running statistics, unused ones, and 1-element constants that only feed elementwise
-  math (epsilons, attention scales) become buffers (`buffer_names`). `Constant` nodes stay constants.
+  BatchNorm running statistics, unused ones, 1-element constants that only feed elementwise
+  math (epsilons, attention scales) and tensors holding -inf or nan (attention masks) become
+  buffers (`buffer_names`). `Constant` nodes stay constants.
 - `value_hooks` ({value name: fn(tensor) -> tensor}) run right after the node producing the value
   (on a graph input or constant: when it is read); `weight_hooks` ({initializer name: fn}) run when
   the weight is read, so `fn` may apply a differentiable mask. Both are plain dicts, changeable
@@ -147,7 +148,7 @@ class TorchGraph(nn.Module):
             if t.data_type not in DTYPES:
                 continue  # kept verbatim (only unused ones reach here, see _check_supported)
             value = _to_torch(t)
-            if _trainable(t, uses.get(t.name, [])):
+            if _trainable(t, uses.get(t.name, []), value):
                 attr = _attribute_name("p_", t.name, taken, self)
                 if value.dtype in HALF_DTYPES:  # a float32 master copy: Adam's steps underflow in half
                     self._run_as[attr] = value.dtype
@@ -375,8 +376,12 @@ def _check_supported(nodes, attrs, inits):
                         "use --recover layer, or add them to onnx_prune.backends.torch_ops")
 
 
-def _trainable(t: onnx.TensorProto, uses) -> bool:
+def _trainable(t: onnx.TensorProto, uses, value: torch.Tensor) -> bool:
     if t.data_type not in FLOAT_TYPES or not uses:
+        return False
+    if not torch.isfinite(value).all():
+        # an additive attention mask of -inf folded into a constant (a causal scaled_dot_product_attention):
+        # trained, -inf - -inf = nan in global AdaPrune's running mean of the weights
         return False
     for op, domain, pos in uses:
         fn = op_for(op, domain)

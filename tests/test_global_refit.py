@@ -167,3 +167,41 @@ def test_an_integer_output_beside_the_scores_is_not_a_target():
     assert float(loss.detach()) == 0.25  # (1 - 2)^2 / 2^2: the labels add nothing
     loss.backward()
     assert scores_s.grad is not None
+
+
+def test_a_causal_mask_folded_into_a_constant_is_not_trained():
+    """torch exports a causal scaled_dot_product_attention's mask as a constant of 0 and -inf. The
+    bridge must hold it as a buffer: trained as a weight, global AdaPrune's running mean of the
+    weights turned its -inf into nan (-inf - -inf), and the model's every output with it."""
+    import torch
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    from onnx_prune.backends.ort import make_session
+    from onnx_prune.backends.torch_graph import TorchGraph
+    from onnx_prune.models.torch_export import from_torch
+
+    class Causal(torch.nn.Module):
+        def __init__(self, d=32, heads=4):
+            super().__init__()
+            self.heads, self.q, self.k, self.v, self.o = heads, *(torch.nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            b, t, d = x.shape
+            split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+            y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+            return x + self.o(y.transpose(1, 2).reshape(b, t, d))
+
+    torch.manual_seed(0)
+    canon = canonicalize(from_torch(Causal().eval(), torch.randn(2, 8, 32)), input_shapes={"input": [2, 8, 32]})
+    masks = [t.name for t in canon.model.graph.initializer if np.isinf(numpy_helper.to_array(t)).any()]
+    assert masks and not set(masks) & set(TorchGraph(canon.model).param_names)
+    analysis = analyze_canonical(canon)
+    scores = group_scores(analysis)
+    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
+    pruned = apply_plan(canon.model, analysis, plan)
+    samples = {"input": np.random.default_rng(0).standard_normal((16, 8, 32)).astype(np.float32)}
+    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=2, lr=1e-3)
+    assert np.isfinite(make_session(tuned).run(None, {"input": samples["input"][:4]})[0]).all()
+    before, after = _errors(canon.model, pruned, tuned, samples)
+    assert after < before
