@@ -37,9 +37,9 @@ from onnx import numpy_helper
 from torch import nn
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import op_label
+from onnx_prune.passes.graph import FLOAT_TYPES, op_label
 
-from .torch_ops import DTYPES, ELEMENTWISE, FLOAT_TYPES, host, op_for, parse_attributes
+from .torch_ops import DTYPES, ELEMENTWISE, host, op_for, parse_attributes
 
 _NONE, _TRASH = 0, 1  # slots: an omitted optional input (always None); an output nobody reads
 

@@ -35,7 +35,6 @@ DTYPES = {
     TensorProto.INT16: torch.int16, TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
     TensorProto.BOOL: torch.bool,
 }
-FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 # Ops whose scalar constant operands (epsilons, attention scales, exponents) are graph constants, not weights.
 ELEMENTWISE = frozenset({

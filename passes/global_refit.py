@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from onnx_prune.passes.augment import spliced_sequences, token_table
+from onnx_prune.passes.graph import FLOAT_TYPES
 from onnx_prune.passes.reconstruct import feed_batches, refittable_layers, token_mask
 
 EPOCHS = 10
@@ -39,7 +40,6 @@ SCALE_BATCHES = 8  # batches whose dense values set each tensor's loss scale
 # batches whose dense values are computed together: an ORT run between two torch steps competes
 # with torch's worker threads, which spin on after a step (MiniLM: seconds a run instead of 0.2)
 CHUNK_BATCHES = 16
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
 def _targets(pruned, analysis, plan):

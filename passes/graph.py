@@ -16,6 +16,7 @@ from onnx_prune.files import atomic_folder, atomic_path
 # ONNX Runtime 1.31 refuses IR version 14; emit the newest it accepts.
 MAX_IR_VERSION = 10
 CONTRIB = "com.microsoft"  # ONNX Runtime's own ops, as its transformers optimizer fuses them
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def load_model(path_or_model) -> onnx.ModelProto:

@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from onnx_prune.passes.analysis import WEIGHT_OPS
+from onnx_prune.passes.graph import FLOAT_TYPES
 from onnx_prune.passes.rules import recurrent_weight
 
 
@@ -80,20 +81,19 @@ def prunable_weights(model: onnx.ModelProto, skip_first=False, skip_last=False) 
     for s in model.graph.sparse_initializer:  # headers only: name, type, dims
         t = onnx.TensorProto(name=s.values.name, data_type=s.values.data_type, dims=s.dims)
         inits[t.name] = t
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     out: dict[str, WeightInfo] = {}
     for node in model.graph.node:
         if recurrent_weight(node):  # W (directions, gates x hidden, input) and R (.., hidden)
             for w in node.input[1:3]:
                 t = inits.get(w)
-                if t is not None and t.data_type in floats and w not in out:
+                if t is not None and t.data_type in FLOAT_TYPES and w not in out:
                     out[w] = WeightInfo(node.op_type, 2, 1, tuple(int(d) for d in t.dims), node.name)
             continue
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
             continue
         w = node.input[1]
         t = inits.get(w)
-        if t is None or t.data_type not in floats or w in out or len(t.dims) < 2:
+        if t is None or t.data_type not in FLOAT_TYPES or w in out or len(t.dims) < 2:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         shape = tuple(int(d) for d in t.dims)
