@@ -514,13 +514,15 @@ def _tie_matmul_dims(dims):
     database shrinks each axis alone, and two expressions of the same channels would give it
     operands it cannot multiply (DeBERTa's scores carry batch x heads from the batch's size, its
     values from a constant 2)."""
+    def size(d):
+        return d[0] if isinstance(d, tuple) else d
+
     a, b = (list(d) for d in dims)
     pairs = [(len(a) - 1, len(b) - 2)] + [(len(a) - k, len(b) - k) for k in range(3, min(len(a), len(b)) + 1)]
     for i, j in pairs:
         if i < 0 or j < 0:
             continue
         x, y = a[i], b[j]
-        size = lambda d: d[0] if isinstance(d, tuple) else d  # noqa: E731
         if size(x) != size(y) or not (isinstance(x, tuple) or isinstance(y, tuple)):
             continue
         key = x[1] if isinstance(x, tuple) else y[1]

@@ -139,10 +139,10 @@ class Guarantee:
             with self.steps(f"round {r + 1}: search, surgery, verify, measure"):
                 plan = self.fastest if last_resort else self.find(cm.dense_ms / goal)
                 key = _plan_key(plan)
-                if relaxing and key in self.runs:
+                found_again = key in self.runs
+                if relaxing and found_again:
                     break  # the looser goal found the plan already measured: nothing to gain
                 predicted = cm.predicted_speedup(plan)  # the predictor changes once calibrated
-                found_again = key in self.runs
                 self.found.setdefault(key, (plan, predicted))
                 measured = self._measure(key, last_resort)
                 chosen = _chosen(self.runs, target)

@@ -519,6 +519,24 @@ class _Stop(Exception):
     pass
 
 
+def _planner_wrapped(monkeypatch, choose):
+    """compile's planner replaced by `choose(find, cm, goal_ms, errors) -> plan` around the real one."""
+    import onnx_prune.compiler.compile as compile_module
+
+    real_planner = compile_module._planner
+
+    def planner(method, cm, *args):
+        find = real_planner(method, cm, *args)
+
+        def wrapped(goal_ms, errors=None):
+            return choose(find, cm, goal_ms, errors)
+
+        wrapped.tables = find.tables
+        return wrapped
+
+    monkeypatch.setattr(compile_module, "_planner", planner)
+
+
 def test_every_group_at_its_smallest_width_is_measured_before_a_target_is_called_out_of_reach(model, monkeypatch,
                                                                                               sized_kernels):
     """The predictor can err towards pessimism too: the search's plans all measure short, and the
@@ -527,20 +545,7 @@ def test_every_group_at_its_smallest_width_is_measured_before_a_target_is_called
     plan 1.52x). The loop measures that plan before it gives up, and emits it if it meets. The
     search is held to plans predicted at most 1.25x, where a real profile of a loaded machine
     once let it reach that plan itself."""
-    import onnx_prune.compiler.compile as compile_module
-
-    real_planner = compile_module._planner
-
-    def held_below_the_reach(method, cm, *args):
-        find = real_planner(method, cm, *args)
-
-        def capped(goal_ms, errors=None):
-            return find(max(goal_ms, cm.dense_ms / 1.25), errors)
-
-        capped.tables = find.tables
-        return capped
-
-    monkeypatch.setattr(compile_module, "_planner", held_below_the_reach)
+    _planner_wrapped(monkeypatch, lambda find, cm, goal_ms, errors: find(max(goal_ms, cm.dense_ms / 1.25), errors))
     m, shapes = model
     sizes = []
 
@@ -611,21 +616,14 @@ def test_a_plan_found_again_over_the_window_ends_the_rounds_with_a_note(model, m
     model whose widths step coarsely): once a looser goal brings that plan back, still predicted
     well above the goal, the loop stops instead of measuring it round after round, and the report
     says why the speedup is over the window."""
-    import onnx_prune.compiler.compile as compile_module
+    found = []
 
-    real_planner = compile_module._planner
+    def the_first_plan_found(find, cm, goal_ms, errors):
+        if not found:
+            found.append(find(cm.dense_ms / 1.35, errors))
+        return found[0]
 
-    def one_plan(method, cm, *args):
-        find, found = real_planner(method, cm, *args), []
-
-        def always(goal_ms, errors=None):
-            found or found.append(find(cm.dense_ms / 1.35, errors))
-            return found[0]
-
-        always.tables = find.tables
-        return always
-
-    monkeypatch.setattr(compile_module, "_planner", one_plan)
+    _planner_wrapped(monkeypatch, the_first_plan_found)
     m, shapes = model
     timer = LyingTimer(*[2.0] * 10)
     r = compile_model(m, "1.3x", input_shapes=shapes, timer=timer, batch_size=16).report

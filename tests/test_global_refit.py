@@ -16,11 +16,16 @@ def _halved(zoo_name):
     """A zoo model with every group halved: (canonical model, analysis, plan, pruned, input shapes)."""
     zm = load(zoo_name)
     shapes = dict(zm.input_shapes)
-    canon = canonicalize(zm.model, input_shapes=shapes)
+    return (*_halve(zm.model, shapes), shapes)
+
+
+def _halve(model, shapes):
+    """`model` with every group halved: (canonical model, analysis, plan, pruned)."""
+    canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
     scores = group_scores(analysis)
     plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
-    return canon, analysis, plan, apply_plan(canon.model, analysis, plan), shapes
+    return canon, analysis, plan, apply_plan(canon.model, analysis, plan)
 
 
 def _refitted(zoo_name, count, epochs):
@@ -152,11 +157,7 @@ def test_an_integer_output_beside_the_scores_is_not_a_target():
     model = residual_cnn()
     model.graph.node.append(onnx.helper.make_node("ArgMax", ["y"], ["label"], name="argmax", axis=1, keepdims=0))
     model.graph.output.append(onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["N"]))
-    canon = canonicalize(model, input_shapes={"x": [2, 3, 8, 8]})
-    analysis = analyze_canonical(canon)
-    scores = group_scores(analysis)
-    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
-    pruned = apply_plan(canon.model, analysis, plan)
+    canon, analysis, plan, pruned = _halve(model, {"x": [2, 3, 8, 8]})
     samples = {"x": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
     tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=4, lr=1e-3)
     before, after = _errors(canon.model, pruned, tuned, samples)
@@ -193,13 +194,9 @@ def test_a_causal_mask_folded_into_a_constant_is_not_trained():
             return x + self.o(y.transpose(1, 2).reshape(b, t, d))
 
     torch.manual_seed(0)
-    canon = canonicalize(from_torch(Causal().eval(), torch.randn(2, 8, 32)), input_shapes={"input": [2, 8, 32]})
+    canon, analysis, plan, pruned = _halve(from_torch(Causal().eval(), torch.randn(2, 8, 32)), {"input": [2, 8, 32]})
     masks = [t.name for t in canon.model.graph.initializer if np.isinf(numpy_helper.to_array(t)).any()]
     assert masks and not set(masks) & set(TorchGraph(canon.model).param_names)
-    analysis = analyze_canonical(canon)
-    scores = group_scores(analysis)
-    plan = {g.name: keep_top(scores[g.name], max(1, g.size // 2)) for g in analysis.groups}
-    pruned = apply_plan(canon.model, analysis, plan)
     samples = {"input": np.random.default_rng(0).standard_normal((16, 8, 32)).astype(np.float32)}
     tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=2, lr=1e-3)
     assert np.isfinite(make_session(tuned).run(None, {"input": samples["input"][:4]})[0]).all()
