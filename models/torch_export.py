@@ -180,16 +180,47 @@ def _export_with_dynamo(torch, module, inputs, path, opset, names, first_error):
 
 def _redo_if_invalid(torch, module, inputs, path, opset, names):
     """The TorchScript exporter can write a graph that breaks ONNX's schemas (torch.onnx.ops'
-    rotary_embedding becomes a RotaryEmbedding with its attributes as 4 extra inputs): export again
-    through dynamo; if that fails too, keep the first graph, whose error will surface on loading."""
+    rotary_embedding becomes a RotaryEmbedding with its attributes as 4 extra inputs), or one that
+    ONNX Runtime cannot run (torch.tensor_split at an index read from a shape becomes a Tile whose
+    repeats are 2-d, as in transformers' Mamba): export again through dynamo; if that fails too,
+    keep the first graph when only the checker refused it (its error surfaces on loading), and say
+    so in one line when ONNX Runtime did."""
     try:
         onnx.checker.check_model(path)
     except onnx.checker.ValidationError as invalid:
-        shutil.copyfile(path, path + ".torchscript")
+        failure, unusable = invalid, False
+    else:
+        failure, unusable = _ort_failure(path, names["input_names"], inputs), True
+        if failure is None:
+            return
+    shutil.copyfile(path, path + ".torchscript")
+    try:
+        _export_with_dynamo(torch, module, inputs, path, opset, names, failure)
+    except UserError:
+        if unusable:
+            raise
+        os.replace(path + ".torchscript", path)
+
+
+def _ort_failure(path, input_names, inputs):
+    """ONNX Runtime's error running the exported graph on the example inputs, or None."""
+    from onnx_prune.backends.ort import make_session
+
+    feeds = {}
+    for name, x in zip(input_names, inputs):
         try:
-            _export_with_dynamo(torch, module, inputs, path, opset, names, invalid)
-        except UserError:
-            os.replace(path + ".torchscript", path)
+            feeds[name] = x.detach().cpu().numpy()
+        except (AttributeError, TypeError):  # not a tensor, or bfloat16: numpy has no such type
+            return None
+    try:
+        session = make_session(path, optimize=False, quiet=True)
+        declared = {i.name for i in session.get_inputs()}
+        session.run(None, {k: v for k, v in feeds.items() if k in declared})
+    except Exception as exc:  # ORT's own error types (InvalidArgument, Fail, RuntimeException)
+        if type(exc).__module__.split(".")[0] != "onnxruntime":
+            raise
+        return exc
+    return None
 
 
 def _varargs_shapes(torch, module, input_names, axes):

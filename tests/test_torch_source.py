@@ -148,6 +148,32 @@ def test_an_invalid_torchscript_export_is_redone_through_dynamo():
     assert sorted(g.size for g in groups) == [4, 4]  # heads; each head's 4 pairs of dimensions
 
 
+def test_a_torchscript_export_onnx_runtime_cannot_run_is_redone_through_dynamo():
+    """torch.tensor_split at an index read from a shape (as transformers' Mamba splits its scan)
+    passes ONNX's checker through the TorchScript exporter, but its Tile gets 2-d repeats that ONNX
+    Runtime refuses: from_torch runs the graph on the example inputs and exports again through
+    dynamo, whose graph runs as the module does and prunes."""
+    import onnxruntime as ort
+
+    class SplitAtShape(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(8, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            kept, _ = torch.tensor_split(h, [h.shape[1]], dim=1)
+            return self.out(torch.relu(kept))
+
+    module, x = SplitAtShape().eval(), torch.randn(2, 6, 8)
+    model = onnx_prune.from_torch(module, x)
+    assert any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import)  # dynamo's opset
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], module(x).detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert [g.size for g in onnx_prune.analyze(model, input_shapes={"input": (2, 6, 8)}).groups] == [32]
+
+
 def test_callables_import_from_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "calibsrc.py").write_text("def fn():\n    return {'x': [[1.0]]}\n")
     monkeypatch.chdir(tmp_path)
