@@ -116,6 +116,15 @@ def test_pooled_similarity_ignores_padding_tokens():
     assert min(c["cos"]) < 0.9  # the flattened comparison does see the padding
 
 
+def test_two_zero_outputs_are_alike_and_a_zero_against_a_nonzero_output_is_not():
+    """A randomly initialised EfficientNet outputs zeros: a pruned model giving zeros too matches
+    it (cosine 1, not 0), and one giving anything else does not."""
+    zeros, ones = np.zeros((2, 3, 4)), np.ones((2, 3, 4))
+    assert np.allclose(compare([zeros], [zeros], {})["cos"], 1.0)
+    assert np.allclose(compare([zeros], [ones], {})["cos"], 0.0)
+    assert np.allclose(compare([ones], [-ones], {})["cos"], -1.0)
+
+
 def test_stitch_refits_layers_after_pruned_groups_and_beats_plain_pruning():
     from onnx_prune.compiler.fidelity import output_fidelity
     from onnx_prune.passes.surgery import apply_plan
