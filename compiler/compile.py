@@ -19,7 +19,7 @@ import onnx
 
 from onnx_prune import heap
 from onnx_prune.backends.measure import STEADY, measure
-from onnx_prune.backends.ort import check_runs, feed_kind, index_bound, make_session, random_feeds
+from onnx_prune.backends.ort import USER_SHAPES_HINT, check_runs, feed_kind, index_bound, make_session, random_feeds
 from onnx_prune.backends.predict import CostModel
 from onnx_prune.compiler.budget import check_budget_args, check_labels, judge_budget
 from onnx_prune.compiler.calib import batches, load_calibration_with_labels
@@ -157,7 +157,9 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
             else (None, None)
         check_labels(max_accuracy_drop, labels)
         feeds = _timing_feeds(canon, samples, batch_size, notes)
-        check_runs(model, feeds)
+        # calibration samples can fail where shapes do not: a token id beyond the embedding table
+        check_runs(model, feeds, hint=USER_SHAPES_HINT if samples is None else
+                   f"{USER_SHAPES_HINT}, and the calibration data's values")
         if samples is not None:
             first_batch = feed_batches(canon.model, samples)[0]
             _check_calibration_batch(canon.model, first_batch, feeds)

@@ -331,6 +331,23 @@ def test_dynamic_dims_need_input_shape(tmp_path):
     assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[2].dim_param == "H"
 
 
+def test_calibration_tokens_beyond_the_embedding_table_are_named_as_the_datas_fault(tmp_path):
+    """Token ids past the table's rows fail in ONNX Runtime at a shape the model does run at: the
+    one line points at the calibration data's values too, not at the shapes alone."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in [("table", (10, 8)), ("w1", (8, 32)), ("w2", (32, 4))]]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "embed", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 4])], inits)
+    p, calib, out = tmp_path / "embed.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(p))
+    np.savez(calib, ids=rng.integers(0, 50, (16, 6)))
+    assert_clean_failure(run_cli("compile", p, "-o", out, "--target-speedup", "1.2x", "--calib", calib), out,
+                         words=("calibration data's values", "out of data bounds"))
+
+
 @pytest.mark.parametrize("command", [("prune", "--ratio", "0.5"), ("compile", "--target-speedup", "1.2x")])
 def test_model_that_does_not_run_at_the_given_shape(tmp_path, command):
     """A shape the model cannot run at (here a Reshape that fixes H x W at 8 x 8) is the input's
