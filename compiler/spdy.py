@@ -39,7 +39,9 @@ def dp_solve(costs, errors, budget: float, buckets: int = BUCKETS):
         best, choice[layer] = nxt, arg
     if not np.isfinite(best).any():
         return None
-    b = int(np.argmin(best))
+    # among solutions of equal error the slowest, nearest the budget: errors that tie (all zero where
+    # the outputs are, or channels that are dead on the calibration data) must not prune past the goal
+    b = buckets - int(np.argmin(best[::-1]))
     picks = []
     for layer in range(len(costs) - 1, -1, -1):
         k = int(choice[layer, b])

@@ -52,6 +52,28 @@ def test_real_costs_never_exceed_budget_and_are_near_optimal(seed):
     assert sum(e[k] for e, k in zip(errors, picks)) <= relaxed + 1e-12
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_among_plans_of_equal_error_the_one_nearest_the_budget_is_chosen(seed):
+    """Errors that tie (all zero where a model's outputs are zero, or widths that only cut channels
+    dead on the calibration data) must not prune past the goal: the slowest of the least-error
+    plans within the budget, as brute force finds it."""
+    rng = np.random.default_rng(200 + seed)
+    n_layers, n_opts = rng.integers(1, 5), rng.integers(2, 5)
+    costs = [sorted(rng.integers(1, 20, n_opts), reverse=True) for _ in range(n_layers)]
+    errors = [sorted(rng.choice([0.0, 0.0, 0.5], n_opts)) for _ in range(n_layers)]
+    budget = int(rng.integers(n_layers, 20 * n_layers))
+    best, _ = brute_force(costs, errors, budget)
+    picks = dp_solve(costs, errors, budget, buckets=budget)
+    if not np.isfinite(best):
+        assert picks is None
+        return
+    slowest = max(sum(c[k] for c, k in zip(costs, combo)) for combo in itertools.product(*[range(n_opts)] * n_layers)
+                  if sum(c[k] for c, k in zip(costs, combo)) <= budget
+                  and sum(e[k] for e, k in zip(errors, combo)) == pytest.approx(best))
+    assert sum(e[k] for e, k in zip(errors, picks)) == pytest.approx(best)
+    assert sum(c[k] for c, k in zip(costs, picks)) == slowest
+
+
 def test_infeasible_budget():
     assert dp_solve([[5, 3]], [[0, 1]], 2) is None
 
