@@ -19,6 +19,8 @@ needed.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 
@@ -37,6 +39,7 @@ SPLICED_EPOCHS = 3
 LR = 1e-4
 TARGET_CACHE_BYTES = 1 << 30  # MiniLM's targets, 64 splices of 51 sentences at 2x: 10 GB in all
 SCALE_BATCHES = 8  # batches whose dense values set each tensor's loss scale
+VANISHED_MEAN_SQUARE = 1e-30  # below it a tensor is not matched: 1 / scale would overflow float32
 # batches whose dense values are computed together: an ORT run between two torch steps competes
 # with torch's worker threads, which spin on after a step (MiniLM: seconds a run instead of 0.2)
 CHUNK_BATCHES = 16
@@ -124,9 +127,14 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
     if spliced is not None:
         samples, epochs = spliced, min(epochs, SPLICED_EPOCHS)
     kept = _targets(pruned, analysis, plan)
-    names = list(kept)
     feeds_list = feed_batches(dense, samples)
-    targets = _DenseTargets(dense, names, feeds_list, kept)
+    targets = _DenseTargets(dense, list(kept), feeds_list, kept)
+    scale = _scales(targets, list(kept))
+    # a tensor whose dense values vanish (a randomly initialised EfficientNet's, block after block)
+    # has nothing to match, and its error over its scale overflows float32
+    names = [n for n in kept if scale[n] > VANISHED_MEAN_SQUARE]
+    if not names:
+        return copy.deepcopy(pruned)
     seen = {}
     graph = TorchGraph(pruned, value_hooks={n: _capture(seen, n) for n in names})
     graph.train(False)  # BatchNorm keeps the dense statistics (folded or not)
@@ -136,7 +144,6 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
             p.requires_grad_(False)
     params = [p for p in graph.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    scale = _scales(targets, names)
     rng = np.random.default_rng(seed)
     averaged, steps = [p.detach().clone() for p in params], 0  # the last epoch's running mean
     for epoch in range(epochs):
@@ -149,6 +156,8 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
                 seen.clear()
                 graph(**{k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
                 loss = sum(_matched(seen[n], wanted[i][n], feeds) / scale[n] for n in names)
+                if not torch.isfinite(loss):  # one batch must not turn every weight into nan
+                    continue
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -178,7 +187,7 @@ def _scales(targets, names) -> dict:
         values = targets[i]
         for n in names:
             sums[n] += float(np.mean(values[n].astype(np.float64) ** 2))
-    return {n: sums[n] / max(count, 1) or 1.0 for n in names}
+    return {n: sums[n] / max(count, 1) for n in names}
 
 
 def _capture(seen, name):

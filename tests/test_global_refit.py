@@ -202,3 +202,27 @@ def test_a_causal_mask_folded_into_a_constant_is_not_trained():
     assert np.isfinite(make_session(tuned).run(None, {"input": samples["input"][:4]})[0]).all()
     before, after = _errors(canon.model, pruned, tuned, samples)
     assert after < before
+
+
+def test_layers_whose_dense_values_vanish_are_not_matched_and_no_weight_turns_nan():
+    """A randomly initialised EfficientNet's activations shrink block after block (mean squares of
+    1e-21 down to 1e-53): each tensor's error over its dense scale overflowed float32 and every
+    weight became nan. Tensors that vanish are not targets; the others still pull the model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(size=(16, 32)), "w2": rng.normal(size=(32, 32)) * 1e-20, "w3": rng.normal(size=(32, 8))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["tiny"]), helper.make_node("MatMul", ["r1", "w3_"], ["y"])]
+    weights["w3_"] = rng.normal(size=(32, 8))
+    graph = helper.make_graph(nodes, "vanishing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 8]) for n in ("y", "tiny")],
+                              [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    canon, analysis, plan, pruned = _halve(model, {"x": [4, 16]})
+    samples = {"x": rng.standard_normal((32, 16)).astype(np.float32)}
+    tuned = global_refit(pruned, canon.model, analysis, plan, samples, epochs=4, lr=1e-3)
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in tuned.graph.initializer)
+    cut, fitted = (output_fidelity(canon.model, m, samples, "cpu") for m in (pruned, tuned))
+    assert fitted["mean_relative_l2_error"] < cut["mean_relative_l2_error"]
