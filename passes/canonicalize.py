@@ -14,6 +14,7 @@ Two models come out: `model` keeps the dynamic axes and is what gets pruned and 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -250,18 +251,21 @@ MAX_SHAPE_NODES = 64
 
 
 def _unshare_fills(model):
-    """A ConstantOfShape read by several nodes gets a copy per reader: one value repeated carries
-    no channels of its own, and shared it would tie the widths of everything reading it (torch's
-    exporter sizes the zero initial states of all stacked LSTM layers with one)."""
+    """A fill (a ConstantOfShape, or an Expand of a one-element constant) read by several nodes gets
+    a copy per reader: one value repeated carries no channels of its own, and shared it would tie
+    the widths of everything reading it (torch's exporter sizes the zero initial states of all
+    stacked LSTM layers with one ConstantOfShape; its dynamo exporter gives every Mamba layer's
+    scan one Expand of zero)."""
     readers = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             readers.setdefault(name, []).append((node, i))
     outputs = {o.name for o in model.graph.output}
+    scalars = {t.name for t in model.graph.initializer if math.prod(t.dims) == 1}
     nodes = []
     for node in model.graph.node:
         nodes.append(node)
-        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
+        if not _is_fill(node, scalars) or node.output[0] in outputs:
             continue
         for k, (reader, i) in enumerate(readers.get(node.output[0], [])[1:], start=1):
             copy = onnx.NodeProto()
@@ -272,6 +276,12 @@ def _unshare_fills(model):
     if len(nodes) != len(model.graph.node):
         del model.graph.node[:]
         model.graph.node.extend(nodes)
+
+
+def _is_fill(node, scalars) -> bool:
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    return node.op_type == "ConstantOfShape" or (node.op_type == "Expand" and node.input[0] in scalars)
 
 
 def _unshare_shape_computations(model):

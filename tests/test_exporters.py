@@ -193,3 +193,36 @@ def test_torch_lstm_and_gru_prune_each_layer_apart():
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1)),
                  random_plan(analysis, np.random.default_rng(2), "keep1")):
         verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+
+
+def test_one_expanded_zero_read_by_two_layers_ties_neither():
+    """torch's dynamo exporter builds every Mamba layer's zero scan state with one Expand of a zero
+    scalar, shared: read by both layers, it tied their inner widths into one group. Canonicalize
+    gives each reader its own fill, as it does a ConstantOfShape's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {f"w{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate([(16, 32), (32, 16), (16, 32), (32, 8)])}
+    inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              numpy_helper.from_array(np.array([0], np.int64), "start"), numpy_helper.from_array(np.array([1], np.int64), "end"),
+              numpy_helper.from_array(np.array([32], np.int64), "width")]
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"]), helper.make_node("Slice", ["x_shape", "start", "end"], ["batch"]),
+             helper.make_node("Concat", ["batch", "width"], ["shape"], axis=0),  # sized at run time: not folded
+             helper.make_node("Expand", ["zero", "shape"], ["state"], name="zeros")]
+    for layer, (x, w_in, w_out, y) in enumerate([("x", "w0", "w1", "b"), ("b", "w2", "w3", "y")]):
+        nodes += [helper.make_node("MatMul", [x, w_in], [f"h{layer}"]),
+                  helper.make_node("Mul", ["state", f"h{layer}"], [f"s{layer}"]),  # the scan's first step
+                  helper.make_node("Add", [f"s{layer}", f"h{layer}"], [f"a{layer}"]),
+                  helper.make_node("Relu", [f"a{layer}"], [f"r{layer}"]),
+                  helper.make_node("MatMul", [f"r{layer}", w_out], [y])]
+    graph = helper.make_graph(nodes, "fills", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    shapes = {"x": (3, 16)}
+    canon = canonicalize(model, input_shapes=shapes)
+    analysis = analyze_canonical(canon)
+    assert sorted(g.size for g in analysis.groups) == [16, 32, 32]
+    feeds = random_feeds(canon.model, shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
+        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
