@@ -814,6 +814,22 @@ def _gather_nd(a, x):
     return [out.reshape(tuple(idx.shape[:-1]) + tuple(X.shape[b + k:]))]
 
 
+def _check_scatter_nd(a):
+    return f"reduction '{a['reduction']}'" if a.get("reduction", "none") not in ("none", "add") else None
+
+
+@_op(frozen=(1,), check=_check_scatter_nd)
+def _scatter_nd(a, x):
+    """ScatterND: the last axis of the indices (k) addresses the data's first k axes; the updates
+    replace what is there (or add to it), the axes after the first k whole (torch's dynamo
+    exporter writes a slice assignment so)."""
+    X, idx, U = x[0], x[1].long(), x[2]
+    k = idx.shape[-1]
+    idx = torch.where(idx < 0, idx + torch.tensor(X.shape[:k], device=idx.device), idx).reshape(-1, k)
+    rows = U.reshape((-1,) + tuple(X.shape[k:]))
+    return [X.index_put(tuple(idx[:, j] for j in range(k)), rows, accumulate=a.get("reduction", "none") == "add")]
+
+
 @_op(host=(1,))
 def _expand(a, x):
     X = x[0]
@@ -1205,7 +1221,7 @@ OPS = {
     "RNN": _op(nout=2, check=_check_recurrent)(functools.partial(_recurrent, "RNN")),
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
-    "GatherElements": _gather_elements, "GatherND": _gather_nd, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
+    "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
     "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Trilu": _trilu, "NonZero": _nonzero,
     "TopK": _topk, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,

@@ -607,6 +607,25 @@ def gather_nd(ctx, node):
     ctx.set(node.output[0], [D[j] if j < b else Fx(n) for j, n in enumerate(lead)] + list(D[b + k:]))
 
 
+@rule("ScatterND")
+def scatter_nd(ctx, node):
+    """data with updates written at index tuples: the indices' last axis (of length k) addresses
+    data's first k axes, positions picked by value (pinned, and so are the updates' leading axes,
+    one per tuple); the axes after them are written whole, so data, updates and output carry the
+    same channels there (torch's dynamo exporter moves a slice assignment's axis first and writes
+    it so: Funnel's relative attention, its heads after it). A pruned channel is zero in data and
+    updates alike, so it stays zero under every reduction."""
+    data, idx, updates = node.input[:3]
+    D, U = ctx.ax(data), ctx.ax(updates)
+    lead = len(ctx.shape(idx)) - 1
+    k = ctx.shape(idx)[-1]
+    for e in list(D[:k]) + list(U[:lead]):
+        ctx.freeze(e, f"{_desc(node)} writes channels by index")
+    for d, u in zip(D[k:], U[lead:]):
+        ctx.unify(d, u, f"{_desc(node)} writes these axes whole")
+    ctx.set(node.output[0], list(D))
+
+
 @rule("GatherElements")
 def gather_elements(ctx, node):
     """out[.., i, ..] = data[.., indices[.., i, ..], ..] along `axis`: every other axis pairs data,

@@ -803,6 +803,29 @@ def test_gather_nd_of_fused_key_and_value_leaves_the_query_heads_prunable():
     assert sorted(g.size for g in analysis.groups) == [4, 4]  # query heads; head size
 
 
+def slice_assignment():
+    """A slice assignment, y[:3] = y[2:5] on the sequence axis, as torch's dynamo exporter writes it
+    (Funnel's relative attention): that axis moved first, ScatterND on it, moved back; the heads
+    and head size after it are written whole."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="proj"),
+             helper.make_node("Reshape", ["h", "split"], ["r"], name="split_heads"),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0, 2, 3], name="sequence_first"),
+             helper.make_node("Slice", ["t", "two", "five"], ["rows"], name="rows"),
+             helper.make_node("ScatterND", ["t", "first_three", "rows"], ["s"], name="assign"),
+             helper.make_node("Transpose", ["s"], ["b"], perm=[1, 0, 2, 3], name="batch_first"),
+             helper.make_node("Reshape", ["b", "merge"], ["m"], name="merge_heads"),
+             helper.make_node("MatMul", ["m", "w2"], ["y"], name="out")]
+    inits = {"w1": W(16, 32), "split": np.array([2, 6, 4, 8], np.int64), "two": np.array([2], np.int64),
+             "five": np.array([5], np.int64), "first_three": np.array([[0], [1], [2]], np.int64),
+             "merge": np.array([2, 6, 32], np.int64), "w2": W(32, 16)}
+    return model(nodes, inits, [2, 6, 16], [2, 6, 16])
+
+
+def test_a_slice_assignment_leaves_the_axes_it_writes_whole_prunable():
+    analysis = _prune_and_verify(slice_assignment(), seeds=4)
+    assert sorted(g.size for g in analysis.groups) == [4, 8]  # heads; head size
+
+
 
 def test_a_float16_model_verifies_within_its_own_roundoff():
     """The zoo's BERT converted to float16 by ONNX Runtime's converter (float32 inputs and outputs,

@@ -291,6 +291,10 @@ OP_CASES = {
     "gather_nd_batch_dims": ("GatherND", [f32(2, 3, 4, 5), np.array([[[1, 3], [-1, 0]], [[0, 0], [2, 3]]], np.int64)],
                              dict(batch_dims=1), 17, 1, (1,)),
     "gather_nd_whole_rows": ("GatherND", [f32(3, 4, 5), i64(2, 0, 1).reshape(3, 1)], None, 17, 1, (1,)),
+    "scatter_nd_rows": ("ScatterND", [f32(5, 3, 4), i64(3, -1).reshape(2, 1), f32(2, 3, 4)], None, 17, 1, (1,)),
+    "scatter_nd_elements": ("ScatterND", [f32(3, 4), np.array([[0, 1], [2, -1]], np.int64), f32(2)], None, 17, 1, (1,)),
+    "scatter_nd_add": ("ScatterND", [f32(4, 3), i64(1, 1, 2).reshape(3, 1), f32(3, 3)], dict(reduction="add"),
+                       18, 1, (1,)),
     # recurrent layers, sequence first: X (5 steps, batch 2, 3 features), hidden 4
     "lstm_peepholes_states": ("LSTM", [f32(5, 2, 3), f32(1, 16, 3), f32(1, 16, 4), f32(1, 32), i64(5, 5).astype(np.int32),
                                        f32(1, 2, 4), f32(1, 2, 4), f32(1, 12)], dict(hidden_size=4), 17, 3, (1, 2, 3, 7)),
