@@ -171,7 +171,13 @@ class Guarantee:
                     # groups kept 2, measured 1.96x for 1.5x in six rounds of the same plan)
                     break
             else:
-                short_goal = goal if short_goal is None else max(short_goal, goal)
+                # every goal up to this plan's prediction finds this plan again (it met those goals with
+                # the least error): they are all short, and a goal measured enough below them is stale
+                # (its plan, measured again, fell short: a small CNN in a noisy minute, whose goals then
+                # bisected below a plan predicted 2.88x and measured 1.96x until the rounds ran out)
+                short_goal = max(short_goal or 0.0, goal, predicted)
+                if long_goal is not None and long_goal <= short_goal:
+                    long_goal = None
                 if relaxing:
                     if bisected or not rounds_left:
                         break  # _chosen keeps the plan that met the target
@@ -209,7 +215,7 @@ class Guarantee:
                 if relaxing:  # the plan that met, in the calibrated units: a bound for bisecting
                     long_goal = cm.predicted_speedup(plan)
                 continue
-            goal = _next_goal(goal, judged, target, short_goal, long_goal, aim)
+            goal = _next_goal(short_goal if judged < target else goal, judged, target, short_goal, long_goal, aim)
         return self._outcome()
 
     def _outcome(self) -> Outcome:

@@ -647,6 +647,59 @@ def test_a_plan_found_again_over_the_window_ends_the_rounds_with_a_note(model, m
         "predicted to meet the target (each group's widths step where the hardware runs fast)")
 
 
+def test_a_plan_that_met_once_and_then_fell_short_does_not_hold_the_goals_below_it():
+    """Coarse plans (a small CNN's widths step by 16 channels) and a predictor calibration cannot
+    fix (a noisy minute): plan A, predicted 2.2x, measures 1.8x; plan B, predicted 2.9x, measures
+    2.25x once (a fast spell, over the window) and 1.95x after. Every goal up to 2.9x brings B back,
+    so once B falls short the goals must pass its prediction: plan C (3.3x predicted) meets the 2x
+    target at 2.1x. Bisecting between A's goal and B's first goal found B round after round, and the
+    rounds ended on every group at its smallest width, emitted at 6x."""
+    import contextlib
+
+    from onnx_prune.compiler.guarantee import Guarantee
+
+    predicted = {48: 1.33, 40: 1.6, 30: 2.2, 22: 2.9, 19: 3.3, 16: 4.0, 8: 8.0}  # kept channels -> speedup
+    measured = {30: [1.8], 22: [2.25, 1.95], 19: [2.1], 16: [2.8], 8: [6.0]}
+    calls = []
+
+    class Model:  # what the loop builds: a plan's width stands in for the pruned model
+        def __init__(self, width):
+            self.width = width
+
+    class CostModel:
+        dense_ms = 10.0
+
+        def predicted_speedup(self, plan):
+            return predicted[len(plan["g"])]
+
+        def calibrate(self, plan, speedup):
+            return 1.0
+
+    class Steps:
+        def __call__(self, name):
+            return contextlib.nullcontext()
+
+        def note(self, line):
+            pass
+
+    def find(goal_ms):  # the least pruning predicted to meet the goal, as SPDY's DP returns
+        goal = CostModel.dense_ms / goal_ms
+        width = max((w for w in predicted if w > 8 and predicted[w] >= goal), default=16)
+        return {"g": np.arange(width)}
+
+    def timer(dense, pruned, feeds):
+        script = measured[pruned.width]
+        speed = script[min(calls.count(pruned.width), len(script) - 1)]
+        calls.append(pruned.width)
+        return speed, 10.0, 10.0 / speed
+
+    loop = Guarantee(None, None, None, CostModel(), find, None, timer, 2.0, "fast", Steps(), [], {"g": np.arange(8)})
+    loop.build = lambda key: (Model(len(loop.found[key][0]["g"])), None)
+    outcome = loop.run()
+    assert len(outcome.plan["g"]) == 19 and outcome.judged[0] == 2.1
+    assert 8 not in calls and calls[-1] == 19
+
+
 def test_a_plan_over_the_window_says_the_nearest_short_plan_missed_by_far(model, monkeypatch, sized_kernels):
     monkeypatch.setattr("onnx_prune.compiler.guarantee.MAX_ROUNDS", 2)
     m, shapes = model
