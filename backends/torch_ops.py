@@ -814,6 +814,24 @@ def _gather_nd(a, x):
     return [out.reshape(tuple(idx.shape[:-1]) + tuple(X.shape[b + k:]))]
 
 
+_SCATTER_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
+
+
+@_op(frozen=(1,))
+def _scatter_elements(a, x):
+    """ScatterElements: updates written along `axis` where the indices say (or added, multiplied,
+    taking the max or min with what is there)."""
+    X, idx, U = x[0], x[1].long(), x[2]
+    axis = _axis(a.get("axis", 0), X.dim())
+    idx = torch.where(idx < 0, idx + X.shape[axis], idx)
+    reduction = a.get("reduction", "none")
+    if reduction == "none":
+        return [X.scatter(axis, idx, U)]
+    if reduction == "add":
+        return [X.scatter_add(axis, idx, U)]
+    return [X.scatter_reduce(axis, idx, U, _SCATTER_REDUCE[reduction], include_self=True)]
+
+
 def _check_scatter_nd(a):
     return f"reduction '{a['reduction']}'" if a.get("reduction", "none") not in ("none", "add") else None
 
@@ -1221,7 +1239,7 @@ OPS = {
     "RNN": _op(nout=2, check=_check_recurrent)(functools.partial(_recurrent, "RNN")),
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
-    "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
+    "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "ScatterElements": _scatter_elements, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
     "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Trilu": _trilu, "NonZero": _nonzero,
     "TopK": _topk, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,

@@ -626,6 +626,29 @@ def scatter_nd(ctx, node):
     ctx.set(node.output[0], list(D))
 
 
+@rule("ScatterElements")
+def scatter_elements(ctx, node):
+    """data with updates written along `axis` at the indices' values: that axis is picked by value
+    (pinned); every other axis pairs data, indices, updates and output position by position (a
+    channel prunes in all four, indices and updates sliced with it) where their lengths agree
+    (torch's dynamo export of h[:, 0] = v, a select_scatter)."""
+    data, idx, updates = node.input[:3]
+    D, I, U = ctx.ax(data), ctx.ax(idx), ctx.ax(updates)
+    axis = attr(node, "axis", 0) % len(D)
+    for e in (D[axis], I[axis], U[axis]):
+        ctx.freeze(e, f"{_desc(node)} writes channels by index")
+    for k, (d, i, u) in enumerate(zip(D, I, U)):
+        if k == axis:
+            continue
+        if ctx.size(d) == ctx.size(i):
+            ctx.unify(d, i, f"{_desc(node)} pairs data and indices position by position")
+            ctx.unify(d, u, f"{_desc(node)} pairs data and updates position by position")
+        else:  # indices shorter than the data: only the first positions are written
+            for e in (d, i, u):
+                ctx.freeze(e, f"{_desc(node)} writes only the first positions of this axis")
+    ctx.set(node.output[0], list(D))
+
+
 @rule("GatherElements")
 def gather_elements(ctx, node):
     """out[.., i, ..] = data[.., indices[.., i, ..], ..] along `axis`: every other axis pairs data,

@@ -821,6 +821,23 @@ def slice_assignment():
     return model(nodes, inits, [2, 6, 16], [2, 6, 16])
 
 
+def select_scatter():
+    """h[:, 0] = 0 on the sequence axis, as torch's dynamo exporter writes it: ScatterElements along
+    that axis with constant indices and updates shaped like one position of h."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="proj"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("ScatterElements", ["r", "first", "zeros"], ["s"], name="assign", axis=1),
+             helper.make_node("MatMul", ["s", "w2"], ["y"], name="out")]
+    inits = {"w1": W(16, 32), "first": np.zeros((2, 1, 32), np.int64), "zeros": np.zeros((2, 1, 32), np.float32),
+             "w2": W(32, 16)}
+    return model(nodes, inits, [2, 6, 16], [2, 6, 16])
+
+
+def test_a_position_assigned_along_the_sequence_leaves_the_features_prunable():
+    analysis = _prune_and_verify(select_scatter(), seeds=4)
+    assert sorted(g.size for g in analysis.groups) == [32]
+
+
 def test_a_slice_assignment_leaves_the_axes_it_writes_whole_prunable():
     analysis = _prune_and_verify(slice_assignment(), seeds=4)
     assert sorted(g.size for g in analysis.groups) == [4, 8]  # heads; head size

@@ -293,6 +293,12 @@ OP_CASES = {
     "gather_nd_whole_rows": ("GatherND", [f32(3, 4, 5), i64(2, 0, 1).reshape(3, 1)], None, 17, 1, (1,)),
     "scatter_nd_rows": ("ScatterND", [f32(5, 3, 4), i64(3, -1).reshape(2, 1), f32(2, 3, 4)], None, 17, 1, (1,)),
     "scatter_nd_elements": ("ScatterND", [f32(3, 4), np.array([[0, 1], [2, -1]], np.int64), f32(2)], None, 17, 1, (1,)),
+    "scatter_elements": ("ScatterElements", [f32(3, 4), np.array([[1, -1], [0, 2], [3, 0]], np.int64), f32(3, 2)],
+                         dict(axis=1), 17, 1, (1,)),
+    "scatter_elements_max": ("ScatterElements", [f32(3, 4), np.array([[1], [0], [2]], np.int64), f32(3, 1)],
+                             dict(axis=1, reduction="max"), 18, 1, (1,)),
+    "scatter_elements_add": ("ScatterElements", [f32(4, 3), np.array([[1, 0, 2], [1, 1, 1]], np.int64), f32(2, 3)],
+                             dict(reduction="add"), 16, 1, (1,)),
     "scatter_nd_add": ("ScatterND", [f32(4, 3), i64(1, 1, 2).reshape(3, 1), f32(3, 3)], dict(reduction="add"),
                        18, 1, (1,)),
     # recurrent layers, sequence first: X (5 steps, batch 2, 3 features), hidden 4
