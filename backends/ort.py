@@ -169,6 +169,11 @@ def random_feeds(model: onnx.ModelProto, shapes: dict, seed=0) -> dict:
 USER_SHAPES_HINT = "check --input-shape and --batch-size"
 
 
+def is_ort_error(exc: Exception) -> bool:
+    """Raised by ONNX Runtime itself (its InvalidArgument, Fail, RuntimeException), not by our code."""
+    return type(exc).__module__.split(".")[0] == "onnxruntime"
+
+
 @contextlib.contextmanager
 def runs_at_user_shapes(feeds: dict, hint: str = USER_SHAPES_HINT):
     """Around the first run of the user's model at the shapes asked for: a model that does not run
@@ -178,8 +183,8 @@ def runs_at_user_shapes(feeds: dict, hint: str = USER_SHAPES_HINT):
         yield
     except UserError:
         raise
-    except Exception as exc:  # ORT's own error types (InvalidArgument, Fail, RuntimeException)
-        if type(exc).__module__.split(".")[0] != "onnxruntime":
+    except Exception as exc:
+        if not is_ort_error(exc):
             raise
         shapes = ", ".join(f"{k}={'x'.join(map(str, np.shape(v)))}" for k, v in feeds.items())
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

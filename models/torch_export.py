@@ -204,7 +204,7 @@ def _redo_if_invalid(torch, module, inputs, path, opset, names):
 
 def _ort_failure(path, input_names, inputs):
     """ONNX Runtime's error running the exported graph on the example inputs, or None."""
-    from onnx_prune.backends.ort import make_session
+    from onnx_prune.backends.ort import is_ort_error, make_session
 
     feeds = {}
     for name, x in zip(input_names, inputs):
@@ -216,8 +216,8 @@ def _ort_failure(path, input_names, inputs):
         session = make_session(path, optimize=False, quiet=True)
         declared = {i.name for i in session.get_inputs()}
         session.run(None, {k: v for k, v in feeds.items() if k in declared})
-    except Exception as exc:  # ORT's own error types (InvalidArgument, Fail, RuntimeException)
-        if type(exc).__module__.split(".")[0] != "onnxruntime":
+    except Exception as exc:
+        if not is_ort_error(exc):
             raise
         return exc
     return None
