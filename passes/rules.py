@@ -637,15 +637,7 @@ def scatter_elements(ctx, node):
     axis = attr(node, "axis", 0) % len(D)
     for e in (D[axis], I[axis], U[axis]):
         ctx.freeze(e, f"{_desc(node)} writes channels by index")
-    for k, (d, i, u) in enumerate(zip(D, I, U)):
-        if k == axis:
-            continue
-        if ctx.size(d) == ctx.size(i):
-            ctx.unify(d, i, f"{_desc(node)} pairs data and indices position by position")
-            ctx.unify(d, u, f"{_desc(node)} pairs data and updates position by position")
-        else:  # indices shorter than the data: only the first positions are written
-            for e in (d, i, u):
-                ctx.freeze(e, f"{_desc(node)} writes only the first positions of this axis")
+    _pair_positions(ctx, node, axis, D, {"indices": I, "updates": U}, "writes")
     ctx.set(node.output[0], list(D))
 
 
@@ -659,15 +651,24 @@ def gather_elements(ctx, node):
     D, I = ctx.ax(data), ctx.ax(idx)
     axis = attr(node, "axis", 0) % len(D)
     ctx.freeze(D[axis], f"{_desc(node)} picks channels by index")
-    out = []
-    for k, (d, i) in enumerate(zip(D, I)):
-        if k != axis and ctx.size(d) == ctx.size(i):
-            ctx.unify(d, i, f"{_desc(node)} pairs data and indices position by position")
-        elif k != axis:  # indices shorter than the data: the output reads the data's first positions
-            for e in (d, i):
-                ctx.freeze(e, f"{_desc(node)} reads only the first positions of this axis")
-        out.append(I[k])
-    ctx.set(node.output[0], out)
+    _pair_positions(ctx, node, axis, D, {"indices": I}, "reads")
+    ctx.set(node.output[0], list(I))
+
+
+def _pair_positions(ctx, node, axis, D, others, verb):
+    """GatherElements' and ScatterElements' axes other than `axis`: data's pairs with the same axis
+    of `others` ({"indices": axes, "updates": axes}, shaped alike) position by position where their
+    lengths agree; where the others are shorter, the op `verb`s only the data's first positions,
+    and the axis is frozen in all of them."""
+    for k, d in enumerate(D):
+        if k == axis:
+            continue
+        if ctx.size(d) == ctx.size(others["indices"][k]):
+            for name, axes in others.items():
+                ctx.unify(d, axes[k], f"{_desc(node)} pairs data and {name} position by position")
+        else:
+            for e in [d] + [axes[k] for axes in others.values()]:
+                ctx.freeze(e, f"{_desc(node)} {verb} only the first positions of this axis")
 
 
 PIN_MAX = 64  # constant indices pinned one by one at most; more pin the whole axis
