@@ -879,10 +879,20 @@ def _pad(a, x):
     mode = a.get("mode", "constant")
     if mode == "constant":
         return [F.pad(X, _torch_pads(begin, end), value=float(value))]
-    first = next((i for i in range(rank) if begin[i] or end[i]), rank)
-    first = min(first, rank - 1)  # torch pads only trailing axes in these modes
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
-    return [F.pad(X, _torch_pads(begin[first:], end[first:]), mode=torch_mode)]
+    for ax in range(rank):  # one axis after another, as ONNX's reference (numpy.pad) does
+        if begin[ax] or end[ax]:
+            X = _pad_axis(X, ax, begin[ax], end[ax], torch_mode)
+    return [X]
+
+
+def _pad_axis(X, axis, begin, end, mode):
+    """One axis padded in a non-constant mode. Torch pads only trailing axes there, as many as the
+    input's rank allows (a 4-D input's last 2 or 3, never its last alone), so the axis goes last and
+    the others are flattened into the (N, C) ahead of it."""
+    moved = X.movedim(axis, -1)
+    out = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (begin, end), mode=mode)
+    return out.reshape(moved.shape[:-1] + out.shape[-1:]).movedim(-1, axis)
 
 
 def _shape(a, x):
@@ -971,6 +981,17 @@ def _trilu(a, x):
 
 def _nonzero(a, x):
     return [torch.nonzero(x[0]).t()]
+
+
+@_op(host=(1,), frozen=(0, 2))
+def _one_hot(a, x):
+    """OneHot: `depth` classes along `axis`, values[1] where the index (negative: from the end)
+    says and values[0] elsewhere, an index out of range included (a mixture of experts' routing)."""
+    idx, depth, values = x[0].long(), int(_list(x[1])[0]), x[2]
+    idx = torch.where(idx < 0, idx + depth, idx)
+    axis = _axis(a.get("axis", -1), idx.dim() + 1)
+    classes = torch.arange(depth, device=idx.device).reshape([depth] + [1] * (idx.dim() - axis))
+    return [torch.where(idx.unsqueeze(axis) == classes, values[1], values[0])]
 
 
 @_op(host=(1,), nout=2)
@@ -1242,7 +1263,7 @@ OPS = {
     "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "ScatterElements": _scatter_elements, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
     "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Trilu": _trilu, "NonZero": _nonzero,
-    "TopK": _topk, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,
+    "TopK": _topk, "OneHot": _one_hot, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,
     "Resize": _resize, "Upsample": _upsample,
     # reductions
     **{name: _reduce(f) for name, f in _REDUCERS.items()},

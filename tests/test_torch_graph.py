@@ -249,6 +249,10 @@ OP_CASES = {
     "pad_constant_negative": ("Pad", [f32(2, 3, 4), i64(0, 1, 2, 1, 0, -1), scalar(1.5)], None, 17, 1, (1, 2)),
     "pad_reflect": ("Pad", [f32(2, 3, 4, 5), i64(0, 0, 1, 2, 0, 0, 2, 1)], dict(mode="reflect"), 17, 1, (1,)),
     "pad_edge": ("Pad", [f32(2, 3, 4, 5), i64(0, 0, 1, 2, 0, 0, 2, 1)], dict(mode="edge"), 17, 1, (1,)),
+    # torch pads a 4-D input's last 2 or 3 axes in these modes, never its last alone (Swin2SR) or its first
+    "pad_reflect_last_axis": ("Pad", [f32(2, 3, 4, 5), i64(0, 0, 0, 1, 0, 0, 0, 3)], dict(mode="reflect"), 17, 1, (1,)),
+    "pad_edge_first_axis": ("Pad", [f32(3, 4), i64(2, 0, 1, 0)], dict(mode="edge"), 17, 1, (1,)),
+    "pad_wrap_5d": ("Pad", [f32(2, 3, 2, 3, 4), i64(0, 2, 0, 0, 1, 0, 1, 0, 0, 3)], dict(mode="wrap"), 19, 1, (1,)),
     "pad_axes": ("Pad", [f32(2, 3, 4, 5), i64(1, 2, 3, 0), None, i64(-1, 1)], None, 18, 1, (1, 3)),
     "pad_opset2": ("Pad", [f32(2, 3, 4)], dict(pads=[0, 1, 0, 0, 1, 2], value=2.0), 2, 1, ()),
     "flatten_axis0": ("Flatten", [f32(2, 3, 4)], dict(axis=0), 17, 1, ()),
@@ -301,6 +305,11 @@ OP_CASES = {
                              dict(reduction="add"), 16, 1, (1,)),
     "scatter_nd_add": ("ScatterND", [f32(4, 3), i64(1, 1, 2).reshape(3, 1), f32(3, 3)], dict(reduction="add"),
                        18, 1, (1,)),
+    # a mixture of experts' routing: indices from the end and out of range, classes on another axis
+    "one_hot": ("OneHot", [np.array([[0, 3], [-1, 7]], np.int64), scalar(5, np.int64), scalar([0.0, 2.5])],
+                None, 17, 1, (1, 2)),
+    "one_hot_axis_float_depth": ("OneHot", [np.array([[2, 0, -4], [1, 1, 3]], np.int32), scalar(4.0),
+                                            scalar([-1, 1])], dict(axis=1), 17, 1, (1, 2)),
     # recurrent layers, sequence first: X (5 steps, batch 2, 3 features), hidden 4
     "lstm_peepholes_states": ("LSTM", [f32(5, 2, 3), f32(1, 16, 3), f32(1, 16, 4), f32(1, 32), i64(5, 5).astype(np.int32),
                                        f32(1, 2, 4), f32(1, 2, 4), f32(1, 12)], dict(hidden_size=4), 17, 3, (1, 2, 3, 7)),
