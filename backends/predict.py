@@ -450,8 +450,10 @@ def _pool_chain(node, timed: dict, analysis: Analysis, nodes: dict, by_output: d
     pruned."""
     ctx = analysis.ctx
     sig = pool_chain_sig(node, ctx.index)
+    if sig is None:
+        return None
     axes = ctx.ax(node.input[0])
-    if sig is None or not axes or not analysis.table.coords(axes[1]):
+    if not axes or not analysis.table.coords(axes[1]):
         return None
     is_conv = lambda n: n in timed and timed[n][0].op in CONVS  # noqa: E731
     consumers = ctx.index.consumers

@@ -147,8 +147,10 @@ def activation_sig(op_type: str, input_dims, perm=None) -> LayerSig | None:
 
 def pool_chain_sig(node, index) -> LayerSig | None:
     """Signature of a 2-D pool (POOL_CHAIN_OPS) timed as conv -> pool -> conv; None otherwise."""
+    if node.op_type not in POOL_CHAIN_OPS:
+        return None
     x = index.shape(node.input[0])
-    if node.op_type not in POOL_CHAIN_OPS or x is None or len(x) != 4 or None in x or any(node.output[1:]):
+    if x is None or len(x) != 4 or None in x or any(node.output[1:]):
         return None
     attrs = tuple(sorted((a.name, _plain(helper.get_attribute_value(a))) for a in node.attribute))
     return LayerSig(node.op_type, (int(x[1]),), (int(x[0]), int(x[2]), int(x[3])), attrs)

@@ -579,6 +579,25 @@ def test_a_conv_output_cut_off_the_block_adds_the_reorder_the_database_timed():
     assert cm.block_exits == {}
 
 
+def test_nodes_that_read_no_value_pass_the_scan_for_pool_chains():
+    """A node without inputs (SequenceEmpty: a dynamo export's EmbeddingBag collects its bags in a
+    sequence; RandomNormal) made the CPU cost model's scan for pool chains read an input it lacks
+    (an internal error before any plan)."""
+    m = two_convs(32)
+    g = m.graph
+    g.node.extend([helper.make_node("SequenceEmpty", [], ["bags"], name="empty"),
+                   helper.make_node("SequenceInsert", ["bags", "x"], ["bags1"], name="insert"),
+                   helper.make_node("ConcatFromSequence", ["bags1"], ["z"], axis=1, name="cat")])
+    g.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 16, 16]))
+    canon = canonicalize(m)
+    analysis = analyze_canonical(canon)
+    (group,) = analysis.groups
+    kernels = {"c1": Kernel("c1", "Conv", 100.0, [], []), "relu": Kernel("relu", "Relu", 1.0, [], []),
+               "c2": Kernel("c2", "Conv", 50.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.151))
+    assert cm.predict_ms({group.name: np.arange(16)}) < cm.predict_ms({})
+
+
 class PaddedDB(FakeDB):
     """Every width costs what the full width costs (ORT pads channels to its block)."""
 
