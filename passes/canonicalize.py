@@ -50,6 +50,7 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
         raise UserError(f"opset {opset} is newer than this onnxruntime runs (up to {newest}); upgrade onnxruntime "
                         f"or convert the model down with onnx.version_converter")
     _drop_initializer_inputs(model)
+    model = _inline_local_functions(model, notes)
     _import_used_domains(model)
     if opset < UPGRADE_BELOW:  # opsets before 7, which ORT does not run, included
         model = _upgrade(model, opset)
@@ -71,6 +72,32 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
         _name_nodes(model)
         static = make_static(model, shapes)
     return Canonical(model, static, shapes, notes)
+
+
+def _inline_local_functions(model, notes):
+    """Every call of a local function (torch's `export_modules_as_functions`, onnxscript) spelled
+    out in the graph, with onnx's inliner: each call then prunes to widths of its own, which one
+    shared body could not hold, and the rules see the ops inside."""
+    functions = {(f.domain, f.name) for f in model.functions}
+    if not functions:
+        return model
+    from onnx import inliner
+
+    light, large = without_large_weights(model)  # the inliner serializes the model it is given
+    inlined = inliner.inline_local_functions(light)
+    moved = {t.name for t in large}
+    inputs = [i for i in inlined.graph.input if i.name not in moved]
+    del inlined.graph.input[:]
+    inlined.graph.input.extend(inputs)
+    inlined.graph.initializer.extend(large)
+    used = {n.domain for n in inlined.graph.node}
+    imports = [o for o in inlined.opset_import if o.domain in used or o.domain not in {d for d, _ in functions}]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(imports)
+    names = sorted({name for _, name in functions})
+    notes.append(f"inlined the model's local functions ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): "
+                 "each call prunes on its own, and the emitted model has no functions")
+    return inlined
 
 
 @functools.lru_cache(maxsize=1)

@@ -226,3 +226,35 @@ def test_one_expanded_zero_read_by_two_layers_ties_neither():
     feeds = random_feeds(canon.model, shapes)
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
         verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+
+
+def test_modules_exported_as_functions_prune_each_call_apart():
+    """torch's `export_modules_as_functions` writes each block as a call of one local function:
+    nothing in the graph could be pruned ("Block: unsupported op"). Canonicalize inlines the calls,
+    so each block prunes to widths of its own and the emitted model has no functions."""
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(c, 2 * c, 3, padding=1), torch.nn.Conv2d(2 * c, c, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(x + self.b(torch.relu(self.a(x))))
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), Block(8), Block(8), torch.nn.Conv2d(8, 4, 1)).eval()
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"functions_{os.getpid()}.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), path, dynamo=False, opset_version=17,
+                          export_modules_as_functions={Block})
+    model = onnx.load(path)
+    os.remove(path)
+    assert [f.name for f in model.functions] == ["Block"] and sum(n.op_type == "Block" for n in model.graph.node) == 2
+    canon = canonicalize(model)
+    assert not canon.model.functions and any("local functions (Block)" in n for n in canon.notes)
+    analysis = analyze_canonical(canon)
+    assert sorted(g.size for g in analysis.groups) == [8, 16, 16]  # the residual stream; each block's inner width
+    feeds = random_feeds(canon.model, canon.input_shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
+        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
