@@ -428,6 +428,20 @@ def _layer_norm(a, x):
     return [y, mean, inv_std]
 
 
+def _mean_variance_norm(a, x):
+    """(X - mean) / (std + 1e-9) over `axes` (batch and positions by default), as ONNX Runtime
+    computes it."""
+    X = x[0]
+    axes = [_axis(ax, X.dim()) for ax in a.get("axes", [0, 2, 3])]
+    centred = X - X.mean(axes, keepdim=True)
+    return [centred / (centred.pow(2).mean(axes, keepdim=True).sqrt() + 1e-9)]
+
+
+def _lp_normalization(a, x):
+    X = x[0]
+    return [X / X.norm(p=a.get("p", 2), dim=_axis(a.get("axis", -1), X.dim()), keepdim=True)]
+
+
 def _group_norm(a, x):
     X, scale, bias = x
     groups, channels = a["num_groups"], X.shape[1]
@@ -961,6 +975,18 @@ def _identity(a, x):
     return [x[0]]
 
 
+@_op(frozen=(1,))
+def _compress(a, x):
+    """The slices along `axis` (the flattened input without one) where the mask is true."""
+    X, keep = x[0], x[1].to(torch.bool)
+    if a.get("axis") is None:
+        X, axis = X.reshape(-1), 0
+    else:
+        axis = _axis(a["axis"], X.dim())
+    picked = torch.nonzero(keep[:X.shape[axis]]).reshape(-1)
+    return [X.index_select(axis, picked)]
+
+
 @_op(host=(1,))
 def _cumsum(a, x):
     X = x[0]
@@ -1249,7 +1275,8 @@ OPS = {
     "GlobalMaxPool": _global_max_pool,
     # normalization, softmax, dropout
     "BatchNormalization": _batch_norm, "InstanceNormalization": _instance_norm, "LayerNormalization": _layer_norm,
-    "GroupNormalization": _group_norm, "RMSNormalization": _rms_norm,
+    "GroupNormalization": _group_norm, "MeanVarianceNormalization": _mean_variance_norm,
+    "LpNormalization": _lp_normalization, "RMSNormalization": _rms_norm,
     "RotaryEmbedding": _rotary_embedding((0, 1, 2, 3)),
     "SimplifiedLayerNormalization": _rms_norm, "LRN": _lrn, "Softmax": _softmax_like(torch.softmax),
     "LogSoftmax": _softmax_like(torch.log_softmax), "Dropout": _dropout,
@@ -1262,7 +1289,7 @@ OPS = {
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
     "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "ScatterElements": _scatter_elements, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
-    "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Trilu": _trilu, "NonZero": _nonzero,
+    "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Compress": _compress, "Trilu": _trilu, "NonZero": _nonzero,
     "TopK": _topk, "OneHot": _one_hot, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,
     "Resize": _resize, "Upsample": _upsample,
     # reductions

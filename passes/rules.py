@@ -815,7 +815,7 @@ def groupnorm(ctx, node):
     ctx.set(node.output[0], X)
 
 
-@rule("LRN", "MeanVarianceNormalization")
+@rule("LRN")
 def channel_mixing_norm(ctx, node):
     X = ctx.ax(node.input[0])
     ctx.freeze(X[1], f"{_desc(node)} mixes neighbouring channels")
@@ -825,12 +825,59 @@ def channel_mixing_norm(ctx, node):
     ctx.set(node.output[0], X)
 
 
-@rule("Softmax", "LogSoftmax", "Hardmax")
+@rule("MeanVarianceNormalization")
+def mean_variance_norm(ctx, node):
+    """Statistics over `axes` (batch and positions by default): each channel on its own, so the
+    channels prune; the axes it normalizes over stay."""
+    X = ctx.ax(node.input[0])
+    for a in attr(node, "axes", [0, 2, 3]):
+        ctx.freeze(X[a % len(X)], f"normalized over by {_desc(node)}")
+    ctx.set(node.output[0], X)
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax", "LpNormalization")
 def softmax(ctx, node):
+    """Values along one axis read together; the other axes pass through."""
     X = ctx.ax(node.input[0])
     axis = attr(node, "axis", -1) % len(X)
     ctx.freeze(X[axis], f"{_desc(node)} normalizes over these channels")
     ctx.set(node.output[0], X)
+
+
+@rule("CumSum")
+def cumsum(ctx, node):
+    """A running sum along one axis (a constant input); the other axes pass through."""
+    X = ctx.ax(node.input[0])
+    axis = ctx.const(node.input[1])
+    if axis is None:
+        raise Unsupported("cumulative-sum axis computed at run time")
+    ctx.freeze(X[int(np.ravel(axis)[0]) % len(X)], f"{_desc(node)} sums along these channels")
+    ctx.set(node.output[0], X)
+
+
+@rule("Trilu")
+def trilu(ctx, node):
+    """Keeps a triangle of every matrix over the last two axes, by position: those stay, the
+    axes before them (heads of a score matrix) pass through."""
+    X = ctx.ax(node.input[0])
+    for e in X[-2:]:
+        ctx.freeze(e, f"{_desc(node)} keeps positions of these axes")
+    ctx.set(node.output[0], X)
+
+
+@rule("Compress")
+def compress(ctx, node):
+    """Picks slices along `axis` by a mask: that axis stays (the mask is sized by it), the others
+    pass through; without an axis the input is flattened first, and everything stays."""
+    X, axis = ctx.ax(node.input[0]), attr(node, "axis")
+    out_shape = ctx.shape(node.output[0])
+    if axis is None or out_shape is None:
+        unknown(ctx, node, f"{_desc(node)} picks by a mask over a flattened input")
+        return
+    axis %= len(X)
+    ctx.freeze(X[axis], f"{_desc(node)} picks along these channels")
+    ctx.freeze_tensor(node.input[1], f"{_desc(node)} mask")
+    ctx.set(node.output[0], [Fx(out_shape[k]) if k == axis else e for k, e in enumerate(X)])
 
 
 REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare".split()

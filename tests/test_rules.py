@@ -101,6 +101,19 @@ CASES = {
                                   conv("c2", "w", "w2", "o")],
                                  {"w1": W(8, 3, 1, 1), "zero": np.float32(0), "bias": W(1, 8, 1, 1),
                                   "shape": np.array([1, 8, 8, 8], np.int64), "w2": W(4, 8, 1, 1)}, 4),
+    # statistics, sums, masks and triangles along the positions: every channel on its own
+    # (test_ops_along_positions_leave_the_channels_prunable)
+    **{name: (lambda op=op, inputs=inputs, attrs=attrs, extra=extra: body(
+        [conv("c1", "x", "w1", "a", pads=[1] * 4),
+         helper.make_node(op, ["a", *inputs], ["n"], name="op", **attrs),
+         conv("c2", "n", "w2", "o")],
+        {"w1": W(8, 3, 3, 3), "w2": W(4, 8, 1, 1), **extra}, 4))
+       for name, op, inputs, attrs, extra in [
+           ("mean_variance_norm", "MeanVarianceNormalization", [], {}, {}),
+           ("lp_normalization_over_width", "LpNormalization", [], {"axis": 3, "p": 1}, {}),
+           ("cumsum_over_height", "CumSum", ["ax"], {}, {"ax": np.array(2, np.int64)}),
+           ("trilu_positions", "Trilu", [], {"upper": 1}, {}),
+           ("compress_rows", "Compress", ["keep"], {"axis": 2}, {"keep": np.arange(8) % 3 != 1})]},
     # Keras-style dense and multi-head projections written as einsums (tf2onnx keeps them)
     "einsum_heads": lambda: model(
         [helper.make_node("Einsum", ["x", "w1"], ["a"], equation="bsd,de->bse", name="dense"),
@@ -132,6 +145,17 @@ FROZEN = {
                                        helper.make_node("Softmax", ["a"], ["s"], axis=1, name="sm"),
                                        conv("c2", "s", "w2", "o")],
                                       {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, 4), "normalizes over"),
+    **{name: (lambda op=op, inputs=inputs, attrs=attrs, extra=extra, c=c: body(
+        [conv("c1", "x", "w1", "a"),
+         helper.make_node(op, ["a", *inputs], ["n"], name="op", **attrs),
+         conv("c2", "n", "w2", "o")],
+        {"w1": W(8, 3, 1, 1), "w2": W(4, c, 1, 1), **extra}, 4), reason)
+       for name, op, inputs, attrs, extra, c, reason in [
+           ("mean_variance_norm_channels", "MeanVarianceNormalization", [], {"axes": [0, 1, 2, 3]}, {}, 8,
+            "normalized over by MeanVarianceNormalization"),
+           ("lp_normalization_channels", "LpNormalization", [], {"axis": 1}, {}, 8, "normalizes over"),
+           ("cumsum_channels", "CumSum", ["ax"], {}, {"ax": np.array(1, np.int64)}, 8, "sums along"),
+           ("compress_channels", "Compress", ["keep"], {"axis": 1}, {"keep": np.arange(8) < 5}, 5, "picks along")]},
     "pad_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                    helper.make_node("Pad", ["a", "pads"], ["p"], name="pad"),
                                    conv("c2", "p", "w2", "o")],
@@ -307,6 +331,19 @@ def _prune_and_verify(m, seeds=3):
 def test_rule_prunes_and_stays_equivalent(case):
     analysis = _prune_and_verify(CASES[case]())
     assert analysis.groups, "expected prunable channels"
+
+
+ALONG_POSITIONS = ["mean_variance_norm", "lp_normalization_over_width", "cumsum_over_height", "trilu_positions",
+                   "compress_rows"]
+
+
+@pytest.mark.parametrize("case", ALONG_POSITIONS)
+def test_ops_along_positions_leave_the_channels_prunable(case):
+    """MeanVarianceNormalization (over batch and positions), LpNormalization and CumSum along a
+    position axis, Trilu, Compress along rows: each channel is computed on its own, so the conv
+    before them prunes (before, the first was said to mix channels and the others had no rule)."""
+    analysis = _prune_and_verify(CASES[case]())
+    assert any("c1" in g.producers for g in analysis.groups), [g.producers for g in analysis.groups]
 
 
 def test_ort_fused_activations_keep_the_ffn_prunable():

@@ -305,6 +305,12 @@ OP_CASES = {
                              dict(reduction="add"), 16, 1, (1,)),
     "scatter_nd_add": ("ScatterND", [f32(4, 3), i64(1, 1, 2).reshape(3, 1), f32(3, 3)], dict(reduction="add"),
                        18, 1, (1,)),
+    "mean_variance_norm": ("MeanVarianceNormalization", [f32(2, 3, 4, 5)], None, 17, 1, ()),
+    "mean_variance_norm_axes": ("MeanVarianceNormalization", [f32(2, 3, 4)], dict(axes=[1, 2]), 17, 1, ()),
+    "lp_normalization_l1": ("LpNormalization", [f32(2, 3, 4)], dict(axis=1, p=1), 17, 1, ()),
+    "lp_normalization": ("LpNormalization", [f32(2, 3, 4)], None, 17, 1, ()),
+    "compress_axis": ("Compress", [f32(2, 5, 3), np.array([1, 0, 1, 1], bool)], dict(axis=1), 17, 1, (1,)),
+    "compress_flat": ("Compress", [f32(2, 3), np.array([0, 1, 1, 0, 1], bool)], None, 17, 1, (1,)),
     # a mixture of experts' routing: indices from the end and out of range, classes on another axis
     "one_hot": ("OneHot", [np.array([[0, 3], [-1, 7]], np.int64), scalar(5, np.int64), scalar([0.0, 2.5])],
                 None, 17, 1, (1, 2)),
