@@ -975,6 +975,21 @@ def _identity(a, x):
     return [x[0]]
 
 
+_GRID_MODES = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
+               "cubic": "bicubic"}
+
+
+def _check_grid_sample(a):
+    return None if a.get("mode", "bilinear") in _GRID_MODES else f"mode '{a['mode']}'"
+
+
+@_op(check=_check_grid_sample)
+def _grid_sample(a, x):
+    """GridSample: each channel sampled at the grid's normalized positions (a spatial transformer)."""
+    return [F.grid_sample(x[0], x[1], mode=_GRID_MODES[a.get("mode", "bilinear")],
+                          padding_mode=a.get("padding_mode", "zeros"), align_corners=bool(a.get("align_corners", 0)))]
+
+
 @_op(frozen=(1,))
 def _compress(a, x):
     """The slices along `axis` (the flattened input without one) where the mask is true."""
@@ -1289,7 +1304,7 @@ OPS = {
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
     "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "ScatterElements": _scatter_elements, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
-    "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Compress": _compress, "Trilu": _trilu, "NonZero": _nonzero,
+    "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Compress": _compress, "GridSample": _grid_sample, "Trilu": _trilu, "NonZero": _nonzero,
     "TopK": _topk, "OneHot": _one_hot, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,
     "Resize": _resize, "Upsample": _upsample,
     # reductions

@@ -931,10 +931,22 @@ def argreduce(ctx, node):
 # -- spatial ops: channels pass, spatial axes are fixed --------------------------------------
 
 
-@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
+@rule("MaxRoiPool", "RoiAlign", "GridSample")
+def sampled_regions(ctx, node):
+    """Each channel sampled at positions (regions of interest, a sampling grid) on its own: the
+    channels pass, the positions stay, and what says where to sample carries no channel."""
+    X = ctx.ax(node.input[0])
+    for e in X[2:]:
+        ctx.freeze(e, f"{_desc(node)} samples at these positions")
+    for where in node.input[1:]:
+        if where:
+            ctx.freeze_tensor(where, f"{_desc(node)} sampling positions")
+    out = node.output[0]
+    ctx.set(out, [_out_fx(ctx, out, 0), X[1]] + [_out_fx(ctx, out, k) for k in range(2, len(ctx.shape(out)))])
+
+
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def pooling(ctx, node):
-    if node.op_type == "MaxRoiPool":
-        raise Unsupported("pools regions of interest")
     X = ctx.ax(node.input[0])
     _slides_over(ctx, node, X[2:])
     out = node.output[0]

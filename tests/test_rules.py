@@ -113,7 +113,12 @@ CASES = {
            ("lp_normalization_over_width", "LpNormalization", [], {"axis": 3, "p": 1}, {}),
            ("cumsum_over_height", "CumSum", ["ax"], {}, {"ax": np.array(2, np.int64)}),
            ("trilu_positions", "Trilu", [], {"upper": 1}, {}),
-           ("compress_rows", "Compress", ["keep"], {"axis": 2}, {"keep": np.arange(8) % 3 != 1})]},
+           ("compress_rows", "Compress", ["keep"], {"axis": 2}, {"keep": np.arange(8) % 3 != 1}),
+           ("grid_sample", "GridSample", ["grid"], {}, {"grid": RNG.uniform(-1, 1, (1, 5, 6, 2)).astype(np.float32)}),
+           ("roi_align", "RoiAlign", ["rois", "batch"], {"output_height": 3, "output_width": 2},
+            {"rois": np.array([[0, 0, 5, 5], [1, 2, 7, 6]], np.float32), "batch": np.zeros(2, np.int64)}),
+           ("max_roi_pool", "MaxRoiPool", ["rois5"], {"pooled_shape": [2, 2]},
+            {"rois5": np.array([[0, 0, 0, 5, 5], [0, 1, 2, 7, 6]], np.float32)})]},
     # Keras-style dense and multi-head projections written as einsums (tf2onnx keeps them)
     "einsum_heads": lambda: model(
         [helper.make_node("Einsum", ["x", "w1"], ["a"], equation="bsd,de->bse", name="dense"),
@@ -334,14 +339,15 @@ def test_rule_prunes_and_stays_equivalent(case):
 
 
 ALONG_POSITIONS = ["mean_variance_norm", "lp_normalization_over_width", "cumsum_over_height", "trilu_positions",
-                   "compress_rows"]
+                   "compress_rows", "grid_sample", "roi_align", "max_roi_pool"]
 
 
 @pytest.mark.parametrize("case", ALONG_POSITIONS)
 def test_ops_along_positions_leave_the_channels_prunable(case):
     """MeanVarianceNormalization (over batch and positions), LpNormalization and CumSum along a
-    position axis, Trilu, Compress along rows: each channel is computed on its own, so the conv
-    before them prunes (before, the first was said to mix channels and the others had no rule)."""
+    position axis, Trilu, Compress along rows, sampling at a grid or at regions of interest
+    (GridSample, RoiAlign, MaxRoiPool): each channel is computed on its own, so the conv before
+    them prunes (before, MVN was said to mix channels and the others froze it)."""
     analysis = _prune_and_verify(CASES[case]())
     assert any("c1" in g.producers for g in analysis.groups), [g.producers for g in analysis.groups]
 

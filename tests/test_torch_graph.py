@@ -311,6 +311,12 @@ OP_CASES = {
     "lp_normalization": ("LpNormalization", [f32(2, 3, 4)], None, 17, 1, ()),
     "compress_axis": ("Compress", [f32(2, 5, 3), np.array([1, 0, 1, 1], bool)], dict(axis=1), 17, 1, (1,)),
     "compress_flat": ("Compress", [f32(2, 3), np.array([0, 1, 1, 0, 1], bool)], None, 17, 1, (1,)),
+    "grid_sample": ("GridSample", [f32(2, 3, 5, 6), np.random.default_rng(2).uniform(-1.1, 1.1, (2, 4, 3, 2)).astype(np.float32)],
+                    None, 16, 1, ()),
+    "grid_sample_border_aligned": ("GridSample", [f32(1, 2, 4, 4), np.random.default_rng(3).uniform(-1.2, 1.2, (1, 3, 5, 2))
+                                   .astype(np.float32)], dict(padding_mode="border", align_corners=1), 16, 1, ()),
+    "grid_sample_reflection_cubic": ("GridSample", [f32(1, 2, 5, 5), np.random.default_rng(4).uniform(-1.3, 1.3, (1, 3, 3, 2))
+                                     .astype(np.float32)], dict(mode="cubic", padding_mode="reflection"), 20, 1, ()),
     # a mixture of experts' routing: indices from the end and out of range, classes on another axis
     "one_hot": ("OneHot", [np.array([[0, 3], [-1, 7]], np.int64), scalar(5, np.int64), scalar([0.0, 2.5])],
                 None, 17, 1, (1, 2)),
