@@ -93,7 +93,8 @@ def _out_fx(ctx, name, axis):
 UNARY = (
     "Relu Sigmoid Tanh HardSigmoid HardSwish LeakyRelu Elu Selu Celu Softplus Softsign Gelu Erf "
     "Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Mish ThresholdedRelu Not "
-    "IsNaN IsInf Identity Dropout Cast CastLike Clip Shrink Relu6 Swish"
+    "IsNaN IsInf Identity Dropout Cast CastLike Clip Shrink Relu6 Swish "
+    "Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh BitwiseNot"
 ).split()
 
 
@@ -111,7 +112,8 @@ def unary(ctx, node):
 
 
 @rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less",
-      "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "BitShift")
+      "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "BitShift",
+      "BitwiseAnd", "BitwiseOr", "BitwiseXor")
 def elementwise(ctx, node):
     """Numpy broadcasting: axes of size > 1 that line up carry the same channels."""
     ins = [i for i in node.input if i]
@@ -844,14 +846,37 @@ def softmax(ctx, node):
     ctx.set(node.output[0], X)
 
 
-@rule("CumSum")
-def cumsum(ctx, node):
-    """A running sum along one axis (a constant input); the other axes pass through."""
+@rule("CumSum", "CumProd")
+def cumulative(ctx, node):
+    """A running sum or product along one axis (a constant input); the other axes pass through."""
     X = ctx.ax(node.input[0])
     axis = ctx.const(node.input[1])
     if axis is None:
-        raise Unsupported("cumulative-sum axis computed at run time")
-    ctx.freeze(X[int(np.ravel(axis)[0]) % len(X)], f"{_desc(node)} sums along these channels")
+        raise Unsupported("cumulative axis computed at run time")
+    ctx.freeze(X[int(np.ravel(axis)[0]) % len(X)], f"{_desc(node)} accumulates along these channels")
+    ctx.set(node.output[0], X)
+
+
+@rule("TopK")
+def top_k(ctx, node):
+    """The k largest (or smallest) along one axis, values and their indices: that axis stays,
+    the others pass through to both outputs."""
+    X = ctx.ax(node.input[0])
+    axis = attr(node, "axis", -1) % len(X)
+    ctx.freeze(X[axis], f"{_desc(node)} ranks along these channels")
+    for k, o in enumerate(node.output):
+        if o:
+            ctx.set(o, [_out_fx(ctx, o, axis) if d == axis else e for d, e in enumerate(X)])
+
+
+@rule("ReverseSequence")
+def reverse_sequence(ctx, node):
+    """Each sequence reversed up to its length (tf2onnx's bidirectional recurrent layers): the
+    batch and time axes stay, the features pass through."""
+    X = ctx.ax(node.input[0])
+    for name, default in (("batch_axis", 1), ("time_axis", 0)):
+        ctx.freeze(X[attr(node, name, default) % len(X)], f"{_desc(node)} reverses sequences along these axes")
+    ctx.freeze_tensor(node.input[1], f"{_desc(node)} sequence lengths")
     ctx.set(node.output[0], X)
 
 

@@ -118,7 +118,8 @@ CASES = {
            ("roi_align", "RoiAlign", ["rois", "batch"], {"output_height": 3, "output_width": 2},
             {"rois": np.array([[0, 0, 5, 5], [1, 2, 7, 6]], np.float32), "batch": np.zeros(2, np.int64)}),
            ("max_roi_pool", "MaxRoiPool", ["rois5"], {"pooled_shape": [2, 2]},
-            {"rois5": np.array([[0, 0, 0, 5, 5], [0, 1, 2, 7, 6]], np.float32)})]},
+            {"rois5": np.array([[0, 0, 0, 5, 5], [0, 1, 2, 7, 6]], np.float32)}),
+           ("atan", "Atan", [], {}, {})]},
     # Keras-style dense and multi-head projections written as einsums (tf2onnx keeps them)
     "einsum_heads": lambda: model(
         [helper.make_node("Einsum", ["x", "w1"], ["a"], equation="bsd,de->bse", name="dense"),
@@ -159,8 +160,13 @@ FROZEN = {
            ("mean_variance_norm_channels", "MeanVarianceNormalization", [], {"axes": [0, 1, 2, 3]}, {}, 8,
             "normalized over by MeanVarianceNormalization"),
            ("lp_normalization_channels", "LpNormalization", [], {"axis": 1}, {}, 8, "normalizes over"),
-           ("cumsum_channels", "CumSum", ["ax"], {}, {"ax": np.array(1, np.int64)}, 8, "sums along"),
+           ("cumsum_channels", "CumSum", ["ax"], {}, {"ax": np.array(1, np.int64)}, 8, "accumulates along"),
            ("compress_channels", "Compress", ["keep"], {"axis": 1}, {"keep": np.arange(8) < 5}, 5, "picks along")]},
+    "top_k_channels": (lambda: body([conv("c1", "x", "w1", "a"),
+                                     helper.make_node("TopK", ["a", "k"], ["t", "ti"], axis=1, name="topk"),
+                                     conv("c2", "t", "w2", "o")],
+                                    {"w1": W(8, 3, 1, 1), "k": np.array([5], np.int64), "w2": W(4, 5, 1, 1)}, 4),
+                       "ranks along"),
     "pad_channels": (lambda: body([conv("c1", "x", "w1", "a"),
                                    helper.make_node("Pad", ["a", "pads"], ["p"], name="pad"),
                                    conv("c2", "p", "w2", "o")],
@@ -338,16 +344,29 @@ def test_rule_prunes_and_stays_equivalent(case):
     assert analysis.groups, "expected prunable channels"
 
 
-ALONG_POSITIONS = ["mean_variance_norm", "lp_normalization_over_width", "cumsum_over_height", "trilu_positions",
-                   "compress_rows", "grid_sample", "roi_align", "max_roi_pool"]
+CASES["top_k_over_width"] = lambda: body([conv("c1", "x", "w1", "a", pads=[1] * 4),
+                                           helper.make_node("TopK", ["a", "k"], ["t", "ti"], axis=3, name="topk"),
+                                           helper.make_node("Cast", ["ti"], ["tf"], to=TensorProto.FLOAT, name="cast"),
+                                           helper.make_node("Add", ["t", "tf"], ["n"], name="add"),
+                                           conv("c2", "n", "w2", "o")],
+                                          {"w1": W(8, 3, 3, 3), "k": np.array([3], np.int64), "w2": W(4, 8, 1, 1)}, 4)
+CASES["reverse_sequence"] = lambda: model(  # tf2onnx's backward half of a bidirectional layer
+    [helper.make_node("MatMul", ["x", "w1"], ["a"], name="c1"),
+     helper.make_node("ReverseSequence", ["a", "lens"], ["r"], batch_axis=0, time_axis=1, name="rev"),
+     helper.make_node("Relu", ["r"], ["n"], name="act"),
+     helper.make_node("MatMul", ["n", "w2"], ["y"], name="c2")],
+    {"w1": W(16, 24), "lens": np.array([6, 4], np.int64), "w2": W(24, 5)}, [2, 6, 16], [2, 6, 5])
+ALONG_POSITIONS = ["top_k_over_width", "mean_variance_norm", "lp_normalization_over_width", "cumsum_over_height", "trilu_positions",
+                   "compress_rows", "grid_sample", "roi_align", "max_roi_pool", "reverse_sequence", "atan"]
 
 
 @pytest.mark.parametrize("case", ALONG_POSITIONS)
 def test_ops_along_positions_leave_the_channels_prunable(case):
     """MeanVarianceNormalization (over batch and positions), LpNormalization and CumSum along a
     position axis, Trilu, Compress along rows, sampling at a grid or at regions of interest
-    (GridSample, RoiAlign, MaxRoiPool): each channel is computed on its own, so the conv before
-    them prunes (before, MVN was said to mix channels and the others froze it)."""
+    (GridSample, RoiAlign, MaxRoiPool), TopK along a row, ReverseSequence, elementwise math: each
+    channel is computed on its own, so the conv before them prunes (before, MVN was said to mix
+    channels and the others froze it)."""
     analysis = _prune_and_verify(CASES[case]())
     assert any("c1" in g.producers for g in analysis.groups), [g.producers for g in analysis.groups]
 
