@@ -1015,6 +1015,19 @@ def _cumsum(a, x):
 
 
 @_op(host=(1,))
+def _reverse_sequence(a, x):
+    """Each batch entry's first sequence_lens[b] steps along `time_axis` reversed, the rest kept."""
+    X, lengths = x[0], host(x[1])
+    batch, time = _axis(a.get("batch_axis", 1), X.dim()), _axis(a.get("time_axis", 0), X.dim())
+    entries = []
+    for b, n in enumerate(lengths):
+        entry = X.select(batch, b)
+        t = time - (time > batch)
+        entries.append(torch.cat([entry.narrow(t, 0, n).flip(t), entry.narrow(t, n, entry.shape[t] - n)], t))
+    return [torch.stack(entries, batch)]
+
+
+@_op(host=(1,))
 def _trilu(a, x):
     k = int(host(x[1])) if _opt(x, 1) is not None else 0
     return [torch.triu(x[0], k) if a.get("upper", 1) else torch.tril(x[0], k)]
@@ -1273,7 +1286,10 @@ OPS = {
     "Erf": _unary(torch.erf), "Sqrt": _unary(torch.sqrt), "Exp": _unary(torch.exp), "Log": _unary(torch.log),
     "Neg": _unary(torch.neg), "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal),
     "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Round": _unary(torch.round),
-    "Sign": _unary(torch.sign), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos),
+    "Sign": _unary(torch.sign), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Tan": _unary(torch.tan),
+    "Asin": _unary(torch.asin), "Acos": _unary(torch.acos), "Atan": _unary(torch.atan), "Sinh": _unary(torch.sinh),
+    "Cosh": _unary(torch.cosh), "Asinh": _unary(torch.asinh), "Acosh": _unary(torch.acosh),
+    "Atanh": _unary(torch.atanh), "BitwiseNot": _unary(torch.bitwise_not),
     "Not": _unary(torch.logical_not), "Softplus": _unary(F.softplus), "Softsign": _unary(F.softsign),
     "IsNaN": _unary(torch.isnan), "IsInf": _is_inf,
     "Mish": _unary(F.mish), "HardSwish": _unary(F.hardswish), "HardSigmoid": _hard_sigmoid,
@@ -1282,7 +1298,8 @@ OPS = {
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _div, "Pow": _pow,
     "Mod": _mod, "Equal": _binary(torch.eq), "Greater": _binary(torch.gt), "Less": _binary(torch.lt),
     "GreaterOrEqual": _binary(torch.ge), "LessOrEqual": _binary(torch.le), "And": _binary(torch.logical_and),
-    "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor), "Where": _where, "Clip": _clip,
+    "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor), "BitwiseAnd": _binary(torch.bitwise_and),
+    "BitwiseOr": _binary(torch.bitwise_or), "BitwiseXor": _binary(torch.bitwise_xor), "Where": _where, "Clip": _clip,
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add), "Mean": _mean,
     # linear algebra, convolution, pooling
     "MatMul": _matmul, "Gemm": _gemm, "Einsum": _einsum, "Conv": _conv, "ConvTranspose": _conv_transpose,
@@ -1304,7 +1321,9 @@ OPS = {
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
     "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "ScatterElements": _scatter_elements, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Shape": _shape,
     "Size": _size, "Cast": _cast, "CastLike": _cast_like, "ConstantOfShape": _constant_of_shape,
-    "Constant": _constant, "Range": _range, "CumSum": _cumsum, "Compress": _compress, "GridSample": _grid_sample, "Trilu": _trilu, "NonZero": _nonzero,
+    "Constant": _constant, "Range": _range, "CumSum": _cumsum,
+    "ReverseSequence": _reverse_sequence, "Compress": _compress, "GridSample": _grid_sample, "Trilu": _trilu,
+    "NonZero": _nonzero,
     "TopK": _topk, "OneHot": _one_hot, "DepthToSpace": _depth_to_space, "Col2Im": _col2im, "SpaceToDepth": _space_to_depth,
     "Resize": _resize, "Upsample": _upsample,
     # reductions

@@ -846,9 +846,9 @@ def softmax(ctx, node):
     ctx.set(node.output[0], X)
 
 
-@rule("CumSum", "CumProd")
+@rule("CumSum")
 def cumulative(ctx, node):
-    """A running sum or product along one axis (a constant input); the other axes pass through."""
+    """A running sum along one axis (a constant input); the other axes pass through."""
     X = ctx.ax(node.input[0])
     axis = ctx.const(node.input[1])
     if axis is None:

@@ -317,6 +317,11 @@ OP_CASES = {
                                    .astype(np.float32)], dict(padding_mode="border", align_corners=1), 16, 1, ()),
     "grid_sample_reflection_cubic": ("GridSample", [f32(1, 2, 5, 5), np.random.default_rng(4).uniform(-1.3, 1.3, (1, 3, 3, 2))
                                      .astype(np.float32)], dict(mode="cubic", padding_mode="reflection"), 20, 1, ()),
+    "reverse_sequence_time_first": ("ReverseSequence", [f32(5, 3, 4), i64(5, 2, 0)], None, 17, 1, (1,)),
+    "reverse_sequence_batch_first": ("ReverseSequence", [f32(2, 6, 3), i64(4, 6)], dict(batch_axis=0, time_axis=1),
+                                     17, 1, (1,)),
+    "atanh": ("Atanh", [np.tanh(f32(3, 4))], None, 17, 1, ()),
+    "bitwise_xor": ("BitwiseXor", [i64(5, 12, 7), i64(3, 10, 1)], None, 18, 1, ()),
     # a mixture of experts' routing: indices from the end and out of range, classes on another axis
     "one_hot": ("OneHot", [np.array([[0, 3], [-1, 7]], np.int64), scalar(5, np.int64), scalar([0.0, 2.5])],
                 None, 17, 1, (1, 2)),
