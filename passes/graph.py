@@ -33,6 +33,8 @@ def load_model(path_or_model) -> onnx.ModelProto:
                 if hasattr(path_or_model, "state_dict") else "")
         raise UserError(f"expected a model path or an onnx.ModelProto, got {type(path_or_model).__name__}{hint}")
     path = os.fspath(path_or_model)
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a folder, not an ONNX file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:

@@ -218,6 +218,13 @@ def test_missing_file(tmp_path):
     assert_clean_failure(run_cli("prune", tmp_path / "nope.onnx", "-o", out, "--ratio", "0.5"), out, words=("no such file",))
 
 
+def test_a_folder_given_as_the_model(tmp_path):
+    folder = tmp_path / "model.onnx"
+    folder.mkdir()
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(run_cli("prune", folder, "-o", out, "--ratio", "0.5"), out, words=("a folder, not an ONNX file",))
+
+
 def _external(tmp_path, location):
     m = small_cnn()
     folder = tmp_path / "ext"
