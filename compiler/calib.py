@@ -122,17 +122,25 @@ def import_callable(spec: str, what: str = "calibration"):
 def _from_callable(fn, who):
     try:
         out = fn()
-        if isinstance(out, dict):
-            return {k: np.asarray(v) for k, v in out.items()}
-        parts = [{k: np.asarray(v) for k, v in batch.items()} for batch in out]
+        # a generator's batches come from the callable's own code: drawn here, where its errors are its own
+        parts = None if isinstance(out, (dict, str, bytes)) or not hasattr(out, "__iter__") else list(out)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"{who} raised {type(exc).__name__}: {exc}") from None
+    if isinstance(out, dict):
+        parts = [out]
+    if parts is None or any(not isinstance(p, dict) for p in parts):
+        got = type(out).__name__ if parts is None else f"a batch of type {next(type(p).__name__ for p in parts if not isinstance(p, dict))}"
+        raise UserError(f"{who} must return a dict of arrays or an iterable of such dicts, got {got}")
     if not parts:
         raise UserError(f"{who} returned no batches")
-    if any(not isinstance(p, dict) for p in parts):
-        raise UserError(f"{who} must return a dict of arrays or an iterable of such dicts")
+    try:
+        parts = [{k: np.asarray(v) for k, v in batch.items()} for batch in parts]
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{who} returned values that are not arrays ({exc})") from None
+    if len(parts) == 1:
+        return parts[0]
     keys = set(parts[0])
     if any(set(p) != keys for p in parts):
         raise UserError(f"{who} returned batches with different input names")

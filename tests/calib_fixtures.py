@@ -18,3 +18,12 @@ def empty():
 
 def wrong_shape():
     return {"x": np.zeros((4, 3, 5, 5), np.float32)}
+
+
+def returns_a_path():
+    return "/data/calib"
+
+
+def generator_that_fails():
+    yield {"x": np.zeros((2, 3, 8, 8), np.float32)}
+    raise OSError("lost the connection after one batch")

@@ -63,6 +63,11 @@ def test_callable_batches_and_errors():
         load_calibration("calib_fixtures:wrong_shape", model())
     with pytest.raises(UserError, match="cannot import"):
         load_calibration("no_such_module_xyz:fn", model())
+    # what it returned is not data: said so, not blamed on the callable as an error it raised
+    with pytest.raises(UserError, match="must return a dict of arrays or an iterable of such dicts, got str"):
+        load_calibration("calib_fixtures:returns_a_path", model())
+    with pytest.raises(UserError, match="raised OSError: lost the connection"):  # a generator's own error
+        load_calibration("calib_fixtures:generator_that_fails", model())
 
 
 def test_python_callers_pass_the_data_itself_or_a_path(tmp_path):
