@@ -350,8 +350,16 @@ def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
             TorchGraph(model).eval()(**{k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
 
 
+RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial")
+
+
 def _check_supported(nodes, attrs, inits):
     """UserError naming every op (and node) the bridge cannot run, before anything runs."""
+    drawn = [n for n in nodes if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx")]
+    if drawn:  # nothing to add to the op table: the dense model's targets are other draws
+        raise UserError(f"the model draws random values ({drawn[0].op_type}, node {drawn[0].name or drawn[0].output[0]}): "
+                        "its outputs change from run to run, so training through the torch bridge has no fixed "
+                        "target; use --recover layer")
     problems = {}
     for node, a in zip(nodes, attrs):
         fn = op_for(node.op_type, node.domain)

@@ -723,6 +723,15 @@ def test_unsupported_ops_fail_at_construction_naming_op_and_node():
     assert "Relu" not in message and "Add" not in message
 
 
+def test_a_model_that_draws_random_values_is_refused_for_training():
+    """ViT-MAE draws its patch mask with RandomUniformLike: a draw in torch and another in ONNX
+    Runtime give targets nothing could fit, so the bridge says why instead of naming a missing op."""
+    model = _graph_with([helper.make_node("RandomUniformLike", ["x"], ["noise"], name="/mask_noise"),
+                         helper.make_node("Add", ["x", "noise"], ["y"], name="add")])
+    with pytest.raises(UserError, match=r"draws random values \(RandomUniformLike, node /mask_noise\).*--recover layer"):
+        TorchGraph(model)
+
+
 def test_unsupported_attributes_fail_at_construction():
     model, _ = op_model("Resize", [f32(1, 2, 5, 6), None, scalar([1, 1, 2, 2])], dict(mode="linear", antialias=1),
                         consts=(2,), opset=18)
