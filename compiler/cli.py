@@ -326,9 +326,11 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
     result = measure(loaded, feeds, provider=provider, threads=threads, blocks=blocks)
     data = {"provider": provider, "threads": threads, "batch_size": batch_size,
             "models": [{"model": m, **lat.to_dict()} for m, lat in zip(models, result.latencies)]}
+    inputs = [_inputs_text(f) for f in feeds]
     if result.ratio is not None:
         data["ratio"] = result.ratio
         data["ratio_p10_p90"] = list(result.ratio_spread)
+        data["same_inputs"] = inputs[0] == inputs[1]
     data["speed_change_between_blocks"] = result.speed_change
     data["steady"] = result.steady
     if as_json:
@@ -339,9 +341,16 @@ def bench(models, provider, batch_size, threads, input_shape, blocks, as_json):
     if result.ratio is not None:
         lo, hi = result.ratio_spread
         click.echo(f"ratio {models[0]} / {models[1]}: {result.ratio:.3f}x (p10 {lo:.3f}, p90 {hi:.3f}, interleaved)")
+    if result.ratio is not None and inputs[0] != inputs[1]:  # a dense model and its pruned one take the same
+        click.echo(f"warning: the two models take different inputs ({models[0]}: {inputs[0]}; {models[1]}: "
+                   f"{inputs[1]}), so the ratio compares different work")
     if not result.steady:
         click.echo(f"warning: the machine's speed changed during the measurement (a model's latency varied "
                    f"{result.speed_change:.2f}x between blocks); measure again on a quiet machine")
+
+
+def _inputs_text(feeds: dict) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for name, v in feeds.items())
 
 
 @main.command()

@@ -175,8 +175,19 @@ def test_bench_cli_json(tmp_path):
                         "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert len(data["models"]) == 2 and data["ratio"] > 0 and data["threads"] == 1
+    assert len(data["models"]) == 2 and data["ratio"] > 0 and data["threads"] == 1 and data["same_inputs"]
     assert isinstance(data["steady"], bool) and data["speed_change_between_blocks"] >= 1.0
+    # two models that take different inputs: timed, but the ratio is said to compare different work
+    other = tmp_path / "other.onnx"
+    save_model(two_convs(c=16, pool=True), str(other))
+    m = onnx.load(str(other))
+    m.graph.input[0].name = "image"
+    m.graph.node[0].input[0] = "image"
+    save_model(m, str(other))
+    r = subprocess.run([sys.executable, "-m", "onnx_prune", "bench", str(p), str(other), "--blocks", "2",
+                        "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "different inputs" in r.stdout and "x 1x3x16x16 float32" in r.stdout and "image 1x3x16x16" in r.stdout
 
 
 def test_width_grid_and_fast_widths():
