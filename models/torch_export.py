@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 
 import onnx
 
@@ -34,6 +35,31 @@ def _as_tuple(example_inputs):
     if isinstance(example_inputs, list):
         return tuple(example_inputs)
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _keyword_call(torch, module, names):
+    """`module` called with keyword arguments (a tokenizer's {input_ids, attention_mask}), as a
+    module that takes them by position in the dict's order: torch's exporters take positions."""
+
+    class KeywordCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(**dict(zip(names, args)))
+
+    return KeywordCall()
+
+
+def _output_names(results) -> list[str]:
+    """output, output0, output1, ...; a single dict of tensors (transformers' ModelOutput, which
+    the exporters flatten in its order) names them by its keys."""
+    if len(results) == 1 and isinstance(results[0], Mapping):
+        keys = [k for k, v in results[0].items() if v is not None]
+        if keys and all(hasattr(results[0][k], "shape") for k in keys):
+            return [str(k) for k in keys]
+    return _default_names("output", len(results))
 
 
 def _default_names(prefix: str, count: int) -> list[str]:
@@ -101,6 +127,9 @@ def from_torch(
     torch = _import_torch()
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(example_inputs, Mapping):  # keyword arguments, named so in the graph
+        input_names = list(input_names or example_inputs)
+        module, example_inputs = _keyword_call(torch, module, list(example_inputs)), tuple(example_inputs.values())
     inputs = _as_tuple(example_inputs)
     input_names = list(input_names or _default_names("input", len(inputs)))
     modes = [(m, m.training) for m in module.modules()]  # submodules may differ (frozen BatchNorm)
@@ -112,7 +141,9 @@ def from_torch(
         except Exception as exc:
             raise UserError(f"the torch module failed on its example inputs ({type(exc).__name__}: "
                             f"{_first_line(exc)})") from None
-        output_names = list(output_names or _default_names("output", len(results)))
+        output_names = list(output_names or _output_names(results))
+        if len(results) == 1 and isinstance(results[0], Mapping):  # the tensors of a ModelOutput
+            results = tuple(v for v in results[0].values() if v is not None)
         scalars = {name for name, x in zip(input_names + output_names, inputs + results) if getattr(x, "ndim", 1) == 0}
         axes = _batch_axes(input_names + output_names, dynamic_axes, scalars) if dynamic_batch else dynamic_axes
 
@@ -265,7 +296,7 @@ def as_onnx(model, example_inputs=None):
     if is_torch_module(model):
         if example_inputs is None:
             raise UserError("a torch module is exported to ONNX on example inputs: pass example_inputs= "
-                            "(a tensor, or a tuple of tensors)")
+                            "(a tensor, a tuple of tensors, or a dict of keyword arguments)")
         return from_torch(model, example_inputs)
     if example_inputs is not None:
         raise UserError("example_inputs is for a torch module; this model is already ONNX")

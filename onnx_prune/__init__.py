@@ -1,5 +1,7 @@
 """onnx-prune: structured pruning of ONNX graphs, verified by masked-reference equivalence."""
 
+from collections.abc import Mapping
+
 __version__ = "0.1.0"
 
 
@@ -36,7 +38,8 @@ def compile(model, target_speedup, example_inputs=None, **kwargs):  # noqa: A001
     """Prune until the speedup measured on ONNX Runtime meets `target_speedup` (e.g. 2.0 or "2x").
 
     `model`: a path, an onnx.ModelProto, or a torch.nn.Module exported first on `example_inputs`
-    (a tensor, or a tuple or list of tensors; the batch axis stays dynamic, and is timed at the examples'
+    (a tensor, a tuple or list of tensors, or a dict of keyword arguments such as a tokenizer's output,
+    whose keys name the graph's inputs; the batch axis stays dynamic, and is timed at the examples'
     batch unless `batch_size` says otherwise). Returns a CompileResult with
     .model (ONNX) and .report (dict); raises TargetNotMet (with .report, and .model: what was
     reached) when the measured speedup stays below the target or the accuracy budget is missed.
@@ -45,7 +48,10 @@ def compile(model, target_speedup, example_inputs=None, **kwargs):  # noqa: A001
     from onnx_prune.compiler.compile import compile_model
 
     if example_inputs is not None and kwargs.get("batch_size") is None:
-        first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+        if isinstance(example_inputs, Mapping):
+            first = next(iter(example_inputs.values()), None)
+        else:
+            first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
         kwargs["batch_size"] = int(first.shape[0]) if getattr(first, "ndim", 0) else None
     return compile_model(_onnx(model, example_inputs), target_speedup, **kwargs)
 

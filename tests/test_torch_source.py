@@ -240,3 +240,34 @@ def test_compile_takes_a_torch_module_and_times_it_at_the_examples_batch(monkeyp
     assert result.report["batch_size"] == 4 and result.report["measured_speedup"] >= 1.3
     assert [i.name for i in result.model.graph.input] == ["input"]
     assert module.training  # a fresh module trains; the export left it so
+
+
+class KeywordNet(torch.nn.Module):
+    """A module that takes keyword arguments and returns a dict of tensors, as transformers'
+    models take a tokenizer's {input_ids, attention_mask} and return a ModelOutput."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 32)
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+
+    def forward(self, input_ids=None, attention_mask=None):
+        h = self.embed(input_ids) * attention_mask[..., None]
+        h = h + self.ffn(h)
+        return {"last_hidden_state": h, "pooled": h.mean(1)}
+
+
+def test_keyword_example_inputs_name_the_graph_inputs_and_outputs(monkeypatch):
+    """example_inputs as a dict (a tokenizer's output) were passed as one positional argument (the
+    module failed on them); now they are the module's keyword arguments, the graph's inputs take
+    their names, a returned dict of tensors names the outputs, and compile times the dict's batch."""
+    from test_compile import AnalyticDB
+
+    monkeypatch.setattr("onnx_prune.backends.predict.TimingDB", lambda *a, **k: AnalyticDB())
+    enc = {"input_ids": torch.randint(0, 50, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    model = onnx_prune.from_torch(KeywordNet().eval(), enc)
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in model.graph.output] == ["last_hidden_state", "pooled"]
+    result = onnx_prune.compile(KeywordNet(), "1.3x", example_inputs=enc,
+                                timer=lambda d, p, f: (d.ByteSize() / p.ByteSize(), 1.0, p.ByteSize() / d.ByteSize()))
+    assert result.report["batch_size"] == 3 and [g["channels"] for g in result.report["groups"]] == [64]
