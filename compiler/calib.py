@@ -151,12 +151,13 @@ def _from_callable(fn, who):
 
 
 def parse_preprocess(text: str) -> dict:
-    """`resize=224,scale=255,mean=a/b/c,std=a/b/c,layout=NCHW` -> settings."""
-    out = {"resize": 224, "scale": 255.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "layout": "NCHW"}
+    """`resize=224,scale=255,mean=a/b/c,std=a/b/c,layout=NCHW,channels=3` -> settings."""
+    out = {"resize": 224, "scale": 255.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "layout": "NCHW",
+           "channels": 3}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
         if not sep or key not in out:
-            raise UserError(f"--preprocess '{part}' is not one of resize=, scale=, mean=, std=, layout=")
+            raise UserError(f"--preprocess '{part}' is not one of resize=, scale=, mean=, std=, layout=, channels=")
         try:
             if key == "resize":
                 out[key] = int(value)
@@ -164,6 +165,10 @@ def parse_preprocess(text: str) -> dict:
                 out[key] = float(value)
             elif key in ("mean", "std"):
                 out[key] = tuple(float(v) for v in value.split("/"))
+            elif key == "channels":
+                if value not in ("1", "3"):
+                    raise ValueError(value)
+                out[key] = int(value)
             else:
                 if value not in ("NCHW", "NHWC"):
                     raise ValueError(value)
@@ -174,15 +179,16 @@ def parse_preprocess(text: str) -> dict:
 
 
 def _image_geometry(inp) -> str:
-    """`resize=H,layout=NCHW|NHWC` read off a square RGB image input (N, 3, H, H) or (N, H, H, 3)
-    (Keras models take NHWC); settings given with --preprocess come after it and win."""
+    """`resize=H,layout=NCHW|NHWC,channels=C` read off a square image input, RGB or grayscale:
+    (N, C, H, H) or (N, H, H, C) (Keras models take NHWC); settings given with --preprocess come
+    after it and win."""
     dims = dims_of(inp.type) or ()
     if len(dims) != 4:
         return ""
-    if dims[1] == 3 and dims[2] and dims[2] == dims[3]:
-        return f"resize={dims[2]},layout=NCHW"
-    if dims[3] == 3 and dims[1] and dims[1] == dims[2]:
-        return f"resize={dims[1]},layout=NHWC"
+    if dims[1] in (1, 3) and dims[2] and dims[2] == dims[3]:
+        return f"resize={dims[2]},layout=NCHW,channels={dims[1]}"
+    if dims[3] in (1, 3) and dims[1] and dims[1] == dims[2]:
+        return f"resize={dims[1]},layout=NHWC,channels={dims[3]}"
     return ""
 
 
@@ -199,12 +205,15 @@ def _from_images(folder, preprocess):
     for name in files:
         try:
             with Image.open(os.path.join(folder, name)) as im:
-                im = im.convert("RGB").resize((cfg["resize"], cfg["resize"]))
-                arrays.append(np.asarray(im, dtype=np.float32))
+                im = im.convert("L" if cfg["channels"] == 1 else "RGB").resize((cfg["resize"], cfg["resize"]))
+                arrays.append(np.asarray(im, dtype=np.float32).reshape(cfg["resize"], cfg["resize"], -1))
         except Exception as exc:
             raise UserError(f"cannot read image {name} in {folder} ({type(exc).__name__})") from None
     x = np.stack(arrays) / cfg["scale"]
-    x = (x - np.array(cfg["mean"], dtype=np.float32)) / np.array(cfg["std"], dtype=np.float32)
+    mean, std = (np.array(cfg[k], dtype=np.float32) for k in ("mean", "std"))
+    if cfg["channels"] == 1:  # a grayscale model: one value, the average of RGB ones (ImageNet's by default)
+        mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+    x = (x - mean) / std
     return x.transpose(0, 3, 1, 2).astype(np.float32) if cfg["layout"] == "NCHW" else x.astype(np.float32)
 
 

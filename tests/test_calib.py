@@ -115,8 +115,28 @@ def test_image_folder_takes_size_and_layout_from_the_model(tmp_path):
         load_calibration(str(tmp_path), nhwc, preprocess="layout=NCHW")
 
 
+def test_image_folder_feeds_a_grayscale_model(tmp_path):
+    """A 1-channel input (MNIST-like, NCHW or NHWC): images are read as grayscale, not as RGB (3
+    channels the model refused), and a mean and std of three values count as one, their average."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((20, 30, 3), 60 * (i + 1), np.uint8)).save(tmp_path / f"{i}.png")
+    for shape, expected in (([None, 1, 12, 12], (2, 1, 12, 12)), ([None, 12, 12, 1], (2, 12, 12, 1))):
+        node = helper.make_node("Relu", ["x"], ["y"])
+        gray = helper.make_model(helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]), opset_imports=[helper.make_opsetid("", 17)])
+        x = load_calibration(str(tmp_path), gray, preprocess="scale=255,mean=0.2/0.4/0.6,std=0.5/0.5/0.5")["x"]
+        assert x.shape == expected
+        assert float(x.reshape(2, -1)[1, 0]) == pytest.approx((120 / 255 - 0.4) / 0.5, abs=1e-5)
+
+
 def test_preprocess_syntax():
     assert parse_preprocess("resize=32,layout=NHWC")["layout"] == "NHWC"
+    assert parse_preprocess("channels=1")["channels"] == 1
+    with pytest.raises(UserError, match="bad value"):
+        parse_preprocess("channels=2")
     with pytest.raises(UserError):
         parse_preprocess("blur=3")
 
