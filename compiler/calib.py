@@ -151,16 +151,19 @@ def _from_callable(fn, who):
 
 
 def parse_preprocess(text: str) -> dict:
-    """`resize=224,scale=255,mean=a/b/c,std=a/b/c,layout=NCHW,channels=3` -> settings."""
-    out = {"resize": 224, "scale": 255.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "layout": "NCHW",
+    """`resize=224 (or HxW),scale=255,mean=a/b/c,std=a/b/c,layout=NCHW,channels=3` -> settings."""
+    out = {"resize": (224, 224), "scale": 255.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "layout": "NCHW",
            "channels": 3}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
         if not sep or key not in out:
             raise UserError(f"--preprocess '{part}' is not one of resize=, scale=, mean=, std=, layout=, channels=")
         try:
-            if key == "resize":
-                out[key] = int(value)
+            if key == "resize":  # H, or H x W
+                sides = tuple(int(v) for v in value.lower().split("x"))
+                if len(sides) not in (1, 2) or min(sides) < 1:
+                    raise ValueError(value)
+                out[key] = sides * (3 - len(sides))
             elif key == "scale":
                 out[key] = float(value)
             elif key in ("mean", "std"):
@@ -179,16 +182,16 @@ def parse_preprocess(text: str) -> dict:
 
 
 def _image_geometry(inp) -> str:
-    """`resize=H,layout=NCHW|NHWC,channels=C` read off a square image input, RGB or grayscale:
-    (N, C, H, H) or (N, H, H, C) (Keras models take NHWC); settings given with --preprocess come
+    """`resize=HxW,layout=NCHW|NHWC,channels=C` read off an image input, RGB or grayscale:
+    (N, C, H, W) or (N, H, W, C) (Keras models take NHWC); settings given with --preprocess come
     after it and win."""
     dims = dims_of(inp.type) or ()
     if len(dims) != 4:
         return ""
-    if dims[1] in (1, 3) and dims[2] and dims[2] == dims[3]:
-        return f"resize={dims[2]},layout=NCHW,channels={dims[1]}"
-    if dims[3] in (1, 3) and dims[1] and dims[1] == dims[2]:
-        return f"resize={dims[1]},layout=NHWC,channels={dims[3]}"
+    if dims[1] in (1, 3) and dims[2] and dims[3]:
+        return f"resize={dims[2]}x{dims[3]},layout=NCHW,channels={dims[1]}"
+    if dims[3] in (1, 3) and dims[1] and dims[2]:
+        return f"resize={dims[1]}x{dims[2]},layout=NHWC,channels={dims[3]}"
     return ""
 
 
@@ -205,8 +208,9 @@ def _from_images(folder, preprocess):
     for name in files:
         try:
             with Image.open(os.path.join(folder, name)) as im:
-                im = im.convert("L" if cfg["channels"] == 1 else "RGB").resize((cfg["resize"], cfg["resize"]))
-                arrays.append(np.asarray(im, dtype=np.float32).reshape(cfg["resize"], cfg["resize"], -1))
+                height, width = cfg["resize"]
+                im = im.convert("L" if cfg["channels"] == 1 else "RGB").resize((width, height))
+                arrays.append(np.asarray(im, dtype=np.float32).reshape(height, width, -1))
         except Exception as exc:
             raise UserError(f"cannot read image {name} in {folder} ({type(exc).__name__})") from None
     x = np.stack(arrays) / cfg["scale"]

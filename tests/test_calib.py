@@ -115,6 +115,18 @@ def test_image_folder_takes_size_and_layout_from_the_model(tmp_path):
         load_calibration(str(tmp_path), nhwc, preprocess="layout=NCHW")
 
 
+def test_image_folder_takes_a_non_square_size_from_the_model(tmp_path):
+    """A 3 x 24 x 40 input (a segmentation net's wide frames) was fed 224 x 224 images."""
+    from PIL import Image
+
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    node = helper.make_node("Relu", ["x"], ["y"])
+    wide = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 24, 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 24, 40])]), opset_imports=[helper.make_opsetid("", 17)])
+    assert load_calibration(str(tmp_path), wide)["x"].shape == (1, 3, 24, 40)
+
+
 def test_image_folder_feeds_a_grayscale_model(tmp_path):
     """A 1-channel input (MNIST-like, NCHW or NHWC): images are read as grayscale, not as RGB (3
     channels the model refused), and a mean and std of three values count as one, their average."""
@@ -135,6 +147,10 @@ def test_image_folder_feeds_a_grayscale_model(tmp_path):
 def test_preprocess_syntax():
     assert parse_preprocess("resize=32,layout=NHWC")["layout"] == "NHWC"
     assert parse_preprocess("channels=1")["channels"] == 1
+    assert parse_preprocess("resize=32")["resize"] == (32, 32) and parse_preprocess("resize=24x40")["resize"] == (24, 40)
+    for bad in ("resize=0", "resize=2x3x4", "resize=big"):
+        with pytest.raises(UserError, match="bad value"):
+            parse_preprocess(bad)
     with pytest.raises(UserError, match="bad value"):
         parse_preprocess("channels=2")
     with pytest.raises(UserError):
