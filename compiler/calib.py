@@ -30,20 +30,28 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 DEFAULT_PREPROCESS = "scale=255,mean=0.485/0.456/0.406,std=0.229/0.224/0.225"
 
 
-def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None):
-    """Samples as {input name: array with the samples on axis 0}, validated against `model`."""
+# an image folder is a data set as often as a few samples: more images than this are read evenly
+# spaced (over its class folders too), not all (50,000 ImageNet images are 30 GB as float32)
+MAX_FOLDER_IMAGES = 1024
+
+
+def load_calibration(spec, model: onnx.ModelProto, preprocess: str | None = None, max_samples: int | None = None,
+                     notes: list | None = None):
+    """Samples as {input name: array with the samples on axis 0}, validated against `model`; what
+    the reading chose (a folder's subset) is appended to `notes`."""
     inputs = _real_inputs(model)
-    return _validate(_read(spec, inputs, preprocess), inputs, max_samples)
+    return _validate(_read(spec, inputs, preprocess, notes), inputs, max_samples)
 
 
 LABELS = "labels"
 
 
-def load_calibration_with_labels(spec, model: onnx.ModelProto, preprocess: str | None = None):
+def load_calibration_with_labels(spec, model: onnx.ModelProto, preprocess: str | None = None,
+                                 notes: list | None = None):
     """(samples, labels or None): `labels` is taken out of the data unless the model has an input
     of that name; it must hold one integer class per sample."""
     inputs = _real_inputs(model)
-    data = _read(spec, inputs, preprocess)
+    data = _read(spec, inputs, preprocess, notes)
     labels = None if any(i.name == LABELS for i in inputs) else data.pop(LABELS, None)
     samples = _validate(data, inputs, None)
     if labels is None:
@@ -58,7 +66,7 @@ def load_calibration_with_labels(spec, model: onnx.ModelProto, preprocess: str |
     return samples, labels.astype(np.int64)
 
 
-def _read(spec, inputs, preprocess) -> dict:
+def _read(spec, inputs, preprocess, notes=None) -> dict:
     """The arrays `spec` holds, not yet checked against the inputs. From Python, also the data
     itself: {input name: samples}, or a list of such batches; and paths as Path objects."""
     if isinstance(spec, (dict, list, tuple)):
@@ -73,7 +81,8 @@ def _read(spec, inputs, preprocess) -> dict:
         if len(inputs) != 1:
             raise UserError(f"an image folder feeds one input, the model has {len(inputs)}; use an .npz or a callable")
         geometry = _image_geometry(inputs[0])
-        return {inputs[0].name: _from_images(spec, ",".join(filter(None, (geometry, preprocess or DEFAULT_PREPROCESS))))}
+        settings = ",".join(filter(None, (geometry, preprocess or DEFAULT_PREPROCESS)))
+        return {inputs[0].name: _from_images(spec, settings, notes if notes is not None else [])}
     if isinstance(spec, str) and ":" in spec:
         return _from_callable(import_callable(spec), f"calibration callable '{spec}'")
     what = f"'{spec}'" if isinstance(spec, str) else f"of type {type(spec).__name__}"
@@ -195,15 +204,29 @@ def _image_geometry(inp) -> str:
     return ""
 
 
-def _from_images(folder, preprocess):
+def _image_files(folder) -> list[str]:
+    """The folder's images, its subfolders' too (a data set's class folders), in sorted order."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in sorted(files) if f.lower().endswith(IMAGE_EXT)]
+    return found
+
+
+def _from_images(folder, preprocess, notes):
     try:
         from PIL import Image
     except ImportError:
         raise UserError("reading an image folder needs Pillow (pip install pillow)") from None
     cfg = parse_preprocess(preprocess)
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXT))
+    files = _image_files(folder)
     if not files:
         raise UserError(f"calibration folder {folder} has no images ({', '.join(IMAGE_EXT)})")
+    if len(files) > MAX_FOLDER_IMAGES:
+        picked = np.unique(np.linspace(0, len(files) - 1, MAX_FOLDER_IMAGES).round().astype(int))
+        notes.append(f"calibration folder {folder}: {len(picked)} of its {len(files)} images, evenly spaced "
+                     "in sorted order (a few hundred samples are what the recovery needs)")
+        files = [files[i] for i in picked]
     arrays = []
     for name in files:
         try:

@@ -153,7 +153,7 @@ def _compile(model, target, provider, threads, calib, preprocess, input_shapes, 
         if warning:
             notes.append(warning)
             steps.note(f"warning: {warning}")
-        samples, labels = load_calibration_with_labels(calib, canon.model, preprocess) if calib is not None \
+        samples, labels = load_calibration_with_labels(calib, canon.model, preprocess, notes) if calib is not None \
             else (None, None)
         check_labels(max_accuracy_drop, labels)
         feeds = _timing_feeds(canon, samples, batch_size, notes)

@@ -115,6 +115,27 @@ def test_image_folder_takes_size_and_layout_from_the_model(tmp_path):
         load_calibration(str(tmp_path), nhwc, preprocess="layout=NCHW")
 
 
+def test_image_folder_reads_class_folders_and_a_spread_subset_of_a_data_set(tmp_path, monkeypatch):
+    """A data set's folder (one subfolder per class) had "no images"; now its images are read in
+    sorted order, and past MAX_FOLDER_IMAGES an evenly spaced subset, said in the notes, so that a
+    50,000-image folder is neither read whole nor cut to its first classes."""
+    from PIL import Image
+
+    import onnx_prune.compiler.calib as calib
+
+    for c, shade in (("cat", 20), ("dog", 220)):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((10, 10, 3), shade, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "README.txt").write_text("not an image")
+    assert load_calibration(str(tmp_path), model(8))["x"].shape == (10, 3, 8, 8)
+    monkeypatch.setattr(calib, "MAX_FOLDER_IMAGES", 4)
+    notes = []
+    x = load_calibration(str(tmp_path), model(8), preprocess="scale=1,mean=0/0/0,std=1/1/1", notes=notes)["x"]
+    assert x.shape == (4, 3, 8, 8) and sorted(x[:, 0, 0, 0]) == [20, 20, 220, 220]
+    assert len(notes) == 1 and "4 of its 10 images" in notes[0]
+
+
 def test_image_folder_takes_a_non_square_size_from_the_model(tmp_path):
     """A 3 x 24 x 40 input (a segmentation net's wide frames) was fed 224 x 224 images."""
     from PIL import Image
