@@ -49,6 +49,7 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
     if opset > newest:
         raise UserError(f"opset {opset} is newer than this onnxruntime runs (up to {newest}); upgrade onnxruntime "
                         f"or convert the model down with onnx.version_converter")
+    _densify_sparse_initializers(model, notes)
     _drop_initializer_inputs(model)
     model = _inline_local_functions(model, notes)
     _import_used_domains(model)
@@ -72,6 +73,26 @@ def canonicalize(model_or_path, input_shapes=None) -> Canonical:
         _name_nodes(model)
         static = make_static(model, shapes)
     return Canonical(model, static, shapes, notes)
+
+
+def _densify_sparse_initializers(model, notes):
+    """Weights stored as sparse initializers (`finetune --sparse-initializers` writes them; ORT
+    reads them) become dense ones: the analysis and surgery read and slice initializers, and saw
+    none (0 weight layers). The emitted model stores them dense."""
+    sparse = list(model.graph.sparse_initializer)
+    if not sparse:
+        return
+    for t in sparse:
+        values = numpy_helper.to_array(t.values)
+        indices = numpy_helper.to_array(t.indices).astype(np.int64)
+        dense = np.zeros(tuple(t.dims), dtype=values.dtype)
+        if indices.ndim == 1:  # positions in the flattened tensor
+            dense.reshape(-1)[indices] = values
+        else:  # one coordinate row per value
+            dense[tuple(indices.T)] = values
+        model.graph.initializer.append(numpy_helper.from_array(dense, t.values.name))
+    del model.graph.sparse_initializer[:]
+    notes.append(f"{len(sparse)} sparse initializer(s) read as dense weights; the emitted model stores them dense")
 
 
 def _inline_local_functions(model, notes):

@@ -258,3 +258,34 @@ def test_modules_exported_as_functions_prune_each_call_apart():
     feeds = random_feeds(canon.model, canon.input_shapes)
     for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
         verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_sparse_initializers_are_read_as_dense_weights(coordinates):
+    """`finetune --sparse-initializers` stores its sparse weights as ONNX sparse initializers
+    (flat positions; coordinate rows are the other form): compiling such a model found 0 weight
+    layers and nothing to prune. Canonicalize writes them dense, as the weights they are."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(16, 3, 3, 3)).astype(np.float32) * (rng.random((16, 3, 3, 3)) < 0.3)
+    w2 = rng.normal(size=(4, 16, 1, 1)).astype(np.float32)
+    nz = np.flatnonzero(w1)
+    indices = np.stack(np.unravel_index(nz, w1.shape), 1) if coordinates else nz
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(w1.reshape(-1)[nz], "w1"),
+                                       numpy_helper.from_array(indices.astype(np.int64), "w1_indices"), w1.shape)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4, name="c1"),
+                               helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                               helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")], "sparse",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(w2, "w2")], sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    canon = canonicalize(model)
+    weights = {t.name: numpy_helper.to_array(t) for t in canon.model.graph.initializer}
+    assert not canon.model.graph.sparse_initializer and np.array_equal(weights["w1"], w1)
+    analysis = analyze_canonical(canon)
+    assert [g.size for g in analysis.groups] == [16]
+    feeds = random_feeds(canon.model, canon.input_shapes)
+    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
+        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
