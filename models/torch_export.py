@@ -52,14 +52,15 @@ def _keyword_call(torch, module, names):
     return KeywordCall()
 
 
-def _output_names(results) -> list[str]:
-    """output, output0, output1, ...; a single dict of tensors (transformers' ModelOutput, which
-    the exporters flatten in its order) names them by its keys."""
+def _outputs(results) -> tuple[tuple, list[str]]:
+    """The module's results as the exporters flatten them, and their names: output, output0,
+    output1, ...; a single dict of tensors (transformers' ModelOutput, which the exporters flatten
+    in its order, leaving out None) gives its tensors, named by its keys."""
     if len(results) == 1 and isinstance(results[0], Mapping):
-        keys = [k for k, v in results[0].items() if v is not None]
-        if keys and all(hasattr(results[0][k], "shape") for k in keys):
-            return [str(k) for k in keys]
-    return _default_names("output", len(results))
+        tensors = {str(k): v for k, v in results[0].items() if v is not None}
+        if tensors and all(hasattr(v, "shape") for v in tensors.values()):
+            return tuple(tensors.values()), list(tensors)
+    return results, _default_names("output", len(results))
 
 
 def _default_names(prefix: str, count: int) -> list[str]:
@@ -141,9 +142,8 @@ def from_torch(
         except Exception as exc:
             raise UserError(f"the torch module failed on its example inputs ({type(exc).__name__}: "
                             f"{_first_line(exc)})") from None
-        output_names = list(output_names or _output_names(results))
-        if len(results) == 1 and isinstance(results[0], Mapping):  # the tensors of a ModelOutput
-            results = tuple(v for v in results[0].values() if v is not None)
+        results, names = _outputs(results)
+        output_names = list(output_names or names)
         scalars = {name for name, x in zip(input_names + output_names, inputs + results) if getattr(x, "ndim", 1) == 0}
         axes = _batch_axes(input_names + output_names, dynamic_axes, scalars) if dynamic_batch else dynamic_axes
 

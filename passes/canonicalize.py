@@ -112,7 +112,8 @@ def _inline_local_functions(model, notes):
     inlined.graph.input.extend(inputs)
     inlined.graph.initializer.extend(large)
     used = {n.domain for n in inlined.graph.node}
-    imports = [o for o in inlined.opset_import if o.domain in used or o.domain not in {d for d, _ in functions}]
+    function_domains = {d for d, _ in functions}
+    imports = [o for o in inlined.opset_import if o.domain in used or o.domain not in function_domains]
     del inlined.opset_import[:]
     inlined.opset_import.extend(imports)
     names = sorted({name for _, name in functions})

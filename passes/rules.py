@@ -864,7 +864,7 @@ def top_k(ctx, node):
     X = ctx.ax(node.input[0])
     axis = attr(node, "axis", -1) % len(X)
     ctx.freeze(X[axis], f"{_desc(node)} ranks along these channels")
-    for k, o in enumerate(node.output):
+    for o in node.output:
         if o:
             ctx.set(o, [_out_fx(ctx, o, axis) if d == axis else e for d, e in enumerate(X)])
 
@@ -895,14 +895,13 @@ def compress(ctx, node):
     """Picks slices along `axis` by a mask: that axis stays (the mask is sized by it), the others
     pass through; without an axis the input is flattened first, and everything stays."""
     X, axis = ctx.ax(node.input[0]), attr(node, "axis")
-    out_shape = ctx.shape(node.output[0])
-    if axis is None or out_shape is None:
+    if axis is None:
         unknown(ctx, node, f"{_desc(node)} picks by a mask over a flattened input")
         return
     axis %= len(X)
     ctx.freeze(X[axis], f"{_desc(node)} picks along these channels")
     ctx.freeze_tensor(node.input[1], f"{_desc(node)} mask")
-    ctx.set(node.output[0], [Fx(out_shape[k]) if k == axis else e for k, e in enumerate(X)])
+    ctx.set(node.output[0], [_out_fx(ctx, node.output[0], k) if k == axis else e for k, e in enumerate(X)])
 
 
 REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare".split()
