@@ -17,6 +17,17 @@ from onnx_prune.passes.surgery import apply_plan
 from onnx_prune.passes.verify import verify
 
 
+def _verify_half_and_random(canon, analysis, keep1=False):
+    """The pruned model equals the masked reference under half of every group, a random plan and,
+    with `keep1`, a random plan keeping one channel somewhere."""
+    feeds = random_feeds(canon.model, canon.input_shapes)
+    plans = [uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))]
+    if keep1:
+        plans.append(random_plan(analysis, np.random.default_rng(2), "keep1"))
+    for plan in plans:
+        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+
+
 def dynamo_export(entry, dynamic_shapes=None, opset=None):
     """The zoo entry's module through torch's dynamo exporter (quietly), and its example shapes."""
     import torch
@@ -189,10 +200,7 @@ def test_torch_lstm_and_gru_prune_each_layer_apart():
     analysis = analyze_canonical(canon)
     by_producer = {tuple(g.producers): g.size for g in analysis.groups}
     assert sorted(by_producer.values()) == [24, 32, 48, 48], by_producer  # GRU, Linear, LSTM layers 1 and 2
-    feeds = random_feeds(canon.model, shapes)
-    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1)),
-                 random_plan(analysis, np.random.default_rng(2), "keep1")):
-        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+    _verify_half_and_random(canon, analysis, keep1=True)
 
 
 def test_one_expanded_zero_read_by_two_layers_ties_neither():
@@ -223,9 +231,7 @@ def test_one_expanded_zero_read_by_two_layers_ties_neither():
     canon = canonicalize(model, input_shapes=shapes)
     analysis = analyze_canonical(canon)
     assert sorted(g.size for g in analysis.groups) == [16, 32, 32]
-    feeds = random_feeds(canon.model, shapes)
-    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
-        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+    _verify_half_and_random(canon, analysis)
 
 
 def test_modules_exported_as_functions_prune_each_call_apart():
@@ -255,9 +261,7 @@ def test_modules_exported_as_functions_prune_each_call_apart():
     assert not canon.model.functions and any("local functions (Block)" in n for n in canon.notes)
     analysis = analyze_canonical(canon)
     assert sorted(g.size for g in analysis.groups) == [8, 16, 16]  # the residual stream; each block's inner width
-    feeds = random_feeds(canon.model, canon.input_shapes)
-    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
-        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+    _verify_half_and_random(canon, analysis)
 
 
 @pytest.mark.parametrize("coordinates", [False, True])
@@ -286,6 +290,4 @@ def test_sparse_initializers_are_read_as_dense_weights(coordinates):
     assert not canon.model.graph.sparse_initializer and np.array_equal(weights["w1"], w1)
     analysis = analyze_canonical(canon)
     assert [g.size for g in analysis.groups] == [16]
-    feeds = random_feeds(canon.model, canon.input_shapes)
-    for plan in (uniform_plan(analysis, 0.5), random_plan(analysis, np.random.default_rng(1))):
-        verify(canon.model, apply_plan(canon.model, analysis, plan), analysis, plan, feeds)
+    _verify_half_and_random(canon, analysis)
