@@ -695,13 +695,30 @@ def test_predictor_removes_profiler_inflation():
     off the dense kernels and off the database's times (profiled alike) before their ratio."""
     canon = canonicalize(two_convs(32))
     analysis = analyze_canonical(canon)
-    kernels = {"c1": Kernel("c1", "Conv", 110.0, [], []), "c2": Kernel("c2", "Conv", 60.0, [], [])}
+    kernels = {"c1": Kernel("c1", "Conv", 105.0, [], []), "c2": Kernel("c2", "Conv", 55.0, [], [])}
     cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.15))
-    assert cm.profiler_us == pytest.approx(10.0) and cm.overhead_ms == 0
+    assert cm.profiler_us == pytest.approx(5.0) and cm.overhead_ms == 0
     assert cm.predict_ms({}) == pytest.approx(0.15)
     # FakeDB: c1 (3 -> 32 channels) 96 µs whole, 48 with its output halved; c2 (32 -> 8) 256 and 128
-    c1, c2 = (48 - 10) / (96 - 10), (128 - 10) / (256 - 10)
+    c1, c2 = (48 - 5) / (96 - 5), (128 - 5) / (256 - 5)
     assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx((100 * c1 + 50 * c2) / 1e3)
+
+
+def test_predictor_takes_no_more_than_the_profilers_cost_off_a_cpu_kernel():
+    """Kernels that sum to far more than a plain run (the machine slowed between the profiled and
+    the plain runs): no more than the CPU profiler's own cost comes off each kernel, so a small
+    kernel keeps its share; on CUDA (launches made blocking to profile) the whole excess does."""
+    from onnx_prune.backends.predict import PROFILER_US_CPU
+
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon)
+    kernels = {"c1": Kernel("c1", "Conv", 300.0, [], []), "c2": Kernel("c2", "Conv", 100.0, [], [])}
+    cpu = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.2))
+    assert cpu.profiler_us == PROFILER_US_CPU
+    assert cpu.predict_ms({}) == pytest.approx((400 - 2 * PROFILER_US_CPU) / 1e3)
+    cuda = CostModel(canon.model, analysis, None, provider="cuda", db=FakeDB(), profile=Profile(kernels, e2e_ms=0.2))
+    assert cuda.profiler_us == pytest.approx(100.0)
+    assert cuda.predict_ms({}) == pytest.approx(0.2)
 
 
 def test_timing_curves_are_made_non_decreasing(tmp_path, monkeypatch):
@@ -994,8 +1011,6 @@ def test_profiled_reorders_carry_the_values_of_their_own_session(monkeypatch):
     # ORT names the reorders it inserts (ReorderOutput_token_57, ...) in an order that changes from
     # one session to the next: the kept round's kernels must carry the values of that round's graph.
     # The last of the three rounds is made the fastest, so it is the one kept.
-    from types import SimpleNamespace
-
     from onnx_prune.backends import measure as measure_module
     from onnx_prune.backends.ort import feeds_for
     from onnx_prune.models.registry import load
@@ -1004,11 +1019,17 @@ def test_profiled_reorders_carry_the_values_of_their_own_session(monkeypatch):
     model, feeds = feeds_for(entry.model, dict(entry.input_shapes), 16)
     canon = canonicalize(model, input_shapes={k: v.shape for k, v in feeds.items()})
     shapes = analyze_canonical(canon).ctx.index.shapes
-    e2e = iter([3.0, 2.0, 1.0])
-    monkeypatch.setattr(measure_module, "measure",
-                        lambda *a, **k: SimpleNamespace(latencies=[SimpleNamespace(median_ms=next(e2e))]))
+    plain_ms = iter([3000.0, 2000.0, 1000.0])  # each round's plain runs, alternating with its profiled ones
+    real_measure = measure_module.measure
+
+    def measure(*args, **kwargs):
+        c = real_measure(*args, **kwargs)
+        c.latencies[1].samples_ms = [next(plain_ms)]
+        return c
+
+    monkeypatch.setattr(measure_module, "measure", measure)
     prof = profile.profile_model(canon.model, feeds, threads=2, runs=2)
-    assert prof.e2e_ms == 1.0
+    assert prof.e2e_ms == 1000.0
     reorders = [k for k in prof.kernels.values() if k.op == "ReorderOutput"]
     assert len(reorders) >= 3
     for k in reorders:
