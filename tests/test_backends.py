@@ -1007,10 +1007,28 @@ def test_static_copy_holds_large_weights_by_shape_and_the_analysis_reads_them_fr
     assert a.shape == (96,) and np.ptp(a) > 0
 
 
+def test_profile_keeps_the_round_fastest_by_its_kernels_and_its_plain_runs(monkeypatch):
+    """A round whose plain runs were fast while its kernels ran in a slow spell is not the one
+    kept: its kernels' shares would come from another speed than the plain run's."""
+    from types import SimpleNamespace
+
+    from onnx_prune.backends import measure as measure_module
+
+    kernel_us = iter([4000.0, 5000.0, 9000.0])  # per round: one kernel
+    e2e = iter([4.2, 4.9, 3.9])  # the last round's plain runs fastest, its kernel slowest
+    monkeypatch.setattr(profile, "profile_session_runs", lambda *a, **k: {"k": Kernel("k", "Conv", next(kernel_us), [], [])})
+    monkeypatch.setattr(measure_module, "measure",
+                        lambda *a, **k: SimpleNamespace(latencies=[SimpleNamespace(median_ms=next(e2e))]))
+    prof = profile.profile_model(two_convs(8), {}, threads=1)
+    assert (prof.kernel_ms, prof.e2e_ms) == (4.0, 4.2)
+
+
 def test_profiled_reorders_carry_the_values_of_their_own_session(monkeypatch):
     # ORT names the reorders it inserts (ReorderOutput_token_57, ...) in an order that changes from
     # one session to the next: the kept round's kernels must carry the values of that round's graph.
     # The last of the three rounds is made the fastest, so it is the one kept.
+    from types import SimpleNamespace
+
     from onnx_prune.backends import measure as measure_module
     from onnx_prune.backends.ort import feeds_for
     from onnx_prune.models.registry import load
@@ -1019,15 +1037,9 @@ def test_profiled_reorders_carry_the_values_of_their_own_session(monkeypatch):
     model, feeds = feeds_for(entry.model, dict(entry.input_shapes), 16)
     canon = canonicalize(model, input_shapes={k: v.shape for k, v in feeds.items()})
     shapes = analyze_canonical(canon).ctx.index.shapes
-    plain_ms = iter([3000.0, 2000.0, 1000.0])  # each round's plain runs, alternating with its profiled ones
-    real_measure = measure_module.measure
-
-    def measure(*args, **kwargs):
-        c = real_measure(*args, **kwargs)
-        c.latencies[1].samples_ms = [next(plain_ms)]
-        return c
-
-    monkeypatch.setattr(measure_module, "measure", measure)
+    e2e = iter([3000.0, 2000.0, 1000.0])
+    monkeypatch.setattr(measure_module, "measure",
+                        lambda *a, **k: SimpleNamespace(latencies=[SimpleNamespace(median_ms=next(e2e))]))
     prof = profile.profile_model(canon.model, feeds, threads=2, runs=2)
     assert prof.e2e_ms == 1000.0
     reorders = [k for k in prof.kernels.values() if k.op == "ReorderOutput"]
