@@ -19,6 +19,10 @@ and `export()` writes their current values back 1:1 into a copy of the same grap
 - Like any nn.Module it starts in train mode. Train: BatchNormalization uses batch statistics and
   updates its running statistics in place (ONNX momentum m -> torch's 1 - m; the running variance
   is the unbiased one, as in torch), Dropout is active. Eval: running statistics, no dropout.
+- If and Loop run their bodies as step lists of their own (the branch the condition picks; the
+  iterations with carried values and scan outputs); a body reads the enclosing graph's values
+  and weights as the node's step hands them over, so weights read only inside a branch train
+  too. Sequences are Python lists. Value hooks do not reach values inside a body.
 - The execution plan (steps with resolved slots, parsed attributes, constant shapes read once,
   where each activation is released after its last reader) is built at construction, and so is
   every error: an op the bridge cannot run is a UserError naming the op types and nodes.
@@ -26,6 +30,7 @@ and `export()` writes their current values back 1:1 into a copy of the same grap
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -58,17 +63,19 @@ class TorchGraph(nn.Module):
         self.weight_hooks = dict(weight_hooks or {})
         self._ctx = {"training": self.training, "device": torch.device("cpu")}
         graph, inits, nodes, attrs = _parsed(model)
+        self._opsets = _opsets(model)
         self.input_names = _graph_inputs(graph, inits)
         self.output_names = [v.name for v in graph.output]
         for a in attrs:
             a["_ctx"] = self._ctx
-        _check_supported(nodes, attrs, inits)
+        _check_supported(nodes, attrs, inits, self._opsets)
         self._slots = {"": _NONE}
         self._template = [None, None]
         self.param_names, self.buffer_names = {}, {}
         self._consts = []  # (slot, attribute name, is parameter, dtype to run in), filled at every forward
         self._const_of = {}  # slot -> (attribute name, is parameter, dtype to run in or None)
         self._run_as = {}  # parameter kept in float32 -> the half type the graph computes in
+        self._body_slots = set()  # values made inside If and Loop bodies, where no value hook runs
         self._register_initializers(model.graph.initializer, nodes)
         self._input_slots = [self._slot(name) for name in self.input_names]
         self._steps = self._compile(nodes, attrs)
@@ -140,7 +147,7 @@ class TorchGraph(nn.Module):
 
     def _register_initializers(self, initializers, nodes):
         uses = {}
-        for node in nodes:
+        for node, _ in _with_bodies(nodes, [{}] * len(nodes), self._opsets):  # a branch's conv reads its weight too
             for pos, name in enumerate(node.input):
                 uses.setdefault(name, []).append((node.op_type, node.domain, pos))
         taken = set()
@@ -165,24 +172,63 @@ class TorchGraph(nn.Module):
     def _compile(self, nodes, attrs) -> list:
         """Steps (fn, attrs, input slots, output slots, slots to free), in execution order."""
         host_slots = {}
-        steps = []
-        for node, a in zip(nodes, attrs):
-            fn = op_for(node.op_type, node.domain)
-            if node.op_type == "Constant":
-                self._constant(node, fn, a)
-                continue
-            ins = []
-            for pos, name in enumerate(node.input):
-                if pos in getattr(fn, "host", ()) and self._is_const(name):
-                    if name not in host_slots:  # read once, here, not at every forward
-                        host_slots[name] = self._slot("\0host:" + name)
-                        self._template[host_slots[name]] = host(self._const_value(name))
-                    ins.append(host_slots[name])
-                else:
-                    ins.append(self._slots[name])
-            outs = [self._slot(name) if name else _TRASH for name in node.output]
-            steps.append((fn, a, ins, outs))
-        return self._with_frees(steps)
+        steps = [self._step(node, a, host_slots) for node, a in zip(nodes, attrs)]
+        return self._with_frees([step for step in steps if step is not None])
+
+    def _step(self, node, a, host_slots) -> tuple | None:
+        """(fn, attrs, input slots, output slots) of one node; None for a Constant (a buffer)."""
+        if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+            return self._control_flow_step(node, a)
+        fn = op_for(node.op_type, node.domain)
+        if node.op_type == "Constant":
+            self._constant(node, fn, a)
+            return None
+        ins = []
+        for pos, name in enumerate(node.input):
+            if pos in getattr(fn, "host", ()) and self._is_const(name):
+                if name not in host_slots:  # read once, here, not at every forward
+                    host_slots[name] = self._slot("\0host:" + name)
+                    self._template[host_slots[name]] = host(self._const_value(name))
+                ins.append(host_slots[name])
+            else:
+                ins.append(self._slots[name])
+        outs = [self._slot(name) if name else _TRASH for name in node.output]
+        return fn, a, ins, outs
+
+    def _control_flow_step(self, node, a) -> tuple:
+        """If and Loop: each body compiled to steps of its own, run by `_run_if` / `_run_loop`. The
+        step reads the node's inputs, then every value of the enclosing graphs its bodies read."""
+        bodies = [self._body(a[name]) for name in (("then_branch", "else_branch") if node.op_type == "If" else ("body",))]
+        outer = sorted({slot for body in bodies for slot in body.outer})
+        for body in bodies:
+            body.outer = outer  # one order for the values the step hands over
+        ins = [self._slots[name] for name in node.input] + outer
+        outs = [self._slot(name) if name else _TRASH for name in node.output]
+        run = _run_if if node.op_type == "If" else _run_loop
+        return functools.partial(run, tuple(bodies)), a, ins, outs
+
+    def _body(self, graph) -> "_Body":
+        """A subgraph's steps, in graph order (where nodes of a valid body already are); its
+        Constants and initializers are constants of the module (not trained), read by the step."""
+        inputs = [self._slot(v.name) for v in graph.input]
+        for t in graph.initializer:
+            attr = _attribute_name("c_", t.name, self._taken, self)
+            self.register_buffer(attr, _to_torch(t), persistent=False)
+            self._add_const(t.name, attr, False)
+        host_slots, steps = {}, []
+        for node in graph.node:
+            step = self._step(node, {**_attributes(node, self._opsets), "_ctx": self._ctx}, host_slots)
+            if step is not None:
+                steps.append(step)
+        outputs = [self._slots[v.name] for v in graph.output]
+        made = set(inputs) | {slot for _, _, _, outs in steps for slot in outs}
+        self._body_slots |= made
+        read = {slot for _, _, ins, _ in steps for slot in ins} | set(outputs)
+        # host slots hold Python values set at construction, in the template, not the environment
+        outer = {slot for slot in read - made - {_NONE, _TRASH} if self._template[slot] is None}
+        body = _Body(inputs, steps, outputs, sorted(outer))
+        body.hosts = {slot: self._template[slot] for slot in read - made if self._template[slot] is not None}
+        return body
 
     def _constant(self, node, fn, a):
         value = fn(a, [])[0]
@@ -263,11 +309,65 @@ class TorchGraph(nn.Module):
             slot = self._slots.get(name)
             if slot is None or name == "":
                 raise UserError(f"value hook on {name!r}, which is not a value the graph computes")
+            if slot in self._body_slots:
+                raise UserError(f"value hook on {name!r}, a value inside an If or Loop body, where hooks do not run")
             if env[slot] is not None:  # an input or a constant: already there
                 env[slot] = fn(env[slot])
             else:
                 hooks[slot] = fn
         return hooks
+
+
+# ---------------------------------------------------------------- control flow
+
+CONTROL_FLOW = ("If", "Loop")  # run by the graph itself: their bodies are graphs of steps
+
+
+class _Body:
+    """A compiled subgraph: its input slots, steps, output slots, and the slots of the enclosing
+    graphs it reads (`outer`, in the order its step hands them over; `hosts`: Python values)."""
+
+    def __init__(self, inputs, steps, outputs, outer):
+        self.inputs, self.steps, self.outputs, self.outer = inputs, steps, outputs, outer
+        self.hosts = {}
+
+    def run(self, outer_values, inputs=()) -> list:
+        env = dict(self.hosts)
+        env.update(zip(self.outer, outer_values))
+        env.update(zip(self.inputs, inputs))
+        env[_NONE] = None
+        for fn, a, ins, outs in self.steps:
+            for slot, value in zip(outs, fn(a, [env.get(i) for i in ins])):
+                env[slot] = value
+        return [env[slot] for slot in self.outputs]
+
+
+def _run_if(bodies, a, x):
+    then_branch, else_branch = bodies
+    return (then_branch if bool(x[0]) else else_branch).run(x[1:])
+
+
+def _run_loop(bodies, a, x):
+    """ONNX Loop: (trip count M, condition, carried values...) -> final carried values, then each
+    scan output stacked over the iterations. Either bound may be omitted (None)."""
+    (body,) = bodies
+    n_carried = len(body.inputs) - 2
+    trips, cond, carried, outer = x[0], x[1], list(x[2:2 + n_carried]), x[2 + n_carried:]
+    limit = None if trips is None else int(host(trips))
+    going = True if cond is None else bool(cond)
+    scans, i = None, 0
+    device = a["_ctx"]["device"]
+    while going and (limit is None or i < limit):
+        flag = torch.tensor(going, device=device)
+        out = body.run(outer, [torch.tensor(i, dtype=torch.int64, device=device), flag] + carried)
+        going, carried = bool(out[0]), out[1:1 + n_carried]
+        scans = [[] for _ in out[1 + n_carried:]] if scans is None else scans
+        for values, value in zip(scans, out[1 + n_carried:]):
+            values.append(value)
+        i += 1
+    n_scans = len(body.outputs) - 1 - n_carried
+    stacked = [torch.stack(values) for values in scans] if scans else [torch.empty(0, device=device)] * n_scans
+    return carried + stacked
 
 
 # ---------------------------------------------------------------- module-level helpers
@@ -293,6 +393,27 @@ def _inlined(model) -> onnx.ModelProto:
     return inliner.inline_local_functions(model)
 
 
+def _subgraphs(node) -> list:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + \
+        [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def _outer_reads(graph) -> set:
+    """Names a subgraph (its nested ones too) reads from the graphs around it."""
+    made = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    read = {v.name for v in graph.output}
+    for node in graph.node:
+        read.update(_reads(node))
+        made.update(node.output)
+    return read - made - {""}
+
+
+def _reads(node) -> list:
+    """A node's inputs, then what its subgraphs read from around them (an If's branch reads a
+    weight no input names)."""
+    return list(node.input) + sorted(set().union(*map(_outer_reads, _subgraphs(node))) - set(node.input))
+
+
 def _live_nodes(graph, inits, inputs) -> list:
     """The nodes the outputs depend on, in an order where every value is produced before use."""
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
@@ -301,19 +422,19 @@ def _live_nodes(graph, inits, inputs) -> list:
         i = producer.get(stack.pop())
         if i is not None and i not in live:
             live.add(i)
-            stack.extend(name for name in graph.node[i].input if name)
+            stack.extend(name for name in _reads(graph.node[i]) if name)
     known = set(inits) | set(inputs)
     order, pending = [], [graph.node[i] for i in sorted(live)]
     while pending:  # graph order is topological in valid models: one pass; more only to repair others
         waiting = []
         for node in pending:
-            if all(not name or name in known for name in node.input):
+            if all(not name or name in known for name in _reads(node)):
                 order.append(node)
                 known.update(node.output)
             else:
                 waiting.append(node)
         if len(waiting) == len(pending):
-            missing = sorted({name for n in waiting for name in n.input if name and name not in producer
+            missing = sorted({name for n in waiting for name in _reads(n) if name and name not in producer
                               and name not in known})
             raise UserError(f"graph uses value(s) nothing produces: {', '.join(missing[:5]) or 'a cycle'}")
         pending = waiting
@@ -333,10 +454,25 @@ def _parsed(model: onnx.ModelProto):
     graph = _inlined(model).graph
     inits = {t.name: t for t in model.graph.initializer}
     nodes = _live_nodes(graph, inits, _graph_inputs(graph, inits))
-    opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    attrs = [{**parse_attributes(node), "_opset": opsets.get(node.domain or "ai.onnx", 0), "_nout": len(node.output)}
-             for node in nodes]
-    return graph, inits, nodes, attrs
+    opsets = _opsets(model)
+    return graph, inits, nodes, [_attributes(node, opsets) for node in nodes]
+
+
+def _opsets(model) -> dict:
+    return {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+
+
+def _attributes(node, opsets: dict) -> dict:
+    return {**parse_attributes(node), "_opset": opsets.get(node.domain or "ai.onnx", 0), "_nout": len(node.output)}
+
+
+def _with_bodies(nodes, attrs, opsets: dict):
+    """(node, attributes) of the nodes, then of every node in their subgraphs, nested ones too."""
+    for node, a in zip(nodes, attrs):
+        yield node, a
+        for graph in _subgraphs(node):
+            inner = list(graph.node)
+            yield from _with_bodies(inner, [_attributes(n, opsets) for n in inner], opsets)
 
 
 def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
@@ -344,7 +480,7 @@ def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
     cannot run. With `sample` (one batch of inputs), also one run of it, so that what only real
     inputs show (a recurrent layer's shorter sequence_lens) stops a compile before its search."""
     _graph, inits, nodes, attrs = _parsed(model)
-    _check_supported(nodes, attrs, inits)
+    _check_supported(nodes, attrs, inits, _opsets(model))
     if sample is not None:
         with torch.no_grad():
             TorchGraph(model).eval()(**{k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
@@ -353,8 +489,10 @@ def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
 RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial")
 
 
-def _check_supported(nodes, attrs, inits):
-    """UserError naming every op (and node) the bridge cannot run, before anything runs."""
+def _check_supported(nodes, attrs, inits, opsets):
+    """UserError naming every op (and node) the bridge cannot run, in the graph and in the bodies
+    of its If and Loop nodes, before anything runs."""
+    nodes, attrs = zip(*_with_bodies(nodes, attrs, opsets)) if nodes else ((), ())
     drawn = [n for n in nodes if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx")]
     if drawn:  # nothing to add to the op table: the dense model's targets are other draws
         raise UserError(f"the model draws random values ({drawn[0].op_type}, node {drawn[0].name or drawn[0].output[0]}): "
@@ -365,6 +503,8 @@ def _check_supported(nodes, attrs, inits):
         fn = op_for(node.op_type, node.domain)
         label = op_label(node)
         reason = None
+        if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+            continue  # its body's nodes are checked in turn
         if fn is not None:
             reason = fn.check(a) if getattr(fn, "check", None) else None
             nout = getattr(fn, "nout", 1)

@@ -1280,6 +1280,70 @@ def _is_inf(a, x):
     return [out]
 
 
+# ---------------------------------------------------------------- sequences (Python lists of tensors)
+
+
+def _sequence_empty(a, x):
+    return [[]]
+
+
+def _sequence_construct(a, x):
+    return [list(x)]
+
+
+def _position(pos, n: int, default: int) -> int:
+    """An ONNX sequence position (negative: from the back), or `default` where omitted."""
+    if pos is None:
+        return default
+    p = int(_list(pos)[0])
+    return p + n if p < 0 else p
+
+
+@_op(host=(2,))
+def _sequence_insert(a, x):
+    seq = list(x[0])  # a new sequence: the input one may be read again (a Loop's carried value)
+    seq.insert(_position(_opt(x, 2), len(seq), len(seq)), x[1])
+    return [seq]
+
+
+@_op(host=(1,))
+def _sequence_at(a, x):
+    return [x[0][_position(x[1], len(x[0]), 0)]]
+
+
+@_op(host=(1,))
+def _sequence_erase(a, x):
+    seq = list(x[0])
+    del seq[_position(_opt(x, 1), len(seq), len(seq) - 1)]
+    return [seq]
+
+
+def _sequence_length(a, x):
+    return [torch.tensor(len(x[0]), dtype=torch.int64, device=a["_ctx"]["device"])]
+
+
+def _concat_from_sequence(a, x):
+    join = torch.stack if a.get("new_axis", 0) else torch.cat
+    return [join(list(x[0]), a["axis"])]
+
+
+@_op(host=(1,))
+def _split_to_sequence(a, x):
+    X, split, axis = x[0], _opt(x, 1), a.get("axis", 0)
+    if split is not None:
+        sizes = _list(split)
+        return [list(torch.split(X, sizes[0] if len(sizes) == 1 else sizes, axis))]
+    parts = torch.split(X, 1, axis)
+    return [[p.squeeze(axis) for p in parts] if not a.get("keepdims", 1) else list(parts)]
+
+
+SEQUENCE_OPS = {
+    "SequenceEmpty": _sequence_empty, "SequenceConstruct": _sequence_construct, "SequenceInsert": _sequence_insert,
+    "SequenceAt": _sequence_at, "SequenceErase": _sequence_erase, "SequenceLength": _sequence_length,
+    "ConcatFromSequence": _concat_from_sequence, "SplitToSequence": _split_to_sequence,
+}
+
+
 OPS = {
     # activations and elementwise math
     "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
@@ -1329,6 +1393,7 @@ OPS = {
     # reductions
     **{name: _reduce(f) for name, f in _REDUCERS.items()},
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
+    **SEQUENCE_OPS,
 }
 
 

@@ -761,3 +761,143 @@ def test_copies_keep_their_own_train_mode_and_pickle():
     buffer.seek(0)
     restored = torch.load(buffer, weights_only=False)
     assert torch.equal(restored(x), tg(x))
+
+
+# ---------------------------------------------------------------- control flow and sequences
+
+
+def _branch(name, weight, out):
+    """A subgraph of one Conv + Relu reading `x` and a weight of the graph around it."""
+    return helper.make_graph([helper.make_node("Conv", ["x", weight], [f"{name}_c"], name=f"{name}_conv", pads=[1] * 4),
+                              helper.make_node("Relu", [f"{name}_c"], [out], name=f"{name}_relu")],
+                             name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+
+def _if_model():
+    """conv -> If(mean > 0: conv a, else: conv b) -> conv: the branches read weights no input names."""
+    w = {k: numpy_helper.from_array(f32(*shape) * 0.3, k) for k, shape in
+         (("w1", (4, 3, 3, 3)), ("wa", (4, 4, 3, 3)), ("wb", (4, 4, 3, 3)), ("w2", (2, 4, 1, 1)))}
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["x"], name="c1", pads=[1] * 4),
+             helper.make_node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=_branch("then", "wa", "ya"),
+                              else_branch=_branch("else", "wb", "yb")),
+             helper.make_node("Conv", ["y", "w2"], ["out"], name="c2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [*w.values(), numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_if_runs_the_branch_its_condition_picks_and_trains_that_branchs_weights():
+    model = _if_model()
+    tg = TorchGraph(model).train()
+    assert {"wa", "wb"} <= set(tg.param_names)  # read only inside the branches, still weights
+    branches = set()
+    for sign in (1.0, -1.0):  # c1 is linear: flipping the input's sign flips the condition
+        x = sign * np.abs(f32(2, 3, 6, 6))
+        x_feed = {"input": x}
+        [mean] = make_session(_upto(model, "m"), threads=1, quiet=True).run(None, x_feed)
+        taken = "then" if mean > 0 else "else"
+        branches.add(taken)
+        assert_matches_ort(model, tg.eval(), x_feed, 1e-5)
+        tg.train().zero_grad()
+        run_bridge(tg, x_feed)[0].square().sum().backward()
+        grads = tg.parameters_by_initializer()
+        used, unused = ("wa", "wb") if taken == "then" else ("wb", "wa")
+        assert grads[used].grad is not None and grads[used].grad.abs().sum() > 0, taken
+        assert grads[unused].grad is None or grads[unused].grad.abs().sum() == 0, taken
+        with torch.no_grad():
+            grads[used].add_(0.1)  # a training step: export writes it where the branch reads it
+        assert_matches_ort(tg.export(), tg.eval(), x_feed, 1e-5)
+    assert branches == {"then", "else"}
+
+
+def _upto(model, value):
+    """The model with `value` as its only output."""
+    m = copy.deepcopy(model)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+    return m
+
+
+def test_loop_with_carried_values_scan_outputs_and_a_sequence_matches_onnxruntime():
+    """A TorchScript-style Loop: M and the condition given, a running sum carried, a sequence
+    grown by SequenceInsert (EmbeddingBag's bags), each step's value scanned out; the condition
+    the body computes ends it early."""
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["rows", "i"], ["row"], name="pick", axis=0),
+         helper.make_node("MatMul", ["row", "w"], ["proj"], name="proj"),
+         helper.make_node("Add", ["acc_in", "proj"], ["acc_out"], name="accumulate"),
+         helper.make_node("SequenceInsert", ["seq_in", "proj"], ["seq_out"], name="insert"),
+         helper.make_node("Cast", ["i"], ["i_f"], name="cast", to=TensorProto.FLOAT),
+         helper.make_node("Less", ["i_f", "stop"], ["go"], name="less"),
+         helper.make_node("Mul", ["proj", "i_f"], ["scan"], name="scaled")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None),
+         helper.make_tensor_sequence_value_info("seq_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("go", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None),
+         helper.make_tensor_sequence_value_info("seq_out", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("scan", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("SequenceEmpty", [], ["empty"], name="empty"),
+             helper.make_node("Loop", ["trips", "start", "acc0", "empty"], ["acc", "seq", "scans"], name="loop", body=body),
+             helper.make_node("ConcatFromSequence", ["seq"], ["stacked"], name="concat", axis=0, new_axis=1),
+             helper.make_node("SequenceLength", ["seq"], ["n"], name="length")]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [6, 4]),
+         helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+         helper.make_tensor_value_info("stop", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info(v, t, None) for v, t in
+         (("acc", TensorProto.FLOAT), ("stacked", TensorProto.FLOAT), ("scans", TensorProto.FLOAT), ("n", TensorProto.INT64))],
+        [numpy_helper.from_array(f32(4, 3), "w"), numpy_helper.from_array(np.zeros(3, np.float32), "acc0"),
+         numpy_helper.from_array(np.array(True), "start")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    tg = TorchGraph(model).eval()
+    for trips, stop in ((5, 10.0), (6, 2.0)):  # the trip count ends it; the body's condition does
+        feeds = {"rows": f32(6, 4), "trips": np.array(trips, np.int64), "stop": np.array(stop, np.float32)}
+        assert_matches_ort(model, tg, feeds, 1e-5)
+    assert "w" in tg.param_names  # read only in the body: a weight still
+    tg.train()(torch.randn(6, 4), torch.tensor(4), torch.tensor(9.0))[0].sum().backward()
+    assert tg.parameters_by_initializer()["w"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("ops, outputs", [
+    ([helper.make_node("SplitToSequence", ["x"], ["s"], axis=1, keepdims=0),
+      helper.make_node("SequenceErase", ["s", "one"], ["e"]),
+      helper.make_node("SequenceAt", ["e", "minus_one"], ["y"]),
+      helper.make_node("SequenceLength", ["e"], ["n"])], ("y", "n")),
+    ([helper.make_node("SplitToSequence", ["x", "two"], ["s"], axis=1),
+      helper.make_node("SequenceConstruct", ["x", "x"], ["pair"]),
+      helper.make_node("SequenceAt", ["s", "minus_one"], ["last"]),
+      helper.make_node("SequenceInsert", ["pair", "x", "zero"], ["three"]),
+      helper.make_node("ConcatFromSequence", ["three"], ["y"], axis=-1),
+      helper.make_node("ConcatFromSequence", ["s"], ["back"], axis=1)], ("y", "last", "back")),
+])
+def test_sequence_ops_match_onnxruntime(ops, outputs):
+    consts = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+              (("one", 1), ("minus_one", -1), ("two", 2), ("zero", 0))]
+    graph = helper.make_graph([helper.make_node(n.op_type, n.input, n.output, name=f"n{i}", **{
+        a.name: helper.get_attribute_value(a) for a in n.attribute}) for i, n in enumerate(ops)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 3])],
+        [helper.make_tensor_value_info(v, TensorProto.INT64 if v == "n" else TensorProto.FLOAT, None) for v in outputs],
+        consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert_matches_ort(model, TorchGraph(model).eval(), {"x": f32(2, 5, 3)}, 0)
+
+
+def test_an_op_the_bridge_cannot_run_inside_a_branch_is_named():
+    model = _if_model()
+    then = next(a.g for a in model.graph.node[3].attribute if a.name == "then_branch")
+    then.node[1].op_type = "NonMaxSuppression"
+    with pytest.raises(UserError, match=r"NonMaxSuppression \(node then_relu\)"):
+        TorchGraph(model)
+
+
+def test_a_value_hook_inside_a_branch_is_refused_not_ignored():
+    tg = TorchGraph(_if_model(), value_hooks={"ya": lambda v: v * 0})
+    with pytest.raises(UserError, match="ya.*inside an If or Loop body"):
+        tg(torch.randn(2, 3, 6, 6))
