@@ -1007,6 +1007,23 @@ def test_static_copy_holds_large_weights_by_shape_and_the_analysis_reads_them_fr
     assert a.shape == (96,) and np.ptp(a) > 0
 
 
+def test_predictor_takes_a_loops_profiled_body_overhead_off_its_kernel():
+    """A Loop's kernel holds the profiler's cost of its body's nodes at every iteration: what the
+    kernels have over a plain run, past the profiler's cost per kernel, comes off the Loop, so the
+    dense model is predicted at its plain run time and the convs keep their shares."""
+    from onnx_prune.backends.predict import PROFILER_US_CPU
+
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon)
+    kernels = {"c1": Kernel("c1", "Conv", 105.0, [], []), "c2": Kernel("c2", "Conv", 55.0, [], []),
+               "loop": Kernel("loop", "Loop", 900.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.2))
+    assert cm.profiler_us == PROFILER_US_CPU
+    assert cm.predict_ms({}) == pytest.approx(0.2)
+    assert 900 - PROFILER_US_CPU - cm.trim_us["loop"] == pytest.approx(200 - (105 + 55 - 2 * PROFILER_US_CPU))
+    assert set(cm.trim_us) == {"loop"}
+
+
 def test_profile_keeps_the_round_fastest_by_its_kernels_and_its_plain_runs(monkeypatch):
     """A round whose plain runs were fast while its kernels ran in a slow spell is not the one
     kept: its kernels' shares would come from another speed than the plain run's."""
