@@ -353,7 +353,7 @@ def _run_loop(bodies, a, x):
     (body,) = bodies
     n_carried = len(body.inputs) - 2
     trips, cond, carried, outer = x[0], x[1], list(x[2:2 + n_carried]), x[2 + n_carried:]
-    limit = None if trips is None else int(host(trips))
+    limit = None if trips is None else int(torch.as_tensor(trips).reshape(-1)[0])  # a scalar, or one element
     going = True if cond is None else bool(cond)
     scans, i = None, 0
     device = a["_ctx"]["device"]
