@@ -1,8 +1,9 @@
 """How close a pruned model's outputs stay to the dense model's, on calibration or held-out data.
 
-For every output: per-sample cosine similarity and relative L2 error of the flattened output; for a
-sequence output (batch, tokens, features) next to an attention-mask input, also the cosine of the
-mean-pooled embeddings over the real tokens (what a sentence encoder's users compare).
+For every output: per-sample cosine similarity and relative L2 error of the flattened output (of
+the batch's values taken together, for an output of one value per sample); for a sequence output
+(batch, tokens, features) next to an attention-mask input, also the cosine of the mean-pooled
+embeddings over the real tokens (what a sentence encoder's users compare).
 """
 
 from __future__ import annotations
@@ -41,10 +42,15 @@ def compare(dense_outs, pruned_outs, feeds) -> dict:
         if mask is not None:
             w = mask[..., None] / np.maximum(mask.sum(1), 1)[:, None, None]
             pooled.extend(_cosine((a * w).sum(1), (b * w).sum(1)))
-        a = a.reshape(len(a), -1).astype(np.float64)
-        b = b.reshape(len(b), -1).astype(np.float64)
-        cos.extend(_cosine(a, b))
-        rel.extend(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12))
+        n = len(a)
+        a = a.reshape(n, -1).astype(np.float64)
+        b = b.reshape(n, -1).astype(np.float64)
+        if a.shape[1] == 1 and n > 1:
+            # one value per sample (a regression output, a click logit): its cosine is only the sign
+            # agreement, so the batch's values are compared as one vector, counted for each sample
+            a, b = a.T, b.T
+        cos.extend(np.resize(_cosine(a, b), n))
+        rel.extend(np.resize(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12), n))
     return {"cos": cos, "rel": rel, "pooled": pooled}
 
 

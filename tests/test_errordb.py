@@ -125,6 +125,18 @@ def test_two_zero_outputs_are_alike_and_a_zero_against_a_nonzero_output_is_not()
     assert np.allclose(compare([ones], [-ones], {})["cos"], -1.0)
 
 
+def test_an_output_of_one_value_per_sample_is_compared_over_the_batch():
+    """A regression output or a click logit: per sample, the cosine of one number is its sign
+    alone (1.0 here, however far the values moved); over the batch's values it sees the change."""
+    dense = np.array([[1.0], [2.0], [3.0], [-1.0]])
+    moved = np.array([[3.0], [0.5], [1.0], [-0.2]])  # every sign kept
+    c = compare([dense], [moved], {})
+    assert len(c["cos"]) == len(c["rel"]) == 4
+    assert max(c["cos"]) < 0.8 and min(c["rel"]) > 0.5
+    assert np.allclose(compare([dense], [1.0 * dense], {})["cos"], 1.0)
+    assert np.allclose(compare([dense[:1]], [moved[:1]], {})["cos"], 1.0)  # one sample: only its sign
+
+
 def test_stitch_refits_layers_after_pruned_groups_and_beats_plain_pruning():
     from onnx_prune.compiler.fidelity import output_fidelity
     from onnx_prune.passes.surgery import apply_plan
