@@ -155,9 +155,10 @@ class CostModel:
             # zeroed MobileNetV2's small late convs (94 µs each; a 3x plan predicted 3.62x, 2.86x
             # measured)
             self.profiler_us = min(self.profiler_us, PROFILER_US_CPU)
-        # ...except where it comes from a Loop or If: profiled, their bodies' nodes cost the
+        # ...except where it comes from a Loop or Scan: profiled, its body's nodes cost the
         # profiler's time at every iteration, which the node's one kernel holds (a bag of 8 ids per
-        # sample through TorchScript's EmbeddingBag Loop: 4.5 ms profiled, the whole run 1.45 ms)
+        # sample through TorchScript's EmbeddingBag Loop: 4.5 ms profiled, the whole run 1.45 ms).
+        # An If runs its branch once: its excess is the machine's, like any kernel's.
         self.trim_us = _control_flow_trim(self.profile.kernels, excess_ms * 1e3 - self.profiler_us * n_kernels,
                                           self.profiler_us)
         self.overhead_ms = max(-excess_ms, 0.0)
@@ -449,9 +450,9 @@ class CostModel:
 
 
 def _control_flow_trim(kernels: dict, excess_us: float, profiler_us: float) -> dict:
-    """µs to take off each Loop and If kernel (in proportion to its time): the kernels' excess
+    """µs to take off each Loop and Scan kernel (in proportion to its time): the kernels' excess
     over a plain run left after the profiler's cost per kernel, at most all of their time."""
-    loops = {k: max(kern.time_us - profiler_us, 0.0) for k, kern in kernels.items() if kern.op in ("Loop", "If", "Scan")}
+    loops = {k: max(kern.time_us - profiler_us, 0.0) for k, kern in kernels.items() if kern.op in ("Loop", "Scan")}
     total = sum(loops.values())
     if excess_us <= 0 or not total:
         return {}

@@ -1022,6 +1022,9 @@ def test_predictor_takes_a_loops_profiled_body_overhead_off_its_kernel():
     assert cm.predict_ms({}) == pytest.approx(0.2)
     assert 900 - PROFILER_US_CPU - cm.trim_us["loop"] == pytest.approx(200 - (105 + 55 - 2 * PROFILER_US_CPU))
     assert set(cm.trim_us) == {"loop"}
+    # an If runs its branch once: the excess there is the machine's, taken off no kernel
+    branch = {**kernels, "loop": Kernel("loop", "If", 900.0, [], [])}
+    assert CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(branch, e2e_ms=0.2)).trim_us == {}
 
 
 def test_profile_keeps_the_round_fastest_by_its_kernels_and_its_plain_runs(monkeypatch):
