@@ -1337,13 +1337,6 @@ def _split_to_sequence(a, x):
     return [[p.squeeze(axis) for p in parts] if not a.get("keepdims", 1) else list(parts)]
 
 
-SEQUENCE_OPS = {
-    "SequenceEmpty": _sequence_empty, "SequenceConstruct": _sequence_construct, "SequenceInsert": _sequence_insert,
-    "SequenceAt": _sequence_at, "SequenceErase": _sequence_erase, "SequenceLength": _sequence_length,
-    "ConcatFromSequence": _concat_from_sequence, "SplitToSequence": _split_to_sequence,
-}
-
-
 OPS = {
     # activations and elementwise math
     "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
@@ -1393,7 +1386,10 @@ OPS = {
     # reductions
     **{name: _reduce(f) for name, f in _REDUCERS.items()},
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
-    **SEQUENCE_OPS,
+    # sequences
+    "SequenceEmpty": _sequence_empty, "SequenceConstruct": _sequence_construct, "SequenceInsert": _sequence_insert,
+    "SequenceAt": _sequence_at, "SequenceErase": _sequence_erase, "SequenceLength": _sequence_length,
+    "ConcatFromSequence": _concat_from_sequence, "SplitToSequence": _split_to_sequence,
 }
 
 
