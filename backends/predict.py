@@ -159,7 +159,7 @@ class CostModel:
         # profiler's time at every iteration, which the node's one kernel holds (a bag of 8 ids per
         # sample through TorchScript's EmbeddingBag Loop: 4.5 ms profiled, the whole run 1.45 ms).
         # An If runs its branch once: its excess is the machine's, like any kernel's.
-        self.trim_us = _control_flow_trim(self.profile.kernels, excess_ms * 1e3 - self.profiler_us * n_kernels,
+        self.trim_us = _loop_trim(self.profile.kernels, excess_ms * 1e3 - self.profiler_us * n_kernels,
                                           self.profiler_us)
         self.overhead_ms = max(-excess_ms, 0.0)
         if self.profile.run_overhead_ms is not None:
@@ -449,7 +449,7 @@ class CostModel:
                 for g in self.analysis.groups}
 
 
-def _control_flow_trim(kernels: dict, excess_us: float, profiler_us: float) -> dict:
+def _loop_trim(kernels: dict, excess_us: float, profiler_us: float) -> dict:
     """µs to take off each Loop and Scan kernel (in proportion to its time): the kernels' excess
     over a plain run left after the profiler's cost per kernel, at most all of their time."""
     loops = {k: max(kern.time_us - profiler_us, 0.0) for k, kern in kernels.items() if kern.op in ("Loop", "Scan")}

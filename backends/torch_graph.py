@@ -42,7 +42,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import FLOAT_TYPES, op_label
+from onnx_prune.passes.graph import FLOAT_TYPES, all_nodes, op_label, subgraphs
 
 from .torch_ops import DTYPES, ELEMENTWISE, host, op_for, parse_attributes
 
@@ -68,7 +68,8 @@ class TorchGraph(nn.Module):
         self.output_names = [v.name for v in graph.output]
         for a in attrs:
             a["_ctx"] = self._ctx
-        _check_supported(nodes, attrs, inits, self._opsets)
+        every = _with_bodies(nodes, attrs, self._opsets)  # the bodies' nodes too
+        _check_supported(every, inits)
         self._slots = {"": _NONE}
         self._template = [None, None]
         self.param_names, self.buffer_names = {}, {}
@@ -76,7 +77,7 @@ class TorchGraph(nn.Module):
         self._const_of = {}  # slot -> (attribute name, is parameter, dtype to run in or None)
         self._run_as = {}  # parameter kept in float32 -> the half type the graph computes in
         self._body_slots = set()  # values made inside If and Loop bodies, where no value hook runs
-        self._register_initializers(model.graph.initializer, nodes)
+        self._register_initializers(model.graph.initializer, [node for node, _ in every])
         self._input_slots = [self._slot(name) for name in self.input_names]
         self._steps = self._compile(nodes, attrs)
         self._output_slots = [self._slots[name] for name in self.output_names]
@@ -147,7 +148,7 @@ class TorchGraph(nn.Module):
 
     def _register_initializers(self, initializers, nodes):
         uses = {}
-        for node, _ in _with_bodies(nodes, [{}] * len(nodes), self._opsets):  # a branch's conv reads its weight too
+        for node in nodes:  # a branch's conv reads its weight too
             for pos, name in enumerate(node.input):
                 uses.setdefault(name, []).append((node.op_type, node.domain, pos))
         taken = set()
@@ -177,7 +178,7 @@ class TorchGraph(nn.Module):
 
     def _step(self, node, a, host_slots) -> tuple | None:
         """(fn, attrs, input slots, output slots) of one node; None for a Constant (a buffer)."""
-        if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+        if _is_control_flow(node):
             return self._control_flow_step(node, a)
         fn = op_for(node.op_type, node.domain)
         if node.op_type == "Constant":
@@ -226,9 +227,8 @@ class TorchGraph(nn.Module):
         read = {slot for _, _, ins, _ in steps for slot in ins} | set(outputs)
         # host slots hold Python values set at construction, in the template, not the environment
         outer = {slot for slot in read - made - {_NONE, _TRASH} if self._template[slot] is None}
-        body = _Body(inputs, steps, outputs, sorted(outer))
-        body.hosts = {slot: self._template[slot] for slot in read - made if self._template[slot] is not None}
-        return body
+        hosts = {slot: self._template[slot] for slot in read - made if self._template[slot] is not None}
+        return _Body(inputs, steps, outputs, sorted(outer), hosts)
 
     def _constant(self, node, fn, a):
         value = fn(a, [])[0]
@@ -323,13 +323,16 @@ class TorchGraph(nn.Module):
 CONTROL_FLOW = ("If", "Loop")  # run by the graph itself: their bodies are graphs of steps
 
 
+def _is_control_flow(node) -> bool:
+    return node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx")
+
+
 class _Body:
     """A compiled subgraph: its input slots, steps, output slots, and the slots of the enclosing
     graphs it reads (`outer`, in the order its step hands them over; `hosts`: Python values)."""
 
-    def __init__(self, inputs, steps, outputs, outer):
-        self.inputs, self.steps, self.outputs, self.outer = inputs, steps, outputs, outer
-        self.hosts = {}
+    def __init__(self, inputs, steps, outputs, outer, hosts):
+        self.inputs, self.steps, self.outputs, self.outer, self.hosts = inputs, steps, outputs, outer, hosts
 
     def run(self, outer_values, inputs=()) -> list:
         env = dict(self.hosts)
@@ -355,19 +358,16 @@ def _run_loop(bodies, a, x):
     trips, cond, carried, outer = x[0], x[1], list(x[2:2 + n_carried]), x[2 + n_carried:]
     limit = None if trips is None else int(torch.as_tensor(trips).reshape(-1)[0])  # a scalar, or one element
     going = True if cond is None else bool(cond)
-    scans, i = None, 0
+    scans, i = [[] for _ in body.outputs[1 + n_carried:]], 0
     device = a["_ctx"]["device"]
     while going and (limit is None or i < limit):
         flag = torch.tensor(going, device=device)
         out = body.run(outer, [torch.tensor(i, dtype=torch.int64, device=device), flag] + carried)
         going, carried = bool(out[0]), out[1:1 + n_carried]
-        scans = [[] for _ in out[1 + n_carried:]] if scans is None else scans
         for values, value in zip(scans, out[1 + n_carried:]):
             values.append(value)
         i += 1
-    n_scans = len(body.outputs) - 1 - n_carried
-    stacked = [torch.stack(values) for values in scans] if scans else [torch.empty(0, device=device)] * n_scans
-    return carried + stacked
+    return carried + [torch.stack(values) if values else torch.empty(0, device=device) for values in scans]
 
 
 # ---------------------------------------------------------------- module-level helpers
@@ -393,11 +393,6 @@ def _inlined(model) -> onnx.ModelProto:
     return inliner.inline_local_functions(model)
 
 
-def _subgraphs(node) -> list:
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + \
-        [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
-
-
 def _outer_reads(graph) -> set:
     """Names a subgraph (its nested ones too) reads from the graphs around it."""
     made = {v.name for v in graph.input} | {t.name for t in graph.initializer}
@@ -411,7 +406,7 @@ def _outer_reads(graph) -> set:
 def _reads(node) -> list:
     """A node's inputs, then what its subgraphs read from around them (an If's branch reads a
     weight no input names)."""
-    return list(node.input) + sorted(set().union(*map(_outer_reads, _subgraphs(node))) - set(node.input))
+    return list(node.input) + sorted(set().union(*map(_outer_reads, subgraphs(node))) - set(node.input))
 
 
 def _live_nodes(graph, inits, inputs) -> list:
@@ -466,13 +461,10 @@ def _attributes(node, opsets: dict) -> dict:
     return {**parse_attributes(node), "_opset": opsets.get(node.domain or "ai.onnx", 0), "_nout": len(node.output)}
 
 
-def _with_bodies(nodes, attrs, opsets: dict):
-    """(node, attributes) of the nodes, then of every node in their subgraphs, nested ones too."""
-    for node, a in zip(nodes, attrs):
-        yield node, a
-        for graph in _subgraphs(node):
-            inner = list(graph.node)
-            yield from _with_bodies(inner, [_attributes(n, opsets) for n in inner], opsets)
+def _with_bodies(nodes, attrs, opsets: dict) -> list:
+    """(node, attributes) of the nodes, each followed by every node of its subgraphs (nested ones too)."""
+    return [pair for node, a in zip(nodes, attrs)
+            for pair in [(node, a)] + [(n, _attributes(n, opsets)) for g in subgraphs(node) for n in all_nodes(g)]]
 
 
 def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
@@ -480,7 +472,7 @@ def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
     cannot run. With `sample` (one batch of inputs), also one run of it, so that what only real
     inputs show (a recurrent layer's shorter sequence_lens) stops a compile before its search."""
     _graph, inits, nodes, attrs = _parsed(model)
-    _check_supported(nodes, attrs, inits, _opsets(model))
+    _check_supported(_with_bodies(nodes, attrs, _opsets(model)), inits)
     if sample is not None:
         with torch.no_grad():
             TorchGraph(model).eval()(**{k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
@@ -489,21 +481,20 @@ def check_bridge(model: onnx.ModelProto, sample: dict | None = None):
 RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial")
 
 
-def _check_supported(nodes, attrs, inits, opsets):
-    """UserError naming every op (and node) the bridge cannot run, in the graph and in the bodies
-    of its If and Loop nodes, before anything runs."""
-    nodes, attrs = zip(*_with_bodies(nodes, attrs, opsets)) if nodes else ((), ())
-    drawn = [n for n in nodes if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx")]
+def _check_supported(every, inits):
+    """UserError naming every op (and node) the bridge cannot run, before anything runs; `every`:
+    (node, attributes) of the graph's nodes and of its If and Loop bodies' (`_with_bodies`)."""
+    drawn = [n for n, _ in every if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx")]
     if drawn:  # nothing to add to the op table: the dense model's targets are other draws
         raise UserError(f"the model draws random values ({drawn[0].op_type}, node {drawn[0].name or drawn[0].output[0]}): "
                         "its outputs change from run to run, so training through the torch bridge has no fixed "
                         "target; use --recover layer")
     problems = {}
-    for node, a in zip(nodes, attrs):
+    for node, a in every:
         fn = op_for(node.op_type, node.domain)
         label = op_label(node)
         reason = None
-        if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+        if _is_control_flow(node):
             continue  # its body's nodes are checked in turn
         if fn is not None:
             reason = fn.check(a) if getattr(fn, "check", None) else None

@@ -83,7 +83,7 @@ def _known_ops(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     opset = opset_of(model)
     local = {(f.domain, f.name) for f in model.functions}
     unknown: dict[str, int] = {}
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         if node.domain in ("", "ai.onnx") and (node.domain, node.op_type) not in local \
                 and not onnx.defs.has(node.op_type, opset, ""):
             unknown[node.op_type] = unknown.get(node.op_type, 0) + 1
@@ -104,12 +104,19 @@ def _ort_loads(model) -> bool:
     return True
 
 
-def _all_nodes(graph):
+def subgraphs(node) -> list:
+    """The graphs a node holds as attributes (an If's branches, a Loop's or Scan's body)."""
+    return [g for a in node.attribute
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs if a.type == onnx.AttributeProto.GRAPHS
+                      else [])]
+
+
+def all_nodes(graph):
+    """Every node of the graph, each followed by the nodes of its subgraphs (nested ones too)."""
     for node in graph.node:
         yield node
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_nodes(g)
+        for g in subgraphs(node):
+            yield from all_nodes(g)
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: protobuf cannot serialize more (nor say how much: ByteSize fails)

@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import onnx
 
-from onnx_prune.passes.graph import CONTRIB, attr, op_label
+from onnx_prune.passes.graph import CONTRIB, all_nodes, attr, op_label, subgraphs
 from onnx_prune.passes.spaces import Cat, Fx, Prod, Unsupported
 
 RULES = {}  # op type of the ONNX domain -> rule
@@ -74,14 +74,7 @@ def unknown(ctx, node, reason):
 
 
 def _subgraph_captures(node):
-    names = []
-    for a in node.attribute:
-        graphs = [a.g] if a.type == a.GRAPH else list(a.graphs) if a.type == a.GRAPHS else []
-        for g in graphs:
-            for n in g.node:
-                names.extend(n.input)
-                names.extend(_subgraph_captures(n))
-    return names
+    return [name for g in subgraphs(node) for n in all_nodes(g) for name in n.input]
 
 
 def _out_fx(ctx, name, axis):
