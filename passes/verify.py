@@ -23,14 +23,20 @@ from onnx_prune.passes.rules import recurrent_weight
 COPY_OPS = ("Gather", "Slice", "Concat", "Pad", "GatherElements", "GatherND", "Tile", "Expand")
 TOLERANCE = 1e-4  # relative to the output scale, for float32 arithmetic
 # half-precision models: their sums in another order differ by a few units of roundoff per layer
-ROUNDOFF = {onnx.TensorProto.FLOAT16: 2.0 ** -10, onnx.TensorProto.BFLOAT16: 2.0 ** -7}
+ROUNDOFF = {onnx.TensorProto.FLOAT: 2.0 ** -23, onnx.TensorProto.FLOAT16: 2.0 ** -10,
+            onnx.TensorProto.BFLOAT16: 2.0 ** -7}
+
+
+def _roundoff(model: onnx.ModelProto) -> float:
+    """16 units of roundoff of the narrowest float type among `model`'s weights and outputs."""
+    types = {t.data_type for t in model.graph.initializer} | {o.type.tensor_type.elem_type for o in model.graph.output}
+    return 16 * max([ROUNDOFF[onnx.TensorProto.FLOAT]] + [ROUNDOFF[t] for t in types if t in ROUNDOFF])
 
 
 def tolerance(model: onnx.ModelProto) -> float:
     """The relative tolerance for `model`: TOLERANCE, or 16 units of roundoff of its narrowest
-    float type among weights and outputs (a float16 BERT differs by 5e-4 of its scale)."""
-    types = {t.data_type for t in model.graph.initializer} | {o.type.tensor_type.elem_type for o in model.graph.output}
-    return max([TOLERANCE] + [16 * ROUNDOFF[t] for t in types if t in ROUNDOFF])
+    float type (a float16 BERT differs by 5e-4 of its scale)."""
+    return max(TOLERANCE, _roundoff(model))
 
 
 class VerificationError(Exception):
@@ -42,6 +48,7 @@ class Verification:
     max_abs_error: float
     output_scale: float
     checks: list = field(default_factory=list)
+    allowed: float = 0.0  # the largest max_abs_error that passed
 
     @property
     def relative_error(self) -> float:
@@ -97,16 +104,27 @@ def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, a_weigh
     `a_weights`: values of the inputs `a` reads beyond `feeds` (its weights)."""
     out_a = make_session(a).run(None, {**feeds, **(a_weights or {})})
     out_b = make_session(b).run(None, feeds)
-    err, scale = 0.0, 0.0
+    err = 0.0
     for x, y in zip(out_a, out_b):
         x, y = numeric(x), numeric(y)
         if x.shape != y.shape:
             raise VerificationError(f"output shape changed: {x.shape} -> {y.shape}")
         if x.size:
             err = max(err, _max_abs_difference(x, y))
-            finite = np.abs(x[np.isfinite(x)])
-            scale = max(scale, float(finite.max()) if finite.size else 0.0)
-    return err, max(scale, 1e-12)
+    return err, _scale(out_a)
+
+
+def output_scale(model: onnx.ModelProto, feeds: dict, weights=None) -> float:
+    """The largest finite magnitude among `model`'s outputs on `feeds` (plus `weights`)."""
+    return _scale(make_session(model).run(None, {**feeds, **(weights or {})}))
+
+
+def _scale(outputs) -> float:
+    scale = 0.0
+    for x in map(numeric, outputs):
+        finite = np.abs(x[np.isfinite(x)])
+        scale = max(scale, float(finite.max()) if finite.size else 0.0)
+    return max(scale, 1e-12)
 
 
 def _max_abs_difference(x: np.ndarray, y: np.ndarray) -> float:
@@ -191,7 +209,13 @@ def verify(canonical: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analys
     # them in a model, its serialized bytes and its session
     light, weight_feeds = weights_as_inputs(canonical)
     err, scale = compare_outputs(masked_reference(light, analysis, plan), pruned, feeds, weight_feeds)
-    if err > tolerance(canonical) * scale:
+    allowed = tolerance(canonical) * scale
+    if err > allowed:
+        # A plan can cancel an output down to far below the values it is summed from (a keep-one
+        # plan left 6.9e-7 of a dense 0.46, off by 1.2e-8): rounding of those values, at the
+        # dense output's scale, is no mismatch. One dense run, paid only here.
+        allowed += _roundoff(canonical) * output_scale(light, feeds, weight_feeds)
+    if err > allowed:
         raise VerificationError(f"pruned model differs from the masked reference: max abs error {err:.3g} (output scale {scale:.3g})")
     checks.append(f"masked-reference equivalence (max abs error {err:.2e}, scale {scale:.2e})")
-    return Verification(err, scale, checks)
+    return Verification(err, scale, checks, allowed)
