@@ -19,8 +19,9 @@ and `export()` writes their current values back 1:1 into a copy of the same grap
 - Like any nn.Module it starts in train mode. Train: BatchNormalization uses batch statistics and
   updates its running statistics in place (ONNX momentum m -> torch's 1 - m; the running variance
   is the unbiased one, as in torch), Dropout is active. Eval: running statistics, no dropout.
-- If and Loop run their bodies as step lists of their own (the branch the condition picks; the
-  iterations with carried values and scan outputs); a body reads the enclosing graph's values
+- If, Loop and Scan run their bodies as step lists of their own (the branch the condition picks;
+  the iterations with carried values and scan outputs; a Scan's slices of its inputs along their
+  scan axes, either way, and its outputs stacked on theirs); a body reads the enclosing graph's values
   and weights as the node's step hands them over, so weights read only inside a branch train
   too. Sequences are Python lists. Value hooks do not reach values inside a body.
 - The execution plan (steps with resolved slots, parsed attributes, constant shapes read once,
@@ -76,7 +77,7 @@ class TorchGraph(nn.Module):
         self._consts = []  # (slot, attribute name, is parameter, dtype to run in), filled at every forward
         self._const_of = {}  # slot -> (attribute name, is parameter, dtype to run in or None)
         self._run_as = {}  # parameter kept in float32 -> the half type the graph computes in
-        self._body_slots = set()  # values made inside If and Loop bodies, where no value hook runs
+        self._body_slots = set()  # values made inside If, Loop and Scan bodies, where no value hook runs
         self._register_initializers(model.graph.initializer, [node for node, _ in every])
         self._input_slots = [self._slot(name) for name in self.input_names]
         self._steps = self._compile(nodes, attrs)
@@ -197,15 +198,16 @@ class TorchGraph(nn.Module):
         return fn, a, ins, outs
 
     def _control_flow_step(self, node, a) -> tuple:
-        """If and Loop: each body compiled to steps of its own, run by `_run_if` / `_run_loop`. The
-        step reads the node's inputs, then every value of the enclosing graphs its bodies read."""
+        """If, Loop and Scan: each body compiled to steps of its own, run by `_run_if`, `_run_loop` or
+        `_run_scan`. The step reads the node's inputs, then every value of the enclosing graphs its
+        bodies read."""
         bodies = [self._body(a[name]) for name in (("then_branch", "else_branch") if node.op_type == "If" else ("body",))]
         outer = sorted({slot for body in bodies for slot in body.outer})
         for body in bodies:
             body.outer = outer  # one order for the values the step hands over
         ins = [self._slots[name] for name in node.input] + outer
         outs = [self._slot(name) if name else _TRASH for name in node.output]
-        run = _run_if if node.op_type == "If" else _run_loop
+        run = {"If": _run_if, "Loop": _run_loop, "Scan": _run_scan}[node.op_type]
         return functools.partial(run, tuple(bodies)), a, ins, outs
 
     def _body(self, graph) -> "_Body":
@@ -310,7 +312,7 @@ class TorchGraph(nn.Module):
             if slot is None or name == "":
                 raise UserError(f"value hook on {name!r}, which is not a value the graph computes")
             if slot in self._body_slots:
-                raise UserError(f"value hook on {name!r}, a value inside an If or Loop body, where hooks do not run")
+                raise UserError(f"value hook on {name!r}, a value inside an If, Loop or Scan body, where hooks do not run")
             if env[slot] is not None:  # an input or a constant: already there
                 env[slot] = fn(env[slot])
             else:
@@ -320,7 +322,7 @@ class TorchGraph(nn.Module):
 
 # ---------------------------------------------------------------- control flow
 
-CONTROL_FLOW = ("If", "Loop")  # run by the graph itself: their bodies are graphs of steps
+CONTROL_FLOW = ("If", "Loop", "Scan")  # run by the graph itself: their bodies are graphs of steps
 
 
 def _is_control_flow(node) -> bool:
@@ -368,6 +370,43 @@ def _run_loop(bodies, a, x):
             values.append(value)
         i += 1
     return carried + [torch.stack(values) if values else torch.empty(0, device=device) for values in scans]
+
+
+def _run_scan(bodies, a, x):
+    """ONNX Scan (opset 9 on): (states..., scan inputs...) -> final states, then each scan output.
+    Step t reads every scan input's slice t along its axis (from the end where its direction is 1)
+    and the states; its output slices are stacked along each output's axis (in reverse order where
+    that direction is 1)."""
+    (body,) = bodies
+    m = a["num_scan_inputs"]
+    n_states = len(body.inputs) - m
+    states, inputs, outer = list(x[:n_states]), x[n_states:n_states + m], x[n_states + m:]
+    in_axes = _scan_list(a, "scan_input_axes", m, 0)
+    in_reversed = _scan_list(a, "scan_input_directions", m, 0)
+    in_axes = [axis % t.dim() for axis, t in zip(in_axes, inputs)]
+    length = inputs[0].shape[in_axes[0]] if inputs else 0
+    if any(t.shape[axis] != length for axis, t in zip(in_axes, inputs)):
+        raise ValueError(f"Scan: scan inputs of different lengths along their axes {in_axes}")
+    slices = [list(torch.unbind(t, axis)) for axis, t in zip(in_axes, inputs)]
+    slices = [s[::-1] if rev else s for s, rev in zip(slices, in_reversed)]
+    scans = [[] for _ in body.outputs[n_states:]]
+    for t in range(length):
+        out = body.run(outer, states + [s[t] for s in slices])
+        states = out[:n_states]
+        for values, value in zip(scans, out[n_states:]):
+            values.append(value)
+    k = len(scans)
+    out_axes = _scan_list(a, "scan_output_axes", k, 0)
+    out_reversed = _scan_list(a, "scan_output_directions", k, 0)
+    stacked = [torch.stack(values[::-1] if rev else values, axis % (values[0].dim() + 1))
+               for values, axis, rev in zip(scans, out_axes, out_reversed)]
+    return states + stacked
+
+
+def _scan_list(a, name, n, default) -> list:
+    """One of Scan's per-input or per-output attributes (axes, directions), absent: `default` each."""
+    values = a.get(name)
+    return [default] * n if values is None else [int(v) for v in values]
 
 
 # ---------------------------------------------------------------- module-level helpers
@@ -483,7 +522,7 @@ RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifor
 
 def _check_supported(every, inits):
     """UserError naming every op (and node) the bridge cannot run, before anything runs; `every`:
-    (node, attributes) of the graph's nodes and of its If and Loop bodies' (`_with_bodies`)."""
+    (node, attributes) of the graph's nodes and of its If, Loop and Scan bodies' (`_with_bodies`)."""
     drawn = [n for n, _ in every if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx")]
     if drawn:  # nothing to add to the op table: the dense model's targets are other draws
         raise UserError(f"the model draws random values ({drawn[0].op_type}, node {drawn[0].name or drawn[0].output[0]}): "
@@ -495,6 +534,9 @@ def _check_supported(every, inits):
         label = op_label(node)
         reason = None
         if _is_control_flow(node):
+            if node.op_type == "Scan" and a["_opset"] < 9:
+                # opset 8's Scan: a batch axis first and a sequence_lens input
+                problems.setdefault(label, []).append(f"{node.name or node.output[0]}: opset 8's batched form")
             continue  # its body's nodes are checked in turn
         if fn is not None:
             reason = fn.check(a) if getattr(fn, "check", None) else None

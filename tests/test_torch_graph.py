@@ -857,6 +857,55 @@ def test_loop_with_carried_values_scan_outputs_and_a_sequence_matches_onnxruntim
     assert tg.parameters_by_initializer()["w"].grad.abs().sum() > 0
 
 
+def _scan_model(opset=17):
+    """A recurrent Scan: h <- tanh(x_t W + h R) over x's first axis, with z's second axis read from
+    its end; W and R are weights of the graph around the body. Outputs: the last h, each step's h
+    stacked on axis 0, each step's z slice stacked on axis 1 in reverse order, then a MatMul."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "W"], ["xw"], name="xw"),
+         helper.make_node("MatMul", ["h_in", "R"], ["hr"], name="hr"),
+         helper.make_node("Add", ["xw", "hr"], ["pre"], name="pre"),
+         helper.make_node("Add", ["pre", "z_t"], ["pre_z"], name="pre_z"),
+         helper.make_node("Tanh", ["pre_z"], ["h_out"], name="tanh"),
+         helper.make_node("Identity", ["h_out"], ["h_seq"], name="seq"),
+         helper.make_node("Mul", ["z_t", "h_out"], ["zh"], name="zh")],
+        "body",
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ("h_in", "x_t", "z_t")],
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ("h_out", "h_seq", "zh")])
+    nodes = [helper.make_node("Scan", ["h0", "x", "z"], ["h_last", "hs", "zhs"], name="scan", body=body,
+                              num_scan_inputs=2, scan_input_axes=[0, -2], scan_input_directions=[0, 1],
+                              scan_output_axes=[0, 1], scan_output_directions=[0, 1]),
+             helper.make_node("MatMul", ["hs", "V"], ["out"], name="head")]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 3]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 5, 4])],
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ("h_last", "out", "zhs")],
+        [numpy_helper.from_array(f32(3, 4) * 0.5, "W"), numpy_helper.from_array(f32(4, 4) * 0.5, "R"),
+         numpy_helper.from_array(f32(4, 2), "V"), numpy_helper.from_array(np.zeros((2, 4), np.float32), "h0")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+
+
+def test_scan_over_axes_either_way_matches_onnxruntime_and_trains_the_weights_its_body_reads():
+    model = _scan_model()
+    tg = TorchGraph(model).eval()
+    feeds = {"x": f32(5, 2, 3), "z": f32(2, 5, 4)}
+    assert_matches_ort(model, tg, feeds, 1e-5)
+    assert {"W", "R", "V"} <= set(tg.param_names)
+    tg.train().zero_grad()
+    run_bridge(tg, feeds)[1].square().sum().backward()
+    weights = tg.parameters_by_initializer()
+    assert all(weights[w].grad.abs().sum() > 0 for w in ("W", "R", "V"))
+    with torch.no_grad():
+        weights["R"].mul_(0.5)  # a training step: export writes it where the body reads it
+    assert_matches_ort(tg.export(), tg.eval(), feeds, 1e-5)
+
+
+def test_opset_8_scan_is_named_not_run():
+    with pytest.raises(UserError, match=r"Scan \(node scan: opset 8's batched form\)"):
+        TorchGraph(_scan_model(opset=8))
+
+
 @pytest.mark.parametrize("ops, outputs", [
     ([helper.make_node("SplitToSequence", ["x"], ["s"], axis=1, keepdims=0),
       helper.make_node("SequenceErase", ["s", "one"], ["e"]),
@@ -891,5 +940,5 @@ def test_an_op_the_bridge_cannot_run_inside_a_branch_is_named():
 
 def test_a_value_hook_inside_a_branch_is_refused_not_ignored():
     tg = TorchGraph(_if_model(), value_hooks={"ya": lambda v: v * 0})
-    with pytest.raises(UserError, match="ya.*inside an If or Loop body"):
+    with pytest.raises(UserError, match="ya.*inside an If, Loop or Scan body"):
         tg(torch.randn(2, 3, 6, 6))
