@@ -23,8 +23,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.errors import UserError
-from onnx_prune.passes.graph import (MAX_IR_VERSION, dims_of, infer_shapes, load_model, opset_of, quiet_graphsurgeon,
-                                     shapes_only_copy, too_large_to_serialize, without_large_weights)
+from onnx_prune.passes.graph import (MAX_IR_VERSION, all_nodes, dims_of, infer_shapes, load_model, opset_of,
+                                     quiet_graphsurgeon, shapes_only_copy, subgraphs, too_large_to_serialize,
+                                     without_large_weights)
 from onnx_prune.passes.rules import SHAPE_TARGETS
 from onnx_prune.passes.unfuse import unfuse_ort_ops
 
@@ -228,7 +229,33 @@ def _fold_constants(model):
     for k, v in meta:
         folded.metadata_props.add(key=k, value=v)
     _constants_to_initializers(folded)
+    _hoist_body_weights(folded)
     return folded
+
+
+def _hoist_body_weights(model):
+    """onnx-graphsurgeon exports a weight that only an If, Loop or Scan body reads as that body's
+    initializer; the torch bridge trains the main graph's initializers (a body's are constants) and
+    the sparsity methods mask them: each goes back there, where the body reads it from the scope
+    around it. A copy of one already hoisted (a weight both branches read) is dropped."""
+    g = model.graph
+    hoisted = {}
+    taken = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in all_nodes(g) for o in n.output}
+    for node in all_nodes(g):
+        for body in subgraphs(node):
+            moved = set()
+            for t in body.initializer:
+                if t.name not in taken:
+                    g.initializer.add().CopyFrom(t)
+                    hoisted[t.name] = g.initializer[-1]
+                    taken.add(t.name)
+                    moved.add(t.name)
+                elif t.name in hoisted and hoisted[t.name] == t:
+                    moved.add(t.name)
+            if moved:
+                stay = [onnx.TensorProto.FromString(t.SerializeToString()) for t in body.initializer if t.name not in moved]
+                del body.initializer[:]
+                body.initializer.extend(stay)
 
 
 def _keep_declared_interface(original, folded):
