@@ -25,7 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from onnx_prune.passes.analysis import WEIGHT_OPS
-from onnx_prune.passes.graph import FLOAT_TYPES
+from onnx_prune.passes.graph import FLOAT_TYPES, all_nodes
 from onnx_prune.passes.rules import recurrent_weight
 
 
@@ -76,13 +76,14 @@ def prunable_weights(model: onnx.ModelProto, skip_first=False, skip_last=False) 
     """Float weight initializers of Conv/ConvTranspose/Gemm/MatMul and of recurrent layers, in
     graph order, with the axes a mask reasons about. Conv (O, I/g, k..); ConvTranspose (I, O/g,
     k..); Gemm B (K, N), or (N, K) with transB; MatMul B (.., K, N); LSTM/GRU/RNN W and R
-    (directions, gates x hidden, input or hidden). A weight used by several layers counts once."""
+    (directions, gates x hidden, input or hidden). A weight used by several layers counts once;
+    layers inside If, Loop and Scan bodies count, reading the main graph's weights."""
     inits = {t.name: t for t in model.graph.initializer}
     for s in model.graph.sparse_initializer:  # headers only: name, type, dims
         t = onnx.TensorProto(name=s.values.name, data_type=s.values.data_type, dims=s.dims)
         inits[t.name] = t
     out: dict[str, WeightInfo] = {}
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         if recurrent_weight(node):  # W (directions, gates x hidden, input) and R (.., hidden)
             for w in node.input[1:3]:
                 t = inits.get(w)

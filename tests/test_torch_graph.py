@@ -901,6 +901,36 @@ def test_scan_over_axes_either_way_matches_onnxruntime_and_trains_the_weights_it
     assert_matches_ort(tg.export(), tg.eval(), feeds, 1e-5)
 
 
+def _shared_weight_if_model():
+    """_if_model with both branches reading the then branch's weight."""
+    model = _if_model()
+    (else_branch,) = [a.g for a in model.graph.node[3].attribute if a.name == "else_branch"]
+    else_branch.node[0].input[1] = "wa"
+    return model
+
+
+@pytest.mark.parametrize("build, weights", [(_if_model, {"wa", "wb"}), (_shared_weight_if_model, {"wa"}),
+                                            (_scan_model, {"W", "R"})])
+def test_weights_a_body_reads_stay_in_the_main_graph_through_canonicalize_and_train(build, weights):
+    """onnx-graphsurgeon's export puts a weight only a body reads into that body, where the bridge
+    does not train it (nor does a sparsity method mask it): canonicalize moves it back."""
+    from onnx_prune.passes.graph import all_nodes, subgraphs
+    from onnx_prune.passes.sparsity import prunable_weights
+
+    model = build()
+    canon = canonicalize(model).model
+    assert weights <= {t.name for t in canon.graph.initializer}
+    assert not [t.name for n in all_nodes(canon.graph) for g in subgraphs(n) for t in g.initializer]
+    tg = TorchGraph(canon).eval()
+    assert weights <= set(tg.param_names)
+    assert weights <= set(prunable_weights(canon))  # unstructured and N:M masks reach them
+    feeds = {i.name: f32(*[d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input}
+    dense = make_session(model).run(None, feeds)
+    for a, b in zip(dense, make_session(canon).run(None, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert_matches_ort(canon, tg, feeds, 1e-5)
+
+
 def test_opset_8_scan_is_named_not_run():
     with pytest.raises(UserError, match=r"Scan \(node scan: opset 8's batched form\)"):
         TorchGraph(_scan_model(opset=8))
