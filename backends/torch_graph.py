@@ -381,8 +381,8 @@ def _run_scan(bodies, a, x):
     m = a["num_scan_inputs"]
     n_states = len(body.inputs) - m
     states, inputs, outer = list(x[:n_states]), x[n_states:n_states + m], x[n_states + m:]
-    in_axes = _scan_list(a, "scan_input_axes", m, 0)
-    in_reversed = _scan_list(a, "scan_input_directions", m, 0)
+    in_axes = _scan_list(a, "scan_input_axes", m)
+    in_reversed = _scan_list(a, "scan_input_directions", m)
     in_axes = [axis % t.dim() for axis, t in zip(in_axes, inputs)]
     length = inputs[0].shape[in_axes[0]] if inputs else 0
     if any(t.shape[axis] != length for axis, t in zip(in_axes, inputs)):
@@ -396,17 +396,17 @@ def _run_scan(bodies, a, x):
         for values, value in zip(scans, out[n_states:]):
             values.append(value)
     k = len(scans)
-    out_axes = _scan_list(a, "scan_output_axes", k, 0)
-    out_reversed = _scan_list(a, "scan_output_directions", k, 0)
+    out_axes = _scan_list(a, "scan_output_axes", k)
+    out_reversed = _scan_list(a, "scan_output_directions", k)
     stacked = [torch.stack(values[::-1] if rev else values, axis % (values[0].dim() + 1))
                for values, axis, rev in zip(scans, out_axes, out_reversed)]
     return states + stacked
 
 
-def _scan_list(a, name, n, default) -> list:
-    """One of Scan's per-input or per-output attributes (axes, directions), absent: `default` each."""
+def _scan_list(a, name, n) -> list:
+    """One of Scan's per-input or per-output attributes (axes, directions); absent, 0 for each."""
     values = a.get(name)
-    return [default] * n if values is None else [int(v) for v in values]
+    return [0] * n if values is None else [int(v) for v in values]
 
 
 # ---------------------------------------------------------------- module-level helpers

@@ -48,7 +48,7 @@ class Verification:
     max_abs_error: float
     output_scale: float
     checks: list = field(default_factory=list)
-    allowed: float = 0.0  # the largest max_abs_error that passed
+    allowed: float = 0.0  # the largest max_abs_error this verification would have passed
 
     @property
     def relative_error(self) -> float:
