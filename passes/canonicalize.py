@@ -244,7 +244,10 @@ def _hoist_body_weights(model):
     for node in all_nodes(g):
         for body in subgraphs(node):
             moved = set()
+            returned = {o.name for o in body.output}  # ORT refuses a body returning an outer value as is
             for t in body.initializer:
+                if t.name in returned:
+                    continue
                 if t.name not in taken:
                     g.initializer.add().CopyFrom(t)
                     hoisted[t.name] = g.initializer[-1]

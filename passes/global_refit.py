@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from onnx_prune.passes.augment import spliced_sequences, token_table
-from onnx_prune.passes.graph import FLOAT_TYPES
+from onnx_prune.passes.graph import FLOAT_TYPES, all_nodes
 from onnx_prune.passes.reconstruct import feed_batches, refittable_layers, token_mask
 
 EPOCHS = 10
@@ -173,9 +173,9 @@ def global_refit(pruned: onnx.ModelProto, dense: onnx.ModelProto, analysis, plan
 
 
 def _lookup_tables(model) -> set:
-    """Initializers a Gather reads rows of (its data input): embedding tables."""
+    """Initializers a Gather reads rows of (its data input), in the graph or inside a body: embedding tables."""
     inits = {t.name for t in model.graph.initializer}
-    return {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    return {n.input[0] for n in all_nodes(model.graph) if n.op_type == "Gather" and n.input[0] in inits}
 
 
 def _scales(targets, names) -> dict:

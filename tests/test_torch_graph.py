@@ -931,6 +931,33 @@ def test_weights_a_body_reads_stay_in_the_main_graph_through_canonicalize_and_tr
     assert_matches_ort(canon, tg, feeds, 1e-5)
 
 
+def test_a_weight_a_body_returns_as_is_stays_in_the_body():
+    """ONNX Runtime refuses a body output that is an outer value returned as is: such an
+    initializer stays where it is; and a table a body's Gather reads is a lookup table, which
+    global AdaPrune leaves as it is."""
+    from onnx_prune.passes.global_refit import _lookup_tables
+    from onnx_prune.passes.graph import subgraphs
+
+    then = helper.make_graph([], "then", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])],
+                             [numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "c")])
+    other = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["row"], name="pick", axis=0),
+                               helper.make_node("Neg", ["row"], ["n"], name="neg")], "else", [],
+                              [helper.make_tensor_value_info("n", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=other)], "g",
+                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("ids", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(f32(5, 2), "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    canon = canonicalize(model).model
+    (if_node,) = canon.graph.node
+    assert [t.name for g in subgraphs(if_node) for t in g.initializer] == ["c"]
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "ids": np.array(3, np.int64)}
+        assert np.array_equal(make_session(canon).run(None, feeds)[0], make_session(model).run(None, feeds)[0])
+    assert _lookup_tables(canon) == {"table"}
+
+
 def test_opset_8_scan_is_named_not_run():
     with pytest.raises(UserError, match=r"Scan \(node scan: opset 8's batched form\)"):
         TorchGraph(_scan_model(opset=8))
