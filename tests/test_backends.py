@@ -704,6 +704,22 @@ def test_predictor_removes_profiler_inflation():
     assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx((100 * c1 + 50 * c2) / 1e3)
 
 
+def test_predictor_takes_the_databases_floor_off_its_ratios():
+    """Layers that take longer in the database than in the model (small kernels timed alone): the
+    smallest such gap is a cost of every database point, taken off both ends of each ratio (at
+    most half the smaller end); none where some layer runs slower in the model."""
+    canon = canonicalize(two_convs(32))
+    analysis = analyze_canonical(canon)
+    # FakeDB: c1 (3 -> 32 channels) 96 µs whole, 48 with its output halved; c2 (32 -> 8) 256 and 128
+    kernels = {"c1": Kernel("c1", "Conv", 60.0, [], []), "c2": Kernel("c2", "Conv", 200.0, [], [])}
+    cm = CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.26))
+    assert cm.profiler_us == 0 and cm.db_floor_us == pytest.approx(36.0)  # c1: 96 - 60
+    c1, c2 = (48 - 24) / (96 - 24), (128 - 36) / (256 - 36)  # c1's floor capped at half its 48 µs
+    assert cm.predict_ms(uniform_plan(analysis, 0.5)) == pytest.approx((60 * c1 + 200 * c2) / 1e3)
+    kernels["c1"] = Kernel("c1", "Conv", 100.0, [], [])  # slower in the model than alone
+    assert CostModel(canon.model, analysis, None, db=FakeDB(), profile=Profile(kernels, e2e_ms=0.3)).db_floor_us == 0
+
+
 def test_predictor_takes_no_more_than_the_profilers_cost_off_a_cpu_kernel():
     """Kernels that sum to far more than a plain run (the machine slowed between the profiled and
     the plain runs): no more than the CPU profiler's own cost comes off each kernel, so a small
