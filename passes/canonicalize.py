@@ -255,10 +255,9 @@ def _hoist_body_weights(model):
                     moved.add(t.name)
                 elif t.name in hoisted and hoisted[t.name] == t:
                     moved.add(t.name)
-            if moved:
-                stay = [onnx.TensorProto.FromString(t.SerializeToString()) for t in body.initializer if t.name not in moved]
-                del body.initializer[:]
-                body.initializer.extend(stay)
+            for i in reversed(range(len(body.initializer))):
+                if body.initializer[i].name in moved:
+                    del body.initializer[i]
 
 
 def _keep_declared_interface(original, folded):
