@@ -183,10 +183,9 @@ class CostModel:
         speedup came out short (raw worst 9-36% over its plans, 3.7-3.8% without it). Zero where
         the model's kernels run slower than the database's (larger batches)."""
         counts = Counter(self.kernel_nodes.values())
-        gaps = [self.db.estimate(self.layers[node].sig, self.layers[node].sig.full, self.layers[node].grids)
-                - (kernel.time_us - self.profiler_us)
-                for k, kernel in self.profile.kernels.items()
-                if (node := self.kernel_nodes[k]) in self.layers and counts[node] == 1]
+        alone = {k: self.layers[node] for k, node in self.kernel_nodes.items() if node in self.layers and counts[node] == 1}
+        gaps = [self.db.estimate(layer.sig, layer.sig.full, layer.grids) - (self.profile.kernels[k].time_us - self.profiler_us)
+                for k, layer in alone.items()]
         return max(min(gaps, default=0.0), 0.0)
 
     def _kernel_sig(self, kernel):
